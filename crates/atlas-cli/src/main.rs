@@ -145,7 +145,7 @@ enum SynthCommand {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ATLAS_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("ATLAS_LOG").unwrap_or_else(|_| "warn,buoyant_kernel=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -357,7 +357,7 @@ async fn demo(lake_location: &str, patients: usize, seed: u64, show: bool) -> Re
   atlas --lake {lake_location} ingest {}      # again: nothing changes
   duckdb -c \"INSTALL delta; LOAD delta; SELECT resource_type, count(*) FROM delta_scan('{}tables/resources') GROUP BY 1\"",
         data.display(),
-        lake.root().to_file_path().map(|p| format!("{}/", p.display())).unwrap_or_else(|_| lake.root().to_string()),
+        lake.root().to_file_path().map(|p| format!("{}/", p.display().to_string().trim_end_matches('/'))).unwrap_or_else(|_| lake.root().to_string()),
     );
     Ok(())
 }
