@@ -31,7 +31,12 @@ a folder or an s3://, gs:// or az:// URL (credentials from AWS_*/GOOGLE_*/AZURE_
 #[command(name = "atlas", version, about = "Atlas: an open FHIR R4 data platform", after_help = AFTER_HELP)]
 struct Cli {
     /// Where the lake lives: a folder or an object-store URL.
-    #[arg(long, global = true, env = "ATLAS_LAKE", default_value = "./atlas-lake")]
+    #[arg(
+        long,
+        global = true,
+        env = "ATLAS_LAKE",
+        default_value = "./atlas-lake"
+    )]
     lake: String,
     /// No progress bars.
     #[arg(long, short, global = true)]
@@ -104,10 +109,13 @@ struct IngestArgs {
 }
 
 #[derive(Args)]
-#[command(args_conflicts_with_subcommands = true, after_help = "Examples:
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:
   atlas synth --patients 1000 --seed 7 --out data/synthetic
   atlas synth --patients 1000000 --gzip --out /big/synthetic
-  atlas synth scale --factor 10 ../shared/data/fhir/large/smart-generated-sample-data-R4/ndjson --out /tmp/x10")]
+  atlas synth scale --factor 10 ../shared/data/fhir/large/smart-generated-sample-data-R4/ndjson --out /tmp/x10"
+)]
 struct SynthArgs {
     #[command(subcommand)]
     scale: Option<SynthCommand>,
@@ -145,12 +153,16 @@ enum SynthCommand {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ATLAS_LOG").unwrap_or_else(|_| "warn,buoyant_kernel=off".into()),
+            tracing_subscriber::EnvFilter::try_from_env("ATLAS_LOG")
+                .unwrap_or_else(|_| "warn,buoyant_kernel=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -201,7 +213,9 @@ async fn run_ingest(lake: &Lake, args: &IngestArgs, show: bool) -> Result<atlas_
         source: args.source.clone(),
         read: ReadOptions {
             max_line_bytes: args.max_line_bytes,
-            classify: ClassifyOptions { synthetic: args.synthetic },
+            classify: ClassifyOptions {
+                synthetic: args.synthetic,
+            },
             ..ReadOptions::default()
         },
         chunk_bytes: args.chunk_mb.max(1) << 20,
@@ -229,7 +243,11 @@ async fn run_ingest(lake: &Lake, args: &IngestArgs, show: bool) -> Result<atlas_
         o.superseded,
         o.quarantined,
         o.skipped,
-        if o.reconciles() { " (reconciled)" } else { " (DOES NOT RECONCILE)" }
+        if o.reconciles() {
+            " (reconciled)"
+        } else {
+            " (DOES NOT RECONCILE)"
+        }
     );
     eprintln!(
         "  {:.1} MB in {:.1} s ({:.1} MB/s, {:.0} lines/s); {} deleted, {} unresolved references; raw bytes at {}",
@@ -242,8 +260,15 @@ async fn run_ingest(lake: &Lake, args: &IngestArgs, show: bool) -> Result<atlas_
         report.raw_path
     );
     if !report.quarantine_by_reason.is_empty() {
-        let parts: Vec<String> = report.quarantine_by_reason.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        eprintln!("  quarantined: {} (see the quarantine table)", parts.join(", "));
+        let parts: Vec<String> = report
+            .quarantine_by_reason
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        eprintln!(
+            "  quarantined: {} (see the quarantine table)",
+            parts.join(", ")
+        );
     }
     if !o.reconciles() {
         bail!("counts do not reconcile; this is a bug, please report it with the manifest");
@@ -270,7 +295,15 @@ fn print_stats(s: &atlas_lake::Stats) {
     for b in &s.batches {
         println!(
             "  {} {} {}: read {} stored {} unchanged {} superseded {} quarantined {} skipped {}",
-            b.batch_id, b.source, b.started_at, b.lines_read, b.stored, b.unchanged, b.superseded, b.quarantined, b.skipped
+            b.batch_id,
+            b.source,
+            b.started_at,
+            b.lines_read,
+            b.stored,
+            b.unchanged,
+            b.superseded,
+            b.quarantined,
+            b.skipped
         );
     }
 }
@@ -278,7 +311,11 @@ fn print_stats(s: &atlas_lake::Stats) {
 fn run_synth(args: SynthArgs, show: bool) -> Result<()> {
     let started = Instant::now();
     match args.scale {
-        Some(SynthCommand::Scale { factor, inputs, out }) => {
+        Some(SynthCommand::Scale {
+            factor,
+            inputs,
+            out,
+        }) => {
             if factor == 0 {
                 bail!("--factor must be at least 1");
             }
@@ -298,10 +335,18 @@ fn run_synth(args: SynthArgs, show: bool) -> Result<()> {
             );
         }
         None => {
-            let Some(out) = args.out else { bail!("--out <dir> is required (see `atlas synth --help`)") };
-            let opts = atlas_synth::SynthOptions { patients: args.patients, seed: args.seed, gzip: args.gzip, ..Default::default() };
+            let Some(out) = args.out else {
+                bail!("--out <dir> is required (see `atlas synth --help`)")
+            };
+            let opts = atlas_synth::SynthOptions {
+                patients: args.patients,
+                seed: args.seed,
+                gzip: args.gzip,
+                ..Default::default()
+            };
             let done = Arc::new(AtomicU64::new(0));
-            let bar = progress::CountBar::start(done.clone(), args.patients as u64, "patients", show);
+            let bar =
+                progress::CountBar::start(done.clone(), args.patients as u64, "patients", show);
             let summary = atlas_synth::generate(&opts, &out, &done);
             bar.finish();
             let summary = summary?;
@@ -332,10 +377,23 @@ async fn demo(lake_location: &str, patients: usize, seed: u64, show: bool) -> Re
     let started = Instant::now();
     let lake = open_lake(lake_location)?;
     let data = PathBuf::from(format!("{}-demo-data", lake_location.trim_end_matches('/')));
-    let data = if lake.is_local() { data } else { std::env::temp_dir().join("atlas-demo-data") };
-    eprintln!("1/3 generating {patients} synthetic patients (seed {seed}) into {}", data.display());
+    let data = if lake.is_local() {
+        data
+    } else {
+        std::env::temp_dir().join("atlas-demo-data")
+    };
+    eprintln!(
+        "1/3 generating {patients} synthetic patients (seed {seed}) into {}",
+        data.display()
+    );
     run_synth(
-        SynthArgs { scale: None, patients, seed, out: Some(data.clone()), gzip: false },
+        SynthArgs {
+            scale: None,
+            patients,
+            seed,
+            out: Some(data.clone()),
+            gzip: false,
+        },
         show,
     )?;
     eprintln!("2/3 ingesting them into the lake at {}", lake.root());

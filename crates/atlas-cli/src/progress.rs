@@ -27,7 +27,10 @@ impl Ticker {
             tick(&bar);
             bar.finish_and_clear();
         });
-        Ticker { stop, handle: Some(handle) }
+        Ticker {
+            stop,
+            handle: Some(handle),
+        }
     }
 
     pub fn finish(mut self) {
@@ -41,7 +44,11 @@ impl Ticker {
 fn bar(len: u64, show: bool, template: &str) -> ProgressBar {
     let b = ProgressBar::with_draw_target(
         Some(len),
-        if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+        if show {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
     );
     if let Ok(style) = ProgressStyle::with_template(template) {
         b.set_style(style.progress_chars("=> "));
@@ -80,7 +87,11 @@ pub struct CountBar;
 
 impl CountBar {
     pub fn start(done: Arc<AtomicU64>, total: u64, unit: &'static str, show: bool) -> Ticker {
-        let b = bar(total, show, "{spinner} [{bar:30}] {pos}/{len} {msg} {per_sec} eta {eta}");
+        let b = bar(
+            total,
+            show,
+            "{spinner} [{bar:30}] {pos}/{len} {msg} {per_sec} eta {eta}",
+        );
         b.set_message(unit);
         Ticker::spawn(b, move |b| b.set_position(done.load(Ordering::Relaxed)))
     }

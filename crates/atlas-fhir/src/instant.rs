@@ -116,7 +116,11 @@ fn parse(s: &[u8]) -> Option<i64> {
                 return None;
             }
             let offset = (oh * 60 + om) * 60_000_000;
-            Some(if sign == b'+' { micros - offset } else { micros + offset })
+            Some(if sign == b'+' {
+                micros - offset
+            } else {
+                micros + offset
+            })
         }
         // FHIR dateTime allows a time only with a zone; be lenient and read it as UTC.
         None => Some(micros),
@@ -147,7 +151,16 @@ mod tests {
 
     #[test]
     fn rejects() {
-        for bad in ["", "2019-13-01", "2019-02-30", "19", "2019-05-31T25:00:00Z", "2019-05-31X", "2019-05-31T10:00:00.Z", "abcd"] {
+        for bad in [
+            "",
+            "2019-13-01",
+            "2019-02-30",
+            "19",
+            "2019-05-31T25:00:00Z",
+            "2019-05-31X",
+            "2019-05-31T10:00:00.Z",
+            "abcd",
+        ] {
             assert!(parse_instant_micros(bad).is_err(), "{bad}");
         }
         assert!(is_fhir_date("1987-04-02"));

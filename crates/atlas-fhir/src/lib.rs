@@ -59,7 +59,10 @@ mod tests {
 
     #[test]
     fn relative_references() {
-        assert_eq!(split_relative_reference("Patient/42"), Some(("Patient", "42")));
+        assert_eq!(
+            split_relative_reference("Patient/42"),
+            Some(("Patient", "42"))
+        );
         assert_eq!(
             split_relative_reference("Patient/42/_history/3"),
             Some(("Patient", "42"))

@@ -102,7 +102,8 @@ mod tests {
     use proptest::prelude::*;
 
     fn urn_map(r: &str) -> ReferenceTarget {
-        r.strip_prefix("urn:uuid:").map(|id| format!("Patient/{id}"))
+        r.strip_prefix("urn:uuid:")
+            .map(|id| format!("Patient/{id}"))
     }
 
     #[test]
@@ -118,14 +119,20 @@ mod tests {
     #[test]
     fn untouched_input_is_borrowed() {
         let src = r#"{"a":"reference","reference":"Patient/1"}"#;
-        assert!(matches!(rewrite_references(src, urn_map).unwrap(), Cow::Borrowed(_)));
+        assert!(matches!(
+            rewrite_references(src, urn_map).unwrap(),
+            Cow::Borrowed(_)
+        ));
     }
 
     #[test]
     fn escaped_values_and_keys_in_strings() {
         let src = r#"{"text":"say \"reference\": \"urn:uuid:no\"","reference":"urn:uuid:a\/b"}"#;
         let out = rewrite_references(src, urn_map).unwrap();
-        assert_eq!(out, r#"{"text":"say \"reference\": \"urn:uuid:no\"","reference":"Patient/a/b"}"#);
+        assert_eq!(
+            out,
+            r#"{"text":"say \"reference\": \"urn:uuid:no\"","reference":"Patient/a/b"}"#
+        );
     }
 
     #[test]

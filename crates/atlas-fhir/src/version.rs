@@ -50,27 +50,59 @@ mod tests {
     use proptest::prelude::*;
 
     fn stamp(v: Option<&str>, t: Option<i64>, h: u128) -> VersionStamp {
-        VersionStamp { version_id: v.map(str::to_owned), last_updated: t, content_hash: h }
+        VersionStamp {
+            version_id: v.map(str::to_owned),
+            last_updated: t,
+            content_hash: h,
+        }
     }
 
     #[test]
     fn version_then_time_then_hash() {
-        assert_eq!(stamp(Some("10"), Some(0), 0).newer_than(&stamp(Some("9"), Some(5), 9)), Ordering::Greater);
-        assert_eq!(stamp(Some("2"), Some(5), 0).newer_than(&stamp(Some("2"), Some(4), 9)), Ordering::Greater);
-        assert_eq!(stamp(None, Some(5), 0).newer_than(&stamp(Some("7"), Some(4), 9)), Ordering::Less);
-        assert_eq!(stamp(None, Some(5), 0).newer_than(&stamp(None, None, 9)), Ordering::Greater);
-        assert_eq!(stamp(None, None, 3).newer_than(&stamp(None, None, 2)), Ordering::Greater);
-        assert_eq!(stamp(Some("b"), None, 0).newer_than(&stamp(Some("a"), None, 1)), Ordering::Greater);
-        assert_eq!(stamp(None, None, 2).newer_than(&stamp(None, None, 2)), Ordering::Equal);
+        assert_eq!(
+            stamp(Some("10"), Some(0), 0).newer_than(&stamp(Some("9"), Some(5), 9)),
+            Ordering::Greater
+        );
+        assert_eq!(
+            stamp(Some("2"), Some(5), 0).newer_than(&stamp(Some("2"), Some(4), 9)),
+            Ordering::Greater
+        );
+        assert_eq!(
+            stamp(None, Some(5), 0).newer_than(&stamp(Some("7"), Some(4), 9)),
+            Ordering::Less
+        );
+        assert_eq!(
+            stamp(None, Some(5), 0).newer_than(&stamp(None, None, 9)),
+            Ordering::Greater
+        );
+        assert_eq!(
+            stamp(None, None, 3).newer_than(&stamp(None, None, 2)),
+            Ordering::Greater
+        );
+        assert_eq!(
+            stamp(Some("b"), None, 0).newer_than(&stamp(Some("a"), None, 1)),
+            Ordering::Greater
+        );
+        assert_eq!(
+            stamp(None, None, 2).newer_than(&stamp(None, None, 2)),
+            Ordering::Equal
+        );
     }
 
     fn arb_stamp() -> impl Strategy<Value = VersionStamp> {
         (
-            proptest::option::of(prop_oneof![(0u64..20).prop_map(|v| v.to_string()), "[a-c]{1,2}"]),
+            proptest::option::of(prop_oneof![
+                (0u64..20).prop_map(|v| v.to_string()),
+                "[a-c]{1,2}"
+            ]),
             proptest::option::of(0i64..5),
             0u128..4,
         )
-            .prop_map(|(v, t, h)| VersionStamp { version_id: v, last_updated: t, content_hash: h })
+            .prop_map(|(v, t, h)| VersionStamp {
+                version_id: v,
+                last_updated: t,
+                content_hash: h,
+            })
     }
 
     proptest! {

@@ -53,7 +53,8 @@ impl IdentifierIndex {
         }
         let value = percent_decode(value);
         let ids = if value.contains('|') {
-            self.by_system_value.get(&(ty.to_owned(), value.into_owned()))
+            self.by_system_value
+                .get(&(ty.to_owned(), value.into_owned()))
         } else {
             self.by_value.get(&(ty.to_owned(), value.into_owned()))
         }?;
@@ -166,13 +167,22 @@ pub(crate) fn unpack_bundle(
     let head: BundleHead = match serde_json::from_str(text) {
         Ok(h) => h,
         Err(e) => {
-            let mut r = Rejection::new(Reason::WrongType, format!("Bundle.entry: {e}"), raw, origin.clone());
+            let mut r = Rejection::new(
+                Reason::WrongType,
+                format!("Bundle.entry: {e}"),
+                raw,
+                origin.clone(),
+            );
             r.resource_type = Some("Bundle".into());
             r.field = Some("entry".into());
             return Some(vec![Event::Reject(Box::new(r))]);
         }
     };
-    if !head.bundle_type.as_deref().is_some_and(|t| UNPACKED.contains(&t)) {
+    if !head
+        .bundle_type
+        .as_deref()
+        .is_some_and(|t| UNPACKED.contains(&t))
+    {
         return None;
     }
 
@@ -181,16 +191,19 @@ pub(crate) fn unpack_bundle(
     let mut urls: HashMap<&str, String> = HashMap::new();
     let mut keys: Vec<Option<(String, String, bool)>> = Vec::with_capacity(head.entry.len());
     for e in &head.entry {
-        let key = e.resource.and_then(|r| serde_json::from_str::<KeyHead>(r.get()).ok()).and_then(|k| {
-            let ty = k.resource_type?.into_owned();
-            match k.id {
-                Some(id) => Some((ty, id.into_owned(), false)),
-                None => {
-                    let uuid = e.full_url.as_deref()?.strip_prefix("urn:uuid:")?;
-                    is_valid_id(uuid).then(|| (ty, uuid.to_owned(), true))
+        let key = e
+            .resource
+            .and_then(|r| serde_json::from_str::<KeyHead>(r.get()).ok())
+            .and_then(|k| {
+                let ty = k.resource_type?.into_owned();
+                match k.id {
+                    Some(id) => Some((ty, id.into_owned(), false)),
+                    None => {
+                        let uuid = e.full_url.as_deref()?.strip_prefix("urn:uuid:")?;
+                        is_valid_id(uuid).then(|| (ty, uuid.to_owned(), true))
+                    }
                 }
-            }
-        });
+            });
         if let (Some(url), Some((ty, id, _))) = (e.full_url.as_deref(), &key) {
             urls.insert(url, format!("{ty}/{id}"));
         }
@@ -203,15 +216,28 @@ pub(crate) fn unpack_bundle(
     let mut line = origin.line;
     for (i, entry) in head.entry.iter().enumerate() {
         // Lineage: the line of the file where this entry's resource starts.
-        let offset = entry.resource.map(|r| r.get().as_ptr() as usize - base).unwrap_or(counted_to);
+        let offset = entry
+            .resource
+            .map(|r| r.get().as_ptr() as usize - base)
+            .unwrap_or(counted_to);
         if offset >= counted_to {
-            line += text.as_bytes()[counted_to..offset].iter().filter(|&&b| b == b'\n').count() as u64;
+            line += text.as_bytes()[counted_to..offset]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count() as u64;
             counted_to = offset;
         }
-        let here = Origin { file: origin.file.clone(), line };
+        let here = Origin {
+            file: origin.file.clone(),
+            line,
+        };
         let method = entry.request.as_ref().and_then(|r| r.method.as_deref());
         if method == Some("DELETE") {
-            let url = entry.request.as_ref().and_then(|r| r.url.as_deref()).unwrap_or("");
+            let url = entry
+                .request
+                .as_ref()
+                .and_then(|r| r.url.as_deref())
+                .unwrap_or("");
             match atlas_fhir::split_relative_reference(url.trim_start_matches('/')) {
                 Some((ty, id)) => events.push(Event::Delete(Deletion {
                     resource_type: ty.to_owned(),
@@ -276,7 +302,14 @@ pub(crate) fn unpack_bundle(
                 json = Cow::Owned(s);
             }
         }
-        events.push(classify_text(&json, body.as_bytes(), here, false, opts, Some(unresolved)));
+        events.push(classify_text(
+            &json,
+            body.as_bytes(),
+            here,
+            false,
+            opts,
+            Some(unresolved),
+        ));
     }
     Some(events)
 }
@@ -287,7 +320,10 @@ mod tests {
     use std::sync::Arc;
 
     fn origin() -> Origin {
-        Origin { file: Arc::from("b.json"), line: 1 }
+        Origin {
+            file: Arc::from("b.json"),
+            line: 1,
+        }
     }
 
     #[test]
@@ -300,26 +336,51 @@ mod tests {
 ]}"#;
         let mut index = IdentifierIndex::default();
         index.insert("Practitioner", "pr7", "http://hl7.org/fhir/sid/us-npi|42");
-        let ev = unpack_bundle(text, text.as_bytes(), &origin(), &ClassifyOptions::default(), &index).unwrap();
+        let ev = unpack_bundle(
+            text,
+            text.as_bytes(),
+            &origin(),
+            &ClassifyOptions::default(),
+            &index,
+        )
+        .unwrap();
         assert_eq!(ev.len(), 4);
-        let Event::Resource(o) = &ev[1] else { panic!("observation") };
+        let Event::Resource(o) = &ev[1] else {
+            panic!("observation")
+        };
         assert_eq!(o.origin.line, 3);
         assert_eq!(o.patient_id.as_deref(), Some("p1"));
         assert!(o.json.contains(r#""reference":"Patient/p1""#));
         assert!(o.json.contains(r#""reference":"Practitioner/pr7""#));
         assert!(o.json.contains("16942.30"));
         assert_eq!(o.unresolved_refs, 0);
-        let Event::Resource(e) = &ev[2] else { panic!("encounter") };
+        let Event::Resource(e) = &ev[2] else {
+            panic!("encounter")
+        };
         assert_eq!(e.id, "e1", "id taken from the urn:uuid fullUrl");
         assert_eq!(e.unresolved_refs, 1);
-        assert!(e.json.contains("Practitioner?identifier=x|nope"), "unresolved kept as written");
-        assert!(matches!(&ev[3], Event::Delete(d) if d.id == "c9" && d.resource_type == "Condition"));
+        assert!(
+            e.json.contains("Practitioner?identifier=x|nope"),
+            "unresolved kept as written"
+        );
+        assert!(
+            matches!(&ev[3], Event::Delete(d) if d.id == "c9" && d.resource_type == "Condition")
+        );
     }
 
     #[test]
     fn documents_are_not_unpacked() {
         let text = r#"{"resourceType":"Bundle","id":"d","type":"document","entry":[{"resource":{"resourceType":"Composition","id":"c"}}]}"#;
-        assert!(unpack_bundle(text, text.as_bytes(), &origin(), &ClassifyOptions::default(), &IdentifierIndex::default()).is_none());
+        assert!(
+            unpack_bundle(
+                text,
+                text.as_bytes(),
+                &origin(),
+                &ClassifyOptions::default(),
+                &IdentifierIndex::default()
+            )
+            .is_none()
+        );
     }
 
     #[test]
@@ -327,8 +388,15 @@ mod tests {
         let mut index = IdentifierIndex::default();
         index.insert("Organization", "o1", "sys|A");
         index.insert("Organization", "o2", "other|A");
-        assert_eq!(index.resolve("Organization?identifier=sys|A").as_deref(), Some("Organization/o1"));
-        assert_eq!(index.resolve("Organization?identifier=A"), None, "ambiguous without a system");
+        assert_eq!(
+            index.resolve("Organization?identifier=sys|A").as_deref(),
+            Some("Organization/o1")
+        );
+        assert_eq!(
+            index.resolve("Organization?identifier=A"),
+            None,
+            "ambiguous without a system"
+        );
         assert_eq!(index.resolve("Organization?name=A"), None);
         assert_eq!(index.resolve("Nope?identifier=sys|A"), None);
     }

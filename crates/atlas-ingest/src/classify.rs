@@ -8,9 +8,11 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use atlas_fhir::{VersionStamp, content_hash, is_fhir_date, is_resource_type, is_valid_id, parse_instant_micros};
-use serde::de::{Deserializer, MapAccess, Visitor};
+use atlas_fhir::{
+    VersionStamp, content_hash, is_fhir_date, is_resource_type, is_valid_id, parse_instant_micros,
+};
 use serde::Deserialize;
+use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// Why a line was not stored. The string form is the `reason` column.
@@ -164,7 +166,9 @@ impl<'de> Deserialize<'de> for TopLevel<'de> {
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     let value: &'de RawValue = map.next_value()?;
                     if members.iter().any(|(k, _): &(Cow<str>, _)| *k == key) {
-                        return Err(serde::de::Error::custom(format_args!("duplicate key `{key}`")));
+                        return Err(serde::de::Error::custom(format_args!(
+                            "duplicate key `{key}`"
+                        )));
                     }
                     members.push((key, value));
                 }
@@ -299,11 +303,19 @@ fn type_fields(resource_type: &str) -> &'static [(&'static str, Kind)] {
             ("dosageInstruction", Kind::Array),
             ("requester", Kind::Object),
         ],
-        "Practitioner" | "Organization" | "Procedure" | "Immunization" | "Claim"
-        | "ExplanationOfBenefit" | "DiagnosticReport" | "CarePlan" | "Goal"
-        | "AllergyIntolerance" | "ImagingStudy" | "Location" | "Device" => {
-            &[("identifier", Kind::Array), ("status", Kind::String)]
-        }
+        "Practitioner"
+        | "Organization"
+        | "Procedure"
+        | "Immunization"
+        | "Claim"
+        | "ExplanationOfBenefit"
+        | "DiagnosticReport"
+        | "CarePlan"
+        | "Goal"
+        | "AllergyIntolerance"
+        | "ImagingStudy"
+        | "Location"
+        | "Device" => &[("identifier", Kind::Array), ("status", Kind::String)],
         _ => &[],
     }
 }
@@ -339,7 +351,10 @@ struct IdentifierHead {
 fn is_synthetic_tag(c: &Coding) -> bool {
     matches!(
         (c.system.as_deref(), c.code.as_deref()),
-        (Some("http://terminology.hl7.org/CodeSystem/v3-ActReason"), Some("HTEST")) | (_, Some("synthetic"))
+        (
+            Some("http://terminology.hl7.org/CodeSystem/v3-ActReason"),
+            Some("HTEST")
+        ) | (_, Some("synthetic"))
     )
 }
 
@@ -418,7 +433,10 @@ pub(crate) fn classify_text(
         }
         Err((reject, ty, id)) => {
             let mut rej = Rejection::new(reject.reason, reject.message, raw_line, origin);
-            if is_final_unterminated && rej.reason == Reason::InvalidJson && rej.message.contains("EOF") {
+            if is_final_unterminated
+                && rej.reason == Reason::InvalidJson
+                && rej.message.contains("EOF")
+            {
                 rej.reason = Reason::TruncatedLine;
                 rej.message = format!("last line has no newline and ends early: {}", rej.message);
             }
@@ -433,7 +451,11 @@ pub(crate) fn classify_text(
 type ParseFailure = (Reject, Option<String>, Option<String>);
 
 fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, ParseFailure> {
-    let fail = |reason, message: String, field: Option<&str>| Reject { reason, message, field: field.map(str::to_owned) };
+    let fail = |reason, message: String, field: Option<&str>| Reject {
+        reason,
+        message,
+        field: field.map(str::to_owned),
+    };
     let top: TopLevel = match serde_json::from_str(text) {
         Ok(t) => t,
         Err(e) => {
@@ -445,7 +467,9 @@ fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, 
                 Category::Data => Reason::NotObject,
                 Category::Syntax | Category::Eof | Category::Io => {
                     // A scalar or array that is valid JSON is still "not an object".
-                    if first != Some(b'{') && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+                    if first != Some(b'{')
+                        && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+                    {
                         Reason::NotObject
                     } else {
                         Reason::InvalidJson
@@ -461,7 +485,15 @@ fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, 
         }
     };
     let Some(rt_raw) = top.get("resourceType") else {
-        return Err((fail(Reason::MissingResourceType, "no `resourceType`".into(), Some("resourceType")), None, None));
+        return Err((
+            fail(
+                Reason::MissingResourceType,
+                "no `resourceType`".into(),
+                Some("resourceType"),
+            ),
+            None,
+            None,
+        ));
     };
     let Ok(resource_type) = serde_json::from_str::<Cow<str>>(rt_raw.get()) else {
         return Err((wrong_type("resourceType", Kind::String, rt_raw), None, None));
@@ -469,24 +501,44 @@ fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, 
     let ty = Some(resource_type.to_string());
     if !is_resource_type(&resource_type) {
         return Err((
-            fail(Reason::UnknownResourceType, format!("`{resource_type}` is not an R4 resource type"), Some("resourceType")),
+            fail(
+                Reason::UnknownResourceType,
+                format!("`{resource_type}` is not an R4 resource type"),
+                Some("resourceType"),
+            ),
             ty,
             None,
         ));
     }
     let Some(id_raw) = top.get("id") else {
-        return Err((fail(Reason::MissingId, format!("{resource_type} has no `id`"), Some("id")), ty, None));
+        return Err((
+            fail(
+                Reason::MissingId,
+                format!("{resource_type} has no `id`"),
+                Some("id"),
+            ),
+            ty,
+            None,
+        ));
     };
     let Ok(id) = serde_json::from_str::<Cow<str>>(id_raw.get()) else {
         return Err((
-            fail(Reason::MalformedId, format!("`id` must be a string, found {}", id_raw.get()), Some("id")),
+            fail(
+                Reason::MalformedId,
+                format!("`id` must be a string, found {}", id_raw.get()),
+                Some("id"),
+            ),
             ty,
             None,
         ));
     };
     if !is_valid_id(&id) {
         return Err((
-            fail(Reason::MalformedId, format!("`{id}` is not a FHIR id (1-64 of [A-Za-z0-9-.])"), Some("id")),
+            fail(
+                Reason::MalformedId,
+                format!("`{id}` is not a FHIR id (1-64 of [A-Za-z0-9-.])"),
+                Some("id"),
+            ),
             ty,
             Some(id.into_owned()),
         ));
@@ -494,10 +546,10 @@ fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, 
     let id_owned = Some(id.to_string());
     let fail_t = |r: Reject| (r, ty.clone(), id_owned.clone());
     for &(field, kind) in COMMON_FIELDS.iter().chain(type_fields(&resource_type)) {
-        if let Some(raw) = top.get(field) {
-            if !kind.check(raw) {
-                return Err(fail_t(wrong_type(field, kind, raw)));
-            }
+        if let Some(raw) = top.get(field)
+            && !kind.check(raw)
+        {
+            return Err(fail_t(wrong_type(field, kind, raw)));
         }
     }
 
@@ -505,8 +557,13 @@ fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, 
     let mut last_updated = None;
     let mut is_synthetic = opts.synthetic;
     if let Some(meta_raw) = top.get("meta") {
-        let meta: MetaHead = serde_json::from_str(meta_raw.get())
-            .map_err(|e| fail_t(fail(Reason::WrongType, format!("`meta`: {e}"), Some("meta"))))?;
+        let meta: MetaHead = serde_json::from_str(meta_raw.get()).map_err(|e| {
+            fail_t(fail(
+                Reason::WrongType,
+                format!("`meta`: {e}"),
+                Some("meta"),
+            ))
+        })?;
         if let Some(v) = meta.version_id {
             version_id = Some(
                 serde_json::from_str::<String>(v.get())
@@ -517,12 +574,18 @@ fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, 
             let s = serde_json::from_str::<Cow<str>>(v.get())
                 .map_err(|_| fail_t(wrong_type("meta.lastUpdated", Kind::DateTime, v)))?;
             last_updated = Some(
-                parse_instant_micros(&s).map_err(|_| fail_t(wrong_type("meta.lastUpdated", Kind::DateTime, v)))?,
+                parse_instant_micros(&s)
+                    .map_err(|_| fail_t(wrong_type("meta.lastUpdated", Kind::DateTime, v)))?,
             );
         }
         if let Some(tags) = meta.tag {
-            let tags: Vec<Coding> = serde_json::from_str(tags.get())
-                .map_err(|e| fail_t(fail(Reason::WrongType, format!("`meta.tag`: {e}"), Some("meta.tag"))))?;
+            let tags: Vec<Coding> = serde_json::from_str(tags.get()).map_err(|e| {
+                fail_t(fail(
+                    Reason::WrongType,
+                    format!("`meta.tag`: {e}"),
+                    Some("meta.tag"),
+                ))
+            })?;
             is_synthetic |= tags.iter().any(is_synthetic_tag);
         }
     }
@@ -534,13 +597,19 @@ fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, 
         for field in ["subject", "patient", "beneficiary"] {
             if let Some(raw) = top.get(field) {
                 let r: ReferenceHead = serde_json::from_str(raw.get()).map_err(|e| {
-                    fail_t(fail(Reason::WrongType, format!("`{field}`: {e}"), Some(field)))
+                    fail_t(fail(
+                        Reason::WrongType,
+                        format!("`{field}`: {e}"),
+                        Some(field),
+                    ))
                 })?;
-                if let Some((t, pid)) = r.reference.as_deref().and_then(atlas_fhir::split_relative_reference) {
-                    if t == "Patient" {
-                        found = Some(pid.to_owned());
-                        break;
-                    }
+                if let Some(("Patient", pid)) = r
+                    .reference
+                    .as_deref()
+                    .and_then(atlas_fhir::split_relative_reference)
+                {
+                    found = Some(pid.to_owned());
+                    break;
                 }
             }
         }
@@ -554,8 +623,13 @@ fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, 
         } else {
             serde_json::from_str::<IdentifierHead>(raw.get()).map(|i| vec![i])
         };
-        let parsed = parsed
-            .map_err(|e| fail_t(fail(Reason::WrongType, format!("`identifier`: {e}"), Some("identifier"))))?;
+        let parsed = parsed.map_err(|e| {
+            fail_t(fail(
+                Reason::WrongType,
+                format!("`identifier`: {e}"),
+                Some("identifier"),
+            ))
+        })?;
         for ident in parsed {
             if let Some(value) = ident.value {
                 identifiers.push(format!("{}|{}", ident.system.unwrap_or_default(), value));
@@ -566,13 +640,20 @@ fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, 
     Ok(ParsedResource {
         resource_type: resource_type.into_owned(),
         id: id.into_owned(),
-        version: VersionStamp { version_id, last_updated, content_hash: content_hash(text.as_bytes()) },
+        version: VersionStamp {
+            version_id,
+            last_updated,
+            content_hash: content_hash(text.as_bytes()),
+        },
         json: text.to_owned(),
         patient_id,
         identifiers,
         is_synthetic,
         unresolved_refs: 0,
-        origin: Origin { file: Arc::from(""), line: 0 },
+        origin: Origin {
+            file: Arc::from(""),
+            line: 0,
+        },
     })
 }
 
@@ -581,11 +662,19 @@ mod tests {
     use super::*;
 
     fn origin() -> Origin {
-        Origin { file: Arc::from("t.ndjson"), line: 7 }
+        Origin {
+            file: Arc::from("t.ndjson"),
+            line: 7,
+        }
     }
 
     fn reason(line: &str) -> Option<Reason> {
-        match classify_line(line.as_bytes(), origin(), false, &ClassifyOptions::default()) {
+        match classify_line(
+            line.as_bytes(),
+            origin(),
+            false,
+            &ClassifyOptions::default(),
+        ) {
             Event::Reject(r) => Some(r.reason),
             Event::Resource(_) => None,
             Event::Skip(_) => Some(Reason::UnsupportedEntry),
@@ -596,38 +685,86 @@ mod tests {
     #[test]
     fn reasons() {
         assert_eq!(reason(r#"{"resourceType":"Patient","id":"p1"}"#), None);
-        assert_eq!(reason(r#"{"resourceType":"Patient","id":"p1""#), Some(Reason::InvalidJson));
+        assert_eq!(
+            reason(r#"{"resourceType":"Patient","id":"p1""#),
+            Some(Reason::InvalidJson)
+        );
         assert_eq!(reason(r#"[1,2]"#), Some(Reason::NotObject));
         assert_eq!(reason(r#""hello""#), Some(Reason::NotObject));
         assert_eq!(reason(r#"42"#), Some(Reason::NotObject));
         assert_eq!(reason(r#"{"id":"x"}"#), Some(Reason::MissingResourceType));
-        assert_eq!(reason(r#"{"resourceType":"Patinet","id":"x"}"#), Some(Reason::UnknownResourceType));
-        assert_eq!(reason(r#"{"resourceType":"Patient"}"#), Some(Reason::MissingId));
-        assert_eq!(reason(r#"{"resourceType":"Patient","id":5}"#), Some(Reason::MalformedId));
-        assert_eq!(reason(r#"{"resourceType":"Patient","id":"a b"}"#), Some(Reason::MalformedId));
-        assert_eq!(reason(r#"{"resourceType":"Patient","id":"p","birthDate":19870402}"#), Some(Reason::WrongType));
-        assert_eq!(reason(r#"{"resourceType":"Patient","id":"p","birthDate":"02/04/1987"}"#), Some(Reason::WrongType));
-        assert_eq!(reason(r#"{"resourceType":"Observation","id":"o","subject":"Patient/1"}"#), Some(Reason::WrongType));
-        assert_eq!(reason(r#"{"resourceType":"Patient","id":"p","meta":{"lastUpdated":"yesterday"}}"#), Some(Reason::WrongType));
-        assert_eq!(reason(r#"{"resourceType":"Patient","id":"p","id":"q"}"#), Some(Reason::InvalidJson));
+        assert_eq!(
+            reason(r#"{"resourceType":"Patinet","id":"x"}"#),
+            Some(Reason::UnknownResourceType)
+        );
+        assert_eq!(
+            reason(r#"{"resourceType":"Patient"}"#),
+            Some(Reason::MissingId)
+        );
+        assert_eq!(
+            reason(r#"{"resourceType":"Patient","id":5}"#),
+            Some(Reason::MalformedId)
+        );
+        assert_eq!(
+            reason(r#"{"resourceType":"Patient","id":"a b"}"#),
+            Some(Reason::MalformedId)
+        );
+        assert_eq!(
+            reason(r#"{"resourceType":"Patient","id":"p","birthDate":19870402}"#),
+            Some(Reason::WrongType)
+        );
+        assert_eq!(
+            reason(r#"{"resourceType":"Patient","id":"p","birthDate":"02/04/1987"}"#),
+            Some(Reason::WrongType)
+        );
+        assert_eq!(
+            reason(r#"{"resourceType":"Observation","id":"o","subject":"Patient/1"}"#),
+            Some(Reason::WrongType)
+        );
+        assert_eq!(
+            reason(r#"{"resourceType":"Patient","id":"p","meta":{"lastUpdated":"yesterday"}}"#),
+            Some(Reason::WrongType)
+        );
+        assert_eq!(
+            reason(r#"{"resourceType":"Patient","id":"p","id":"q"}"#),
+            Some(Reason::InvalidJson)
+        );
         assert_eq!(reason("   "), Some(Reason::UnsupportedEntry));
     }
 
     #[test]
     fn invalid_utf8_and_truncation() {
-        let ev = classify_line(b"{\"resourceType\":\"Patient\",\"id\":\"\xff\"}", origin(), false, &ClassifyOptions::default());
+        let ev = classify_line(
+            b"{\"resourceType\":\"Patient\",\"id\":\"\xff\"}",
+            origin(),
+            false,
+            &ClassifyOptions::default(),
+        );
         assert!(matches!(ev, Event::Reject(r) if r.reason == Reason::InvalidUtf8));
-        let ev = classify_line(br#"{"resourceType":"Patient","id":"p1","name":[{"fam"#, origin(), true, &ClassifyOptions::default());
+        let ev = classify_line(
+            br#"{"resourceType":"Patient","id":"p1","name":[{"fam"#,
+            origin(),
+            true,
+            &ClassifyOptions::default(),
+        );
         assert!(matches!(ev, Event::Reject(r) if r.reason == Reason::TruncatedLine));
     }
 
     #[test]
     fn extracts_keys_versions_and_compartment() {
         let line = r#"{"resourceType":"Observation","id":"o1","meta":{"versionId":"3","lastUpdated":"2020-01-01T00:00:00Z","tag":[{"system":"http://terminology.hl7.org/CodeSystem/v3-ActReason","code":"HTEST"}]},"subject":{"reference":"Patient/p9"},"valueQuantity":{"value":16942.30},"identifier":[{"system":"s","value":"v"}]}"#;
-        let Event::Resource(r) = classify_line(line.as_bytes(), origin(), false, &ClassifyOptions::default()) else {
+        let Event::Resource(r) = classify_line(
+            line.as_bytes(),
+            origin(),
+            false,
+            &ClassifyOptions::default(),
+        ) else {
             panic!("expected a resource")
         };
-        assert_eq!((r.resource_type.as_str(), r.id.as_str()), ("Observation", "o1"));
+        assert_eq!(
+            (r.resource_type.as_str(), r.id.as_str()),
+            ("Observation", "o1")
+        );
         assert_eq!(r.version.version_id.as_deref(), Some("3"));
         assert_eq!(r.version.last_updated, Some(1_577_836_800_000_000));
         assert_eq!(r.patient_id.as_deref(), Some("p9"));

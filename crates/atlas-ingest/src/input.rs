@@ -66,14 +66,19 @@ pub struct Input {
 pub enum InputError {
     #[error("{path}: {source}")]
     Io { path: String, source: io::Error },
-    #[error("{0}: not a FHIR input (expected .ndjson, .ndjson.gz, .json, .json.gz, .tar.gz or a folder)")]
+    #[error(
+        "{0}: not a FHIR input (expected .ndjson, .ndjson.gz, .json, .json.gz, .tar.gz or a folder)"
+    )]
     UnknownKind(String),
     #[error("no FHIR inputs found in {0}")]
     Empty(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InputError + '_ {
-    move |source| InputError::Io { path: path.display().to_string(), source }
+    move |source| InputError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Inputs plus the temporary files that must outlive them (spooled stdin).
@@ -122,7 +127,12 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), InputError> {
     for p in entries {
         if p.is_dir() {
             walk(&p, out)?;
-        } else if p.file_name().and_then(|n| n.to_str()).and_then(InputKind::from_name).is_some() {
+        } else if p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(InputKind::from_name)
+            .is_some()
+        {
             out.push(p);
         }
     }
@@ -141,7 +151,13 @@ pub fn collect_inputs(paths: &[String], stdin: &mut dyn Read) -> Result<InputSet
             let path = tmp.into_temp_path();
             let (size, sha256) = hash_file(&path)?;
             let kind = sniff_kind(&path)?;
-            inputs.push(Input { name: "-".into(), path: path.to_path_buf(), kind, size, sha256 });
+            inputs.push(Input {
+                name: "-".into(),
+                path: path.to_path_buf(),
+                kind,
+                size,
+                sha256,
+            });
             spool.push(path);
             continue;
         }
@@ -160,18 +176,37 @@ pub fn collect_inputs(paths: &[String], stdin: &mut dyn Read) -> Result<InputSet
                     .and_then(InputKind::from_name)
                     .ok_or_else(|| InputError::UnknownKind(f.display().to_string()))?;
                 let (size, sha256) = hash_file(&f)?;
-                inputs.push(Input { name: f.display().to_string(), path: f, kind, size, sha256 });
+                inputs.push(Input {
+                    name: f.display().to_string(),
+                    path: f,
+                    kind,
+                    size,
+                    sha256,
+                });
             }
         } else {
-            let kind = match path.file_name().and_then(|n| n.to_str()).and_then(InputKind::from_name) {
+            let kind = match path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(InputKind::from_name)
+            {
                 Some(k) => k,
                 None => sniff_kind(&path)?,
             };
             let (size, sha256) = hash_file(&path)?;
-            inputs.push(Input { name: p.clone(), path, kind, size, sha256 });
+            inputs.push(Input {
+                name: p.clone(),
+                path,
+                kind,
+                size,
+                sha256,
+            });
         }
     }
-    Ok(InputSet { inputs, _spool: spool })
+    Ok(InputSet {
+        inputs,
+        _spool: spool,
+    })
 }
 
 #[cfg(test)]
@@ -180,7 +215,10 @@ mod tests {
 
     #[test]
     fn kinds_from_names() {
-        assert_eq!(InputKind::from_name("Patient.ndjson.gz"), Some(InputKind::NdjsonGz));
+        assert_eq!(
+            InputKind::from_name("Patient.ndjson.gz"),
+            Some(InputKind::NdjsonGz)
+        );
         assert_eq!(InputKind::from_name("a.NDJSON"), Some(InputKind::Ndjson));
         assert_eq!(InputKind::from_name("bundle.json"), Some(InputKind::Json));
         assert_eq!(InputKind::from_name("all.tar.gz"), Some(InputKind::TarGz));

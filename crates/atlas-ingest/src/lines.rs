@@ -14,9 +14,17 @@ pub enum LineItem {
         unterminated: bool,
     },
     /// A line longer than the limit: only a prefix is kept.
-    TooLong { line: u64, prefix: Vec<u8>, len: u64 },
+    TooLong {
+        line: u64,
+        prefix: Vec<u8>,
+        len: u64,
+    },
     /// The stream failed; `partial` holds the bytes of the unfinished line.
-    Fault { line: u64, error: std::io::Error, partial: Vec<u8> },
+    Fault {
+        line: u64,
+        error: std::io::Error,
+        partial: Vec<u8>,
+    },
 }
 
 pub struct LineSplitter<R> {
@@ -28,7 +36,12 @@ pub struct LineSplitter<R> {
 
 impl<R: BufRead> LineSplitter<R> {
     pub fn new(inner: R, max_line_bytes: usize) -> Self {
-        LineSplitter { inner, line: 0, max: max_line_bytes, done: false }
+        LineSplitter {
+            inner,
+            line: 0,
+            max: max_line_bytes,
+            done: false,
+        }
     }
 }
 
@@ -49,7 +62,11 @@ impl<R: BufRead> Iterator for LineSplitter<R> {
                 Err(error) => {
                     self.done = true;
                     self.line += 1;
-                    return Some(LineItem::Fault { line: self.line, error, partial: buf });
+                    return Some(LineItem::Fault {
+                        line: self.line,
+                        error,
+                        partial: buf,
+                    });
                 }
             };
             if available.is_empty() {
@@ -59,9 +76,17 @@ impl<R: BufRead> Iterator for LineSplitter<R> {
                 }
                 self.line += 1;
                 return Some(if overflow {
-                    LineItem::TooLong { line: self.line, prefix: buf, len }
+                    LineItem::TooLong {
+                        line: self.line,
+                        prefix: buf,
+                        len,
+                    }
                 } else {
-                    LineItem::Line { line: self.line, bytes: buf, unterminated: true }
+                    LineItem::Line {
+                        line: self.line,
+                        bytes: buf,
+                        unterminated: true,
+                    }
                 });
             }
             let (chunk, found) = match memchr(available) {
@@ -72,7 +97,9 @@ impl<R: BufRead> Iterator for LineSplitter<R> {
             if !overflow {
                 if buf.len() + chunk.len() > self.max {
                     overflow = true;
-                    let keep = crate::classify::PREFIX_BYTES.saturating_sub(buf.len()).min(chunk.len());
+                    let keep = crate::classify::PREFIX_BYTES
+                        .saturating_sub(buf.len())
+                        .min(chunk.len());
                     buf.extend_from_slice(&chunk[..keep]);
                 } else {
                     buf.extend_from_slice(chunk);
@@ -83,9 +110,17 @@ impl<R: BufRead> Iterator for LineSplitter<R> {
             if found {
                 self.line += 1;
                 return Some(if overflow {
-                    LineItem::TooLong { line: self.line, prefix: buf, len }
+                    LineItem::TooLong {
+                        line: self.line,
+                        prefix: buf,
+                        len,
+                    }
                 } else {
-                    LineItem::Line { line: self.line, bytes: buf, unterminated: false }
+                    LineItem::Line {
+                        line: self.line,
+                        bytes: buf,
+                        unterminated: false,
+                    }
                 });
             }
         }
@@ -104,8 +139,16 @@ mod tests {
     fn lines(data: &[u8], max: usize) -> Vec<String> {
         LineSplitter::new(Cursor::new(data.to_vec()), max)
             .map(|i| match i {
-                LineItem::Line { line, bytes, unterminated } => {
-                    format!("{line}:{}{}", String::from_utf8_lossy(&bytes), if unterminated { "$" } else { "" })
+                LineItem::Line {
+                    line,
+                    bytes,
+                    unterminated,
+                } => {
+                    format!(
+                        "{line}:{}{}",
+                        String::from_utf8_lossy(&bytes),
+                        if unterminated { "$" } else { "" }
+                    )
                 }
                 LineItem::TooLong { line, len, .. } => format!("{line}:long{len}"),
                 LineItem::Fault { line, .. } => format!("{line}:fault"),
@@ -115,8 +158,14 @@ mod tests {
 
     #[test]
     fn splits_and_flags() {
-        assert_eq!(lines(b"a\nbb\n\nccc", 100), vec!["1:a", "2:bb", "3:", "4:ccc$"]);
-        assert_eq!(lines(b"a\n0123456789\nb\n", 5), vec!["1:a", "2:long10", "3:b"]);
+        assert_eq!(
+            lines(b"a\nbb\n\nccc", 100),
+            vec!["1:a", "2:bb", "3:", "4:ccc$"]
+        );
+        assert_eq!(
+            lines(b"a\n0123456789\nb\n", 5),
+            vec!["1:a", "2:long10", "3:b"]
+        );
         assert!(lines(b"", 5).is_empty());
     }
 
@@ -125,7 +174,11 @@ mod tests {
         fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
             let k = out.len().min(3);
             let n = self.0.read(&mut out[..k])?;
-            if n == 0 { Err(std::io::Error::other("boom")) } else { Ok(n) }
+            if n == 0 {
+                Err(std::io::Error::other("boom"))
+            } else {
+                Ok(n)
+            }
         }
     }
 

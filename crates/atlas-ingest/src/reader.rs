@@ -7,9 +7,9 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Cursor, Read};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::Arc;
 
 use flate2::read::MultiGzDecoder;
 use rayon::prelude::*;
@@ -44,7 +44,11 @@ impl Default for ReadOptions {
 
 /// One unit of raw input before classification.
 enum Unit {
-    Text { origin: Origin, bytes: Vec<u8>, unterminated: bool },
+    Text {
+        origin: Origin,
+        bytes: Vec<u8>,
+        unterminated: bool,
+    },
     Fault(Box<Rejection>),
 }
 
@@ -97,29 +101,62 @@ impl UnitSink {
 }
 
 fn fault(reason: Reason, message: String, partial: &[u8], file: &Arc<str>, line: u64) -> Unit {
-    Unit::Fault(Box::new(Rejection::new(reason, message, partial, Origin { file: file.clone(), line })))
+    Unit::Fault(Box::new(Rejection::new(
+        reason,
+        message,
+        partial,
+        Origin {
+            file: file.clone(),
+            line,
+        },
+    )))
 }
 
-fn split_lines(reader: &mut dyn BufRead, name: &Arc<str>, gz: bool, opts: &ReadOptions, sink: &mut UnitSink) {
+fn split_lines(
+    reader: &mut dyn BufRead,
+    name: &Arc<str>,
+    gz: bool,
+    opts: &ReadOptions,
+    sink: &mut UnitSink,
+) {
     for item in LineSplitter::new(reader, opts.max_line_bytes) {
         if sink.closed {
             return;
         }
         match item {
-            LineItem::Line { line, bytes, unterminated } => {
-                sink.push(Unit::Text { origin: Origin { file: name.clone(), line }, bytes, unterminated })
-            }
+            LineItem::Line {
+                line,
+                bytes,
+                unterminated,
+            } => sink.push(Unit::Text {
+                origin: Origin {
+                    file: name.clone(),
+                    line,
+                },
+                bytes,
+                unterminated,
+            }),
             LineItem::TooLong { line, prefix, len } => {
                 let mut r = Rejection::new(
                     Reason::LineTooLong,
-                    format!("line is {len} bytes, over the {} byte limit", opts.max_line_bytes),
+                    format!(
+                        "line is {len} bytes, over the {} byte limit",
+                        opts.max_line_bytes
+                    ),
                     &prefix,
-                    Origin { file: name.clone(), line },
+                    Origin {
+                        file: name.clone(),
+                        line,
+                    },
                 );
                 r.byte_len = len;
                 sink.push(Unit::Fault(Box::new(r)));
             }
-            LineItem::Fault { line, error, partial } => {
+            LineItem::Fault {
+                line,
+                error,
+                partial,
+            } => {
                 let (reason, what) = if gz {
                     (Reason::CorruptGzip, "gzip stream is corrupt")
                 } else {
@@ -137,7 +174,13 @@ fn split_lines(reader: &mut dyn BufRead, name: &Arc<str>, gz: bool, opts: &ReadO
     }
 }
 
-fn read_document(reader: &mut dyn Read, name: &Arc<str>, gz: bool, opts: &ReadOptions, sink: &mut UnitSink) {
+fn read_document(
+    reader: &mut dyn Read,
+    name: &Arc<str>,
+    gz: bool,
+    opts: &ReadOptions,
+    sink: &mut UnitSink,
+) {
     let mut whole = Vec::new();
     let limit = opts.max_document_bytes as u64;
     match (&mut *reader).take(limit + 1).read_to_end(&mut whole) {
@@ -148,7 +191,10 @@ fn read_document(reader: &mut dyn Read, name: &Arc<str>, gz: bool, opts: &ReadOp
                 Reason::LineTooLong,
                 format!("document is over the {limit} byte limit"),
                 &whole,
-                Origin { file: name.clone(), line: 1 },
+                Origin {
+                    file: name.clone(),
+                    line: 1,
+                },
             );
             r.byte_len = whole.len() as u64 + rest;
             sink.push(Unit::Fault(Box::new(r)));
@@ -162,34 +208,81 @@ fn read_document(reader: &mut dyn Read, name: &Arc<str>, gz: bool, opts: &ReadOp
             if several {
                 split_lines(&mut Cursor::new(whole), name, false, opts, sink);
             } else {
-                sink.push(Unit::Text { origin: Origin { file: name.clone(), line: 1 }, bytes: whole, unterminated: false });
+                sink.push(Unit::Text {
+                    origin: Origin {
+                        file: name.clone(),
+                        line: 1,
+                    },
+                    bytes: whole,
+                    unterminated: false,
+                });
             }
         }
         Err(e) => {
-            let reason = if gz { Reason::CorruptGzip } else { Reason::UnreadableInput };
-            sink.push(fault(reason, format!("reading the document failed: {e}"), &whole, name, 1));
+            let reason = if gz {
+                Reason::CorruptGzip
+            } else {
+                Reason::UnreadableInput
+            };
+            sink.push(fault(
+                reason,
+                format!("reading the document failed: {e}"),
+                &whole,
+                name,
+                1,
+            ));
         }
     }
 }
 
-fn read_stream(reader: &mut dyn Read, kind: InputKind, name: &Arc<str>, opts: &ReadOptions, sink: &mut UnitSink) {
+fn read_stream(
+    reader: &mut dyn Read,
+    kind: InputKind,
+    name: &Arc<str>,
+    opts: &ReadOptions,
+    sink: &mut UnitSink,
+) {
     match kind {
-        InputKind::Ndjson => split_lines(&mut BufReader::with_capacity(1 << 18, reader), name, false, opts, sink),
+        InputKind::Ndjson => split_lines(
+            &mut BufReader::with_capacity(1 << 18, reader),
+            name,
+            false,
+            opts,
+            sink,
+        ),
         InputKind::NdjsonGz => split_lines(
-            &mut BufReader::with_capacity(1 << 18, MultiGzDecoder::new(BufReader::with_capacity(1 << 16, reader))),
+            &mut BufReader::with_capacity(
+                1 << 18,
+                MultiGzDecoder::new(BufReader::with_capacity(1 << 16, reader)),
+            ),
             name,
             true,
             opts,
             sink,
         ),
         InputKind::Json => read_document(reader, name, false, opts, sink),
-        InputKind::JsonGz => read_document(&mut MultiGzDecoder::new(BufReader::new(reader)), name, true, opts, sink),
+        InputKind::JsonGz => read_document(
+            &mut MultiGzDecoder::new(BufReader::new(reader)),
+            name,
+            true,
+            opts,
+            sink,
+        ),
         InputKind::TarGz => {
-            let mut archive = tar::Archive::new(MultiGzDecoder::new(BufReader::with_capacity(1 << 16, reader)));
+            let mut archive = tar::Archive::new(MultiGzDecoder::new(BufReader::with_capacity(
+                1 << 16,
+                reader,
+            )));
             let entries = match archive.entries() {
                 Ok(e) => e,
                 Err(e) => {
-                    sink.push(fault(Reason::CorruptGzip, format!("not a readable tar.gz: {e}"), b"", name, 1));
+                    sink.push(fault(
+                        Reason::CorruptGzip,
+                        format!("not a readable tar.gz: {e}"),
+                        b"",
+                        name,
+                        1,
+                    ));
                     return;
                 }
             };
@@ -214,7 +307,9 @@ fn read_stream(reader: &mut dyn Read, kind: InputKind, name: &Arc<str>, opts: &R
                     Ok(p) => p.display().to_string(),
                     Err(_) => continue,
                 };
-                let Some(member_kind) = InputKind::from_name(&member) else { continue };
+                let Some(member_kind) = InputKind::from_name(&member) else {
+                    continue;
+                };
                 if member_kind == InputKind::TarGz {
                     continue;
                 }
@@ -231,13 +326,17 @@ fn read_stream(reader: &mut dyn Read, kind: InputKind, name: &Arc<str>, opts: &R
 fn classify_unit(unit: Unit, opts: &ClassifyOptions, index: &IdentifierIndex) -> Vec<Event> {
     match unit {
         Unit::Fault(r) => vec![Event::Reject(r)],
-        Unit::Text { origin, bytes, unterminated } => {
+        Unit::Text {
+            origin,
+            bytes,
+            unterminated,
+        } => {
             if let Ok(text) = std::str::from_utf8(&bytes) {
                 let text = text.trim_start_matches('\u{feff}');
-                if looks_like_bundle(text) {
-                    if let Some(events) = unpack_bundle(text, &bytes, &origin, opts, index) {
-                        return events;
-                    }
+                if looks_like_bundle(text)
+                    && let Some(events) = unpack_bundle(text, &bytes, &origin, opts, index)
+                {
+                    return events;
                 }
             }
             vec![classify_line(&bytes, origin, unterminated, opts)]
@@ -259,12 +358,33 @@ pub fn read_events(
     std::thread::Builder::new()
         .name("atlas-read".into())
         .spawn(move || {
-            let mut sink = UnitSink { tx: unit_tx, block: Vec::new(), bytes: 0, limit: read_opts.block_bytes, closed: false };
+            let mut sink = UnitSink {
+                tx: unit_tx,
+                block: Vec::new(),
+                bytes: 0,
+                limit: read_opts.block_bytes,
+                closed: false,
+            };
             for input in &inputs {
                 let name: Arc<str> = Arc::from(input.name.as_str());
                 match File::open(&input.path) {
-                    Ok(f) => read_stream(&mut Counting { inner: f, counter: consumed.clone() }, input.kind, &name, &read_opts, &mut sink),
-                    Err(e) => sink.push(fault(Reason::UnreadableInput, format!("cannot open: {e}"), b"", &name, 1)),
+                    Ok(f) => read_stream(
+                        &mut Counting {
+                            inner: f,
+                            counter: consumed.clone(),
+                        },
+                        input.kind,
+                        &name,
+                        &read_opts,
+                        &mut sink,
+                    ),
+                    Err(e) => sink.push(fault(
+                        Reason::UnreadableInput,
+                        format!("cannot open: {e}"),
+                        b"",
+                        &name,
+                        1,
+                    )),
                 }
                 if sink.closed {
                     return;
@@ -295,11 +415,20 @@ pub fn read_events(
 /// Bundles, so conditional references resolve to resources of the same run
 /// wherever they appear in it (a Practitioner bundle may come last).
 pub fn prescan_identifiers(inputs: &[Input], opts: &ReadOptions, index: &mut IdentifierIndex) {
-    let bundles: Vec<Input> = inputs.iter().filter(|i| i.kind.may_hold_bundles()).cloned().collect();
+    let bundles: Vec<Input> = inputs
+        .iter()
+        .filter(|i| i.kind.may_hold_bundles())
+        .cloned()
+        .collect();
     if bundles.is_empty() {
         return;
     }
-    let rx = read_events(bundles, opts.clone(), Arc::new(IdentifierIndex::default()), Arc::new(AtomicU64::new(0)));
+    let rx = read_events(
+        bundles,
+        opts.clone(),
+        Arc::new(IdentifierIndex::default()),
+        Arc::new(AtomicU64::new(0)),
+    );
     for block in rx {
         for ev in block.events {
             if let Event::Resource(r) = ev {

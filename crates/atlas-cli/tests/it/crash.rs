@@ -22,14 +22,23 @@ fn snapshot(lake: &Path) -> (serde_json::Value, Vec<String>, Vec<String>) {
         let mut out = Vec::new();
         for b in &batches {
             let cols: Vec<_> = (0..b.num_columns())
-                .map(|i| arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8).unwrap())
+                .map(|i| {
+                    arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8).unwrap()
+                })
                 .collect();
             for r in 0..b.num_rows() {
                 let row: Vec<String> = cols
                     .iter()
                     .map(|c| {
-                        let a = c.as_any().downcast_ref::<arrow::array::StringArray>().unwrap();
-                        if arrow::array::Array::is_null(a, r) { "∅".into() } else { a.value(r).to_owned() }
+                        let a = c
+                            .as_any()
+                            .downcast_ref::<arrow::array::StringArray>()
+                            .unwrap();
+                        if arrow::array::Array::is_null(a, r) {
+                            "∅".into()
+                        } else {
+                            a.value(r).to_owned()
+                        }
                     })
                     .collect();
                 out.push(row.join("|"));
@@ -37,21 +46,34 @@ fn snapshot(lake: &Path) -> (serde_json::Value, Vec<String>, Vec<String>) {
         }
         out
     };
-    let resources = q("SELECT resource_type, id, version_id, CAST(last_updated AS VARCHAR) AS lu, patient_id, fhir_version, \
+    let resources = q(
+        "SELECT resource_type, id, version_id, CAST(last_updated AS VARCHAR) AS lu, patient_id, fhir_version, \
         is_synthetic, source, batch_id, file, line, deleted, content_hash, array_to_string(identifiers, ','), resource \
-        FROM resources ORDER BY resource_type, id");
-    let quarantine = q("SELECT batch_id, source, file, line, reason, message, resource_type, resource_id, field, byte_len, \
-        encode(prefix, 'hex') FROM quarantine ORDER BY file, line, reason");
+        FROM resources ORDER BY resource_type, id",
+    );
+    let quarantine = q(
+        "SELECT batch_id, source, file, line, reason, message, resource_type, resource_id, field, byte_len, \
+        encode(prefix, 'hex') FROM quarantine ORDER BY file, line, reason",
+    );
     // Every row of a batch carries the batch's one start time, even across re-runs.
-    let per_batch = q("SELECT batch_id, count(DISTINCT ingested_at) FROM resources GROUP BY batch_id");
+    let per_batch =
+        q("SELECT batch_id, count(DISTINCT ingested_at) FROM resources GROUP BY batch_id");
     assert!(per_batch.iter().all(|r| r.ends_with("|1")), "{per_batch:?}");
     (stats, resources, quarantine)
 }
 
 fn dataset(dir: &Path) -> std::path::PathBuf {
     let data = synth(dir, 60, 5);
-    std::fs::write(data.join("00-bad.ndjson"), "{\"resourceType\":\"Patient\",\"id\":\"x\",\"birthDate\":5}\n{oops\n").unwrap();
-    std::fs::write(data.join("zz-bad.ndjson"), "[]\n{\"resourceType\":\"Nope\",\"id\":\"n\"}\n").unwrap();
+    std::fs::write(
+        data.join("00-bad.ndjson"),
+        "{\"resourceType\":\"Patient\",\"id\":\"x\",\"birthDate\":5}\n{oops\n",
+    )
+    .unwrap();
+    std::fs::write(
+        data.join("zz-bad.ndjson"),
+        "[]\n{\"resourceType\":\"Nope\",\"id\":\"n\"}\n",
+    )
+    .unwrap();
     data
 }
 
@@ -70,12 +92,27 @@ fn killed_at_each_point_then_rerun_converges() {
     let expected = snapshot(&clean);
     assert!(expected.1.len() > 1000, "enough rows for several chunks");
 
-    for point in ["after_landing", "after_quarantine_commit", "after_chunk", "before_batch_commit"] {
+    for point in [
+        "after_landing",
+        "after_quarantine_commit",
+        "after_chunk",
+        "before_batch_commit",
+    ] {
         let lake = dir.path().join(format!("crash-{point}"));
-        let out = ingest_cmd(&lake, &data).env("ATLAS_TEST_CRASH", point).output().unwrap();
-        assert!(!out.status.success(), "{point}: the run should have been killed");
+        let out = ingest_cmd(&lake, &data)
+            .env("ATLAS_TEST_CRASH", point)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{point}: the run should have been killed"
+        );
         run_ok(&mut ingest_cmd(&lake, &data));
-        assert_eq!(snapshot(&lake), expected, "after a crash {point} and a re-run");
+        assert_eq!(
+            snapshot(&lake),
+            expected,
+            "after a crash {point} and a re-run"
+        );
         // And a third run is a no-op.
         let again = run_ok(&mut ingest_cmd(&lake, &data));
         assert!(String::from_utf8_lossy(&again.stderr).contains("already ingested"));
@@ -92,7 +129,11 @@ fn killed_at_random_moments_then_rerun_converges() {
 
     let lake = dir.path().join("killed");
     for delay_ms in [150u64, 600, 1200, 2500] {
-        let mut child = ingest_cmd(&lake, &data).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = ingest_cmd(&lake, &data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(delay_ms));
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();

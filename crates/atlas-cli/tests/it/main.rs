@@ -37,7 +37,15 @@ pub fn synth(dir: &Path, patients: usize, seed: u64) -> PathBuf {
     let out = dir.join(format!("synth-{patients}-{seed}"));
     run_ok(
         Command::new(env!("CARGO_BIN_EXE_atlas"))
-            .args(["--quiet", "synth", "--patients", &patients.to_string(), "--seed", &seed.to_string(), "--out"])
+            .args([
+                "--quiet",
+                "synth",
+                "--patients",
+                &patients.to_string(),
+                "--seed",
+                &seed.to_string(),
+                "--out",
+            ])
             .arg(&out),
     );
     out
