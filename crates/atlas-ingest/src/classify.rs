@@ -362,6 +362,8 @@ struct Reject {
     reason: Reason,
     message: String,
     field: Option<String>,
+    /// The JSON ended before the value did (the mark of a cut-off line).
+    ends_early: bool,
 }
 
 fn wrong_type(field: &str, kind: Kind, raw: &RawValue) -> Reject {
@@ -370,6 +372,7 @@ fn wrong_type(field: &str, kind: Kind, raw: &RawValue) -> Reject {
         reason: Reason::WrongType,
         message: format!("`{field}` must be {}, found {got}", kind.name()),
         field: Some(field.to_owned()),
+        ends_early: false,
     }
 }
 
@@ -433,10 +436,7 @@ pub(crate) fn classify_text(
         }
         Err((reject, ty, id)) => {
             let mut rej = Rejection::new(reject.reason, reject.message, raw_line, origin);
-            if is_final_unterminated
-                && rej.reason == Reason::InvalidJson
-                && rej.message.contains("EOF")
-            {
+            if is_final_unterminated && rej.reason == Reason::InvalidJson && reject.ends_early {
                 rej.reason = Reason::TruncatedLine;
                 rej.message = format!("last line has no newline and ends early: {}", rej.message);
             }
@@ -455,6 +455,7 @@ fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, 
         reason,
         message,
         field: field.map(str::to_owned),
+        ends_early: false,
     };
     let top: TopLevel = match serde_json::from_str(text) {
         Ok(t) => t,
@@ -481,7 +482,14 @@ fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, 
             } else {
                 e.to_string()
             };
-            return Err((fail(reason, msg, None), None, None));
+            // Single-line text: an error at or past the last column means the value was cut off.
+            let ends_early = e.classify() == Category::Eof
+                || (e.line() == 1 && e.column() >= text.trim_end().len());
+            let reject = Reject {
+                ends_early,
+                ..fail(reason, msg, None)
+            };
+            return Err((reject, None, None));
         }
     };
     let Some(rt_raw) = top.get("resourceType") else {
@@ -772,5 +780,65 @@ mod tests {
         assert!(r.is_synthetic);
         assert_eq!(r.json, line, "stored bytes are the input bytes");
         assert_eq!(r.origin.line, 7);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn resource_json() -> impl Strategy<Value = String> {
+            (
+                prop::sample::select(vec!["Patient", "Observation", "Encounter", "Condition", "Claim"]),
+                "[A-Za-z0-9.-]{1,64}",
+                proptest::option::of("[0-9]{1,3}"),
+                "-?(0|[1-9][0-9]{0,5})\\.[0-9]{1,14}",
+                proptest::option::of("[A-Za-z0-9]{1,12}"),
+            )
+                .prop_map(|(ty, id, ver, num, pid)| {
+                    let meta = ver.map(|v| format!(r#","meta":{{"versionId":"{v}"}}"#)).unwrap_or_default();
+                    let subject = pid.map(|p| format!(r#","subject":{{"reference":"Patient/{p}"}}"#)).unwrap_or_default();
+                    format!(r#"{{"resourceType":"{ty}","id":"{id}"{meta}{subject},"extension":[{{"valueDecimal":{num}}}]}}"#)
+                })
+        }
+
+        proptest! {
+            /// Any bytes at all: one event, never a panic.
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), last in any::<bool>()) {
+                let ev = classify_line(&bytes, origin(), last, &ClassifyOptions::default());
+                if let Event::Reject(r) = ev {
+                    prop_assert!(r.prefix.len() <= PREFIX_BYTES);
+                    prop_assert_eq!(r.byte_len as usize, bytes.len());
+                }
+            }
+
+            /// Valid resources are stored byte for byte with their key and compartment.
+            #[test]
+            fn valid_resources_are_kept_exactly(json in resource_json()) {
+                let Event::Resource(r) = classify_line(json.as_bytes(), origin(), false, &ClassifyOptions::default()) else {
+                    return Err(TestCaseError::fail(format!("rejected: {json}")));
+                };
+                prop_assert_eq!(&r.json, &json);
+                let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+                prop_assert_eq!(r.id.as_str(), v["id"].as_str().unwrap());
+                let compartment = if r.resource_type == "Patient" {
+                    Some(r.id.as_str())
+                } else {
+                    v["subject"]["reference"].as_str().map(|s| &s[8..])
+                };
+                prop_assert_eq!(r.patient_id.as_deref(), compartment);
+            }
+
+            /// Cutting a valid resource short is never stored: a truncated final
+            /// line is `truncated_line`, elsewhere `invalid_json`.
+            #[test]
+            fn truncation_is_rejected(json in resource_json(), cut in 1usize..40, last in any::<bool>()) {
+                let cut = json.len().saturating_sub(cut).max(1);
+                let ev = classify_line(&json.as_bytes()[..cut], origin(), last, &ClassifyOptions::default());
+                let Event::Reject(r) = ev else { return Err(TestCaseError::fail("a truncated resource was accepted")) };
+                let want = if last { Reason::TruncatedLine } else { Reason::InvalidJson };
+                prop_assert_eq!(r.reason, want);
+            }
+        }
     }
 }

@@ -134,6 +134,7 @@ fn memchr(b: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use std::io::{BufReader, Cursor, Read};
 
     fn lines(data: &[u8], max: usize) -> Vec<String> {
@@ -189,5 +190,21 @@ mod tests {
         assert!(matches!(&items[0], LineItem::Line { line: 1, bytes, .. } if bytes == b"ab"));
         assert!(matches!(&items[1], LineItem::Fault { line: 2, partial, .. } if partial == b"cd"));
         assert_eq!(items.len(), 2);
+    }
+
+    proptest! {
+        /// Splitting loses and invents nothing: lines joined by newlines give the input back.
+        #[test]
+        fn lines_rejoin_to_the_input(data in proptest::collection::vec(proptest::prop_oneof![Just(b'\n'), Just(b'x'), Just(b'{')], 0..200), cap in 1usize..8) {
+            let items: Vec<_> = LineSplitter::new(BufReader::with_capacity(cap, Cursor::new(data.clone())), 1 << 20).collect();
+            let mut rebuilt = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let LineItem::Line { line, bytes, unterminated } = item else { return Err(TestCaseError::fail("unexpected item")) };
+                prop_assert_eq!(*line as usize, i + 1);
+                rebuilt.extend_from_slice(bytes);
+                if !unterminated { rebuilt.push(b'\n'); }
+            }
+            prop_assert_eq!(rebuilt, data);
+        }
     }
 }
