@@ -1,0 +1,1193 @@
+//! One ingest run: land the inputs, classify every line, upsert the store,
+//! quarantine the rest, and record the batch, so that a killed run re-run
+//! with the same inputs converges to the state of an uninterrupted one.
+//!
+//! How that holds:
+//! * The batch id is a hash of the source name and the inputs' SHA-256, and
+//!   the batch's start time is saved in the landing folder on first start, so
+//!   a re-run computes the same ids, timestamps and chunk boundaries.
+//! * Input is cut into chunks (by stored bytes). Each chunk is one Delta commit
+//!   to `quarantine` and one to `resources`, each carrying a Delta
+//!   `txn` action (app id = batch, version = chunk number); a re-run skips the
+//!   chunks whose `txn` is already committed and reads their counts from the
+//!   landing folder, where they were written before the commits.
+//! * The `batches` row is the last commit: a batch is complete when it exists.
+//!   Parquet files from a killed write are never referenced by the log, so
+//!   readers never see them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arrow::array::{
+    ArrayRef, BinaryBuilder, BooleanBuilder, Int64Builder, ListBuilder, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use arrow::record_batch::RecordBatch;
+use atlas_fhir::{FHIR_VERSION_R4, VersionStamp};
+use atlas_ingest::{
+    Event, IdentifierIndex, Input, ParsedResource, ReadOptions, Reason, Rejection,
+    prescan_identifiers, read_events,
+};
+use datafusion::prelude::{SessionContext, col, lit};
+use deltalake::DeltaTable;
+use deltalake::kernel::Transaction;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::protocol::SaveMode;
+use object_store::{ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::lake::{BATCHES, Lake, LakeError, QUARANTINE, RESOURCES};
+use crate::schema;
+
+/// What happened to the lines of a batch. `lines_read` always equals
+/// `stored + unchanged + superseded + quarantined + skipped`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcomes {
+    pub lines_read: i64,
+    /// New or newer resources written (deletions included).
+    pub stored: i64,
+    /// Identical to what the store already had (or to an earlier line of the batch).
+    pub unchanged: i64,
+    /// Older than what the store already had: counted and kept out.
+    pub superseded: i64,
+    pub quarantined: i64,
+    /// Empty or whitespace-only lines.
+    pub skipped: i64,
+    /// Of `stored`: deletions (tombstones).
+    pub deleted: i64,
+    /// References kept as written because they could not be resolved.
+    pub unresolved_references: i64,
+    /// Of `quarantined`: earlier copies replaced by a later line of the same batch.
+    pub duplicates: i64,
+}
+
+impl Outcomes {
+    fn add(&mut self, o: &Outcomes) {
+        self.lines_read += o.lines_read;
+        self.stored += o.stored;
+        self.unchanged += o.unchanged;
+        self.superseded += o.superseded;
+        self.quarantined += o.quarantined;
+        self.skipped += o.skipped;
+        self.deleted += o.deleted;
+        self.unresolved_references += o.unresolved_references;
+        self.duplicates += o.duplicates;
+    }
+
+    /// True when every line has exactly one outcome.
+    pub fn reconciles(&self) -> bool {
+        self.lines_read
+            == self.stored + self.unchanged + self.superseded + self.quarantined + self.skipped
+    }
+}
+
+/// Live counters a caller may watch (e.g. for a progress bar).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Raw input bytes read.
+    pub bytes: Arc<AtomicU64>,
+    pub total_bytes: AtomicU64,
+    /// Lines (and Bundle entries) classified.
+    pub lines: AtomicU64,
+    /// 0 landing, 1 prescan, 2 ingest, 3 done.
+    pub phase: AtomicU64,
+}
+
+/// Options of one ingest run.
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    /// Names the source in `raw/<source>/...` and in every row.
+    pub source: String,
+    pub read: ReadOptions,
+    /// Stored bytes per commit; bounds memory.
+    pub chunk_bytes: usize,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        IngestOptions {
+            source: "files".into(),
+            read: ReadOptions::default(),
+            chunk_bytes: 96 << 20,
+        }
+    }
+}
+
+/// One landed input, as recorded in the manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LandedInput {
+    pub name: String,
+    pub raw_path: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// The manifest of a batch, also written as `manifest.json` in its landing folder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchReport {
+    pub batch_id: String,
+    pub source: String,
+    pub raw_path: String,
+    pub started_at: String,
+    pub finished_at: String,
+    pub inputs: Vec<LandedInput>,
+    pub bytes: u64,
+    pub outcomes: Outcomes,
+    /// Lines (and Bundle entries) read per file (`archive!member` inside archives).
+    pub lines_by_file: BTreeMap<String, i64>,
+    pub quarantine_by_reason: BTreeMap<String, i64>,
+    /// True when this exact batch had already been ingested: nothing was changed.
+    #[serde(default)]
+    pub already_ingested: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct ChunkRecord {
+    outcomes: Outcomes,
+    lines_by_file: BTreeMap<String, i64>,
+    quarantine_by_reason: BTreeMap<String, i64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Started {
+    started_at_micros: i64,
+    date: String,
+}
+
+fn ctx_err(what: &str) -> impl FnOnce(datafusion::error::DataFusionError) -> LakeError + '_ {
+    move |source| LakeError::Query {
+        table: what.into(),
+        source,
+    }
+}
+
+fn delta_err(table: &str) -> impl FnOnce(deltalake::DeltaTableError) -> LakeError + '_ {
+    move |source| LakeError::Delta {
+        table: table.into(),
+        source,
+    }
+}
+
+fn store_err(url: String) -> impl FnOnce(object_store::Error) -> LakeError {
+    move |source| LakeError::Store { url, source }
+}
+
+fn micros_to_rfc3339(micros: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map(|d| d.to_rfc3339())
+        .unwrap_or_default()
+}
+
+fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// The deterministic id of a batch: same source and same input bytes, same id.
+pub fn batch_id(source: &str, inputs: &[Input]) -> String {
+    let mut h = Sha256::new();
+    h.update(source.as_bytes());
+    for i in inputs {
+        h.update([0u8]);
+        h.update(i.sha256.as_bytes());
+    }
+    format!("b{}", &hex::encode(h.finalize())[..19])
+}
+
+fn sanitize(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or(name);
+    let s: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() { "stdin".into() } else { s }
+}
+
+/// Test hook: `ATLAS_TEST_CRASH=<point>` aborts the process at that point, as a
+/// `kill -9` would, so crash tests can stop a run exactly there.
+fn crash_point(point: &str) {
+    if std::env::var("ATLAS_TEST_CRASH").is_ok_and(|p| p == point) {
+        std::process::abort();
+    }
+}
+
+struct Batch<'a> {
+    lake: &'a Lake,
+    opts: &'a IngestOptions,
+    id: String,
+    app_id: String,
+    raw_dir: String,
+    started_at: i64,
+    totals: ChunkRecord,
+    resources_txn: Option<i64>,
+    quarantine_txn: Option<i64>,
+}
+
+/// Ingests `inputs` into the lake as one batch.
+pub async fn ingest(
+    lake: &Lake,
+    inputs: &[Input],
+    opts: &IngestOptions,
+    progress: &Progress,
+) -> Result<BatchReport, LakeError> {
+    let id = batch_id(&opts.source, inputs);
+    if let Some(report) = completed_batch(lake, &id).await? {
+        progress.phase.store(3, Ordering::Relaxed);
+        return Ok(BatchReport {
+            already_ingested: true,
+            ..report
+        });
+    }
+    let total: u64 = inputs.iter().map(|i| i.size).sum();
+    progress.total_bytes.store(total, Ordering::Relaxed);
+
+    // Landing: a re-run finds the first run's folder and start time.
+    let source = sanitize(&opts.source);
+    let started = find_or_start(lake, &source, &id).await?;
+    let raw_dir = format!("raw/{source}/{}/{id}", started.date);
+    let mut landed = Vec::with_capacity(inputs.len());
+    for (n, input) in inputs.iter().enumerate() {
+        let rel = format!("{raw_dir}/{n:04}-{}", sanitize(&input.name));
+        land_file(lake, input, &rel).await?;
+        landed.push(LandedInput {
+            name: input.name.clone(),
+            raw_path: rel,
+            sha256: input.sha256.clone(),
+            bytes: input.size,
+        });
+    }
+    crash_point("after_landing");
+
+    // Conditional references may point anywhere in the run or the store.
+    progress.phase.store(1, Ordering::Relaxed);
+    let mut index = IdentifierIndex::default();
+    if inputs.iter().any(|i| i.kind.may_hold_bundles()) {
+        prescan_identifiers(inputs, &opts.read, &mut index);
+        load_store_identifiers(lake, &mut index).await?;
+    }
+
+    let resources_table = lake.table(RESOURCES).await?;
+    let quarantine_table = lake.table(QUARANTINE).await?;
+    let app_id = format!("atlas-ingest-{id}");
+    let resources_txn = txn_version(resources_table.as_ref(), &app_id).await?;
+    let quarantine_txn = txn_version(quarantine_table.as_ref(), &app_id).await?;
+    let mut batch = Batch {
+        lake,
+        opts,
+        id: id.clone(),
+        app_id,
+        raw_dir: raw_dir.clone(),
+        started_at: started.started_at_micros,
+        totals: ChunkRecord::default(),
+        resources_txn,
+        quarantine_txn,
+    };
+
+    progress.phase.store(2, Ordering::Relaxed);
+    let rx = read_events(
+        inputs.to_vec(),
+        opts.read.clone(),
+        Arc::new(index),
+        progress.bytes.clone(),
+    );
+    let mut pending: Vec<Event> = Vec::new();
+    let mut pending_bytes = 0usize;
+    let mut chunk_no = 0i64;
+    loop {
+        let block = tokio::task::block_in_place(|| rx.recv());
+        let Ok(block) = block else { break };
+        progress
+            .lines
+            .fetch_add(block.events.len() as u64, Ordering::Relaxed);
+        for ev in block.events {
+            pending_bytes += match &ev {
+                Event::Resource(r) => r.json.len(),
+                Event::Reject(r) => r.prefix.len(),
+                _ => 0,
+            } + 64;
+            pending.push(ev);
+            if pending_bytes >= opts.chunk_bytes {
+                batch
+                    .commit_chunk(chunk_no, std::mem::take(&mut pending))
+                    .await?;
+                pending_bytes = 0;
+                chunk_no += 1;
+            }
+        }
+    }
+    if !pending.is_empty() || chunk_no == 0 {
+        batch.commit_chunk(chunk_no, pending).await?;
+    }
+    crash_point("before_batch_commit");
+
+    let finished = now_micros();
+    let report = BatchReport {
+        batch_id: id.clone(),
+        source: opts.source.clone(),
+        raw_path: lake
+            .root()
+            .join(&format!("{raw_dir}/"))
+            .map(|u| u.to_string())
+            .unwrap_or(raw_dir.clone()),
+        started_at: micros_to_rfc3339(batch.started_at),
+        finished_at: micros_to_rfc3339(finished),
+        inputs: landed,
+        bytes: total,
+        outcomes: batch.totals.outcomes.clone(),
+        lines_by_file: batch.totals.lines_by_file.clone(),
+        quarantine_by_reason: batch.totals.quarantine_by_reason.clone(),
+        already_ingested: false,
+    };
+    let manifest =
+        serde_json::to_vec_pretty(&report).map_err(|e| LakeError::Other(e.to_string()))?;
+    put(lake, &format!("{raw_dir}/manifest.json"), manifest).await?;
+    write_batch_row(lake, &report, batch.started_at, finished).await?;
+    progress.phase.store(3, Ordering::Relaxed);
+    Ok(report)
+}
+
+async fn put(lake: &Lake, rel: &str, bytes: Vec<u8>) -> Result<(), LakeError> {
+    lake.object_store()
+        .put(&lake.path(rel), PutPayload::from(bytes))
+        .await
+        .map(|_| ())
+        .map_err(store_err(rel.to_owned()))
+}
+
+async fn get(lake: &Lake, rel: &str) -> Result<Option<Vec<u8>>, LakeError> {
+    match lake.object_store().get(&lake.path(rel)).await {
+        Ok(r) => Ok(Some(
+            r.bytes().await.map_err(store_err(rel.to_owned()))?.to_vec(),
+        )),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(store_err(rel.to_owned())(e)),
+    }
+}
+
+async fn find_or_start(lake: &Lake, source: &str, id: &str) -> Result<Started, LakeError> {
+    let prefix = lake.path(&format!("raw/{source}"));
+    let listing = lake.object_store().list_with_delimiter(Some(&prefix)).await;
+    if let Ok(listing) = listing {
+        for dir in listing.common_prefixes {
+            let Some(date) = dir.filename().map(str::to_owned) else {
+                continue;
+            };
+            let rel = format!("raw/{source}/{date}/{id}/started.json");
+            if let Some(bytes) = get(lake, &rel).await?
+                && let Ok(s) = serde_json::from_slice::<Started>(&bytes)
+            {
+                return Ok(s);
+            }
+        }
+    }
+    let started_at_micros = now_micros();
+    let date = chrono::DateTime::from_timestamp_micros(started_at_micros)
+        .map(|d| d.format("%Y-%m-%d").to_string())
+        .unwrap_or_else(|| "1970-01-01".into());
+    let s = Started {
+        started_at_micros,
+        date,
+    };
+    let bytes = serde_json::to_vec(&s).map_err(|e| LakeError::Other(e.to_string()))?;
+    put(
+        lake,
+        &format!("raw/{source}/{}/{id}/started.json", s.date),
+        bytes,
+    )
+    .await?;
+    Ok(s)
+}
+
+async fn land_file(lake: &Lake, input: &Input, rel: &str) -> Result<(), LakeError> {
+    let path = lake.path(rel);
+    if let Ok(meta) = lake.object_store().head(&path).await
+        && meta.size == input.size
+    {
+        return Ok(());
+    }
+    let mut writer = object_store::buffered::BufWriter::new(lake.object_store().clone(), path);
+    let mut file = tokio::fs::File::open(&input.path)
+        .await
+        .map_err(|e| LakeError::Other(format!("{}: {e}", input.name)))?;
+    tokio::io::copy(&mut file, &mut writer)
+        .await
+        .map_err(|e| LakeError::Other(format!("landing {}: {e}", input.name)))?;
+    tokio::io::AsyncWriteExt::shutdown(&mut writer)
+        .await
+        .map_err(|e| LakeError::Other(format!("landing {}: {e}", input.name)))?;
+    Ok(())
+}
+
+async fn txn_version(table: Option<&DeltaTable>, app_id: &str) -> Result<Option<i64>, LakeError> {
+    let Some(t) = table else { return Ok(None) };
+    let snapshot = t.snapshot().map_err(delta_err("txn"))?;
+    snapshot
+        .transaction_version(t.log_store().as_ref(), app_id)
+        .await
+        .map_err(delta_err("txn"))
+}
+
+async fn completed_batch(lake: &Lake, id: &str) -> Result<Option<BatchReport>, LakeError> {
+    if !lake.has_table(BATCHES).await? {
+        return Ok(None);
+    }
+    let rows = lake
+        .query(&format!(
+            "SELECT raw_path FROM batches WHERE batch_id = '{id}'"
+        ))
+        .await?;
+    let Some(raw) = rows.iter().find(|b| b.num_rows() > 0) else {
+        return Ok(None);
+    };
+    let raw_path = crate::lake::text_column(raw, 0)?.value(0).to_owned();
+    // raw_path is a URL; the manifest sits beside the landed files.
+    let rel = raw_path
+        .strip_prefix(lake.root().as_str())
+        .unwrap_or(&raw_path)
+        .trim_end_matches('/')
+        .to_owned();
+    match get(lake, &format!("{rel}/manifest.json")).await? {
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| LakeError::Other(e.to_string())),
+        None => Err(LakeError::Other(format!(
+            "batch {id} is recorded but its manifest is missing at {rel}"
+        ))),
+    }
+}
+
+/// Fills `index` with the identifiers of stored, live resources.
+async fn load_store_identifiers(lake: &Lake, index: &mut IdentifierIndex) -> Result<(), LakeError> {
+    if !lake.has_table(RESOURCES).await? {
+        return Ok(());
+    }
+    let batches = lake
+        .query("SELECT resource_type, id, identifiers FROM resources WHERE NOT deleted AND identifiers IS NOT NULL AND cardinality(identifiers) > 0")
+        .await?;
+    for b in batches {
+        let (ty, id) = (
+            crate::lake::text_column(&b, 0)?,
+            crate::lake::text_column(&b, 1)?,
+        );
+        let list = arrow::compute::cast(
+            b.column(2),
+            &arrow::datatypes::DataType::List(Arc::new(arrow::datatypes::Field::new(
+                "item",
+                arrow::datatypes::DataType::Utf8,
+                true,
+            ))),
+        )
+        .map_err(|e| LakeError::Other(e.to_string()))?;
+        let Some(list) = list.as_any().downcast_ref::<arrow::array::ListArray>() else {
+            continue;
+        };
+        for row in 0..b.num_rows() {
+            let values = list.value(row);
+            if let Some(values) = values.as_any().downcast_ref::<arrow::array::StringArray>() {
+                for v in values.iter().flatten() {
+                    index.insert(ty.value(row), id.value(row), v);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A row headed for the store.
+enum Candidate {
+    Resource(Box<ParsedResource>),
+    Tombstone {
+        resource_type: String,
+        id: String,
+        file: Arc<str>,
+        line: u64,
+    },
+    Dropped,
+}
+
+impl Candidate {
+    fn key(&self) -> Option<(&str, &str)> {
+        match self {
+            Candidate::Resource(r) => Some((&r.resource_type, &r.id)),
+            Candidate::Tombstone {
+                resource_type, id, ..
+            } => Some((resource_type, id)),
+            Candidate::Dropped => None,
+        }
+    }
+}
+
+struct Existing {
+    version: VersionStamp,
+    deleted: bool,
+    batch_id: String,
+    file: String,
+    line: i64,
+}
+
+fn parse_hash(s: &str) -> u128 {
+    u128::from_str_radix(s, 16).unwrap_or(0)
+}
+
+impl Batch<'_> {
+    fn chunk_path(&self, chunk_no: i64) -> String {
+        format!("{}/chunks/{chunk_no:06}.json", self.raw_dir)
+    }
+
+    async fn commit_chunk(&mut self, chunk_no: i64, events: Vec<Event>) -> Result<(), LakeError> {
+        if self.resources_txn.is_some_and(|v| v >= chunk_no)
+            && let Some(bytes) = get(self.lake, &self.chunk_path(chunk_no)).await?
+        {
+            let rec: ChunkRecord =
+                serde_json::from_slice(&bytes).map_err(|e| LakeError::Other(e.to_string()))?;
+            self.add_totals(&rec);
+            return Ok(());
+        }
+
+        let mut rec = ChunkRecord::default();
+        let mut rejects: Vec<Rejection> = Vec::new();
+        let mut candidates: Vec<Candidate> = Vec::with_capacity(events.len());
+        let mut latest: HashMap<(String, String), usize> = HashMap::new();
+        for ev in events {
+            rec.outcomes.lines_read += 1;
+            let file = match &ev {
+                Event::Resource(r) => r.origin.file.clone(),
+                Event::Delete(d) => d.origin.file.clone(),
+                Event::Reject(r) => r.origin.file.clone(),
+                Event::Skip(o) => o.file.clone(),
+            };
+            *rec.lines_by_file.entry(file.to_string()).or_default() += 1;
+            let cand = match ev {
+                Event::Skip(_) => {
+                    rec.outcomes.skipped += 1;
+                    continue;
+                }
+                Event::Reject(r) => {
+                    rejects.push(*r);
+                    continue;
+                }
+                Event::Resource(r) => {
+                    rec.outcomes.unresolved_references += i64::from(r.unresolved_refs);
+                    Candidate::Resource(r)
+                }
+                Event::Delete(d) => Candidate::Tombstone {
+                    resource_type: d.resource_type,
+                    id: d.id,
+                    file: d.origin.file,
+                    line: d.origin.line,
+                },
+            };
+            let Some((ty, id)) = cand.key() else { continue };
+            let key = (ty.to_owned(), id.to_owned());
+            if let Some(&prev) = latest.get(&key) {
+                let same = match (&candidates[prev], &cand) {
+                    (Candidate::Resource(a), Candidate::Resource(b)) => {
+                        a.version.content_hash == b.version.content_hash
+                    }
+                    (Candidate::Tombstone { .. }, Candidate::Tombstone { .. }) => true,
+                    _ => false,
+                };
+                if same {
+                    rec.outcomes.unchanged += 1;
+                    continue;
+                }
+                // Last wins within a batch; the earlier copy is quarantined.
+                let earlier = std::mem::replace(&mut candidates[prev], Candidate::Dropped);
+                rejects.push(duplicate_rejection(earlier, &cand));
+                rec.outcomes.duplicates += 1;
+            }
+            latest.insert(key, candidates.len());
+            candidates.push(cand);
+        }
+
+        let lookup_started = std::time::Instant::now();
+        let existing = self.existing_rows(&candidates).await?;
+        let lookup_ms = lookup_started.elapsed().as_millis();
+        // New keys are appended; keys the store has are replaced by MERGE.
+        let mut appends: Vec<&Candidate> = Vec::new();
+        let mut replaces: Vec<&Candidate> = Vec::new();
+        let mut late_duplicates: Vec<Rejection> = Vec::new();
+        for cand in &candidates {
+            let Some((ty, id)) = cand.key() else { continue };
+            let ex = existing.get(&(ty.to_owned(), id.to_owned()));
+            // This very line was stored by an interrupted run of this batch.
+            let ours = ex.is_some_and(|ex| {
+                let (file, line) = match cand {
+                    Candidate::Resource(r) => (&*r.origin.file, r.origin.line),
+                    Candidate::Tombstone { file, line, .. } => (&**file, *line),
+                    Candidate::Dropped => ("", 0),
+                };
+                ex.batch_id == self.id && ex.file == file && ex.line == line as i64
+            });
+            let write = match (cand, ex) {
+                (_, None) => true,
+                (_, Some(_)) if ours => {
+                    rec.outcomes.stored += 1;
+                    if matches!(cand, Candidate::Tombstone { .. }) {
+                        rec.outcomes.deleted += 1;
+                    }
+                    false
+                }
+                (Candidate::Tombstone { .. }, Some(ex)) => {
+                    if ex.deleted {
+                        rec.outcomes.unchanged += 1;
+                    }
+                    !ex.deleted
+                }
+                (Candidate::Resource(r), Some(ex)) => {
+                    if ex.batch_id == self.id
+                        && ex.version.content_hash != r.version.content_hash
+                        && !ex.deleted
+                    {
+                        // An earlier chunk of this batch stored another copy: last wins.
+                        rec.outcomes.stored -= 1;
+                        rec.outcomes.duplicates += 1;
+                        let mut rej = Rejection::new(
+                            Reason::DuplicateId,
+                            format!(
+                                "{ty}/{id} appears again at {}:{} in the same batch with different content; the later line wins",
+                                r.origin.file, r.origin.line
+                            ),
+                            b"",
+                            atlas_ingest::Origin {
+                                file: Arc::from(ex.file.as_str()),
+                                line: ex.line as u64,
+                            },
+                        );
+                        rej.resource_type = Some(ty.to_owned());
+                        rej.resource_id = Some(id.to_owned());
+                        rej.field = Some("id".into());
+                        late_duplicates.push(rej);
+                        true
+                    } else {
+                        match r.version.newer_than(&ex.version) {
+                            std::cmp::Ordering::Greater => true,
+                            std::cmp::Ordering::Equal if ex.deleted => true,
+                            std::cmp::Ordering::Equal => {
+                                rec.outcomes.unchanged += 1;
+                                false
+                            }
+                            std::cmp::Ordering::Less => {
+                                rec.outcomes.superseded += 1;
+                                false
+                            }
+                        }
+                    }
+                }
+                (Candidate::Dropped, _) => false,
+            };
+            if write {
+                rec.outcomes.stored += 1;
+                if matches!(cand, Candidate::Tombstone { .. }) {
+                    rec.outcomes.deleted += 1;
+                }
+                if ex.is_some() {
+                    replaces.push(cand)
+                } else {
+                    appends.push(cand)
+                }
+            }
+        }
+        rejects.extend(late_duplicates);
+        rec.outcomes.quarantined += rejects.len() as i64;
+        for r in &rejects {
+            *rec.quarantine_by_reason
+                .entry(r.reason.code().to_owned())
+                .or_default() += 1;
+        }
+
+        // Counts first: once a commit below lands, a re-run reads them from here.
+        let bytes = serde_json::to_vec(&rec).map_err(|e| LakeError::Other(e.to_string()))?;
+        put(self.lake, &self.chunk_path(chunk_no), bytes).await?;
+
+        if !rejects.is_empty() && self.quarantine_txn.is_none_or(|v| v < chunk_no) {
+            let batch = self.quarantine_batch(&rejects)?;
+            let table = self.lake.table_handle(QUARANTINE).await?;
+            table
+                .write(vec![batch])
+                .with_save_mode(SaveMode::Append)
+                .with_commit_properties(self.commit_props(chunk_no))
+                .await
+                .map_err(delta_err(QUARANTINE))?;
+        }
+        crash_point("after_quarantine_commit");
+
+        // MERGE first, append last: the last commit carries the chunk's `txn`, and
+        // rows a killed run already wrote are recognised above by batch, file and line.
+        let write_started = std::time::Instant::now();
+        if !replaces.is_empty() {
+            replaces.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+            let batch = self.resource_batch(&replaces)?;
+            let table = self.lake.table_handle(RESOURCES).await?;
+            let props = appends.is_empty().then(|| self.commit_props(chunk_no));
+            self.merge(table, batch, props).await?;
+        }
+        if !appends.is_empty() {
+            appends.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+            let batch = self.resource_batch(&appends)?;
+            let table = self.lake.table_handle(RESOURCES).await?;
+            table
+                .write(vec![batch])
+                .with_save_mode(SaveMode::Append)
+                .with_partition_columns(["resource_type"])
+                .with_writer_properties(writer_properties())
+                .with_commit_properties(self.commit_props(chunk_no))
+                .await
+                .map_err(delta_err(RESOURCES))?;
+        }
+        tracing::info!(
+            batch = %self.id,
+            chunk = chunk_no,
+            appended = appends.len(),
+            replaced = replaces.len(),
+            lookup_ms,
+            write_ms = write_started.elapsed().as_millis() as u64,
+            "chunk committed"
+        );
+        crash_point("after_chunk");
+        self.add_totals(&rec);
+        Ok(())
+    }
+
+    fn add_totals(&mut self, rec: &ChunkRecord) {
+        self.totals.outcomes.add(&rec.outcomes);
+        for (k, v) in &rec.lines_by_file {
+            *self.totals.lines_by_file.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &rec.quarantine_by_reason {
+            *self
+                .totals
+                .quarantine_by_reason
+                .entry(k.clone())
+                .or_default() += v;
+        }
+    }
+
+    fn commit_props(&self, chunk_no: i64) -> CommitProperties {
+        let mut meta = serde_json::Map::new();
+        meta.insert("atlas.batch_id".into(), self.id.clone().into());
+        meta.insert("atlas.chunk".into(), chunk_no.into());
+        CommitProperties::default()
+            .with_application_transaction(Transaction::new(&self.app_id, chunk_no))
+            .with_metadata(meta)
+    }
+
+    async fn merge(
+        &self,
+        table: DeltaTable,
+        batch: RecordBatch,
+        props: Option<CommitProperties>,
+    ) -> Result<(), LakeError> {
+        let ctx = SessionContext::new();
+        let types: Vec<_> = {
+            let col = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .ok_or_else(|| LakeError::Other("resource_type column".into()))?;
+            let mut t: Vec<String> = col.iter().flatten().map(str::to_owned).collect();
+            t.sort();
+            t.dedup();
+            t.into_iter().map(lit).collect()
+        };
+        let source = ctx.read_batch(batch).map_err(ctx_err("merge source"))?;
+        let predicate = col("target.resource_type")
+            .in_list(types, false)
+            .and(col("target.resource_type").eq(col("source.resource_type")))
+            .and(col("target.id").eq(col("source.id")));
+        let names: Vec<String> = schema::RESOURCES
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let upd_names = names.clone();
+        let mut merge = table
+            .merge(source, predicate)
+            .with_source_alias("source")
+            .with_target_alias("target")
+            .with_writer_properties(writer_properties());
+        if let Some(props) = props {
+            merge = merge.with_commit_properties(props);
+        }
+        merge
+            .when_matched_update(move |mut u| {
+                for n in &upd_names {
+                    u = u.update(n.as_str(), col(format!("source.{n}")));
+                }
+                u
+            })
+            .map_err(delta_err(RESOURCES))?
+            .when_not_matched_insert(move |mut i| {
+                for n in &names {
+                    i = i.set(n.as_str(), col(format!("source.{n}")));
+                }
+                i
+            })
+            .map_err(delta_err(RESOURCES))?
+            .await
+            .map_err(delta_err(RESOURCES))?;
+        Ok(())
+    }
+
+    /// Current store rows for the chunk's keys.
+    async fn existing_rows(
+        &self,
+        candidates: &[Candidate],
+    ) -> Result<HashMap<(String, String), Existing>, LakeError> {
+        let mut out = HashMap::new();
+        let Some(table) = self.lake.table(RESOURCES).await? else {
+            return Ok(out);
+        };
+        let mut types: Vec<&str> = candidates
+            .iter()
+            .filter_map(|c| c.key().map(|k| k.0))
+            .collect();
+        types.sort_unstable();
+        types.dedup();
+        if types.is_empty() {
+            return Ok(out);
+        }
+        let wanted: std::collections::HashSet<(&str, &str)> =
+            candidates.iter().filter_map(Candidate::key).collect();
+        let ctx = crate::lake::new_session();
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(delta_err(RESOURCES))?;
+        let provider = table.table_provider().await.map_err(ctx_err(RESOURCES))?;
+        ctx.register_table("resources", provider)
+            .map_err(ctx_err(RESOURCES))?;
+        // A semi-join against the chunk's keys: memory follows the chunk, not the store.
+        let (key_types, key_ids): (Vec<&str>, Vec<&str>) = wanted.iter().copied().unzip();
+        let keys = RecordBatch::try_from_iter(vec![
+            (
+                "k_type",
+                Arc::new(arrow::array::StringArray::from(key_types)) as ArrayRef,
+            ),
+            (
+                "k_id",
+                Arc::new(arrow::array::StringArray::from(key_ids)) as ArrayRef,
+            ),
+        ])
+        .map_err(|e| LakeError::Other(e.to_string()))?;
+        ctx.register_batch("chunk_keys", keys)
+            .map_err(ctx_err("chunk keys"))?;
+        let list = types
+            .iter()
+            .map(|t| format!("'{t}'"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let sql = format!(
+            "SELECT r.resource_type, r.id, r.version_id, r.last_updated, r.content_hash, r.deleted, r.batch_id, r.file, r.line \
+             FROM resources r JOIN chunk_keys k ON r.resource_type = k.k_type AND r.id = k.k_id \
+             WHERE r.resource_type IN ({list})"
+        );
+        let batches = ctx
+            .sql(&sql)
+            .await
+            .map_err(ctx_err(RESOURCES))?
+            .collect()
+            .await
+            .map_err(ctx_err(RESOURCES))?;
+        use arrow::array::{Array, BooleanArray, Int64Array, TimestampMicrosecondArray};
+        for b in &batches {
+            let s = |i: usize| crate::lake::text_column(b, i);
+            let (ty, id, ver, hash, bid, file) = (s(0)?, s(1)?, s(2)?, s(4)?, s(6)?, s(7)?);
+            let lu = b
+                .column(3)
+                .as_any()
+                .downcast_ref::<TimestampMicrosecondArray>();
+            let del = b.column(5).as_any().downcast_ref::<BooleanArray>();
+            let line = b.column(8).as_any().downcast_ref::<Int64Array>();
+            let (Some(lu), Some(del), Some(line)) = (lu, del, line) else {
+                return Err(LakeError::Other("unexpected resources schema".into()));
+            };
+            for r in 0..b.num_rows() {
+                if !wanted.contains(&(ty.value(r), id.value(r))) {
+                    continue;
+                }
+                out.insert(
+                    (ty.value(r).to_owned(), id.value(r).to_owned()),
+                    Existing {
+                        version: VersionStamp {
+                            version_id: (!ver.is_null(r)).then(|| ver.value(r).to_owned()),
+                            last_updated: (!lu.is_null(r)).then(|| lu.value(r)),
+                            content_hash: parse_hash(hash.value(r)),
+                        },
+                        deleted: del.value(r),
+                        batch_id: bid.value(r).to_owned(),
+                        file: file.value(r).to_owned(),
+                        line: line.value(r),
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    fn resource_batch(&self, rows: &[&Candidate]) -> Result<RecordBatch, LakeError> {
+        let n = rows.len();
+        let mut ty = StringBuilder::with_capacity(n, n * 12);
+        let mut id = StringBuilder::with_capacity(n, n * 36);
+        let mut ver = StringBuilder::new();
+        let mut lu = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+        let mut pid = StringBuilder::with_capacity(n, n * 36);
+        let mut fv = StringBuilder::with_capacity(n, n * 2);
+        let mut syn = BooleanBuilder::with_capacity(n);
+        let mut src = StringBuilder::new();
+        let mut bid = StringBuilder::new();
+        let mut file = StringBuilder::new();
+        let mut line = Int64Builder::with_capacity(n);
+        let mut ing = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+        let mut del = BooleanBuilder::with_capacity(n);
+        let mut hash = StringBuilder::with_capacity(n, n * 32);
+        let mut idents = ListBuilder::new(StringBuilder::new());
+        let json_bytes: usize = rows
+            .iter()
+            .map(|c| {
+                if let Candidate::Resource(r) = c {
+                    r.json.len()
+                } else {
+                    0
+                }
+            })
+            .sum();
+        let mut res = StringBuilder::with_capacity(n, json_bytes);
+        for c in rows {
+            match c {
+                Candidate::Resource(r) => {
+                    ty.append_value(&r.resource_type);
+                    id.append_value(&r.id);
+                    ver.append_option(r.version.version_id.as_deref());
+                    lu.append_option(r.version.last_updated);
+                    pid.append_option(r.patient_id.as_deref());
+                    syn.append_value(r.is_synthetic);
+                    file.append_value(&*r.origin.file);
+                    line.append_value(r.origin.line as i64);
+                    del.append_value(false);
+                    hash.append_value(format!("{:032x}", r.version.content_hash));
+                    for i in &r.identifiers {
+                        idents.values().append_value(i);
+                    }
+                    idents.append(true);
+                    res.append_value(&r.json);
+                }
+                Candidate::Tombstone {
+                    resource_type,
+                    id: rid,
+                    file: f,
+                    line: l,
+                } => {
+                    ty.append_value(resource_type);
+                    id.append_value(rid);
+                    ver.append_null();
+                    // A deletion is as new as the batch that carried it.
+                    lu.append_value(self.started_at);
+                    pid.append_option((resource_type == "Patient").then_some(rid.as_str()));
+                    syn.append_value(false);
+                    file.append_value(&**f);
+                    line.append_value(*l as i64);
+                    del.append_value(true);
+                    hash.append_value(format!("{:032x}", 0u128));
+                    idents.append(true);
+                    res.append_null();
+                }
+                Candidate::Dropped => continue,
+            }
+            fv.append_value(FHIR_VERSION_R4);
+            src.append_value(&self.opts.source);
+            bid.append_value(&self.id);
+            ing.append_value(self.started_at);
+        }
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(ty.finish()),
+            Arc::new(id.finish()),
+            Arc::new(ver.finish()),
+            Arc::new(lu.finish()),
+            Arc::new(pid.finish()),
+            Arc::new(fv.finish()),
+            Arc::new(syn.finish()),
+            Arc::new(src.finish()),
+            Arc::new(bid.finish()),
+            Arc::new(file.finish()),
+            Arc::new(line.finish()),
+            Arc::new(ing.finish()),
+            Arc::new(del.finish()),
+            Arc::new(hash.finish()),
+            Arc::new(idents.finish()),
+            Arc::new(res.finish()),
+        ];
+        RecordBatch::try_new(schema::RESOURCES.clone(), cols)
+            .map_err(|e| LakeError::Other(e.to_string()))
+    }
+
+    fn quarantine_batch(&self, rejects: &[Rejection]) -> Result<RecordBatch, LakeError> {
+        let mut bid = StringBuilder::new();
+        let mut src = StringBuilder::new();
+        let mut file = StringBuilder::new();
+        let mut line = Int64Builder::new();
+        let mut reason = StringBuilder::new();
+        let mut msg = StringBuilder::new();
+        let mut ty = StringBuilder::new();
+        let mut rid = StringBuilder::new();
+        let mut field = StringBuilder::new();
+        let mut len = Int64Builder::new();
+        let mut prefix = BinaryBuilder::new();
+        let mut at = TimestampMicrosecondBuilder::new().with_timezone("UTC");
+        for r in rejects {
+            bid.append_value(&self.id);
+            src.append_value(&self.opts.source);
+            file.append_value(&*r.origin.file);
+            line.append_value(r.origin.line as i64);
+            reason.append_value(r.reason.code());
+            msg.append_value(&r.message);
+            ty.append_option(r.resource_type.as_deref());
+            rid.append_option(r.resource_id.as_deref());
+            field.append_option(r.field.as_deref());
+            len.append_value(r.byte_len as i64);
+            prefix.append_value(&r.prefix);
+            at.append_value(self.started_at);
+        }
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(bid.finish()),
+            Arc::new(src.finish()),
+            Arc::new(file.finish()),
+            Arc::new(line.finish()),
+            Arc::new(reason.finish()),
+            Arc::new(msg.finish()),
+            Arc::new(ty.finish()),
+            Arc::new(rid.finish()),
+            Arc::new(field.finish()),
+            Arc::new(len.finish()),
+            Arc::new(prefix.finish()),
+            Arc::new(at.finish()),
+        ];
+        RecordBatch::try_new(schema::QUARANTINE.clone(), cols)
+            .map_err(|e| LakeError::Other(e.to_string()))
+    }
+}
+
+fn sort_key(c: &Candidate) -> (&str, &str, &str) {
+    match c {
+        Candidate::Resource(r) => (
+            &r.resource_type,
+            r.patient_id.as_deref().unwrap_or(""),
+            &r.id,
+        ),
+        Candidate::Tombstone {
+            resource_type, id, ..
+        } => (resource_type, "", id),
+        Candidate::Dropped => ("", "", ""),
+    }
+}
+
+fn duplicate_rejection(earlier: Candidate, later: &Candidate) -> Rejection {
+    let (later_file, later_line) = match later {
+        Candidate::Resource(r) => (r.origin.file.to_string(), r.origin.line),
+        Candidate::Tombstone { file, line, .. } => (file.to_string(), *line),
+        Candidate::Dropped => (String::new(), 0),
+    };
+    let (ty, id, json, origin) = match earlier {
+        Candidate::Resource(r) => {
+            let o = r.origin.clone();
+            (r.resource_type, r.id, r.json, o)
+        }
+        Candidate::Tombstone {
+            resource_type,
+            id,
+            file,
+            line,
+        } => (
+            resource_type,
+            id,
+            String::new(),
+            atlas_ingest::Origin { file, line },
+        ),
+        Candidate::Dropped => (
+            String::new(),
+            String::new(),
+            String::new(),
+            atlas_ingest::Origin {
+                file: Arc::from(""),
+                line: 0,
+            },
+        ),
+    };
+    let mut r = Rejection::new(
+        Reason::DuplicateId,
+        format!(
+            "{ty}/{id} appears again at {later_file}:{later_line} in the same batch with different content; the later line wins"
+        ),
+        json.as_bytes(),
+        origin,
+    );
+    r.resource_type = Some(ty);
+    r.resource_id = Some(id);
+    r.field = Some("id".into());
+    r
+}
+
+fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
+        .set_column_bloom_filter_enabled("id".into(), true)
+        .set_column_bloom_filter_enabled("patient_id".into(), true)
+        .build()
+}
+
+async fn write_batch_row(
+    lake: &Lake,
+    r: &BatchReport,
+    started: i64,
+    finished: i64,
+) -> Result<(), LakeError> {
+    let o = &r.outcomes;
+    let inputs = serde_json::to_string(&r.inputs).map_err(|e| LakeError::Other(e.to_string()))?;
+    let s = |v: &str| -> ArrayRef { Arc::new(arrow::array::StringArray::from(vec![v.to_owned()])) };
+    let i = |v: i64| -> ArrayRef { Arc::new(arrow::array::Int64Array::from(vec![v])) };
+    let t = |v: i64| -> ArrayRef {
+        Arc::new(arrow::array::TimestampMicrosecondArray::from(vec![v]).with_timezone("UTC"))
+    };
+    let cols = vec![
+        s(&r.batch_id),
+        s(&r.source),
+        s(&r.raw_path),
+        t(started),
+        t(finished),
+        s(&inputs),
+        i(r.bytes as i64),
+        i(o.lines_read),
+        i(o.stored),
+        i(o.unchanged),
+        i(o.superseded),
+        i(o.quarantined),
+        i(o.skipped),
+        i(o.deleted),
+        i(o.unresolved_references),
+        s(if o.reconciles() {
+            "complete"
+        } else {
+            "complete_unreconciled"
+        }),
+    ];
+    let batch = RecordBatch::try_new(schema::BATCHES.clone(), cols)
+        .map_err(|e| LakeError::Other(e.to_string()))?;
+    let table = lake.table_handle(BATCHES).await?;
+    let commit = CommitProperties::default()
+        .with_application_transaction(Transaction::new(format!("atlas-ingest-{}", r.batch_id), 0));
+    table
+        .write(vec![batch])
+        .with_save_mode(SaveMode::Append)
+        .with_commit_properties(commit)
+        .await
+        .map_err(delta_err(BATCHES))?;
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! The lake's location and the handles to its object store and Delta tables.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use datafusion::prelude::SessionContext;
+use deltalake::DeltaTable;
+use object_store::ObjectStore;
+use object_store::path::Path as ObjPath;
+use url::Url;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LakeError {
+    #[error("lake location `{0}` is not a folder or a URL: {1}")]
+    Location(String, String),
+    #[error("object store at {url}: {source}")]
+    Store {
+        url: String,
+        source: object_store::Error,
+    },
+    #[error("Delta table {table}: {source}")]
+    Delta {
+        table: String,
+        source: deltalake::DeltaTableError,
+    },
+    #[error("query on {table}: {source}")]
+    Query {
+        table: String,
+        source: datafusion::error::DataFusionError,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A DataFusion session configured for lake tables: strings read as plain
+/// `Utf8` (not views) so results have one predictable shape.
+pub fn new_session() -> SessionContext {
+    let mut config = datafusion::prelude::SessionConfig::new();
+    config
+        .options_mut()
+        .execution
+        .parquet
+        .schema_force_view_types = false;
+    SessionContext::new_with_config(config)
+}
+
+/// Column `i` of `batch` as plain `Utf8`, whatever string encoding the scan
+/// chose (partition columns come dictionary-encoded, strings may be views).
+pub fn text_column(batch: &RecordBatch, i: usize) -> Result<arrow::array::StringArray, LakeError> {
+    let cast = arrow::compute::cast(batch.column(i), &arrow::datatypes::DataType::Utf8)
+        .map_err(|e| LakeError::Other(format!("column {i}: {e}")))?;
+    cast.as_any()
+        .downcast_ref::<arrow::array::StringArray>()
+        .cloned()
+        .ok_or_else(|| LakeError::Other(format!("column {i} is not text")))
+}
+
+/// The three tables every lake has.
+pub const RESOURCES: &str = "resources";
+pub const QUARANTINE: &str = "quarantine";
+pub const BATCHES: &str = "batches";
+
+/// A lake: a root URL plus the options to reach it.
+#[derive(Clone)]
+pub struct Lake {
+    root: Url,
+    storage_options: HashMap<String, String>,
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjPath,
+}
+
+impl std::fmt::Debug for Lake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lake")
+            .field("root", &self.root.as_str())
+            .finish()
+    }
+}
+
+/// Storage options from the environment: every `AWS_*`, `AZURE_*` and
+/// `GOOGLE_*` variable, as deltalake and object_store both understand them.
+pub fn storage_options_from_env() -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for (k, v) in std::env::vars() {
+        if k.starts_with("AWS_") || k.starts_with("AZURE_") || k.starts_with("GOOGLE_") {
+            out.insert(k, v);
+        }
+    }
+    out
+}
+
+impl Lake {
+    /// Opens (and for a local folder, creates) the lake at `location`: a path or
+    /// a `file://`, `s3://`, `gs://` or `az://` URL.
+    pub fn open(
+        location: &str,
+        storage_options: HashMap<String, String>,
+    ) -> Result<Lake, LakeError> {
+        let root = if location.contains("://") {
+            let mut u = Url::parse(location)
+                .map_err(|e| LakeError::Location(location.into(), e.to_string()))?;
+            if !u.path().ends_with('/') {
+                u.set_path(&format!("{}/", u.path()));
+            }
+            u
+        } else {
+            let p = Path::new(location);
+            std::fs::create_dir_all(p)
+                .map_err(|e| LakeError::Location(location.into(), e.to_string()))?;
+            let abs = std::fs::canonicalize(p)
+                .map_err(|e| LakeError::Location(location.into(), e.to_string()))?;
+            Url::from_directory_path(&abs)
+                .map_err(|_| LakeError::Location(location.into(), "not absolute".into()))?
+        };
+        if root.scheme() == "file"
+            && let Ok(p) = root.to_file_path()
+        {
+            std::fs::create_dir_all(&p)
+                .map_err(|e| LakeError::Location(location.into(), e.to_string()))?;
+        }
+        // object_store wants lower-case keys (`aws_endpoint`), deltalake accepts either.
+        let lower: Vec<(String, String)> = storage_options
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .flat_map(|(k, v)| {
+                let short = k.strip_prefix("aws_").map(str::to_owned);
+                std::iter::once((k, v.clone())).chain(short.map(|s| (s, v)))
+            })
+            .collect();
+        let (store, prefix) =
+            object_store::parse_url_opts(&root, lower).map_err(|source| LakeError::Store {
+                url: root.to_string(),
+                source,
+            })?;
+        Ok(Lake {
+            root,
+            storage_options,
+            store: Arc::from(store),
+            prefix,
+        })
+    }
+
+    pub fn root(&self) -> &Url {
+        &self.root
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.root.scheme() == "file"
+    }
+
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// An object path below the lake root.
+    pub fn path(&self, relative: &str) -> ObjPath {
+        let mut p = self.prefix.clone();
+        for part in relative.split('/').filter(|s| !s.is_empty()) {
+            p = p.join(part);
+        }
+        p
+    }
+
+    pub fn table_url(&self, name: &str) -> Url {
+        // Joining a relative path onto a directory URL cannot fail.
+        self.root
+            .join(&format!("tables/{name}/"))
+            .unwrap_or_else(|_| self.root.clone())
+    }
+
+    /// The table, loaded at its latest version; `None` when it does not exist yet.
+    pub async fn table(&self, name: &str) -> Result<Option<DeltaTable>, LakeError> {
+        // Look for a commit first: loading a missing table makes the kernel log errors.
+        let log = self.path(&format!("tables/{name}/_delta_log"));
+        let mut listing = self.store.list(Some(&log));
+        match futures::StreamExt::next(&mut listing).await {
+            None => return Ok(None),
+            Some(Err(object_store::Error::NotFound { .. })) => return Ok(None),
+            Some(Err(source)) => {
+                return Err(LakeError::Store {
+                    url: log.to_string(),
+                    source,
+                });
+            }
+            Some(Ok(_)) => {}
+        }
+        let t = self.table_handle(name).await?;
+        Ok(t.version().is_some().then_some(t))
+    }
+
+    /// A handle that may point at a table that does not exist yet (for a first write).
+    pub async fn table_handle(&self, name: &str) -> Result<DeltaTable, LakeError> {
+        let url = self.table_url(name);
+        if url.scheme() == "file"
+            && let Ok(p) = url.to_file_path()
+        {
+            std::fs::create_dir_all(&p)
+                .map_err(|e| LakeError::Other(format!("{}: {e}", p.display())))?;
+        }
+        DeltaTable::try_from_url_with_storage_options(
+            self.table_url(name),
+            self.storage_options.clone(),
+        )
+        .await
+        .map_err(|source| LakeError::Delta {
+            table: name.into(),
+            source,
+        })
+    }
+
+    /// A DataFusion session with every existing lake table registered by name.
+    pub async fn session(&self) -> Result<SessionContext, LakeError> {
+        let ctx = new_session();
+        for name in [RESOURCES, QUARANTINE, BATCHES] {
+            if let Some(t) = self.table(name).await? {
+                t.update_datafusion_session(&ctx.state())
+                    .map_err(|source| LakeError::Delta {
+                        table: name.into(),
+                        source,
+                    })?;
+                let provider = t
+                    .table_provider()
+                    .await
+                    .map_err(|source| LakeError::Query {
+                        table: name.into(),
+                        source,
+                    })?;
+                ctx.register_table(name, provider)
+                    .map_err(|source| LakeError::Query {
+                        table: name.into(),
+                        source,
+                    })?;
+            }
+        }
+        Ok(ctx)
+    }
+
+    /// Runs a query over the lake's tables and collects the result.
+    pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, LakeError> {
+        let ctx = self.session().await?;
+        let q = |source| LakeError::Query {
+            table: sql.chars().take(80).collect(),
+            source,
+        };
+        ctx.sql(sql).await.map_err(q)?.collect().await.map_err(q)
+    }
+
+    /// True when the named table exists.
+    pub async fn has_table(&self, name: &str) -> Result<bool, LakeError> {
+        Ok(self.table(name).await?.is_some())
+    }
+}
