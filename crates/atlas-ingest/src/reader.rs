@@ -351,7 +351,7 @@ pub fn read_events(
     opts: ReadOptions,
     index: Arc<IdentifierIndex>,
     consumed: Arc<AtomicU64>,
-) -> Receiver<Block> {
+) -> std::io::Result<Receiver<Block>> {
     let (unit_tx, unit_rx) = sync_channel::<Vec<Unit>>(4);
     let (block_tx, block_rx) = sync_channel::<Block>(4);
     let read_opts = opts.clone();
@@ -392,7 +392,7 @@ pub fn read_events(
             }
             sink.flush();
         })
-        .expect("spawning the reader thread");
+        ?;
     std::thread::Builder::new()
         .name("atlas-classify".into())
         .spawn(move || {
@@ -407,28 +407,32 @@ pub fn read_events(
                 }
             }
         })
-        .expect("spawning the classifier thread");
-    block_rx
+        ?;
+    Ok(block_rx)
 }
 
 /// Builds the identifier index of every resource in the inputs that may hold
 /// Bundles, so conditional references resolve to resources of the same run
 /// wherever they appear in it (a Practitioner bundle may come last).
-pub fn prescan_identifiers(inputs: &[Input], opts: &ReadOptions, index: &mut IdentifierIndex) {
+pub fn prescan_identifiers(
+    inputs: &[Input],
+    opts: &ReadOptions,
+    index: &mut IdentifierIndex,
+) -> std::io::Result<()> {
     let bundles: Vec<Input> = inputs
         .iter()
         .filter(|i| i.kind.may_hold_bundles())
         .cloned()
         .collect();
     if bundles.is_empty() {
-        return;
+        return Ok(());
     }
     let rx = read_events(
         bundles,
         opts.clone(),
         Arc::new(IdentifierIndex::default()),
         Arc::new(AtomicU64::new(0)),
-    );
+    )?;
     for block in rx {
         for ev in block.events {
             if let Event::Resource(r) = ev {
@@ -438,4 +442,5 @@ pub fn prescan_identifiers(inputs: &[Input], opts: &ReadOptions, index: &mut Ide
             }
         }
     }
+    Ok(())
 }

@@ -92,7 +92,7 @@ pub struct Progress {
     pub bytes: Arc<AtomicU64>,
     pub total_bytes: AtomicU64,
     /// Lines (and Bundle entries) classified.
-    pub lines: AtomicU64,
+    pub lines: Arc<AtomicU64>,
     /// 0 landing, 1 prescan, 2 ingest, 3 done.
     pub phase: AtomicU64,
 }
@@ -271,7 +271,8 @@ pub async fn ingest(
     progress.phase.store(1, Ordering::Relaxed);
     let mut index = IdentifierIndex::default();
     if inputs.iter().any(|i| i.kind.may_hold_bundles()) {
-        prescan_identifiers(inputs, &opts.read, &mut index);
+        prescan_identifiers(inputs, &opts.read, &mut index)
+            .map_err(|e| LakeError::Other(format!("prescan: {e}")))?;
         load_store_identifiers(lake, &mut index).await?;
     }
 
@@ -298,34 +299,15 @@ pub async fn ingest(
         opts.read.clone(),
         Arc::new(index),
         progress.bytes.clone(),
-    );
-    let mut pending: Vec<Event> = Vec::new();
-    let mut pending_bytes = 0usize;
+    )
+    .map_err(|e| LakeError::Other(format!("cannot start the readers: {e}")))?;
+    // Chunks are cut on their own thread, so reading and classifying go on
+    // while the previous chunk is being committed.
+    let chunks = cut_chunks(rx, opts.chunk_bytes, progress.lines.clone())?;
     let mut chunk_no = 0i64;
-    loop {
-        let block = tokio::task::block_in_place(|| rx.recv());
-        let Ok(block) = block else { break };
-        progress
-            .lines
-            .fetch_add(block.events.len() as u64, Ordering::Relaxed);
-        for ev in block.events {
-            pending_bytes += match &ev {
-                Event::Resource(r) => r.json.len(),
-                Event::Reject(r) => r.prefix.len(),
-                _ => 0,
-            } + 64;
-            pending.push(ev);
-            if pending_bytes >= opts.chunk_bytes {
-                batch
-                    .commit_chunk(chunk_no, std::mem::take(&mut pending))
-                    .await?;
-                pending_bytes = 0;
-                chunk_no += 1;
-            }
-        }
-    }
-    if !pending.is_empty() || chunk_no == 0 {
-        batch.commit_chunk(chunk_no, pending).await?;
+    while let Ok(chunk) = tokio::task::block_in_place(|| chunks.recv()) {
+        batch.commit_chunk(chunk_no, chunk).await?;
+        chunk_no += 1;
     }
     crash_point("before_batch_commit");
 
@@ -353,6 +335,47 @@ pub async fn ingest(
     write_batch_row(lake, &report, batch.started_at, finished).await?;
     progress.phase.store(3, Ordering::Relaxed);
     Ok(report)
+}
+
+/// Groups classified events into chunks of about `chunk_bytes` stored bytes.
+/// Boundaries depend only on the events, so a re-run cuts the same chunks.
+/// Always yields at least one (possibly empty) chunk.
+fn cut_chunks(
+    blocks: std::sync::mpsc::Receiver<atlas_ingest::Block>,
+    chunk_bytes: usize,
+    lines: Arc<AtomicU64>,
+) -> Result<std::sync::mpsc::Receiver<Vec<Event>>, LakeError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Event>>(1);
+    std::thread::Builder::new()
+        .name("atlas-chunks".into())
+        .spawn(move || {
+            let mut pending: Vec<Event> = Vec::new();
+            let mut pending_bytes = 0usize;
+            let mut sent = false;
+            for block in blocks {
+                lines.fetch_add(block.events.len() as u64, Ordering::Relaxed);
+                for ev in block.events {
+                    pending_bytes += match &ev {
+                        Event::Resource(r) => r.json.len(),
+                        Event::Reject(r) => r.prefix.len(),
+                        _ => 0,
+                    } + 64;
+                    pending.push(ev);
+                    if pending_bytes >= chunk_bytes {
+                        if tx.send(std::mem::take(&mut pending)).is_err() {
+                            return;
+                        }
+                        sent = true;
+                        pending_bytes = 0;
+                    }
+                }
+            }
+            if !pending.is_empty() || !sent {
+                let _ = tx.send(pending);
+            }
+        })
+        .map_err(|e| LakeError::Other(format!("cannot start the chunking thread: {e}")))?;
+    Ok(rx)
 }
 
 async fn put(lake: &Lake, rel: &str, bytes: Vec<u8>) -> Result<(), LakeError> {
