@@ -391,8 +391,7 @@ pub fn read_events(
                 }
             }
             sink.flush();
-        })
-        ?;
+        })?;
     std::thread::Builder::new()
         .name("atlas-classify".into())
         .spawn(move || {
@@ -406,8 +405,7 @@ pub fn read_events(
                     return;
                 }
             }
-        })
-        ?;
+        })?;
     Ok(block_rx)
 }
 

@@ -247,6 +247,27 @@ impl Lake {
         ctx.sql(sql).await.map_err(q)?.collect().await.map_err(q)
     }
 
+    /// Runs a query and renders every value as text (`None` for NULL): for
+    /// tests, diagnostics and simple command output.
+    pub async fn query_text(&self, sql: &str) -> Result<Vec<Vec<Option<String>>>, LakeError> {
+        let mut out = Vec::new();
+        for b in self.query(sql).await? {
+            let cols = (0..b.num_columns())
+                .map(|i| text_column(&b, i))
+                .collect::<Result<Vec<_>, _>>()?;
+            for r in 0..b.num_rows() {
+                out.push(
+                    cols.iter()
+                        .map(|c| {
+                            (!arrow::array::Array::is_null(c, r)).then(|| c.value(r).to_owned())
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Ok(out)
+    }
+
     /// True when the named table exists.
     pub async fn has_table(&self, name: &str) -> Result<bool, LakeError> {
         Ok(self.table(name).await?.is_some())

@@ -18,33 +18,15 @@ fn snapshot(lake: &Path) -> (serde_json::Value, Vec<String>, Vec<String>) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let lake = atlas_lake::Lake::open(lake.to_str().unwrap(), Default::default()).unwrap();
     let q = |sql: &str| {
-        let batches = rt.block_on(lake.query(sql)).unwrap();
-        let mut out = Vec::new();
-        for b in &batches {
-            let cols: Vec<_> = (0..b.num_columns())
-                .map(|i| {
-                    arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8).unwrap()
-                })
-                .collect();
-            for r in 0..b.num_rows() {
-                let row: Vec<String> = cols
-                    .iter()
-                    .map(|c| {
-                        let a = c
-                            .as_any()
-                            .downcast_ref::<arrow::array::StringArray>()
-                            .unwrap();
-                        if arrow::array::Array::is_null(a, r) {
-                            "∅".into()
-                        } else {
-                            a.value(r).to_owned()
-                        }
-                    })
-                    .collect();
-                out.push(row.join("|"));
-            }
-        }
-        out
+        let rows = rt.block_on(lake.query_text(sql)).unwrap();
+        rows.into_iter()
+            .map(|r| {
+                r.into_iter()
+                    .map(|v| v.unwrap_or_else(|| "∅".into()))
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect::<Vec<_>>()
     };
     let resources = q(
         "SELECT resource_type, id, version_id, CAST(last_updated AS VARCHAR) AS lu, patient_id, fhir_version, \

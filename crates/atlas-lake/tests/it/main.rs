@@ -36,31 +36,15 @@ pub fn local_lake(dir: &Path) -> Lake {
     Lake::open(dir.join("lake").to_str().unwrap(), Default::default()).unwrap()
 }
 
-/// All rows of a query as strings, for comparisons.
+/// All rows of a query as `a|b|c` strings (NULL as `NULL`), for comparisons.
 pub async fn rows(lake: &Lake, sql: &str) -> Vec<String> {
-    let batches = lake.query(sql).await.unwrap();
-    let mut out = Vec::new();
-    for b in &batches {
-        let cols: Vec<_> = (0..b.num_columns())
-            .map(|i| arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8).unwrap())
-            .collect();
-        for r in 0..b.num_rows() {
-            let vals: Vec<String> = cols
-                .iter()
-                .map(|c| {
-                    let a = c
-                        .as_any()
-                        .downcast_ref::<arrow::array::StringArray>()
-                        .unwrap();
-                    if arrow::array::Array::is_null(a, r) {
-                        "NULL".to_owned()
-                    } else {
-                        a.value(r).to_owned()
-                    }
-                })
-                .collect();
-            out.push(vals.join("|"));
-        }
-    }
-    out
+    let rows = lake.query_text(sql).await.unwrap();
+    rows.into_iter()
+        .map(|r| {
+            r.into_iter()
+                .map(|v| v.unwrap_or_else(|| "NULL".into()))
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect()
 }
