@@ -153,8 +153,9 @@ enum SynthCommand {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ATLAS_LOG")
-                .unwrap_or_else(|_| "warn,buoyant_kernel=off".into()),
+            tracing_subscriber::EnvFilter::try_from_env("ATLAS_LOG").unwrap_or_else(|_| {
+                "warn,buoyant_kernel=off,deltalake_core::writer::stats=error".into()
+            }),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -16,9 +16,25 @@ use crate::classify::{ClassifyOptions, Deletion, Event, Origin, Reason, Rejectio
 pub struct IdentifierIndex {
     by_system_value: HashMap<(String, String), Vec<String>>,
     by_value: HashMap<(String, String), Vec<String>>,
+    /// `urn:uuid:`/`urn:oid:` fullUrls of every Bundle entry of the run, to
+    /// `Type/id`: files may refer to entries of other files (a Group listing
+    /// the patients of per-patient Bundles).
+    full_urls: HashMap<String, String>,
 }
 
 impl IdentifierIndex {
+    /// Records that the Bundle entry `full_url` is the resource `reference` (`Type/id`).
+    pub fn insert_full_url(&mut self, full_url: &str, reference: String) {
+        if full_url.starts_with("urn:") {
+            self.full_urls.insert(full_url.to_owned(), reference);
+        }
+    }
+
+    /// The `Type/id` of a `urn:` reference to an entry anywhere in the run.
+    pub fn resolve_full_url(&self, reference: &str) -> Option<&String> {
+        self.full_urls.get(reference)
+    }
+
     /// Records that resource `ty/id` carries `ident` (`system|value`).
     pub fn insert(&mut self, ty: &str, id: &str, ident: &str) {
         let push = |map: &mut HashMap<(String, String), Vec<String>>, key: String| {
@@ -38,7 +54,12 @@ impl IdentifierIndex {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_system_value.is_empty()
+        self.by_system_value.is_empty() && self.full_urls.is_empty()
+    }
+
+    /// True when the run has Bundle entries addressable by `urn:` fullUrl.
+    pub fn has_full_urls(&self) -> bool {
+        !self.full_urls.is_empty()
     }
 
     /// Resolves a conditional reference to `Type/id` when exactly one resource matches.
@@ -265,7 +286,7 @@ pub(crate) fn unpack_bundle(
         let mut unresolved = 0u32;
         let body = resource.get();
         let rewritten = rewrite_references(body, |r| {
-            if let Some(target) = urls.get(r) {
+            if let Some(target) = urls.get(r).or_else(|| index.resolve_full_url(r)) {
                 return Some(target.clone());
             }
             if is_conditional_reference(r) {
@@ -302,14 +323,11 @@ pub(crate) fn unpack_bundle(
                 json = Cow::Owned(s);
             }
         }
-        events.push(classify_text(
-            &json,
-            body.as_bytes(),
-            here,
-            false,
-            opts,
-            Some(unresolved),
-        ));
+        let mut event = classify_text(&json, body.as_bytes(), here, false, opts, Some(unresolved));
+        if let (Event::Resource(r), Some(url)) = (&mut event, entry.full_url.as_deref()) {
+            r.full_url = Some(url.to_owned());
+        }
+        events.push(event);
     }
     Some(events)
 }

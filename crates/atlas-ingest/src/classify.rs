@@ -98,6 +98,8 @@ pub struct ParsedResource {
     pub identifiers: Vec<String>,
     pub is_synthetic: bool,
     pub unresolved_refs: u32,
+    /// The Bundle entry's `fullUrl`, for entries of Bundles.
+    pub full_url: Option<String>,
     pub origin: Origin,
 }
 
@@ -658,6 +660,7 @@ fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, 
         identifiers,
         is_synthetic,
         unresolved_refs: 0,
+        full_url: None,
         origin: Origin {
             file: Arc::from(""),
             line: 0,

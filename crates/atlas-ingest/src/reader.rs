@@ -338,6 +338,25 @@ fn classify_unit(unit: Unit, opts: &ClassifyOptions, index: &IdentifierIndex) ->
                 {
                     return events;
                 }
+                // A bare resource that points at Bundle entries of the run by fullUrl.
+                if index.has_full_urls() && text.contains("\"urn:") {
+                    let text = text.trim_end_matches(['\r', '\n', ' ', '\t']);
+                    let mut unresolved = 0u32;
+                    if let Ok(rewritten) = atlas_fhir::rewrite_references(text, |r| {
+                        let hit = index.resolve_full_url(r).cloned();
+                        unresolved += u32::from(hit.is_none() && r.starts_with("urn:"));
+                        hit
+                    }) {
+                        return vec![crate::classify::classify_text(
+                            &rewritten,
+                            &bytes,
+                            origin,
+                            unterminated,
+                            opts,
+                            Some(unresolved),
+                        )];
+                    }
+                }
             }
             vec![classify_line(&bytes, origin, unterminated, opts)]
         }
@@ -436,6 +455,9 @@ pub fn prescan_identifiers(
             if let Event::Resource(r) = ev {
                 for ident in &r.identifiers {
                     index.insert(&r.resource_type, &r.id, ident);
+                }
+                if let Some(url) = &r.full_url {
+                    index.insert_full_url(url, format!("{}/{}", r.resource_type, r.id));
                 }
             }
         }

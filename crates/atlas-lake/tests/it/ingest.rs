@@ -228,16 +228,31 @@ async fn bundles_rewrite_resolve_and_delete() {
     let practitioners = r#"{"resourceType":"Bundle","type":"batch","entry":[{"fullUrl":"urn:uuid:pr","resource":{"resourceType":"Practitioner","id":"pr7","identifier":[{"system":"http://hl7.org/fhir/sid/us-npi","value":"777"}]}}]}"#;
     let a = write(dir.path(), "b/a.json", tx);
     let z = write(dir.path(), "b/z.json", practitioners);
+    // A bare Group naming the patient by the fullUrl of its entry in another file.
+    write(
+        dir.path(),
+        "b/group.json",
+        r#"{"resourceType":"Group","id":"g1","type":"person","actual":true,"member":[{"entity":{"reference":"urn:uuid:11111111-1111-1111-1111-111111111111"}},{"entity":{"reference":"urn:uuid:99999999-0000-0000-0000-000000000000"}}]}"#,
+    );
     let r = ingest(&lake, &[&dir.path().join("b")]).await;
     assert_eq!(
         (r.outcomes.lines_read, r.outcomes.stored, r.outcomes.deleted),
-        (4, 4, 1),
+        (5, 5, 1),
         "{:?}",
         r.outcomes
     );
     assert_eq!(
-        r.outcomes.unresolved_references, 1,
-        "the Organization is nowhere"
+        r.outcomes.unresolved_references, 2,
+        "the Organization and one Group member are nowhere"
+    );
+    let g = rows(&lake, "SELECT resource FROM resources WHERE id = 'g1'").await;
+    assert!(
+        g[0].contains(r#"{"entity":{"reference":"Patient/11111111-1111-1111-1111-111111111111"}}"#),
+        "{g:?}"
+    );
+    assert!(
+        g[0].contains("urn:uuid:99999999"),
+        "unresolved kept as written: {g:?}"
     );
     let enc = rows(
         &lake,
