@@ -101,7 +101,7 @@ struct IngestArgs {
     #[arg(long, default_value_t = 64 << 20)]
     max_line_bytes: usize,
     /// Stored bytes per commit (bounds memory).
-    #[arg(long, default_value_t = 96)]
+    #[arg(long, default_value_t = 48)]
     chunk_mb: usize,
     /// Print the batch manifest as JSON.
     #[arg(long)]
@@ -403,7 +403,7 @@ async fn demo(lake_location: &str, patients: usize, seed: u64, show: bool) -> Re
         source: "synth".into(),
         synthetic: true,
         max_line_bytes: 64 << 20,
-        chunk_mb: 96,
+        chunk_mb: 48,
         json: false,
     };
     run_ingest(&lake, &args, show).await?;

@@ -112,7 +112,7 @@ impl Default for IngestOptions {
         IngestOptions {
             source: "files".into(),
             read: ReadOptions::default(),
-            chunk_bytes: 96 << 20,
+            chunk_bytes: 48 << 20,
         }
     }
 }
@@ -230,6 +230,64 @@ struct Batch<'a> {
     totals: ChunkRecord,
     resources_txn: Option<i64>,
     quarantine_txn: Option<i64>,
+    /// Keys this run has written; a chunk looks up only the keys that may be
+    /// in the store (all of them when the store had rows before the run).
+    written: KeyFilter,
+    store_had_rows: bool,
+}
+
+/// A fixed-size Bloom filter over (type, id) key hashes. Memory stays fixed
+/// whatever the input size; as it fills, more keys are looked up in the store
+/// (exactly), so it only ever costs time, never correctness.
+struct KeyFilter {
+    bits: Vec<u64>,
+}
+
+impl KeyFilter {
+    /// 2^27 bits (16 MiB): under 1e-6 false positives at 2 million keys.
+    const BITS_LOG2: u32 = 27;
+    const PROBES: u64 = 7;
+
+    fn new() -> Self {
+        KeyFilter {
+            bits: vec![0; 1 << (Self::BITS_LOG2 - 6)],
+        }
+    }
+
+    fn probes(key: u128) -> impl Iterator<Item = usize> {
+        let (h1, h2) = (key as u64, ((key >> 64) as u64) | 1);
+        let mask = (1u64 << Self::BITS_LOG2) - 1;
+        (0..Self::PROBES).map(move |i| (h1.wrapping_add(i.wrapping_mul(h2)) & mask) as usize)
+    }
+
+    fn insert(&mut self, key: u128) {
+        for b in Self::probes(key) {
+            self.bits[b >> 6] |= 1 << (b & 63);
+        }
+    }
+
+    fn may_contain(&self, key: u128) -> bool {
+        Self::probes(key).all(|b| self.bits[b >> 6] & (1 << (b & 63)) != 0)
+    }
+}
+
+fn key_hash(ty: &str, id: &str) -> u128 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(ty.as_bytes());
+    h.update(&[0]);
+    h.update(id.as_bytes());
+    h.digest128()
+}
+
+/// What one chunk writes, built on the main thread and committed on a task
+/// while the next chunk is prepared.
+struct ChunkWrite {
+    chunk_no: i64,
+    quarantine: Option<RecordBatch>,
+    replaces: Option<RecordBatch>,
+    appends: Option<RecordBatch>,
+    props: CommitProperties,
+    quarantine_props: CommitProperties,
 }
 
 /// Ingests `inputs` into the lake as one batch.
@@ -280,6 +338,16 @@ pub async fn ingest(
     let quarantine_table = lake.table(QUARANTINE).await?;
     let app_id = format!("atlas-ingest-{id}");
     let resources_txn = txn_version(resources_table.as_ref(), &app_id).await?;
+    let store_had_rows = match &resources_table {
+        Some(t) => {
+            t.snapshot()
+                .map_err(delta_err(RESOURCES))?
+                .log_data()
+                .num_files()
+                > 0
+        }
+        None => false,
+    };
     let quarantine_txn = txn_version(quarantine_table.as_ref(), &app_id).await?;
     let mut batch = Batch {
         lake,
@@ -291,6 +359,8 @@ pub async fn ingest(
         totals: ChunkRecord::default(),
         resources_txn,
         quarantine_txn,
+        written: KeyFilter::new(),
+        store_had_rows,
     };
 
     progress.phase.store(2, Ordering::Relaxed);
@@ -304,11 +374,19 @@ pub async fn ingest(
     // Chunks are cut on their own thread, so reading and classifying go on
     // while the previous chunk is being committed.
     let chunks = cut_chunks(rx, opts.chunk_bytes, progress.lines.clone())?;
+    // Commits run one at a time and in chunk order, each on a task, so the
+    // next chunk is prepared while the previous one is encoded and committed.
     let mut chunk_no = 0i64;
+    let mut in_flight: Option<tokio::task::JoinHandle<Result<(), LakeError>>> = None;
     while let Ok(chunk) = tokio::task::block_in_place(|| chunks.recv()) {
-        batch.commit_chunk(chunk_no, chunk).await?;
+        let write = batch.prepare_chunk(chunk_no, chunk, &mut in_flight).await?;
+        finish(&mut in_flight).await?;
+        if let Some(write) = write {
+            in_flight = Some(tokio::spawn(write_chunk(lake.clone(), write)));
+        }
         chunk_no += 1;
     }
+    finish(&mut in_flight).await?;
     crash_point("before_batch_commit");
 
     let finished = now_micros();
@@ -337,6 +415,18 @@ pub async fn ingest(
     Ok(report)
 }
 
+/// Waits for the commit in flight, if any.
+async fn finish(
+    in_flight: &mut Option<tokio::task::JoinHandle<Result<(), LakeError>>>,
+) -> Result<(), LakeError> {
+    match in_flight.take() {
+        Some(h) => h
+            .await
+            .map_err(|e| LakeError::Other(format!("commit task: {e}")))?,
+        None => Ok(()),
+    }
+}
+
 /// Groups classified events into chunks of about `chunk_bytes` stored bytes.
 /// Boundaries depend only on the events, so a re-run cuts the same chunks.
 /// Always yields at least one (possibly empty) chunk.
@@ -345,7 +435,9 @@ fn cut_chunks(
     chunk_bytes: usize,
     lines: Arc<AtomicU64>,
 ) -> Result<std::sync::mpsc::Receiver<Vec<Event>>, LakeError> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Event>>(1);
+    // A rendezvous: the next chunk is cut while this one is prepared, and no
+    // finished chunk waits in between (memory).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Event>>(0);
     std::thread::Builder::new()
         .name("atlas-chunks".into())
         .spawn(move || {
@@ -566,29 +658,47 @@ impl Batch<'_> {
         format!("{}/chunks/{chunk_no:06}.json", self.raw_dir)
     }
 
-    async fn commit_chunk(&mut self, chunk_no: i64, events: Vec<Event>) -> Result<(), LakeError> {
+    /// Classifies a chunk's events against the store and builds what it
+    /// writes. Returns `None` when a previous run already committed it.
+    /// Waits for `in_flight` only when it must look keys up in the store.
+    async fn prepare_chunk(
+        &mut self,
+        chunk_no: i64,
+        events: Vec<Event>,
+        in_flight: &mut Option<tokio::task::JoinHandle<Result<(), LakeError>>>,
+    ) -> Result<Option<ChunkWrite>, LakeError> {
         if self.resources_txn.is_some_and(|v| v >= chunk_no)
             && let Some(bytes) = get(self.lake, &self.chunk_path(chunk_no)).await?
         {
             let rec: ChunkRecord =
                 serde_json::from_slice(&bytes).map_err(|e| LakeError::Other(e.to_string()))?;
             self.add_totals(&rec);
-            return Ok(());
+            return Ok(None);
         }
 
         let mut rec = ChunkRecord::default();
         let mut rejects: Vec<Rejection> = Vec::new();
         let mut candidates: Vec<Candidate> = Vec::with_capacity(events.len());
-        let mut latest: HashMap<(String, String), usize> = HashMap::new();
+        let mut keys: Vec<u128> = Vec::with_capacity(events.len());
+        let mut latest: HashMap<u128, usize> = HashMap::with_capacity(events.len());
+        // Events arrive file by file: count runs, not lines, in the map.
+        let mut run: Option<(Arc<str>, i64)> = None;
         for ev in events {
             rec.outcomes.lines_read += 1;
             let file = match &ev {
-                Event::Resource(r) => r.origin.file.clone(),
-                Event::Delete(d) => d.origin.file.clone(),
-                Event::Reject(r) => r.origin.file.clone(),
-                Event::Skip(o) => o.file.clone(),
+                Event::Resource(r) => &r.origin.file,
+                Event::Delete(d) => &d.origin.file,
+                Event::Reject(r) => &r.origin.file,
+                Event::Skip(o) => &o.file,
             };
-            *rec.lines_by_file.entry(file.to_string()).or_default() += 1;
+            match &mut run {
+                Some((f, n)) if Arc::ptr_eq(f, file) || **f == **file => *n += 1,
+                _ => {
+                    if let Some((f, n)) = run.replace((file.clone(), 1)) {
+                        *rec.lines_by_file.entry(f.to_string()).or_default() += n;
+                    }
+                }
+            }
             let cand = match ev {
                 Event::Skip(_) => {
                     rec.outcomes.skipped += 1;
@@ -610,7 +720,7 @@ impl Batch<'_> {
                 },
             };
             let Some((ty, id)) = cand.key() else { continue };
-            let key = (ty.to_owned(), id.to_owned());
+            let key = key_hash(ty, id);
             if let Some(&prev) = latest.get(&key) {
                 let same = match (&candidates[prev], &cand) {
                     (Candidate::Resource(a), Candidate::Resource(b)) => {
@@ -629,18 +739,42 @@ impl Batch<'_> {
                 rec.outcomes.duplicates += 1;
             }
             latest.insert(key, candidates.len());
+            keys.push(key);
             candidates.push(cand);
         }
+        if let Some((f, n)) = run {
+            *rec.lines_by_file.entry(f.to_string()).or_default() += n;
+        }
+        drop(latest);
 
+        // Only keys the store may hold are looked up: all of them when it had
+        // rows before this run, else those this run may have written already.
         let lookup_started = std::time::Instant::now();
-        let existing = self.existing_rows(&candidates).await?;
+        let maybe_stored: Vec<&Candidate> = candidates
+            .iter()
+            .zip(&keys)
+            .filter(|(c, k)| {
+                !matches!(c, Candidate::Dropped)
+                    && (self.store_had_rows || self.written.may_contain(**k))
+            })
+            .map(|(c, _)| c)
+            .collect();
+        let existing = if maybe_stored.is_empty() {
+            HashMap::new()
+        } else {
+            // The lookup must see every earlier chunk's commit.
+            finish(in_flight).await?;
+            self.existing_rows(&maybe_stored).await?
+        };
+        drop(maybe_stored);
         let lookup_ms = lookup_started.elapsed().as_millis();
         // New keys are appended; keys the store has are replaced by MERGE.
         let mut appends: Vec<&Candidate> = Vec::new();
         let mut replaces: Vec<&Candidate> = Vec::new();
         let mut late_duplicates: Vec<Rejection> = Vec::new();
-        for cand in &candidates {
+        for (cand, key) in candidates.iter().zip(&keys) {
             let Some((ty, id)) = cand.key() else { continue };
+            self.written.insert(*key);
             let ex = existing.get(&(ty.to_owned(), id.to_owned()));
             // This very line was stored by an interrupted run of this batch.
             let ours = ex.is_some_and(|ex| {
@@ -732,53 +866,45 @@ impl Batch<'_> {
         let bytes = serde_json::to_vec(&rec).map_err(|e| LakeError::Other(e.to_string()))?;
         put(self.lake, &self.chunk_path(chunk_no), bytes).await?;
 
-        if !rejects.is_empty() && self.quarantine_txn.is_none_or(|v| v < chunk_no) {
-            let batch = self.quarantine_batch(&rejects)?;
-            let table = self.lake.table_handle(QUARANTINE).await?;
-            table
-                .write(vec![batch])
-                .with_save_mode(SaveMode::Append)
-                .with_commit_properties(self.commit_props(chunk_no))
-                .await
-                .map_err(delta_err(QUARANTINE))?;
-        }
-        crash_point("after_quarantine_commit");
-
-        // MERGE first, append last: the last commit carries the chunk's `txn`, and
-        // rows a killed run already wrote are recognised above by batch, file and line.
-        let write_started = std::time::Instant::now();
-        if !replaces.is_empty() {
-            replaces.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
-            let batch = self.resource_batch(&replaces)?;
-            let table = self.lake.table_handle(RESOURCES).await?;
-            let props = appends.is_empty().then(|| self.commit_props(chunk_no));
-            self.merge(table, batch, props).await?;
-        }
-        if !appends.is_empty() {
-            appends.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
-            let batch = self.resource_batch(&appends)?;
-            let table = self.lake.table_handle(RESOURCES).await?;
-            table
-                .write(vec![batch])
-                .with_save_mode(SaveMode::Append)
-                .with_partition_columns(["resource_type"])
-                .with_writer_properties(writer_properties())
-                .with_commit_properties(self.commit_props(chunk_no))
-                .await
-                .map_err(delta_err(RESOURCES))?;
-        }
+        let quarantine = if !rejects.is_empty() && self.quarantine_txn.is_none_or(|v| v < chunk_no)
+        {
+            Some(self.quarantine_batch(&rejects)?)
+        } else {
+            None
+        };
+        drop(rejects);
+        let build_started = std::time::Instant::now();
+        // Sorted by type, patient and id, so one patient's rows sit together.
+        replaces.sort_unstable_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+        appends.sort_unstable_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+        let replaces = if replaces.is_empty() {
+            None
+        } else {
+            Some(self.resource_batch(&replaces)?)
+        };
+        let appends = if appends.is_empty() {
+            None
+        } else {
+            Some(self.resource_batch(&appends)?)
+        };
+        // The JSON now lives in the Arrow batches: free the events before encoding.
+        drop(candidates);
         tracing::info!(
             batch = %self.id,
             chunk = chunk_no,
-            appended = appends.len(),
-            replaced = replaces.len(),
             lookup_ms,
-            write_ms = write_started.elapsed().as_millis() as u64,
-            "chunk committed"
+            build_ms = build_started.elapsed().as_millis() as u64,
+            "chunk prepared"
         );
-        crash_point("after_chunk");
         self.add_totals(&rec);
-        Ok(())
+        Ok(Some(ChunkWrite {
+            chunk_no,
+            quarantine,
+            replaces,
+            appends,
+            props: self.commit_props(chunk_no),
+            quarantine_props: self.commit_props(chunk_no),
+        }))
     }
 
     fn add_totals(&mut self, rec: &ChunkRecord) {
@@ -803,68 +929,141 @@ impl Batch<'_> {
             .with_application_transaction(Transaction::new(&self.app_id, chunk_no))
             .with_metadata(meta)
     }
+}
 
-    async fn merge(
-        &self,
-        table: DeltaTable,
-        batch: RecordBatch,
-        props: Option<CommitProperties>,
-    ) -> Result<(), LakeError> {
-        let ctx = SessionContext::new();
-        let types: Vec<_> = {
-            let col = batch
-                .column(0)
-                .as_any()
-                .downcast_ref::<arrow::array::StringArray>()
-                .ok_or_else(|| LakeError::Other("resource_type column".into()))?;
-            let mut t: Vec<String> = col.iter().flatten().map(str::to_owned).collect();
-            t.sort();
-            t.dedup();
-            t.into_iter().map(lit).collect()
-        };
-        let source = ctx.read_batch(batch).map_err(ctx_err("merge source"))?;
-        let predicate = col("target.resource_type")
-            .in_list(types, false)
-            .and(col("target.resource_type").eq(col("source.resource_type")))
-            .and(col("target.id").eq(col("source.id")));
-        let names: Vec<String> = schema::RESOURCES
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect();
-        let upd_names = names.clone();
-        let mut merge = table
-            .merge(source, predicate)
-            .with_source_alias("source")
-            .with_target_alias("target")
-            .with_writer_properties(writer_properties());
-        if let Some(props) = props {
-            merge = merge.with_commit_properties(props);
-        }
-        merge
-            .when_matched_update(move |mut u| {
-                for n in &upd_names {
-                    u = u.update(n.as_str(), col(format!("source.{n}")));
-                }
-                u
-            })
-            .map_err(delta_err(RESOURCES))?
-            .when_not_matched_insert(move |mut i| {
-                for n in &names {
-                    i = i.set(n.as_str(), col(format!("source.{n}")));
-                }
-                i
-            })
-            .map_err(delta_err(RESOURCES))?
+/// Commits one prepared chunk: quarantine, then MERGE, then append. The last
+/// commit carries the chunk's `txn`, and rows a killed run already wrote are
+/// recognised by batch, file and line when the chunk is prepared again.
+async fn write_chunk(lake: Lake, w: ChunkWrite) -> Result<(), LakeError> {
+    let started = std::time::Instant::now();
+    if let Some(batch) = w.quarantine {
+        let table = lake.table_handle(QUARANTINE).await?;
+        table
+            .write(vec![batch])
+            .with_save_mode(SaveMode::Append)
+            .with_commit_properties(w.quarantine_props)
             .await
-            .map_err(delta_err(RESOURCES))?;
-        Ok(())
+            .map_err(delta_err(QUARANTINE))?;
     }
+    crash_point("after_quarantine_commit");
+    let (appended, replaced) = (
+        w.appends.as_ref().map_or(0, |b| b.num_rows()),
+        w.replaces.as_ref().map_or(0, |b| b.num_rows()),
+    );
+    let mut props = Some(w.props);
+    if let Some(batch) = w.replaces {
+        let table = lake.table_handle(RESOURCES).await?;
+        let p = if w.appends.is_none() {
+            props.take()
+        } else {
+            None
+        };
+        merge(table, batch, p).await?;
+    }
+    if let Some(batch) = w.appends {
+        let table = lake.table_handle(RESOURCES).await?;
+        let mut write = table
+            .write(split_for_writers(batch)?)
+            .with_save_mode(SaveMode::Append)
+            .with_partition_columns(["resource_type"])
+            .with_writer_properties(writer_properties());
+        if let Some(p) = props.take() {
+            write = write.with_commit_properties(p);
+        }
+        write.await.map_err(delta_err(RESOURCES))?;
+    }
+    tracing::info!(
+        chunk = w.chunk_no,
+        appended,
+        replaced,
+        write_ms = started.elapsed().as_millis() as u64,
+        "chunk committed"
+    );
+    crash_point("after_chunk");
+    Ok(())
+}
 
+/// Slices a batch sorted by resource type into one zero-copy batch per type.
+/// The Delta writer copies each batch it partitions; handing it one type at
+/// a time keeps that copy to one type's rows instead of the whole chunk.
+fn split_for_writers(batch: RecordBatch) -> Result<Vec<RecordBatch>, LakeError> {
+    let types = batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow::array::StringArray>()
+        .ok_or_else(|| LakeError::Other("resource_type column".into()))?;
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=batch.num_rows() {
+        if i == batch.num_rows() || types.value(i) != types.value(start) {
+            out.push(batch.slice(start, i - start));
+            start = i;
+        }
+    }
+    Ok(out)
+}
+
+async fn merge(
+    table: DeltaTable,
+    batch: RecordBatch,
+    props: Option<CommitProperties>,
+) -> Result<(), LakeError> {
+    let ctx = SessionContext::new();
+    let types: Vec<_> = {
+        let col = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .ok_or_else(|| LakeError::Other("resource_type column".into()))?;
+        let mut t: Vec<String> = col.iter().flatten().map(str::to_owned).collect();
+        t.sort();
+        t.dedup();
+        t.into_iter().map(lit).collect()
+    };
+    let source = ctx.read_batch(batch).map_err(ctx_err("merge source"))?;
+    let predicate = col("target.resource_type")
+        .in_list(types, false)
+        .and(col("target.resource_type").eq(col("source.resource_type")))
+        .and(col("target.id").eq(col("source.id")));
+    let names: Vec<String> = schema::RESOURCES
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let upd_names = names.clone();
+    let mut merge = table
+        .merge(source, predicate)
+        .with_source_alias("source")
+        .with_target_alias("target")
+        .with_writer_properties(writer_properties());
+    if let Some(props) = props {
+        merge = merge.with_commit_properties(props);
+    }
+    merge
+        .when_matched_update(move |mut u| {
+            for n in &upd_names {
+                u = u.update(n.as_str(), col(format!("source.{n}")));
+            }
+            u
+        })
+        .map_err(delta_err(RESOURCES))?
+        .when_not_matched_insert(move |mut i| {
+            for n in &names {
+                i = i.set(n.as_str(), col(format!("source.{n}")));
+            }
+            i
+        })
+        .map_err(delta_err(RESOURCES))?
+        .await
+        .map_err(delta_err(RESOURCES))?;
+    Ok(())
+}
+
+impl Batch<'_> {
     /// Current store rows for the chunk's keys.
     async fn existing_rows(
         &self,
-        candidates: &[Candidate],
+        candidates: &[&Candidate],
     ) -> Result<HashMap<(String, String), Existing>, LakeError> {
         let mut out = HashMap::new();
         let Some(table) = self.lake.table(RESOURCES).await? else {
@@ -880,7 +1079,7 @@ impl Batch<'_> {
             return Ok(out);
         }
         let wanted: std::collections::HashSet<(&str, &str)> =
-            candidates.iter().filter_map(Candidate::key).collect();
+            candidates.iter().filter_map(|c| c.key()).collect();
         let ctx = crate::lake::new_session();
         table
             .update_datafusion_session(&ctx.state())
@@ -1159,8 +1358,17 @@ fn duplicate_rejection(earlier: Candidate, later: &Candidate) -> Rejection {
 }
 
 fn writer_properties() -> WriterProperties {
+    use deltalake::parquet::file::properties::EnabledStatistics;
+    use deltalake::parquet::schema::types::ColumnPath;
+    let json = ColumnPath::from("resource");
+    let hash = ColumnPath::from("content_hash");
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
+        // The JSON and the hashes are unique per row: a dictionary attempt
+        // hashes every byte for nothing, and min/max of JSON text is useless.
+        .set_column_dictionary_enabled(json.clone(), false)
+        .set_column_statistics_enabled(json, EnabledStatistics::None)
+        .set_column_dictionary_enabled(hash, false)
         .set_column_bloom_filter_enabled("id".into(), true)
         .set_column_bloom_filter_enabled("patient_id".into(), true)
         .build()
