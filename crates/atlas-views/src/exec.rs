@@ -1,0 +1,552 @@
+//! Running a compiled view: FHIRPath results go straight into Arrow builders.
+//!
+//! Per resource, the plan is walked once: each select node yields its rows as
+//! slices of typed cells (borrowing strings from the resource), sibling nodes
+//! are combined by cartesian product, `unionAll` branches by concatenation.
+//! Values are converted to the column type while the rows are built, so a
+//! failing resource leaves the builders untouched.
+
+use crate::compile::{CompiledView, ConstValue, Iteration, PlanColumn, PlanNode};
+use crate::diag::{RunError, ViewError};
+use crate::types::{ColumnKind, DECIMAL_PRECISION, DECIMAL_SCALE};
+use arrow::array::{
+    ArrayBuilder, ArrayRef, BooleanBuilder, Decimal128Builder, Int64Builder, ListBuilder,
+    StringBuilder,
+};
+use arrow::datatypes::{Field, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use atlas_fhirpath::{Collection, EvalContext, FhirNode, Value};
+use rust_decimal::Decimal;
+use serde_json::Value as Json;
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// Deepest `repeat` recursion before it is reported as an error.
+const MAX_REPEAT_DEPTH: usize = 64;
+
+/// One typed value of a row, before it is appended.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Cell<'a> {
+    Null,
+    Str(Cow<'a, str>),
+    Bool(bool),
+    Int(i64),
+    /// Unscaled Decimal128 value at [`DECIMAL_SCALE`].
+    Dec(i128),
+    List(Vec<Cell<'a>>),
+}
+
+trait ItemBuilder: ArrayBuilder {
+    fn push(&mut self, c: &Cell<'_>);
+    fn push_null(&mut self);
+}
+
+impl ItemBuilder for StringBuilder {
+    fn push(&mut self, c: &Cell<'_>) {
+        match c {
+            Cell::Str(s) => self.append_value(s),
+            _ => self.append_null(),
+        }
+    }
+    fn push_null(&mut self) {
+        self.append_null()
+    }
+}
+
+impl ItemBuilder for BooleanBuilder {
+    fn push(&mut self, c: &Cell<'_>) {
+        match c {
+            Cell::Bool(b) => self.append_value(*b),
+            _ => self.append_null(),
+        }
+    }
+    fn push_null(&mut self) {
+        self.append_null()
+    }
+}
+
+impl ItemBuilder for Int64Builder {
+    fn push(&mut self, c: &Cell<'_>) {
+        match c {
+            Cell::Int(i) => self.append_value(*i),
+            _ => self.append_null(),
+        }
+    }
+    fn push_null(&mut self) {
+        self.append_null()
+    }
+}
+
+impl ItemBuilder for Decimal128Builder {
+    fn push(&mut self, c: &Cell<'_>) {
+        match c {
+            Cell::Dec(d) => self.append_value(*d),
+            _ => self.append_null(),
+        }
+    }
+    fn push_null(&mut self) {
+        self.append_null()
+    }
+}
+
+trait ColumnSink: Send {
+    fn append(&mut self, cell: &Cell<'_>);
+    fn finish(&mut self) -> ArrayRef;
+}
+
+struct ScalarSink<B>(B);
+
+impl<B: ItemBuilder> ColumnSink for ScalarSink<B> {
+    fn append(&mut self, cell: &Cell<'_>) {
+        match cell {
+            Cell::Null | Cell::List(_) => self.0.push_null(),
+            c => self.0.push(c),
+        }
+    }
+    fn finish(&mut self) -> ArrayRef {
+        self.0.finish()
+    }
+}
+
+struct ListSink<B: ArrayBuilder>(ListBuilder<B>);
+
+impl<B: ItemBuilder> ColumnSink for ListSink<B> {
+    fn append(&mut self, cell: &Cell<'_>) {
+        match cell {
+            Cell::List(items) => {
+                for i in items {
+                    self.0.values().push(i);
+                }
+                self.0.append(true);
+            }
+            _ => self.0.append(false),
+        }
+    }
+    fn finish(&mut self) -> ArrayRef {
+        Arc::new(self.0.finish())
+    }
+}
+
+fn decimal_builder() -> Decimal128Builder {
+    Decimal128Builder::new()
+        .with_precision_and_scale(DECIMAL_PRECISION, DECIMAL_SCALE)
+        .unwrap_or_default()
+}
+
+fn sink(kind: ColumnKind, collection: bool) -> Box<dyn ColumnSink> {
+    fn list<B: ItemBuilder>(b: B, kind: ColumnKind) -> Box<dyn ColumnSink> {
+        Box::new(ListSink(ListBuilder::new(b).with_field(Arc::new(
+            Field::new_list_field(kind.item_type(), true),
+        ))))
+    }
+    match (kind, collection) {
+        (ColumnKind::Utf8, false) => Box::new(ScalarSink(StringBuilder::new())),
+        (ColumnKind::Boolean, false) => Box::new(ScalarSink(BooleanBuilder::new())),
+        (ColumnKind::Int64, false) => Box::new(ScalarSink(Int64Builder::new())),
+        (ColumnKind::Decimal, false) => Box::new(ScalarSink(decimal_builder())),
+        (ColumnKind::Utf8, true) => list(StringBuilder::new(), kind),
+        (ColumnKind::Boolean, true) => list(BooleanBuilder::new(), kind),
+        (ColumnKind::Int64, true) => list(Int64Builder::new(), kind),
+        (ColumnKind::Decimal, true) => list(decimal_builder(), kind),
+    }
+}
+
+/// Accumulates the rows of one compiled view; [`RowBuilder::finish`] makes a batch.
+pub struct RowBuilder {
+    schema: SchemaRef,
+    sinks: Vec<Box<dyn ColumnSink>>,
+    rows: usize,
+}
+
+impl std::fmt::Debug for RowBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowBuilder")
+            .field("schema", &self.schema)
+            .field("rows", &self.rows)
+            .finish()
+    }
+}
+
+impl RowBuilder {
+    /// An empty builder for the view's schema.
+    pub fn new(view: &CompiledView) -> RowBuilder {
+        RowBuilder {
+            schema: view.schema(),
+            sinks: view
+                .columns
+                .iter()
+                .map(|c| sink(c.kind, c.collection))
+                .collect(),
+            rows: 0,
+        }
+    }
+
+    /// Rows appended since the last [`RowBuilder::finish`].
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// The rows so far as a batch; the builder is empty afterwards and can be reused.
+    pub fn finish(&mut self) -> Result<RecordBatch, ViewError> {
+        let arrays: Vec<ArrayRef> = self.sinks.iter_mut().map(|s| s.finish()).collect();
+        let rows = std::mem::take(&mut self.rows);
+        let options = arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows));
+        RecordBatch::try_new_with_options(self.schema.clone(), arrays, &options)
+            .map_err(|e| ViewError::Arrow(e.to_string()))
+    }
+
+    fn push_rows(&mut self, rows: &[Vec<Cell<'_>>]) {
+        for row in rows {
+            for (sink, cell) in self.sinks.iter_mut().zip(row) {
+                sink.append(cell);
+            }
+        }
+        self.rows += rows.len();
+    }
+}
+
+type Rows<'a> = Vec<Vec<Cell<'a>>>;
+
+struct Run<'a> {
+    view: &'a CompiledView,
+    resource: &'a Json,
+    ctx: EvalContext<'a>,
+}
+
+fn resource_label(resource: &Json) -> Option<String> {
+    let rt = resource.get("resourceType")?.as_str()?;
+    Some(match resource.get("id").and_then(Json::as_str) {
+        Some(id) => format!("{rt}/{id}"),
+        None => rt.to_string(),
+    })
+}
+
+/// `10^n` as i128.
+fn pow10(n: u32) -> i128 {
+    10i128.pow(n)
+}
+
+fn decimal_cell(d: Decimal) -> Result<i128, String> {
+    let d = d.normalize();
+    let scale = d.scale();
+    let target = DECIMAL_SCALE as u32;
+    if scale > target {
+        return Err(format!(
+            "decimal {d} has more than {target} fraction digits (Decimal128({DECIMAL_PRECISION}, {DECIMAL_SCALE}))"
+        ));
+    }
+    let v = d
+        .mantissa()
+        .checked_mul(pow10(target - scale))
+        .filter(|v| v.unsigned_abs() < pow10(DECIMAL_PRECISION as u32) as u128)
+        .ok_or_else(|| {
+            format!("decimal {d} does not fit Decimal128({DECIMAL_PRECISION}, {DECIMAL_SCALE})")
+        })?;
+    Ok(v)
+}
+
+fn type_text(v: &Value<'_>) -> String {
+    let (ns, name) = v.type_name();
+    format!("{ns}.{name}")
+}
+
+/// Convert one item to a cell of `kind`; `Ok(None)` when the item has no value
+/// (a primitive with only an extension).
+fn item_cell<'a>(v: &Value<'a>, kind: ColumnKind) -> Result<Option<Cell<'a>>, String> {
+    if let Value::Node(FhirNode { json: None, .. }) = v {
+        return Ok(None);
+    }
+    match kind {
+        ColumnKind::Utf8 => Ok(Some(Cell::Str(match v {
+            Value::Node(FhirNode {
+                json: Some(Json::String(s)),
+                ..
+            }) => Cow::Borrowed(s.as_str()),
+            Value::Node(FhirNode {
+                json: Some(j @ (Json::Object(_) | Json::Array(_))),
+                ..
+            }) => Cow::Owned(j.to_string()),
+            Value::String(s) => s.clone(),
+            other => match other.to_fhirpath_string() {
+                Some(s) => Cow::Owned(s),
+                None => Cow::Owned(other.to_json().to_string()),
+            },
+        }))),
+        ColumnKind::Boolean => match v.to_system() {
+            Some(Value::Boolean(b)) => Ok(Some(Cell::Bool(b))),
+            _ => Err(format!("expected a boolean, got {}", type_text(v))),
+        },
+        ColumnKind::Int64 => match v.to_system() {
+            Some(Value::Integer(i)) => Ok(Some(Cell::Int(i))),
+            _ => Err(format!("expected an integer, got {}", type_text(v))),
+        },
+        ColumnKind::Decimal => match v.to_system() {
+            Some(Value::Integer(i)) => decimal_cell(Decimal::from(i)).map(|d| Some(Cell::Dec(d))),
+            Some(Value::Decimal(d)) => decimal_cell(d).map(|d| Some(Cell::Dec(d))),
+            _ => Err(format!("expected a decimal, got {}", type_text(v))),
+        },
+    }
+}
+
+fn column_cell<'a>(values: Collection<'a>, col: &PlanColumn) -> Result<Cell<'a>, String> {
+    if col.collection {
+        let mut items = Vec::with_capacity(values.len());
+        for v in values.iter() {
+            if let Some(c) = item_cell(v, col.kind)? {
+                items.push(c);
+            }
+        }
+        return Ok(Cell::List(items));
+    }
+    match values.as_slice() {
+        [] => Ok(Cell::Null),
+        [v] => Ok(item_cell(v, col.kind)?.unwrap_or(Cell::Null)),
+        many => Err(format!(
+            "returned {} values; a column that is not 'collection: true' takes at most one",
+            many.len()
+        )),
+    }
+}
+
+impl<'a> Run<'a> {
+    fn err(&self, path: &str, message: impl Into<String>) -> RunError {
+        RunError {
+            resource: resource_label(self.resource),
+            path: path.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn eval(
+        &self,
+        expr: &'a atlas_fhirpath::Expr,
+        focus: &Value<'a>,
+        path: &str,
+    ) -> Result<Collection<'a>, RunError> {
+        expr.evaluate_on(
+            Collection::from(vec![focus.clone()]),
+            self.resource,
+            &self.ctx,
+        )
+        .map_err(|e| self.err(path, e.to_string()))
+    }
+
+    fn node(
+        &mut self,
+        node: &'a PlanNode,
+        focus: &Value<'a>,
+        index: i64,
+    ) -> Result<Rows<'a>, RunError> {
+        match &node.iter {
+            Iteration::None => self.body(node, focus, index),
+            Iteration::ForEach(e) | Iteration::ForEachOrNull(e) => {
+                let items = self.eval(e, focus, &node.iter_path)?;
+                if items.is_empty() && matches!(node.iter, Iteration::ForEachOrNull(_)) {
+                    let mut row = vec![Cell::Null; node.width];
+                    self.null_row(node, 0, &mut row, 0)?;
+                    return Ok(vec![row]);
+                }
+                let mut rows = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    rows.extend(self.body(node, item, i as i64)?);
+                }
+                Ok(rows)
+            }
+            Iteration::Repeat(paths) => {
+                let mut items = Vec::new();
+                self.repeat(paths, focus, &mut items, 0, &node.iter_path)?;
+                let mut rows = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    rows.extend(self.body(node, item, i as i64)?);
+                }
+                Ok(rows)
+            }
+        }
+    }
+
+    /// The row of an empty `forEachOrNull`: all columns null, except those
+    /// computed from `%rowIndex` alone, evaluated on an empty focus.
+    fn null_row(
+        &mut self,
+        node: &'a PlanNode,
+        index: i64,
+        row: &mut [Cell<'a>],
+        base: usize,
+    ) -> Result<(), RunError> {
+        self.ctx
+            .set_variable("rowIndex", vec![Value::Integer(index)]);
+        for col in node.columns.iter().filter(|c| c.uses_row_index) {
+            let values = col
+                .expr
+                .evaluate_on(Collection::empty(), self.resource, &self.ctx)
+                .map_err(|e| self.err(&col.path, e.to_string()))?;
+            if let Some(slot) = row.get_mut(base + col.offset) {
+                *slot = column_cell(values, col).map_err(|m| self.err(&col.path, m))?;
+            }
+        }
+        for child in node.children.iter().chain(node.union.first()) {
+            self.null_row(child, index, row, base + child.start - node.start)?;
+        }
+        Ok(())
+    }
+
+    fn repeat(
+        &self,
+        paths: &'a [atlas_fhirpath::Expr],
+        focus: &Value<'a>,
+        out: &mut Vec<Value<'a>>,
+        depth: usize,
+        path: &str,
+    ) -> Result<(), RunError> {
+        if depth >= MAX_REPEAT_DEPTH {
+            return Err(self.err(
+                path,
+                format!("repeat went deeper than {MAX_REPEAT_DEPTH} levels"),
+            ));
+        }
+        for p in paths {
+            for child in self.eval(p, focus, path)? {
+                out.push(child.clone());
+                self.repeat(paths, &child, out, depth + 1, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn body(
+        &mut self,
+        node: &'a PlanNode,
+        focus: &Value<'a>,
+        index: i64,
+    ) -> Result<Rows<'a>, RunError> {
+        self.ctx
+            .set_variable("rowIndex", vec![Value::Integer(index)]);
+        let mut base = vec![Cell::Null; node.width];
+        for col in &node.columns {
+            let values = self.eval(&col.expr, focus, &col.path)?;
+            base[col.offset] = column_cell(values, col).map_err(|m| self.err(&col.path, m))?;
+        }
+        let mut rows = vec![base];
+        for child in &node.children {
+            let child_rows = self.node(child, focus, index)?;
+            self.ctx
+                .set_variable("rowIndex", vec![Value::Integer(index)]);
+            rows = product(rows, &child_rows, child.start - node.start);
+        }
+        if !node.union.is_empty() {
+            let mut union_rows = Vec::new();
+            let mut offset = 0;
+            for branch in &node.union {
+                union_rows.extend(self.node(branch, focus, index)?);
+                self.ctx
+                    .set_variable("rowIndex", vec![Value::Integer(index)]);
+                offset = branch.start - node.start;
+            }
+            // All branches cover the same slots.
+            rows = product(rows, &union_rows, offset);
+        }
+        Ok(rows)
+    }
+}
+
+/// Every row of `left` combined with every row of `right` (written at `offset`).
+fn product<'a>(left: Rows<'a>, right: &Rows<'a>, offset: usize) -> Rows<'a> {
+    if right.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(left.len() * right.len());
+    for l in left {
+        for r in right {
+            let mut row = l.clone();
+            for (i, c) in r.iter().enumerate() {
+                if let Some(slot) = row.get_mut(offset + i) {
+                    *slot = c.clone();
+                }
+            }
+            out.push(row);
+        }
+    }
+    out
+}
+
+impl CompiledView {
+    /// An empty [`RowBuilder`] for this view.
+    pub fn row_builder(&self) -> RowBuilder {
+        RowBuilder::new(self)
+    }
+
+    /// Evaluate the view over one resource and append its rows; returns how
+    /// many. Resources of another type give no rows. On error nothing is appended.
+    pub fn append(&self, resource: &Json, out: &mut RowBuilder) -> Result<usize, RunError> {
+        let rows = self.rows(resource)?;
+        out.push_rows(&rows);
+        Ok(rows.len())
+    }
+
+    fn rows<'a>(&'a self, resource: &'a Json) -> Result<Rows<'a>, RunError> {
+        if resource.get("resourceType").and_then(Json::as_str) != Some(self.resource.as_str()) {
+            return Ok(Vec::new());
+        }
+        let mut ctx = EvalContext::new();
+        for (name, value) in &self.constants {
+            let v = match value {
+                ConstValue::Node(json, ty) => Value::Node(FhirNode {
+                    json: Some(json),
+                    element: None,
+                    ty: *ty,
+                }),
+                ConstValue::Integer(i) => Value::Integer(*i),
+            };
+            ctx.set_variable(name, vec![v]);
+        }
+        ctx.set_variable("rowIndex", vec![Value::Integer(0)]);
+        let mut run = Run {
+            view: self,
+            resource,
+            ctx,
+        };
+        let root = Value::Node(FhirNode {
+            json: Some(resource),
+            element: None,
+            ty: self.resource_key,
+        });
+        for (expr, path) in &run.view.wheres {
+            let r = run.eval(expr, &root, path)?;
+            match r.as_slice() {
+                [] => return Ok(Vec::new()),
+                [v] => match v.to_system() {
+                    Some(Value::Boolean(true)) => {}
+                    Some(Value::Boolean(false)) => return Ok(Vec::new()),
+                    _ => {
+                        return Err(
+                            run.err(path, format!("must return a boolean, got {}", type_text(v)))
+                        );
+                    }
+                },
+                many => {
+                    return Err(run.err(
+                        path,
+                        format!("must return one boolean, got {} items", many.len()),
+                    ));
+                }
+            }
+        }
+        run.node(&self.root, &root, 0)
+    }
+
+    /// Run the view over resources into one batch. Stops at the first error.
+    pub fn run<'r>(
+        &self,
+        resources: impl IntoIterator<Item = &'r Json>,
+    ) -> Result<RecordBatch, ViewError> {
+        let mut b = self.row_builder();
+        for r in resources {
+            self.append(r, &mut b)?;
+        }
+        b.finish()
+    }
+}
