@@ -63,7 +63,10 @@ fn bench_eval(c: &mut Criterion, name: &str, source: &str, resources: &[Json]) {
     let expr = Expr::parse(source).expect("parses");
     let ctx = EvalContext::new();
     let items = eval_all(&expr, resources, &ctx);
-    println!("{name}: `{source}` over {} resources -> {items} items", resources.len());
+    println!(
+        "{name}: `{source}` over {} resources -> {items} items",
+        resources.len()
+    );
     let mut group = c.benchmark_group("eval");
     group.throughput(Throughput::Elements(resources.len() as u64));
     group.bench_function(name, |b| {
@@ -75,8 +78,13 @@ fn bench_eval(c: &mut Criterion, name: &str, source: &str, resources: &[Json]) {
 fn bench_parse(c: &mut Criterion) {
     let mut group = c.benchmark_group("parse");
     group.throughput(Throughput::Elements(1));
-    for (name, source) in [("observation_value", OBSERVATION_EXPR), ("patient_official_given", PATIENT_EXPR)] {
-        group.bench_function(name, |b| b.iter(|| Expr::parse(black_box(source)).expect("parses")));
+    for (name, source) in [
+        ("observation_value", OBSERVATION_EXPR),
+        ("patient_official_given", PATIENT_EXPR),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| Expr::parse(black_box(source)).expect("parses"))
+        });
     }
     group.finish();
 }
@@ -95,8 +103,18 @@ fn main() {
     let patients = load(&pat_path, usize::MAX);
 
     let mut c = Criterion::default().configure_from_args();
-    bench_eval(&mut c, "observation_value_quantity", OBSERVATION_EXPR, &observations);
-    bench_eval(&mut c, "patient_official_given_first", PATIENT_EXPR, &patients);
+    bench_eval(
+        &mut c,
+        "observation_value_quantity",
+        OBSERVATION_EXPR,
+        &observations,
+    );
+    bench_eval(
+        &mut c,
+        "patient_official_given_first",
+        PATIENT_EXPR,
+        &patients,
+    );
     bench_parse(&mut c);
     c.final_summary();
 }

@@ -5,6 +5,7 @@
 mod crash;
 mod e2e;
 mod shared_data;
+mod views;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,0 +1,217 @@
+//! `atlas fhirpath` and `atlas view`: the same answers from files, Bundles and
+//! the lake, errors with positions, and the conformance suites through the CLI.
+
+use crate::{atlas, run_ok, shared, synth};
+use std::process::Command;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_atlas"));
+    c.arg("--quiet");
+    c
+}
+
+#[test]
+fn fhirpath_eval_prints_json_and_positions_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let obs = dir.path().join("obs.json");
+    std::fs::write(
+        &obs,
+        r#"{"resourceType":"Observation","id":"o1","status":"final",
+            "code":{"coding":[{"system":"http://loinc.org","code":"29463-7"}]},
+            "valueQuantity":{"value":176.35499866729558,"unit":"kg","system":"http://unitsofmeasure.org","code":"kg"}}"#,
+    )
+    .expect("write");
+    let out = run_ok(
+        bin()
+            .args([
+                "fhirpath",
+                "eval",
+                "Observation.value.ofType(Quantity).unit",
+            ])
+            .arg(&obs),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v, serde_json::json!(["kg"]));
+
+    let out = run_ok(
+        bin()
+            .args(["fhirpath", "eval", "value.ofType(Quantity) > 100 'g'"])
+            .arg(&obs),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v, serde_json::json!([true]), "176 kg > 100 g");
+
+    let out = bin()
+        .args([
+            "fhirpath",
+            "eval",
+            "Observation.code.coding.where(code = '1'",
+        ])
+        .arg(&obs)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("expected ')'") && err.contains("at 1:"),
+        "{err}"
+    );
+
+    let out = bin()
+        .args(["fhirpath", "eval", "--check", "Observation.vaule"])
+        .arg(&obs)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vaule"));
+}
+
+#[test]
+fn view_runs_the_same_over_files_and_the_lake() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synth(dir.path(), 40, 11);
+    let lake = dir.path().join("lake");
+    run_ok(atlas(&lake).arg("ingest").arg(&data));
+    let view = dir.path().join("obs.json");
+    std::fs::write(
+        &view,
+        r#"{"resourceType":"ViewDefinition","resource":"Observation","status":"active",
+            "select":[{"column":[
+              {"name":"id","path":"getResourceKey()","type":"id"},
+              {"name":"patient_id","path":"subject.getReferenceKey(Patient)","type":"id"},
+              {"name":"code","path":"code.coding.where(system='http://loinc.org').code.first()","type":"code"},
+              {"name":"value","path":"value.ofType(Quantity).value","type":"decimal"}]}]}"#,
+    )
+    .expect("write");
+    let rows = |cmd: &mut Command| -> Vec<String> {
+        let out = run_ok(cmd);
+        let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    };
+    let from_files = rows(
+        bin()
+            .args(["view", "run"])
+            .arg(&view)
+            .arg(&data)
+            .args(["--format", "ndjson"]),
+    );
+    let from_lake = rows(
+        atlas(&lake)
+            .args(["view", "run"])
+            .arg(&view)
+            .args(["--format", "ndjson"]),
+    );
+    assert!(from_files.len() > 100, "{} rows", from_files.len());
+    assert_eq!(from_files, from_lake);
+    let first: serde_json::Value = serde_json::from_str(&from_files[0]).expect("ndjson row");
+    for k in ["id", "patient_id", "code", "value"] {
+        assert!(
+            first.get(k).is_some(),
+            "{k} missing (nulls are kept): {first}"
+        );
+    }
+
+    // Parquet and CSV carry the same number of rows.
+    let pq = dir.path().join("obs.parquet");
+    run_ok(
+        bin()
+            .args(["view", "run"])
+            .arg(&view)
+            .arg(&data)
+            .args(["--format", "parquet", "--out"])
+            .arg(&pq),
+    );
+    let file = std::fs::File::open(&pq).expect("parquet written");
+    let reader = parquet::file::reader::SerializedFileReader::new(file).expect("parquet");
+    use parquet::file::reader::FileReader;
+    assert_eq!(
+        reader.metadata().file_metadata().num_rows() as usize,
+        from_files.len()
+    );
+    let csv = rows(
+        bin()
+            .args(["view", "run"])
+            .arg(&view)
+            .arg(&data)
+            .args(["--format", "csv"]),
+    );
+    assert_eq!(csv.len(), from_files.len() + 1, "header + rows");
+}
+
+#[test]
+fn invalid_view_is_refused_with_its_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let view = dir.path().join("bad.json");
+    std::fs::write(
+        &view,
+        r#"{"resource":"Patient","select":[{"column":[
+            {"name":"id","path":"id"},{"name":"x","path":"name.nosuchfn()"}]}]}"#,
+    )
+    .expect("write");
+    let input = dir.path().join("p.ndjson");
+    std::fs::write(&input, "{\"resourceType\":\"Patient\",\"id\":\"p1\"}\n").expect("write");
+    let out = bin()
+        .args(["view", "run"])
+        .arg(&view)
+        .arg(&input)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("select[0].column[1].path"), "{err}");
+    assert!(err.contains("nosuchfn"), "{err}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn conformance_suites_through_the_cli() {
+    let Some(shared) = shared() else {
+        println!("MISSING: ../shared (conformance suites); CLI suite runs skipped");
+        return;
+    };
+    let conf = shared.join("conformance");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report = dir.path().join("sof.json");
+    let out = run_ok(
+        bin()
+            .args(["view", "test"])
+            .arg(conf.join("sql-on-fhir/sql-on-fhir-js-via-octofhir"))
+            .arg("--report")
+            .arg(&report),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("144 passed, 0 failed"), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("json");
+    let n: usize = report
+        .as_object()
+        .expect("report object")
+        .values()
+        .map(|f| f["tests"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(n, 144);
+
+    let out = run_ok(
+        bin()
+            .args(["fhirpath", "test"])
+            .arg(conf.join("fhirpath/tests-fhir-r4.xml"))
+            .arg("--inputs")
+            .arg(conf.join("fhirpath/r4-input")),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or("");
+    let passed: usize = last
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(passed >= 918, "{last}");
+    // Skips are only for inputs that exist solely as XML, and are named.
+    for line in text.lines().filter(|l| l.starts_with("skipped")) {
+        assert!(line.contains("only available as XML"), "{line}");
+    }
+}
