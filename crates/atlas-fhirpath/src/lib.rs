@@ -8,7 +8,7 @@
 //! `scripts/gen_fhir_model.py`, see `MODEL.md`), and a runner for the HL7
 //! FHIRPath conformance suite ([`suite::run`]).
 //!
-//! It depends on no other workspace crate. Callers plug in behaviour through
+//! It depends only on `atlas-fhir` (shared civil-date arithmetic). Callers plug in behaviour through
 //! traits: [`ResourceResolver`] for `resolve()`, [`TerminologyService`] for
 //! `memberOf()`, [`TraceSink`] for `trace()`.
 //!
