@@ -5,8 +5,10 @@
 //! `atlas-lake`, `atlas-synth`), so the demo and the tests exercise the same
 //! code paths a user does.
 
+mod flatten;
 mod progress;
 mod view;
+mod views;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -82,6 +84,31 @@ JSON shape (stable): {\"resources\": {\"<Type>\": {\"live\": n, \"deleted\": n}}
     /// SQL-on-FHIR conformance suite.
     #[command(subcommand)]
     View(view::ViewCommand),
+    /// Materialized views: the built-in views behind the ontology plus your
+    /// own, written as Delta tables under <lake>/views/ and refreshed incrementally.
+    #[command(subcommand)]
+    Views(views::ViewsCommand),
+    /// The ontology: object types backed by views, their links and saved object sets.
+    #[command(subcommand)]
+    Ontology(views::OntologyCommand),
+    /// Run read-only SQL (DataFusion) over the lake: every view by name
+    /// (patient, encounter, observation, ...) and the resources, quarantine
+    /// and batches tables.
+    #[command(after_help = "Examples:
+  atlas sql \"SELECT gender, count(*) AS n FROM patient GROUP BY gender\"
+  atlas sql \"SELECT p.id, count(*) FROM patient p JOIN observation o ON o.patient_id = p.id GROUP BY 1 ORDER BY 2 DESC LIMIT 5\"
+  atlas sql --format parquet --out obs.parquet \"SELECT * FROM observation WHERE code = '8867-4'\"
+
+Write statements (INSERT, UPDATE, DELETE, CREATE, DROP, COPY, SET) are refused.")]
+    Sql {
+        /// The query.
+        query: String,
+        #[arg(long, value_enum, default_value_t = views::SqlFormat::Table)]
+        format: views::SqlFormat,
+        /// Write to this file instead of stdout (required for parquet).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Generate a small population, ingest it and show what to try next.
     #[command(after_help = "Example:
   atlas demo --patients 200 --lake /tmp/demo-lake")]
@@ -295,6 +322,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Synth(args) => run_synth(args, show),
         Command::Fhirpath(cmd) => run_fhirpath(cmd),
         Command::View(cmd) => view::run(cmd, &cli.lake).await,
+        Command::Views(cmd) => views::run_views(cmd, &cli.lake, show).await,
+        Command::Ontology(cmd) => views::run_ontology(cmd),
+        Command::Sql { query, format, out } => views::run_sql(&cli.lake, &query, format, out).await,
         Command::Demo { patients, seed } => demo(&cli.lake, patients, seed, show).await,
     }
 }
@@ -571,7 +601,7 @@ async fn demo(lake_location: &str, patients: usize, seed: u64, show: bool) -> Re
         std::env::temp_dir().join("atlas-demo-data")
     };
     eprintln!(
-        "1/3 generating {patients} synthetic patients (seed {seed}) into {}",
+        "1/4 generating {patients} synthetic patients (seed {seed}) into {}",
         data.display()
     );
     run_synth(
@@ -584,7 +614,7 @@ async fn demo(lake_location: &str, patients: usize, seed: u64, show: bool) -> Re
         },
         show,
     )?;
-    eprintln!("2/3 ingesting them into the lake at {}", lake.root());
+    eprintln!("2/4 ingesting them into the lake at {}", lake.root());
     let args = IngestArgs {
         paths: vec![data.display().to_string()],
         source: "synth".into(),
@@ -594,12 +624,24 @@ async fn demo(lake_location: &str, patients: usize, seed: u64, show: bool) -> Re
         json: false,
     };
     run_ingest(&lake, &args, show).await?;
-    eprintln!("3/3 what the lake holds now:\n");
+    eprintln!("3/4 what the lake holds now:\n");
     print_stats(&stats(&lake).await?);
+    eprintln!(
+        "\n4/4 building the views behind the ontology (patient, encounter, observation, ...)\n"
+    );
+    let store = atlas_viewstore::ViewStore::new(lake.clone());
+    let reports = views::refresh(&store, &[], false, show).await?;
+    views::print_refresh(&reports);
+    let sample = "SELECT p.gender, count(DISTINCT p.id) AS patients, count(o.id) AS heart_rates, round(avg(o.value_quantity), 1) AS mean_bpm FROM patient p JOIN observation o ON o.patient_id = p.id WHERE o.code = '8867-4' GROUP BY p.gender ORDER BY p.gender";
+    println!("\nA sample query across views (heart rate by gender):\n  atlas sql \"{sample}\"\n");
+    views::run_sql(lake_location, sample, views::SqlFormat::Table, None).await?;
     let elapsed = started.elapsed().as_secs_f64();
     println!(
         "\nDemo done in {elapsed:.1} s. Try next:
   atlas --lake {lake_location} stats --json
+  atlas --lake {lake_location} views status
+  atlas --lake {lake_location} ontology show
+  atlas --lake {lake_location} sql \"SELECT code_display, count(*) FROM condition GROUP BY 1 ORDER BY 2 DESC LIMIT 10\"
   atlas --lake {lake_location} ingest {}      # again: nothing changes
   duckdb -c \"INSTALL delta; LOAD delta; SELECT resource_type, count(*) FROM delta_scan('{}tables/resources') GROUP BY 1\"",
         data.display(),

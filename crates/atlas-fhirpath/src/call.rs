@@ -7,13 +7,13 @@ use crate::eval::{
     to_bool, type_matches,
 };
 use crate::functions::Func;
+use crate::json::JsonRef;
 use crate::model::Model;
 use crate::temporal::TemporalKind;
 use crate::value::{FhirNode, Quantity, Temporal, Value, equals, is_decimal_text};
 use regex::Regex;
 use rust_decimal::prelude::{FromPrimitive, ToPrimitive};
 use rust_decimal::{Decimal, RoundingStrategy};
-use serde_json::Value as Json;
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::cmp::Ordering;
@@ -748,8 +748,8 @@ impl<'e, 'a> Evaluator<'e, 'a> {
                 Ok(exts
                     .into_iter()
                     .filter(|e| {
-                        matches!(e, Value::Node(FhirNode { json: Some(Json::Object(o)), .. })
-                            if o.get("url").and_then(Json::as_str) == Some(url.as_str()))
+                        matches!(e, Value::Node(FhirNode { json: Some(j), .. })
+                            if j.get("url").and_then(JsonRef::as_str) == Some(url.as_str()))
                     })
                     .collect())
             }
@@ -757,12 +757,9 @@ impl<'e, 'a> Evaluator<'e, 'a> {
                 let mut out = Vec::new();
                 for v in &input {
                     let reference = match v {
-                        Value::Node(FhirNode {
-                            json: Some(Json::Object(o)),
-                            ..
-                        }) => o
+                        Value::Node(FhirNode { json: Some(j), .. }) if j.is_object() => j
                             .get("reference")
-                            .and_then(Json::as_str)
+                            .and_then(JsonRef::as_str)
                             .map(str::to_string),
                         other => other.as_str().map(str::to_string),
                     };
@@ -777,12 +774,10 @@ impl<'e, 'a> Evaluator<'e, 'a> {
             Func::GetResourceKey => {
                 let mut out = Vec::new();
                 for v in &input {
-                    if let Value::Node(FhirNode {
-                        json: Some(Json::Object(o)),
-                        ..
-                    }) = v
+                    if let Value::Node(FhirNode { json: Some(j), .. }) = v
+                        && let Some(o) = j.as_object()
                         && o.contains_key("resourceType")
-                        && let Some(id) = o.get("id").and_then(Json::as_str)
+                        && let Some(id) = o.get_str("id")
                     {
                         out.push(Value::String(Cow::Borrowed(id)));
                     }
@@ -799,14 +794,10 @@ impl<'e, 'a> Evaluator<'e, 'a> {
                 };
                 let mut out = Vec::new();
                 for v in &input {
-                    let Value::Node(FhirNode {
-                        json: Some(Json::Object(o)),
-                        ..
-                    }) = v
-                    else {
+                    let Value::Node(FhirNode { json: Some(j), .. }) = v else {
                         continue;
                     };
-                    let Some(r) = o.get("reference").and_then(Json::as_str) else {
+                    let Some(r) = j.get("reference").and_then(JsonRef::as_str) else {
                         continue;
                     };
                     let r = r.split("/_history/").next().unwrap_or(r);
@@ -945,36 +936,38 @@ impl<'e, 'a> Evaluator<'e, 'a> {
         }
     }
 
-    fn resolve_reference(&self, r: &str) -> Option<&'a Json> {
+    fn resolve_reference(&self, r: &str) -> Option<JsonRef<'a>> {
         let root = match self.root.first() {
             Some(Value::Node(FhirNode { json: Some(j), .. })) => Some(*j),
             _ => None,
         };
+        let str_of = |j: JsonRef<'a>, k: &str| j.get(k).and_then(JsonRef::as_str);
         if let Some(id) = r.strip_prefix('#') {
             let contained = root?.get("contained")?.as_array()?;
-            return contained
-                .iter()
-                .find(|c| c.get("id").and_then(Json::as_str) == Some(id));
+            return contained.iter().find(|c| str_of(*c, "id") == Some(id));
         }
         if let Some(root) = root
-            && root.get("resourceType").and_then(Json::as_str) == Some("Bundle")
-            && let Some(entries) = root.get("entry").and_then(Json::as_array)
+            && str_of(root, "resourceType") == Some("Bundle")
+            && let Some(entries) = root.get("entry").and_then(JsonRef::as_array)
         {
             let mut parts = r.rsplit('/');
             let (id, ty) = (parts.next(), parts.next());
-            for e in entries {
-                if e.get("fullUrl").and_then(Json::as_str) == Some(r) {
+            for e in entries.iter() {
+                if str_of(e, "fullUrl") == Some(r) {
                     return e.get("resource");
                 }
                 if let Some(res) = e.get("resource")
-                    && res.get("id").and_then(Json::as_str) == id
-                    && res.get("resourceType").and_then(Json::as_str) == ty
+                    && str_of(res, "id") == id
+                    && str_of(res, "resourceType") == ty
                 {
                     return Some(res);
                 }
             }
         }
-        self.ctx.resolver.and_then(|res| res.resolve(r))
+        self.ctx
+            .resolver
+            .and_then(|res| res.resolve(r))
+            .map(JsonRef::Serde)
     }
 
     fn sort(&self, input: Items<'a>, args: &'a [Node]) -> R<Items<'a>> {

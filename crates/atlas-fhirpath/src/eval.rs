@@ -2,6 +2,7 @@
 
 use crate::ast::{BinOp, Literal, Node, NodeKind, TypeSpec};
 use crate::error::EvalError;
+use crate::json::{JsonRef, JsonValue};
 use crate::model::{Model, TypeKind};
 use crate::parser::node_as_type_spec;
 use crate::value::{FhirNode, Quantity, Temporal, Value, equals, equivalent, numeric};
@@ -70,7 +71,14 @@ impl<'a> EvalContext<'a> {
     /// Define `%name` as a JSON value (a FHIR resource or element; arrays become collections).
     pub fn with_json_variable(mut self, name: impl Into<String>, json: &'a Json) -> Self {
         let mut out = Vec::new();
-        push_json(Some(json), None, None, &mut out);
+        push_json(Some(JsonRef::Serde(json)), None, None, &mut out);
+        self.vars.insert(name.into(), out);
+        self
+    }
+    /// [`EvalContext::with_json_variable`] for a [`crate::json`] tree.
+    pub fn with_tree_variable(mut self, name: impl Into<String>, json: &'a JsonValue<'a>) -> Self {
+        let mut out = Vec::new();
+        push_json(Some(JsonRef::Tree(json)), None, None, &mut out);
         self.vars.insert(name.into(), out);
         self
     }
@@ -112,22 +120,22 @@ pub(crate) struct Evaluator<'e, 'a> {
 
 fn ptr_key(v: &Value<'_>) -> Option<usize> {
     match v {
-        Value::Node(FhirNode { json: Some(j), .. }) => Some(*j as *const Json as usize),
+        Value::Node(FhirNode { json: Some(j), .. }) => Some(j.addr()),
         Value::Node(FhirNode {
             element: Some(e), ..
-        }) => Some(*e as *const Json as usize),
+        }) => Some(e.addr()),
         _ => None,
     }
 }
 
 /// Push the node(s) of a JSON property (array or single), pairing `_name` elements.
 pub(crate) fn push_json<'a>(
-    json: Option<&'a Json>,
-    element: Option<&'a Json>,
+    json: Option<JsonRef<'a>>,
+    element: Option<JsonRef<'a>>,
     ty: Option<&'static str>,
     out: &mut Items<'a>,
 ) {
-    let node = |j: Option<&'a Json>, e: Option<&'a Json>| {
+    let node = |j: Option<JsonRef<'a>>, e: Option<JsonRef<'a>>| {
         let j = j.filter(|j| !j.is_null());
         let e = e.filter(|e| !e.is_null());
         if j.is_none() && e.is_none() {
@@ -136,9 +144,8 @@ pub(crate) fn push_json<'a>(
         // Only resource-typed positions (contained, Bundle.entry.resource, roots) need the
         // concrete type from `resourceType`.
         let needs_rt = ty.is_none_or(|t| matches!(t, "Resource" | "DomainResource"));
-        let ty = match j {
-            Some(Json::Object(o)) if needs_rt => match o.get("resourceType").and_then(Json::as_str)
-            {
+        let ty = match j.and_then(JsonRef::as_object) {
+            Some(o) if needs_rt => match o.get_str("resourceType") {
                 Some(rt) => Model::r4().type_key(rt).or(ty),
                 None => ty,
             },
@@ -150,28 +157,29 @@ pub(crate) fn push_json<'a>(
             ty,
         }))
     };
-    match (json, element) {
-        (Some(Json::Array(items)), el) => {
-            let els = el.and_then(Json::as_array);
-            let n = items.len().max(els.map_or(0, Vec::len));
+    match (json.and_then(JsonRef::as_array), element) {
+        (Some(items), el) => {
+            let els = el.and_then(JsonRef::as_array);
+            let n = items.len().max(els.map_or(0, |e| e.len()));
             for i in 0..n {
                 if let Some(v) = node(items.get(i), els.and_then(|e| e.get(i))) {
                     out.push(v);
                 }
             }
+            return;
         }
-        (None, Some(Json::Array(els))) => {
-            for e in els {
+        (None, Some(e)) if json.is_none() && e.is_array() => {
+            for e in e.as_array().into_iter().flat_map(|a| a.iter()) {
                 if let Some(v) = node(None, Some(e)) {
                     out.push(v);
                 }
             }
+            return;
         }
-        (j, e) => {
-            if let Some(v) = node(j, e) {
-                out.push(v);
-            }
-        }
+        _ => {}
+    }
+    if let Some(v) = node(json, element) {
+        out.push(v);
     }
 }
 
@@ -189,18 +197,18 @@ fn underscore<'b>(name: &str, buf: &'b mut [u8; 96]) -> Option<&'b str> {
 pub(crate) fn child<'a>(v: &Value<'a>, name: &str, out: &mut Items<'a>) {
     let model = Model::r4();
     match v {
-        Value::Node(n) => match n.json {
-            Some(Json::Object(obj)) => {
+        Value::Node(n) => match n.json.and_then(JsonRef::as_object) {
+            Some(obj) => {
                 let mut buf = [0u8; 96];
                 if let Some(t) = n.ty {
                     if let Some(e) = model.element(t, name) {
                         if e.choice {
                             // One pass over the (few) keys of the object beats probing
                             // every possible `name + Type` key.
-                            for (k, v) in obj {
+                            for (k, v) in obj.iter() {
                                 let (bare, is_ext) = match k.strip_prefix('_') {
                                     Some(b) => (b, true),
-                                    None => (k.as_str(), false),
+                                    None => (k, false),
                                 };
                                 if !bare.starts_with(name) || (is_ext && obj.contains_key(bare)) {
                                     continue;
@@ -245,7 +253,7 @@ pub(crate) fn child<'a>(v: &Value<'a>, name: &str, out: &mut Items<'a>) {
                 );
             }
             _ => {
-                if let Some(Json::Object(el)) = n.element {
+                if let Some(el) = n.element.and_then(JsonRef::as_object) {
                     let ty = match name {
                         "extension" => Some("Extension"),
                         "id" => Some("string"),
@@ -271,9 +279,9 @@ pub(crate) fn child<'a>(v: &Value<'a>, name: &str, out: &mut Items<'a>) {
 pub(crate) fn children<'a>(v: &Value<'a>, out: &mut Items<'a>) {
     let Value::Node(n) = v else { return };
     let model = Model::r4();
-    match n.json {
-        Some(Json::Object(obj)) => {
-            for (k, j) in obj {
+    match n.json.and_then(JsonRef::as_object) {
+        Some(obj) => {
+            for (k, j) in obj.iter() {
                 if k == "resourceType" {
                     continue;
                 }
@@ -300,7 +308,7 @@ pub(crate) fn children<'a>(v: &Value<'a>, out: &mut Items<'a>) {
             }
         }
         _ => {
-            if let Some(Json::Object(el)) = n.element {
+            if let Some(el) = n.element.and_then(JsonRef::as_object) {
                 push_json(el.get("extension"), None, Some("Extension"), out);
             }
         }
@@ -447,10 +455,11 @@ impl<'e, 'a> Evaluator<'e, 'a> {
                         }
                         if let Value::Node(FhirNode {
                             ty: None,
-                            json: Some(Json::Object(o)),
+                            json: Some(j),
                             ..
                         }) = v
-                            && o.get("resourceType").and_then(Json::as_str) == Some(name.as_str())
+                            && j.get("resourceType").and_then(JsonRef::as_str)
+                                == Some(name.as_str())
                         {
                             out.push(v.clone());
                             continue;

@@ -2,12 +2,15 @@
 //!
 //! Inputs are read as JSON: a test naming `patient-example.xml` uses
 //! `patient-example.json` from the inputs directory; tests whose input exists
-//! only as XML are skipped (and named in the report).
+//! only as XML are skipped (and named in the report). JSON inputs are read
+//! with [`crate::json::parse`] and evaluated over that tree (exact decimals).
 
+use crate::json::{self, JsonRef, JsonValue};
 use crate::value::{TemporalKind, Value};
 use crate::{CheckOptions, EvalContext, Expr};
 use serde::Serialize;
-use serde_json::Value as Json;
+
+type Json = JsonValue<'static>;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -127,11 +130,12 @@ fn load_input<'c>(
         };
         let path = dir.join(&json_name);
         match std::fs::read_to_string(&path) {
-            Ok(t) => {
-                serde_json::from_str(&t).map_err(|e| format!("invalid JSON in {json_name}: {e}"))
-            }
+            Ok(t) => json::parse(&t)
+                .map(JsonValue::into_owned)
+                .map_err(|e| format!("invalid JSON in {json_name}: {e}")),
             Err(_) if convert_xml => match std::fs::read_to_string(dir.join(file)) {
                 Ok(x) => crate::fhir_xml::resource_from_xml(&x)
+                    .map(|j| json::from_serde(&j))
                     .map_err(|e| format!("invalid XML in {file}: {e}")),
                 Err(e) => Err(format!("cannot read {file}: {e}")),
             },
@@ -172,7 +176,7 @@ fn run_test(
         })
         .collect();
 
-    let null = Json::Null;
+    let null = JsonValue::Null;
     let input: &Json = match test.attribute("inputfile") {
         Some(file) => match load_input(file, dir, options.convert_xml_inputs, cache) {
             Ok(j) => j,
@@ -219,7 +223,7 @@ fn evaluate(
     }
     let root_type = input
         .get("resourceType")
-        .and_then(Json::as_str)
+        .and_then(JsonValue::as_str)
         .unwrap_or("");
     if !root_type.is_empty() {
         let opts = CheckOptions {
@@ -235,7 +239,7 @@ fn evaluate(
     }
     let ctx = EvalContext::new();
     let out = expr
-        .evaluate(input, &ctx)
+        .evaluate_tree(input, &ctx)
         .map_err(|e| format!("execution: {e}"))?;
     if test.attribute("predicate") == Some("true") {
         return Ok(vec![("boolean".into(), (!out.is_empty()).to_string())]);
@@ -254,7 +258,7 @@ fn render(v: &Value<'_>) -> Rendered {
         }
         return (
             ty.unwrap_or_default(),
-            n.json.map(Json::to_string).unwrap_or_default(),
+            n.json.map(JsonRef::to_json_string).unwrap_or_default(),
         );
     }
     match v {

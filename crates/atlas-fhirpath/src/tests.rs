@@ -4,10 +4,94 @@
 use crate::{EvalContext, EvalError, Expr, ResourceResolver};
 use serde_json::{Value as Json, json};
 
+/// Evaluates over the serde_json value and over its [`crate::json`] tree;
+/// both must agree.
 fn eval(resource: &Json, expr: &str) -> Result<Json, EvalError> {
     let e = Expr::parse(expr).unwrap_or_else(|err| panic!("{expr}: {err}"));
-    e.evaluate(resource, &EvalContext::new())
-        .map(|c| c.to_json())
+    let serde = e
+        .evaluate(resource, &EvalContext::new())
+        .map(|c| c.to_json());
+    let tree = crate::json::from_serde(resource);
+    let ours = e
+        .evaluate_tree(&tree, &EvalContext::new())
+        .map(|c| c.to_json());
+    assert_eq!(ours, serde, "{expr}: tree and serde_json results differ");
+    serde
+}
+
+#[track_caller]
+fn eval_text(resource: &str, expr: &str) -> Vec<String> {
+    let tree = crate::json::parse(resource).unwrap_or_else(|e| panic!("{e}"));
+    let e = Expr::parse(expr).unwrap_or_else(|err| panic!("{expr}: {err}"));
+    match e.evaluate_tree(&tree, &EvalContext::new()) {
+        Ok(c) => c
+            .iter()
+            .map(|v| v.to_fhirpath_string().unwrap_or_else(|| "?".into()))
+            .collect(),
+        Err(err) => vec![format!("error: {err}")],
+    }
+}
+
+#[test]
+fn tree_decimals_keep_their_digits() {
+    let obs = r#"{"resourceType": "Observation", "id": "o",
+        "valueQuantity": {"value": 0.123456789012345678901, "unit": "mg"},
+        "component": [{"valueQuantity": {"value": 12345678901234567.5}},
+                      {"valueQuantity": {"value": 1.50}},
+                      {"valueInteger": 99999999999}]}"#;
+    assert_eq!(
+        eval_text(obs, "Observation.value.ofType(Quantity).value"),
+        ["0.123456789012345678901"]
+    );
+    assert_eq!(
+        eval_text(obs, "Observation.value.ofType(Quantity)"),
+        ["0.123456789012345678901 'mg'"]
+    );
+    assert_eq!(
+        eval_text(obs, "Observation.component.value.ofType(Quantity).value"),
+        ["12345678901234567.5", "1.50"]
+    );
+    assert_eq!(
+        eval_text(obs, "Observation.component[0].value.value + 0.5"),
+        ["12345678901234568.0"]
+    );
+    assert_eq!(
+        eval_text(obs, "Observation.component[1].value.value = 1.5"),
+        ["true"]
+    );
+    assert_eq!(
+        eval_text(obs, "Observation.component[2].value + 1"),
+        ["100000000000"]
+    );
+    assert_eq!(
+        eval_text(obs, "Observation.value.value = 0.123456789012345678902"),
+        ["false"]
+    );
+    // Structural equality of nodes compares numbers by value.
+    assert_eq!(
+        eval_text(
+            r#"{"resourceType": "Basic", "a": {"value": 1.50}, "b": {"value": 1.5}}"#,
+            "Basic.a = Basic.b"
+        ),
+        ["true"]
+    );
+}
+
+#[test]
+fn tree_and_serde_nodes_mix() {
+    let tree =
+        crate::json::parse(r#"{"resourceType": "Patient", "id": "p1", "name": [{"family": "A"}]}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+    let other = json!([{"family": "A"}]);
+    let e = Expr::parse("Patient.name = %other and %other.family = 'A' and %self.id = 'p1'")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ctx = EvalContext::new()
+        .with_json_variable("other", &other)
+        .with_tree_variable("self", &tree);
+    assert_eq!(
+        e.evaluate_tree(&tree, &ctx).map(|c| c.to_json()),
+        Ok(json!([true]))
+    );
 }
 
 #[track_caller]

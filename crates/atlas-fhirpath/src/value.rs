@@ -1,5 +1,6 @@
 //! Values and collections produced by evaluation.
 
+use crate::json::{JsonRef, Kind, json_equal};
 use crate::model::Model;
 pub use crate::quantity::{Quantity, is_calendar_unit};
 pub use crate::temporal::{Temporal, TemporalKind};
@@ -9,14 +10,15 @@ use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::str::FromStr;
 
-/// A node of the input JSON together with its FHIR type.
+/// A node of the input JSON (our [`crate::json`] tree or a `serde_json::Value`)
+/// together with its FHIR type.
 ///
 /// For primitives, `json` is the value (`"1974-12-25"`) and `element` is the
 /// `_birthDate` sibling that carries `id` and `extension`; either may be absent.
 #[derive(Debug, Clone, Copy)]
 pub struct FhirNode<'a> {
-    pub json: Option<&'a Json>,
-    pub element: Option<&'a Json>,
+    pub json: Option<JsonRef<'a>>,
+    pub element: Option<JsonRef<'a>>,
     /// Model type key (`HumanName`, `code`, `Patient.contact`), when known.
     pub ty: Option<&'static str>,
 }
@@ -154,41 +156,36 @@ impl<'a> Value<'a> {
         let json = n.json?;
         let model = Model::r4();
         let ty = n.ty.unwrap_or("");
-        match json {
-            Json::Bool(b) => Some(Value::Boolean(*b)),
-            Json::Number(num) => {
-                if ty == "decimal" || (!num.is_i64() && !num.is_u64()) {
-                    json_number_decimal(num).map(Value::Decimal)
+        match json.kind() {
+            Kind::Bool(b) => Some(Value::Boolean(b)),
+            Kind::Number(num) => {
+                if ty == "decimal" || !num.is_integer() {
+                    num.as_decimal().map(Value::Decimal)
                 } else {
                     num.as_i64()
                         .map(Value::Integer)
-                        .or_else(|| json_number_decimal(num).map(Value::Decimal))
+                        .or_else(|| num.as_decimal().map(Value::Decimal))
                 }
             }
-            Json::String(s) => match ty {
+            Kind::String(s) => match ty {
                 "date" => Temporal::parse_date(s).map(Value::Temporal),
                 "dateTime" | "instant" => Temporal::parse_datetime(s).map(Value::Temporal),
                 "time" => Temporal::parse_time(s).map(Value::Temporal),
                 "decimal" => Decimal::from_str(s).ok().map(Value::Decimal),
                 "integer" | "positiveInt" | "unsignedInt" => s.parse().ok().map(Value::Integer),
                 "boolean" => s.parse().ok().map(Value::Boolean),
-                _ => Some(Value::String(Cow::Borrowed(s.as_str()))),
+                _ => Some(Value::String(Cow::Borrowed(s))),
             },
-            Json::Object(o) if !ty.is_empty() && model.is_a(ty, "Quantity") => {
+            Kind::Object(o) if !ty.is_empty() && model.is_a(ty, "Quantity") => {
                 let value = o
                     .get("value")
                     .and_then(|v| v.as_number())
-                    .and_then(json_number_decimal)?;
-                let ucum =
-                    o.get("system").and_then(Json::as_str) == Some("http://unitsofmeasure.org");
-                let unit = if ucum {
-                    o.get("code").and_then(Json::as_str)
-                } else {
-                    None
-                }
-                .or_else(|| o.get("unit").and_then(Json::as_str))
-                .or_else(|| o.get("code").and_then(Json::as_str))
-                .unwrap_or("1");
+                    .and_then(|n| n.as_decimal())?;
+                let ucum = o.get_str("system") == Some("http://unitsofmeasure.org");
+                let unit = if ucum { o.get_str("code") } else { None }
+                    .or_else(|| o.get_str("unit"))
+                    .or_else(|| o.get_str("code"))
+                    .unwrap_or("1");
                 Some(Value::Quantity(Quantity::new(value, unit)))
             }
             _ => None,
@@ -200,14 +197,12 @@ impl<'a> Value<'a> {
         match self {
             Value::Node(n) => match n.ty {
                 Some(t) => ("FHIR", Cow::Borrowed(Model::r4().type_name(t))),
-                None => match n.json {
-                    Some(Json::Bool(_)) => ("System", "Boolean".into()),
-                    Some(Json::Number(x)) if x.is_i64() || x.is_u64() => {
-                        ("System", "Integer".into())
-                    }
-                    Some(Json::Number(_)) => ("System", "Decimal".into()),
-                    Some(Json::String(_)) => ("System", "String".into()),
-                    Some(Json::Object(o)) => match o.get("resourceType").and_then(Json::as_str) {
+                None => match n.json.map(JsonRef::kind) {
+                    Some(Kind::Bool(_)) => ("System", "Boolean".into()),
+                    Some(Kind::Number(x)) if x.is_integer() => ("System", "Integer".into()),
+                    Some(Kind::Number(_)) => ("System", "Decimal".into()),
+                    Some(Kind::String(_)) => ("System", "String".into()),
+                    Some(Kind::Object(o)) => match o.get_str("resourceType") {
                         Some(rt) => ("FHIR", Cow::Borrowed(rt)),
                         None => ("FHIR", "Element".into()),
                     },
@@ -235,9 +230,9 @@ impl<'a> Value<'a> {
     pub(crate) fn as_str(&self) -> Option<&str> {
         match self {
             Value::String(s) => Some(s),
-            Value::Node(n) => match (n.json, n.ty) {
-                (Some(Json::String(s)), Some(t)) if STRING_TYPES.contains(&t) => Some(s),
-                (Some(Json::String(s)), None) => Some(s),
+            Value::Node(n) => match (n.json.and_then(JsonRef::as_str), n.ty) {
+                (Some(s), Some(t)) if STRING_TYPES.contains(&t) => Some(s),
+                (Some(s), None) => Some(s),
                 _ => None,
             },
             _ => None,
@@ -260,7 +255,7 @@ impl<'a> Value<'a> {
     pub fn to_json(&self) -> Json {
         match self {
             Value::Node(n) => match n.json {
-                Some(j) => j.clone(),
+                Some(j) => j.to_serde(),
                 None => Json::Null,
             },
             Value::Boolean(b) => Json::Bool(*b),
@@ -299,15 +294,16 @@ fn decimal_json(d: Decimal) -> Json {
 /// FHIRPath `=` on two items: `None` means empty (uncertain).
 pub(crate) fn equals(a: &Value<'_>, b: &Value<'_>) -> Option<bool> {
     if let (Value::Node(x), Value::Node(y)) = (a, b)
-        && matches!(x.json, Some(Json::Object(_)))
-        && matches!(y.json, Some(Json::Object(_)))
+        && let (Some(xj), Some(yj)) = (x.json, y.json)
+        && xj.is_object()
+        && yj.is_object()
     {
         if let (Some(qa @ Value::Quantity(_)), Some(qb @ Value::Quantity(_))) =
             (a.to_system(), b.to_system())
         {
             return equals(&qa, &qb);
         }
-        return Some(x.json == y.json);
+        return Some(json_equal(xj, yj));
     }
     let (Some(a), Some(b)) = (a.to_system(), b.to_system()) else {
         return Some(false);
@@ -362,15 +358,16 @@ fn normalize_ws(s: &str) -> String {
 /// FHIRPath `~` on two items.
 pub(crate) fn equivalent(a: &Value<'_>, b: &Value<'_>) -> bool {
     if let (Value::Node(x), Value::Node(y)) = (a, b)
-        && matches!(x.json, Some(Json::Object(_)))
-        && matches!(y.json, Some(Json::Object(_)))
+        && let (Some(xj), Some(yj)) = (x.json, y.json)
+        && xj.is_object()
+        && yj.is_object()
     {
         if let (Some(qa @ Value::Quantity(_)), Some(qb @ Value::Quantity(_))) =
             (a.to_system(), b.to_system())
         {
             return equivalent(&qa, &qb);
         }
-        return x.json == y.json;
+        return json_equal(xj, yj);
     }
     let (Some(a), Some(b)) = (a.to_system(), b.to_system()) else {
         return false;

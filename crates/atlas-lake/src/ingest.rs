@@ -288,6 +288,10 @@ struct ChunkWrite {
     appends: Option<RecordBatch>,
     props: CommitProperties,
     quarantine_props: CommitProperties,
+    /// Batch metadata without the `txn`: a MERGE followed by an append in the
+    /// same chunk must not claim the chunk before the append lands, but view
+    /// refresh still needs to know which batch wrote the MERGE's files.
+    merge_props: CommitProperties,
 }
 
 /// Ingests `inputs` into the lake as one batch.
@@ -904,6 +908,7 @@ impl Batch<'_> {
             appends,
             props: self.commit_props(chunk_no),
             quarantine_props: self.commit_props(chunk_no),
+            merge_props: CommitProperties::default().with_metadata(self.commit_metadata(chunk_no)),
         }))
     }
 
@@ -921,13 +926,20 @@ impl Batch<'_> {
         }
     }
 
-    fn commit_props(&self, chunk_no: i64) -> CommitProperties {
+    /// `atlas.batch_id` and `atlas.chunk` in every commit's `commitInfo`:
+    /// incremental view refresh reads them to tell changed rows from rows a
+    /// MERGE merely copied.
+    fn commit_metadata(&self, chunk_no: i64) -> serde_json::Map<String, serde_json::Value> {
         let mut meta = serde_json::Map::new();
         meta.insert("atlas.batch_id".into(), self.id.clone().into());
         meta.insert("atlas.chunk".into(), chunk_no.into());
+        meta
+    }
+
+    fn commit_props(&self, chunk_no: i64) -> CommitProperties {
         CommitProperties::default()
             .with_application_transaction(Transaction::new(&self.app_id, chunk_no))
-            .with_metadata(meta)
+            .with_metadata(self.commit_metadata(chunk_no))
     }
 }
 
@@ -956,7 +968,7 @@ async fn write_chunk(lake: Lake, w: ChunkWrite) -> Result<(), LakeError> {
         let p = if w.appends.is_none() {
             props.take()
         } else {
-            None
+            Some(w.merge_props)
         };
         merge(table, batch, p).await?;
     }

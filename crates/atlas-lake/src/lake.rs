@@ -164,16 +164,31 @@ impl Lake {
     }
 
     pub fn table_url(&self, name: &str) -> Url {
+        self.table_url_at(&format!("tables/{name}"))
+    }
+
+    /// The URL of a Delta table at `dir` (relative to the lake root, e.g. `views/patient`).
+    pub fn table_url_at(&self, dir: &str) -> Url {
         // Joining a relative path onto a directory URL cannot fail.
         self.root
-            .join(&format!("tables/{name}/"))
+            .join(&format!("{}/", dir.trim_end_matches('/')))
             .unwrap_or_else(|_| self.root.clone())
+    }
+
+    /// The options used to reach the lake's object store (for Delta writers).
+    pub fn storage_options(&self) -> &HashMap<String, String> {
+        &self.storage_options
     }
 
     /// The table, loaded at its latest version; `None` when it does not exist yet.
     pub async fn table(&self, name: &str) -> Result<Option<DeltaTable>, LakeError> {
+        self.table_at(&format!("tables/{name}")).await
+    }
+
+    /// The table at `dir` (relative to the lake root), or `None` when it does not exist.
+    pub async fn table_at(&self, dir: &str) -> Result<Option<DeltaTable>, LakeError> {
         // Look for a commit first: loading a missing table makes the kernel log errors.
-        let log = self.path(&format!("tables/{name}/_delta_log"));
+        let log = self.path(&format!("{dir}/_delta_log"));
         let mut listing = self.store.list(Some(&log));
         match futures::StreamExt::next(&mut listing).await {
             None => return Ok(None),
@@ -186,28 +201,31 @@ impl Lake {
             }
             Some(Ok(_)) => {}
         }
-        let t = self.table_handle(name).await?;
+        let t = self.table_handle_at(dir).await?;
         Ok(t.version().is_some().then_some(t))
     }
 
     /// A handle that may point at a table that does not exist yet (for a first write).
     pub async fn table_handle(&self, name: &str) -> Result<DeltaTable, LakeError> {
-        let url = self.table_url(name);
+        self.table_handle_at(&format!("tables/{name}")).await
+    }
+
+    /// [`Lake::table_handle`] for a table at `dir` relative to the lake root.
+    pub async fn table_handle_at(&self, dir: &str) -> Result<DeltaTable, LakeError> {
+        let name = dir;
+        let url = self.table_url_at(dir);
         if url.scheme() == "file"
             && let Ok(p) = url.to_file_path()
         {
             std::fs::create_dir_all(&p)
                 .map_err(|e| LakeError::Other(format!("{}: {e}", p.display())))?;
         }
-        DeltaTable::try_from_url_with_storage_options(
-            self.table_url(name),
-            self.storage_options.clone(),
-        )
-        .await
-        .map_err(|source| LakeError::Delta {
-            table: name.into(),
-            source,
-        })
+        DeltaTable::try_from_url_with_storage_options(url, self.storage_options.clone())
+            .await
+            .map_err(|source| LakeError::Delta {
+                table: name.into(),
+                source,
+            })
     }
 
     /// A DataFusion session with every existing lake table registered by name.

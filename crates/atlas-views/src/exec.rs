@@ -4,7 +4,9 @@
 //! slices of typed cells (borrowing strings from the resource), sibling nodes
 //! are combined by cartesian product, `unionAll` branches by concatenation.
 //! Values are converted to the column type while the rows are built, so a
-//! failing resource leaves the builders untouched.
+//! failing resource leaves the builders untouched. Resource numbers going to
+//! decimal columns are converted from their JSON text straight to the
+//! Decimal128 value ([`decimal_cell_from_text`]), never through `f64`.
 
 use crate::compile::{CompiledView, ConstValue, Iteration, PlanColumn, PlanNode};
 use crate::diag::{RunError, ViewError};
@@ -15,6 +17,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{Field, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use atlas_fhirpath::json::{self, JsonRef, JsonValue, Kind, NumberRef};
 use atlas_fhirpath::{Collection, EvalContext, FhirNode, Value};
 use rust_decimal::Decimal;
 use serde_json::Value as Json;
@@ -213,13 +216,13 @@ type Rows<'a> = Vec<Vec<Cell<'a>>>;
 
 struct Run<'a> {
     view: &'a CompiledView,
-    resource: &'a Json,
+    resource: JsonRef<'a>,
     ctx: EvalContext<'a>,
 }
 
-fn resource_label(resource: &Json) -> Option<String> {
+fn resource_label(resource: JsonRef<'_>) -> Option<String> {
     let rt = resource.get("resourceType")?.as_str()?;
-    Some(match resource.get("id").and_then(Json::as_str) {
+    Some(match resource.get("id").and_then(JsonRef::as_str) {
         Some(id) => format!("{rt}/{id}"),
         None => rt.to_string(),
     })
@@ -249,6 +252,69 @@ fn decimal_cell(d: Decimal) -> Result<i128, String> {
     Ok(v)
 }
 
+/// Exact Decimal128 cell from a JSON number's text (`-?int(.frac)?(e±exp)?`),
+/// without a detour through `Decimal` (which holds only 28 digits). Values
+/// with more than [`DECIMAL_SCALE`] significant fraction digits or more than
+/// [`DECIMAL_PRECISION`] digits are errors, never rounded.
+pub(crate) fn decimal_cell_from_text(text: &str) -> Result<i128, String> {
+    let target = DECIMAL_SCALE as i64;
+    let bad = || format!("{text} is not a JSON number");
+    let (neg, body) = match text.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, text),
+    };
+    let (mantissa, exp) = match body.split_once(['e', 'E']) {
+        Some((m, e)) => {
+            let e = e.strip_prefix('+').unwrap_or(e);
+            if e.is_empty() || e == "-" {
+                return Err(bad());
+            }
+            // Clamp absurd exponents; they fail the range checks below anyway.
+            let e: i64 = match e.parse() {
+                Ok(v) => v,
+                Err(_) if e.bytes().all(|b| b.is_ascii_digit() || b == b'-') => {
+                    if e.starts_with('-') {
+                        i64::MIN / 4
+                    } else {
+                        i64::MAX / 4
+                    }
+                }
+                Err(_) => return Err(bad()),
+            };
+            (m, e)
+        }
+        None => (body, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    // value = digits * 10^(exp - frac.len()); the cell is value * 10^target.
+    let digits = format!("{int}{frac}");
+    let digits = digits.trim_start_matches('0');
+    let trimmed = digits.trim_end_matches('0');
+    if trimmed.is_empty() {
+        return Ok(0);
+    }
+    let power = exp
+        .saturating_sub(frac.len() as i64)
+        .saturating_add((digits.len() - trimmed.len()) as i64)
+        .saturating_add(target);
+    if power < 0 {
+        return Err(format!(
+            "decimal {text} has more than {DECIMAL_SCALE} fraction digits (Decimal128({DECIMAL_PRECISION}, {DECIMAL_SCALE}))"
+        ));
+    }
+    let too_big =
+        || format!("decimal {text} does not fit Decimal128({DECIMAL_PRECISION}, {DECIMAL_SCALE})");
+    if trimmed.len() as i64 + power > DECIMAL_PRECISION as i64 {
+        return Err(too_big());
+    }
+    let mut v: i128 = trimmed.parse().map_err(|_| too_big())?;
+    v = v.checked_mul(pow10(power as u32)).ok_or_else(too_big)?;
+    Ok(if neg { -v } else { v })
+}
+
 fn type_text(v: &Value<'_>) -> String {
     let (ns, name) = v.type_name();
     format!("{ns}.{name}")
@@ -260,20 +326,23 @@ fn item_cell<'a>(v: &Value<'a>, kind: ColumnKind) -> Result<Option<Cell<'a>>, St
     if let Value::Node(FhirNode { json: None, .. }) = v {
         return Ok(None);
     }
+    let node_kind = match v {
+        Value::Node(FhirNode { json: Some(j), .. }) => Some(j.kind()),
+        _ => None,
+    };
     match kind {
-        ColumnKind::Utf8 => Ok(Some(Cell::Str(match v {
-            Value::Node(FhirNode {
-                json: Some(Json::String(s)),
-                ..
-            }) => Cow::Borrowed(s.as_str()),
-            Value::Node(FhirNode {
-                json: Some(j @ (Json::Object(_) | Json::Array(_))),
-                ..
-            }) => Cow::Owned(j.to_string()),
-            Value::String(s) => s.clone(),
-            other => match other.to_fhirpath_string() {
-                Some(s) => Cow::Owned(s),
-                None => Cow::Owned(other.to_json().to_string()),
+        ColumnKind::Utf8 => Ok(Some(Cell::Str(match (node_kind, v) {
+            (Some(Kind::String(s)), _) => Cow::Borrowed(s),
+            (
+                Some(Kind::Object(_) | Kind::Array(_)),
+                Value::Node(FhirNode { json: Some(j), .. }),
+            ) => Cow::Owned(j.to_json_string()),
+            (_, v) => match v {
+                Value::String(s) => s.clone(),
+                other => match other.to_fhirpath_string() {
+                    Some(s) => Cow::Owned(s),
+                    None => Cow::Owned(other.to_json().to_string()),
+                },
             },
         }))),
         ColumnKind::Boolean => match v.to_system() {
@@ -284,6 +353,16 @@ fn item_cell<'a>(v: &Value<'a>, kind: ColumnKind) -> Result<Option<Cell<'a>>, St
             Some(Value::Integer(i)) => Ok(Some(Cell::Int(i))),
             _ => Err(format!("expected an integer, got {}", type_text(v))),
         },
+        ColumnKind::Decimal if matches!(node_kind, Some(Kind::Number(_))) => {
+            let Some(Kind::Number(n)) = node_kind else {
+                return Ok(None);
+            };
+            let text = match n {
+                NumberRef::Text(t) => Cow::Borrowed(t),
+                NumberRef::Serde(_) => Cow::Owned(n.text().into_owned()),
+            };
+            decimal_cell_from_text(&text).map(|d| Some(Cell::Dec(d)))
+        }
         ColumnKind::Decimal => match v.to_system() {
             Some(Value::Integer(i)) => decimal_cell(Decimal::from(i)).map(|d| Some(Cell::Dec(d))),
             Some(Value::Decimal(d)) => decimal_cell(d).map(|d| Some(Cell::Dec(d))),
@@ -327,7 +406,7 @@ impl<'a> Run<'a> {
         focus: &Value<'a>,
         path: &str,
     ) -> Result<Collection<'a>, RunError> {
-        expr.evaluate_on(
+        expr.evaluate_ref_on(
             Collection::from(vec![focus.clone()]),
             self.resource,
             &self.ctx,
@@ -382,7 +461,7 @@ impl<'a> Run<'a> {
         for col in node.columns.iter().filter(|c| c.uses_row_index) {
             let values = col
                 .expr
-                .evaluate_on(Collection::empty(), self.resource, &self.ctx)
+                .evaluate_ref_on(Collection::empty(), self.resource, &self.ctx)
                 .map_err(|e| self.err(&col.path, e.to_string()))?;
             if let Some(slot) = row.get_mut(base + col.offset) {
                 *slot = column_cell(values, col).map_err(|m| self.err(&col.path, m))?;
@@ -481,21 +560,50 @@ impl CompiledView {
 
     /// Evaluate the view over one resource and append its rows; returns how
     /// many. Resources of another type give no rows. On error nothing is appended.
+    ///
+    /// Numbers are what serde_json kept (decimals went through `f64`); prefer
+    /// [`CompiledView::append_json_text`] when you have the resource's text.
     pub fn append(&self, resource: &Json, out: &mut RowBuilder) -> Result<usize, RunError> {
+        self.append_ref(JsonRef::Serde(resource), out)
+    }
+
+    /// [`CompiledView::append`] over a [`JsonValue`] tree (exact numbers).
+    pub fn append_tree(
+        &self,
+        resource: &JsonValue<'_>,
+        out: &mut RowBuilder,
+    ) -> Result<usize, RunError> {
+        self.append_ref(JsonRef::Tree(resource), out)
+    }
+
+    /// Parse one resource's JSON text with [`atlas_fhirpath::json::parse`] and
+    /// append its rows (see [`CompiledView::append`]). Decimal columns get the
+    /// exact value written in the text. A syntax error is a [`RunError`]
+    /// naming the byte offset.
+    pub fn append_json_text(&self, text: &str, out: &mut RowBuilder) -> Result<usize, RunError> {
+        let tree = json::parse(text).map_err(|e| RunError {
+            resource: None,
+            path: "(resource JSON)".to_string(),
+            message: e.to_string(),
+        })?;
+        self.append_tree(&tree, out)
+    }
+
+    fn append_ref(&self, resource: JsonRef<'_>, out: &mut RowBuilder) -> Result<usize, RunError> {
         let rows = self.rows(resource)?;
         out.push_rows(&rows);
         Ok(rows.len())
     }
 
-    fn rows<'a>(&'a self, resource: &'a Json) -> Result<Rows<'a>, RunError> {
-        if resource.get("resourceType").and_then(Json::as_str) != Some(self.resource.as_str()) {
+    fn rows<'a>(&'a self, resource: JsonRef<'a>) -> Result<Rows<'a>, RunError> {
+        if resource.get("resourceType").and_then(JsonRef::as_str) != Some(self.resource.as_str()) {
             return Ok(Vec::new());
         }
         let mut ctx = EvalContext::new();
         for (name, value) in &self.constants {
             let v = match value {
                 ConstValue::Node(json, ty) => Value::Node(FhirNode {
-                    json: Some(json),
+                    json: Some(JsonRef::Serde(json)),
                     element: None,
                     ty: *ty,
                 }),

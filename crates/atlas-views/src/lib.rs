@@ -11,6 +11,10 @@
 //!   `select[0].column[2].path: unknown function 'foo' at 1:5`.
 //! * The plan ([`CompiledView`]): compiled once, run over many resources,
 //!   appending straight into Arrow builders ([`RowBuilder`]); no per-row maps.
+//!   Resources come in as JSON text ([`CompiledView::append_json_text`], parsed
+//!   with `atlas_fhirpath::json`: exact decimals, borrowed strings), as such a
+//!   tree ([`CompiledView::append_tree`]) or as `serde_json::Value`s
+//!   ([`CompiledView::append`], [`CompiledView::run`]).
 //!   Supports `column` (name, path, type, collection), nested `select`,
 //!   `forEach`, `forEachOrNull`, `repeat`, `unionAll`, view `where`,
 //!   `constant` (every primitive `value[x]`) and `%rowIndex`.

@@ -17,6 +17,7 @@
 //! * `expectCount` compares the number of rows.
 
 use crate::{CompiledView, ViewCompiler, ViewDefinition, batch_to_json_rows, diag};
+use atlas_fhirpath::json::JsonValue;
 use serde_json::{Map, Value as Json, json};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -99,11 +100,14 @@ pub fn run_dir(dir: impl AsRef<Path>) -> std::io::Result<SuiteReport> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let outcomes = match std::fs::read_to_string(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|s| serde_json::from_str::<Json>(&s).map_err(|e| e.to_string()))
-        {
-            Ok(doc) => match run_file_json(&doc) {
+        let text = std::fs::read_to_string(&path).map_err(|e| e.to_string());
+        let parsed = text.as_deref().map_err(Clone::clone).and_then(|s| {
+            let doc = serde_json::from_str::<Json>(s).map_err(|e| e.to_string())?;
+            let tree = atlas_fhirpath::json::parse(s).map_err(|e| e.to_string())?;
+            Ok((doc, tree))
+        });
+        let outcomes = match parsed {
+            Ok((doc, tree)) => match run_file_tree(&doc, &tree) {
                 Some(o) => o,
                 None => continue, // not a test file
             },
@@ -137,8 +141,35 @@ pub fn run_file_json(doc: &Json) -> Option<Vec<TestOutcome>> {
     Some(tests.iter().map(|t| run_test(resources, t)).collect())
 }
 
+/// [`run_file_json`] with the resources taken from `tree` (the same file
+/// parsed with [`atlas_fhirpath::json::parse`]), so numbers keep their exact text.
+pub fn run_file_tree(doc: &Json, tree: &JsonValue<'_>) -> Option<Vec<TestOutcome>> {
+    let tests = doc.get("tests")?.as_array()?;
+    let resources = tree
+        .get("resources")
+        .and_then(JsonValue::as_array)
+        .unwrap_or(&[]);
+    Some(
+        tests
+            .iter()
+            .map(|t| outcome(Resources::Tree(resources), t))
+            .collect(),
+    )
+}
+
+/// The resources of a test file, in either representation.
+#[derive(Clone, Copy)]
+enum Resources<'r> {
+    Serde(&'r [Json]),
+    Tree(&'r [JsonValue<'r>]),
+}
+
 /// Run one test case over the file's resources.
 pub fn run_test(resources: &[Json], test: &Json) -> TestOutcome {
+    outcome(Resources::Serde(resources), test)
+}
+
+fn outcome(resources: Resources<'_>, test: &Json) -> TestOutcome {
     let name = test
         .get("title")
         .and_then(Json::as_str)
@@ -169,13 +200,25 @@ pub fn run_test(resources: &[Json], test: &Json) -> TestOutcome {
 
 type Rows = Vec<Map<String, Json>>;
 
-fn evaluate(resources: &[Json], test: &Json) -> Result<(Vec<String>, Rows), String> {
+fn evaluate(resources: Resources<'_>, test: &Json) -> Result<(Vec<String>, Rows), String> {
     let view_json = test.get("view").ok_or("test has no view")?;
     let view = ViewDefinition::from_json(view_json).map_err(|d| diag::render(&d))?;
     let compiled: CompiledView = ViewCompiler::default()
         .compile(&view)
         .map_err(|d| diag::render(&d))?;
-    let batch = compiled.run(resources.iter()).map_err(|e| e.to_string())?;
+    let batch = match resources {
+        Resources::Serde(r) => compiled.run(r.iter()),
+        Resources::Tree(r) => {
+            let mut b = compiled.row_builder();
+            for res in r {
+                compiled
+                    .append_tree(res, &mut b)
+                    .map_err(|e| e.to_string())?;
+            }
+            b.finish()
+        }
+    }
+    .map_err(|e| e.to_string())?;
     let columns = batch
         .schema()
         .fields()

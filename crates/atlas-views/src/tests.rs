@@ -400,3 +400,123 @@ no error: false expected an error, but the view ran"
         json!({"passed": false, "error": "expected 3 rows, got 2"})
     );
 }
+
+/// The single Decimal128 cell (unscaled, scale 18) a decimal column got from `text`.
+fn decimal_from_text(resource_text: &str, path: &str) -> Result<Option<i128>, String> {
+    use arrow::array::{Array, Decimal128Array};
+    let plan = compile(json!({"resource": "Observation", "select": [{"column": [
+        {"name": "v", "path": path, "type": "decimal"}]}]}));
+    let mut b = plan.row_builder();
+    plan.append_json_text(resource_text, &mut b)
+        .map_err(|e| e.to_string())?;
+    let batch = b.finish().map_err(|e| e.to_string())?;
+    let col = batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<Decimal128Array>()
+        .ok_or("not a Decimal128 column")?;
+    Ok((col.len() == 1 && col.is_valid(0)).then(|| col.value(0)))
+}
+
+fn observation_text(value: &str) -> String {
+    format!(
+        r#"{{"resourceType": "Observation", "id": "o1", "status": "final", "code": {{"text": "x"}},
+            "valueQuantity": {{"value": {value}, "unit": "mg"}}}}"#
+    )
+}
+
+#[test]
+fn decimals_from_json_text_are_exact() {
+    let path = "value.ofType(Quantity).value";
+    let cell = |v: &str| decimal_from_text(&observation_text(v), path);
+    // 18 fraction digits: f64 would give 0.12345678901234568.
+    assert_eq!(
+        cell("0.123456789012345678"),
+        Ok(Some(123_456_789_012_345_678))
+    );
+    // 21 significant digits: beyond f64 (and 20 integer digits, the column's limit).
+    assert_eq!(
+        cell("12345678901234567890.5"),
+        Ok(Some(12_345_678_901_234_567_890_500_000_000_000_000_000))
+    );
+    assert_eq!(cell("1.50"), Ok(Some(1_500_000_000_000_000_000)));
+    assert_eq!(cell("-2"), Ok(Some(-2_000_000_000_000_000_000)));
+    assert_eq!(cell("25e-1"), Ok(Some(2_500_000_000_000_000_000)));
+    assert_eq!(cell("0.0"), Ok(Some(0)));
+    // 30 significant digits: more than rust_decimal holds, still exact here.
+    assert_eq!(
+        cell("123456789012.123456789012345678"),
+        Ok(Some(123_456_789_012_123_456_789_012_345_678))
+    );
+    // Values that do not fit stay errors, never rounded.
+    assert_eq!(
+        cell("0.1234567890123456789"),
+        Err("Observation/o1: select[0].column[0].path: decimal 0.1234567890123456789 has more than 18 fraction digits (Decimal128(38, 18))".into())
+    );
+    assert_eq!(
+        cell("123456789012345678901.5"),
+        Err("Observation/o1: select[0].column[0].path: decimal 123456789012345678901.5 does not fit Decimal128(38, 18)".into())
+    );
+    assert!(cell("1e400").is_err_and(|e| e.contains("does not fit")));
+    assert!(cell("1e-400").is_err_and(|e| e.contains("fraction digits")));
+}
+
+#[test]
+fn decimal_cells_from_text() {
+    use crate::exec::decimal_cell_from_text as d;
+    assert_eq!(d("0"), Ok(0));
+    assert_eq!(d("-0.000000000000000001"), Ok(-1));
+    assert_eq!(
+        d("1.000000000000000000000000000"),
+        Ok(1_000_000_000_000_000_000)
+    );
+    assert_eq!(d("1E2"), Ok(100_000_000_000_000_000_000));
+    assert_eq!(d("0.00e99999999999999999999"), Ok(0));
+    assert_eq!(
+        d("99999999999999999999.999999999999999999"),
+        Ok(99_999_999_999_999_999_999_999_999_999_999_999_999)
+    );
+    assert!(d("100000000000000000000").is_err());
+    assert!(d("1e99999999999999999999").is_err());
+    assert!(d("abc").is_err());
+    assert!(d("1e").is_err_and(|e| e.contains("not a JSON number")));
+    assert!(d("").is_err());
+}
+
+#[test]
+fn json_text_errors_and_other_paths() {
+    let plan = compile(json!({"resource": "Observation", "select": [{"column": [
+        {"name": "v", "path": "value.ofType(Quantity).value", "type": "decimal"},
+        {"name": "s", "path": "value.ofType(Quantity).value.toString()"},
+        {"name": "q", "path": "value"}]}]}));
+    let mut b = plan.row_builder();
+    let err = plan.append_json_text(r#"{"resourceType": "Observation",}"#, &mut b);
+    assert_eq!(
+        err.map_err(|e| e.to_string()),
+        Err("(resource JSON): invalid JSON at byte 31: expected a string key".to_string())
+    );
+    assert_eq!(b.len(), 0);
+    assert_eq!(
+        plan.append_json_text(r#"{"resourceType": "Patient"}"#, &mut b),
+        Ok(0)
+    );
+    let text = observation_text("1.50");
+    assert_eq!(plan.append_json_text(&text, &mut b), Ok(1));
+    // The same resource through serde_json: same decimal, but `1.50` became `1.5`.
+    let serde: Json = serde_json::from_str(&text).unwrap_or_default();
+    assert_eq!(plan.append(&serde, &mut b), Ok(1));
+    let tree = atlas_fhirpath::json::parse(&text).unwrap_or(atlas_fhirpath::JsonValue::Null);
+    assert_eq!(plan.append_tree(&tree, &mut b), Ok(1));
+    let batch = b.finish().unwrap_or_else(|e| panic!("{e}"));
+    let rows = crate::batch_to_json_rows(&batch);
+    let row = |i: usize| Json::Object(rows[i].clone()).to_string();
+    assert_eq!(
+        row(0),
+        r#"{"q":"{\"value\":1.50,\"unit\":\"mg\"}","s":"1.50","v":1.5}"#
+    );
+    assert_eq!(
+        row(1),
+        r#"{"q":"{\"unit\":\"mg\",\"value\":1.5}","s":"1.5","v":1.5}"#
+    );
+    assert_eq!(row(2), row(0));
+}

@@ -14,8 +14,13 @@
 //! * Decimals are `Decimal128(38, 18)`: 20 integer and 18 fraction digits. A
 //!   value that does not fit exactly (more than 18 significant fraction digits,
 //!   or 20+ integer digits) is a run-time error for that resource, never a
-//!   rounding; there is no f64 anywhere. FHIR decimal *precision* (trailing
-//!   zeros, `1.50` vs `1.5`) is not kept.
+//!   rounding; there is no f64 anywhere in the view code. Resource values
+//!   are read from the number's exact JSON text when the resource comes in as
+//!   text or an `atlas_fhirpath::json` tree
+//!   ([`crate::CompiledView::append_json_text`], `append_tree`); a
+//!   `serde_json::Value` ([`crate::CompiledView::append`]) has already been
+//!   through serde_json's `f64`. FHIR decimal *precision* (trailing zeros,
+//!   `1.50` vs `1.5`) is not kept in the column.
 //! * Dates and times stay text: partial dates (`1974`, `1974-12`) and
 //!   time zones do not map to Arrow temporal types without loss. Values read
 //!   from the resource are emitted exactly as written; computed ones

@@ -215,3 +215,136 @@ fn conformance_suites_through_the_cli() {
         assert!(line.contains("only available as XML"), "{line}");
     }
 }
+
+/// `atlas views refresh` builds the ontology's views; `atlas sql` queries and
+/// joins them (and refuses writes); DuckDB's delta reader sees the same
+/// tables, decimals included.
+#[test]
+fn views_refresh_sql_ontology_and_an_independent_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = crate::synth(dir.path(), 30, 21);
+    let lake = dir.path().join("lake");
+    run_ok(crate::atlas(&lake).arg("ingest").arg(&data));
+    let out = run_ok(crate::atlas(&lake).args(["views", "refresh", "--json"]));
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reports.as_array().unwrap().len(), 6, "{reports}");
+    let out = run_ok(crate::atlas(&lake).args(["views", "refresh", "--json"]));
+    let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        again
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["kind"] == "up_to_date"),
+        "{again}"
+    );
+
+    let status = run_ok(crate::atlas(&lake).args(["views", "status", "--json"]));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let obs_lines = std::fs::read_to_string(data.join("Observation.ndjson"))
+        .unwrap()
+        .lines()
+        .count();
+    let obs = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "observation")
+        .unwrap();
+    assert_eq!(obs["rows"], obs_lines as u64);
+    assert_eq!(obs["lag_versions"], 0);
+
+    // Fingerprints through atlas sql, then the same through DuckDB.
+    let mut expected = serde_json::Map::new();
+    for view in [
+        "patient",
+        "encounter",
+        "observation",
+        "observation_component",
+        "condition",
+        "medication_request",
+    ] {
+        let decimal = matches!(view, "observation" | "observation_component");
+        let q = format!(
+            "SELECT count(*) AS rows, count(DISTINCT patient_id) AS patients, count(DISTINCT id) AS keys{} FROM {view}",
+            if decimal {
+                ", CAST(sum(value_quantity) AS VARCHAR) AS checksum"
+            } else {
+                ""
+            }
+        );
+        let out = run_ok(crate::atlas(&lake).args(["sql", "--format", "json", &q]));
+        let mut row: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap())
+                .unwrap();
+        if decimal {
+            row["decimal_column"] = "value_quantity".into();
+        }
+        expected.insert(view.into(), row);
+    }
+    assert_eq!(expected["observation"]["rows"], obs_lines as u64);
+
+    let refused = crate::atlas(&lake)
+        .args(["sql", "DROP TABLE patient"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("read-only"));
+
+    let onto = run_ok(crate::atlas(&lake).args(["ontology", "show", "--json"]));
+    let onto: serde_json::Value = serde_json::from_slice(&onto.stdout).unwrap();
+    let sets: Vec<&str> = onto["objectSets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["apiName"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        sets,
+        [
+            "PatientAll",
+            "EncounterAll",
+            "ObservationAll",
+            "ConditionAll",
+            "MedicationRequestAll"
+        ]
+    );
+    for cmd in [
+        &["views", "refresh", "--help"][..],
+        &["sql", "--help"],
+        &["ontology", "show", "--help"],
+        &["views", "create", "--help"],
+    ] {
+        let help = run_ok(bin().args(cmd));
+        assert!(
+            String::from_utf8_lossy(&help.stdout).contains("Example"),
+            "{cmd:?} --help has no example"
+        );
+    }
+
+    let Some(py) = crate::python() else {
+        let msg = "MISSING: no Python with duckdb (run scripts/test.sh or set ATLAS_PYTHON); the DuckDB view check did not run";
+        eprintln!("{msg}");
+        assert!(std::env::var("CI").is_err(), "{msg}");
+        return;
+    };
+    let expected_path = dir.path().join("expected.json");
+    std::fs::write(
+        &expected_path,
+        serde_json::Value::Object(expected).to_string(),
+    )
+    .unwrap();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check_views.py");
+    let out = run_ok(Command::new(py).arg(script).arg(&lake).arg(&expected_path));
+    let said = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{said}");
+    assert!(
+        said.contains("duckdb delta_scan agrees on 6 views"),
+        "{said}"
+    );
+    assert!(
+        said.contains("DECIMAL(38,18)"),
+        "decimals stay decimals: {said}"
+    );
+}

@@ -98,3 +98,36 @@ fn fhir_test_cases_suite() {
         );
     }
 }
+
+/// Every suite file gives the same outcomes with its resources as
+/// `serde_json::Value`s (`CompiledView::append`) and as `atlas_fhirpath::json`
+/// trees (`CompiledView::append_tree`, what `run_dir` uses).
+#[test]
+fn serde_and_tree_resources_agree() {
+    use atlas_views::suite::{run_file_json, run_file_tree};
+    let mut files = 0;
+    for sub in ["", "sql-on-fhir-js-via-octofhir", "fhir-test-cases-copy"] {
+        let dir = suite_root().join(sub);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            println!("MISSING: {}", dir.display());
+            continue;
+        };
+        for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            let tree = atlas_fhirpath::json::parse(&text)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let serde = run_file_json(&doc);
+            let ours = run_file_tree(&doc, &tree);
+            assert_eq!(serde, ours, "{}", path.display());
+            files += usize::from(ours.is_some());
+        }
+    }
+    println!("serde_json and tree resources agree on {files} suite files");
+}

@@ -1,0 +1,325 @@
+//! `atlas views flatten`: several ViewDefinitions over NDJSON files straight
+//! to one Parquet file per view, without a lake. Each line is parsed once
+//! (exact decimals) and appended by every view over its resource type.
+//!
+//! Threads: one reader (file blocks cut at line ends, gunzip), one
+//! evaluation worker per core, one Parquet writer; bounded channels keep
+//! memory independent of input size. Rows come out in block order per
+//! worker, not input order.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use arrow::record_batch::RecordBatch;
+use atlas_views::{CompiledView, RowBuilder};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+/// A named, compiled view.
+pub struct FlattenView {
+    pub name: String,
+    pub plan: Arc<CompiledView>,
+}
+
+/// What a flatten run did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct FlattenReport {
+    pub files: usize,
+    pub bytes: u64,
+    pub lines: u64,
+    /// Lines whose resource type no view reads.
+    pub other_types: u64,
+    /// Lines that are not JSON objects with a resourceType (first ones in `first_errors`).
+    pub rejected: u64,
+    /// Resources a view could not evaluate (their rows are missing).
+    pub eval_errors: u64,
+    pub first_errors: Vec<String>,
+    pub rows: HashMap<String, u64>,
+    pub seconds: f64,
+}
+
+struct Block {
+    file: Arc<str>,
+    first_line: u64,
+    bytes: Vec<u8>,
+}
+
+const BLOCK_BYTES: usize = 4 << 20;
+const FLUSH_ROWS: usize = 32 * 1024;
+const MAX_ERRORS: usize = 10;
+
+/// Expands folders (recursively) into their `.ndjson` / `.ndjson.gz` files.
+pub fn ndjson_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    fn walk(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        if p.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            entries.sort();
+            for e in entries {
+                if e.is_dir() || is_ndjson(&e) {
+                    walk(&e, out)?;
+                }
+            }
+        } else if is_ndjson(p) {
+            out.push(p.to_owned());
+        } else if !p.exists() {
+            bail!("{}: no such file or folder", p.display());
+        } else {
+            bail!(
+                "{}: only .ndjson and .ndjson.gz files are flattened here (use `atlas ingest` for Bundles)",
+                p.display()
+            );
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        walk(p, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn is_ndjson(p: &Path) -> bool {
+    let n = p.to_string_lossy();
+    n.ends_with(".ndjson") || n.ends_with(".ndjson.gz")
+}
+
+pub fn flatten(
+    files: &[PathBuf],
+    views: Vec<FlattenView>,
+    out_dir: &Path,
+    progress: Arc<AtomicU64>,
+) -> Result<FlattenReport> {
+    let started = Instant::now();
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let mut by_type: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, v) in views.iter().enumerate() {
+        by_type
+            .entry(v.plan.resource_type().to_owned())
+            .or_default()
+            .push(i);
+    }
+    let by_type = Arc::new(by_type);
+    let plans: Arc<Vec<Arc<CompiledView>>> =
+        Arc::new(views.iter().map(|v| v.plan.clone()).collect());
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let (block_tx, block_rx) = sync_channel::<Block>(workers * 2);
+    let block_rx = Arc::new(std::sync::Mutex::new(block_rx));
+    let (row_tx, row_rx) = sync_channel::<(usize, RecordBatch)>(workers * 4);
+
+    // Writer: one Parquet file per view.
+    let mut writers = Vec::new();
+    for v in &views {
+        let path = out_dir.join(format!("{}.parquet", v.name));
+        let file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
+            .build();
+        writers.push(ArrowWriter::try_new(file, v.plan.schema(), Some(props))?);
+    }
+    let writer = std::thread::spawn(
+        move || -> Result<(Vec<u64>, Vec<ArrowWriter<std::fs::File>>)> {
+            let mut rows = vec![0u64; writers.len()];
+            for (i, batch) in row_rx {
+                rows[i] += batch.num_rows() as u64;
+                writers[i].write(&batch)?;
+            }
+            Ok((rows, writers))
+        },
+    );
+
+    // Workers: parse once, append to every view of the resource's type.
+    let mut handles = Vec::new();
+    for _ in 0..workers {
+        let rx = block_rx.clone();
+        let tx = row_tx.clone();
+        let plans = plans.clone();
+        let by_type = by_type.clone();
+        let progress = progress.clone();
+        handles.push(std::thread::spawn(move || {
+            work(&rx, &tx, &plans, &by_type, &progress)
+        }));
+    }
+    drop(row_tx);
+
+    let mut report = FlattenReport {
+        files: files.len(),
+        ..Default::default()
+    };
+    let read = read_blocks(files, &block_tx);
+    drop(block_tx);
+    let mut stats = Vec::new();
+    for h in handles {
+        stats.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a flatten worker panicked"))??,
+        );
+    }
+    let (rows, writers) = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the Parquet writer panicked"))??;
+    for w in writers {
+        w.close()?;
+    }
+    report.bytes = read?;
+    for s in stats {
+        report.lines += s.lines;
+        report.other_types += s.other_types;
+        report.rejected += s.rejected;
+        report.eval_errors += s.eval_errors;
+        for e in s.first_errors {
+            if report.first_errors.len() < MAX_ERRORS {
+                report.first_errors.push(e);
+            }
+        }
+    }
+    for (v, n) in views.iter().zip(rows) {
+        report.rows.insert(v.name.clone(), n);
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Reads files into line-aligned blocks; returns the bytes read.
+fn read_blocks(files: &[PathBuf], tx: &SyncSender<Block>) -> Result<u64> {
+    let mut total = 0u64;
+    for f in files {
+        let name: Arc<str> = f.display().to_string().into();
+        let raw = std::fs::File::open(f).with_context(|| format!("opening {}", f.display()))?;
+        let inner: Box<dyn Read> = if f.to_string_lossy().ends_with(".gz") {
+            Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(raw)))
+        } else {
+            Box::new(raw)
+        };
+        let mut reader = BufReader::with_capacity(1 << 20, inner);
+        let mut line_no = 1u64;
+        loop {
+            let mut bytes = Vec::with_capacity(BLOCK_BYTES + (64 << 10));
+            let mut lines = 0u64;
+            while bytes.len() < BLOCK_BYTES {
+                let n = reader
+                    .read_until(b'\n', &mut bytes)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                if n == 0 {
+                    break;
+                }
+                lines += 1;
+            }
+            if bytes.is_empty() {
+                break;
+            }
+            total += bytes.len() as u64;
+            let block = Block {
+                file: name.clone(),
+                first_line: line_no,
+                bytes,
+            };
+            line_no += lines;
+            if tx.send(block).is_err() {
+                bail!("flatten workers stopped early");
+            }
+        }
+    }
+    Ok(total)
+}
+
+#[derive(Default)]
+struct WorkStats {
+    lines: u64,
+    other_types: u64,
+    rejected: u64,
+    eval_errors: u64,
+    first_errors: Vec<String>,
+}
+
+fn work(
+    rx: &std::sync::Mutex<Receiver<Block>>,
+    tx: &SyncSender<(usize, RecordBatch)>,
+    plans: &[Arc<CompiledView>],
+    by_type: &HashMap<String, Vec<usize>>,
+    progress: &AtomicU64,
+) -> Result<WorkStats> {
+    let mut builders: Vec<RowBuilder> = plans.iter().map(|p| p.row_builder()).collect();
+    let mut s = WorkStats::default();
+    let note = |s: &mut WorkStats, msg: String| {
+        if s.first_errors.len() < MAX_ERRORS {
+            s.first_errors.push(msg);
+        }
+    };
+    loop {
+        let block = match rx.lock() {
+            Ok(guard) => match guard.recv() {
+                Ok(b) => b,
+                Err(_) => break,
+            },
+            Err(_) => bail!("block queue poisoned"),
+        };
+        for (i, line) in block.bytes.split(|b| *b == b'\n').enumerate() {
+            let line_no = block.first_line + i as u64;
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            s.lines += 1;
+            let text = match std::str::from_utf8(line) {
+                Ok(t) => t,
+                Err(e) => {
+                    s.rejected += 1;
+                    note(
+                        &mut s,
+                        format!("{}:{line_no}: invalid UTF-8: {e}", block.file),
+                    );
+                    continue;
+                }
+            };
+            let tree = match atlas_fhirpath::json::parse(text) {
+                Ok(t) => t,
+                Err(e) => {
+                    s.rejected += 1;
+                    note(&mut s, format!("{}:{line_no}: {e}", block.file));
+                    continue;
+                }
+            };
+            let Some(ty) = tree.get("resourceType").and_then(|t| t.as_str()) else {
+                s.rejected += 1;
+                note(&mut s, format!("{}:{line_no}: no resourceType", block.file));
+                continue;
+            };
+            let Some(views) = by_type.get(ty) else {
+                s.other_types += 1;
+                continue;
+            };
+            for &v in views {
+                if let Err(e) = plans[v].append_tree(&tree, &mut builders[v]) {
+                    s.eval_errors += 1;
+                    note(&mut s, format!("{}:{line_no}: {e}", block.file));
+                }
+                if builders[v].len() >= FLUSH_ROWS {
+                    let batch = builders[v].finish()?;
+                    if tx.send((v, batch)).is_err() {
+                        bail!("the Parquet writer stopped early");
+                    }
+                }
+            }
+        }
+        progress.fetch_add(block.bytes.len() as u64, Ordering::Relaxed);
+    }
+    for (v, b) in builders.iter_mut().enumerate() {
+        if !b.is_empty() {
+            let batch = b.finish()?;
+            if tx.send((v, batch)).is_err() {
+                bail!("the Parquet writer stopped early");
+            }
+        }
+    }
+    Ok(s)
+}
