@@ -113,8 +113,9 @@ pub async fn run(cmd: ViewCommand, lake: &str) -> Result<()> {
             let mut sink = Sink::new(format, out, &plan)?;
             let mut rows = RowBuilder::new(&plan);
             let mut failed = 0u64;
-            let mut each = |res: &serde_json::Value, sink: &mut Sink| -> Result<()> {
-                if let Err(e) = plan.append(res, &mut rows) {
+            // Each resource's text is parsed with our JSON tree, so decimals stay exact.
+            let mut each = |res: &str, sink: &mut Sink| -> Result<()> {
+                if let Err(e) = plan.append_json_text(res, &mut rows) {
                     failed += 1;
                     eprintln!("skipped: {e}");
                 }
@@ -138,9 +139,7 @@ pub async fn run(cmd: ViewCommand, lake: &str) -> Result<()> {
                     let batch = batch?;
                     let col = atlas_lake::lake::text_column(&batch, 0)?;
                     for r in 0..batch.num_rows() {
-                        let res: serde_json::Value = serde_json::from_str(col.value(r))
-                            .context("a stored resource is not valid JSON")?;
-                        each(&res, &mut sink)?;
+                        each(col.value(r), &mut sink)?;
                     }
                 }
             } else {
@@ -161,11 +160,9 @@ pub async fn run(cmd: ViewCommand, lake: &str) -> Result<()> {
                     for ev in block.events {
                         match ev {
                             Event::Resource(r) if r.resource_type == plan.resource_type() => {
-                                let res: serde_json::Value = serde_json::from_str(&r.json)
-                                    .with_context(|| {
-                                        format!("{}:{}", r.origin.file, r.origin.line)
-                                    })?;
-                                each(&res, &mut sink)?;
+                                each(&r.json, &mut sink).with_context(|| {
+                                    format!("{}:{}", r.origin.file, r.origin.line)
+                                })?;
                             }
                             Event::Reject(_) => not_resources += 1,
                             _ => {}

@@ -69,15 +69,21 @@ async fn smart_sample_views_match_raw_counts_and_the_view_runner() {
 
     // Independent counts over the raw NDJSON.
     let mut raw: BTreeMap<&str, Vec<serde_json::Value>> = BTreeMap::new();
+    let mut texts: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for (t, f) in types.iter().zip(&files) {
+        let lines: Vec<String> = read_gz(f)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect();
         raw.insert(
             t,
-            read_gz(f)
-                .lines()
-                .filter(|l| !l.trim().is_empty())
+            lines
+                .iter()
                 .map(|l| serde_json::from_str(l).unwrap())
                 .collect(),
         );
+        texts.insert(t, lines);
     }
     let components: usize = raw["Observation"]
         .iter()
@@ -113,11 +119,14 @@ async fn smart_sample_views_match_raw_counts_and_the_view_runner() {
             .collect();
         ids.sort_unstable();
         let sample: BTreeSet<&str> = ids.iter().step_by(17).copied().collect();
-        let resources: Vec<&serde_json::Value> = raw[ty.as_str()]
-            .iter()
-            .filter(|r| r["id"].as_str().is_some_and(|id| sample.contains(id)))
-            .collect();
-        let oracle = entry.plan.run(resources.iter().copied()).unwrap();
+        // The oracle parses the raw line text (exact decimals), as `atlas view run` does.
+        let mut builder = entry.plan.row_builder();
+        for (r, line) in raw[ty.as_str()].iter().zip(&texts[ty.as_str()]) {
+            if r["id"].as_str().is_some_and(|id| sample.contains(id)) {
+                entry.plan.append_json_text(line, &mut builder).unwrap();
+            }
+        }
+        let oracle = builder.finish().unwrap();
         let mut want: Vec<String> = (0..oracle.num_rows()).map(|r| render(&oracle, r)).collect();
         want.truncate(1000);
         let key = entry.key_column.clone().unwrap();
