@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
+use arrow::array::{Array, RecordBatch, StringArray};
 use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
 use arrow::datatypes::SchemaRef;
 use atlas_views::CompiledView;
@@ -323,7 +323,7 @@ impl ViewStore {
                 }
                 rows_removed += removed;
                 for b in kept {
-                    sink.push_sorted(b).await?;
+                    sink.push(b).await?;
                 }
                 if let Some(r) = remove_actions.get(&f.path.to_string()) {
                     removes.push(Action::Remove(r.clone()));
@@ -593,11 +593,6 @@ impl ViewSink {
         Ok(())
     }
 
-    /// Rows already in order (kept rows of a rewritten file): written as they are.
-    async fn push_sorted(&mut self, batch: RecordBatch) -> Result<(), ViewStoreError> {
-        self.push(batch).await
-    }
-
     async fn flush(&mut self) -> Result<(), ViewStoreError> {
         if self.pending.is_empty() {
             return Ok(());
@@ -712,11 +707,5 @@ async fn rewrite_without(
 }
 
 fn key_array(b: &RecordBatch, i: usize) -> Result<StringArray, String> {
-    let c: &ArrayRef = b.column(i);
-    let cast =
-        arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).map_err(|e| e.to_string())?;
-    cast.as_any()
-        .downcast_ref::<StringArray>()
-        .cloned()
-        .ok_or_else(|| "key column is not text".to_owned())
+    atlas_lake::lake::text_column(b, i).map_err(|e| e.to_string())
 }
