@@ -235,31 +235,27 @@ enum SynthCommand {
     },
 }
 
-/// Ingest hands tens of MiB of JSON per chunk from thread to thread. With
-/// glibc's defaults, buffers over 32 MiB are fresh `mmap`s and freed memory
-/// goes back to the OS, so every chunk pays for zeroing new pages (a fifth
-/// of ingest's CPU in profiles). Keeping them in the heap lets chunks reuse
-/// the memory the previous chunk freed; peak RSS stays bounded by the chunks
-/// in flight.
+/// Ingest allocates a few small buffers per input line on the reader and
+/// classifier threads and frees them on the thread that builds the chunk.
+/// glibc's malloc spent a sixth of ingest's CPU on exactly that (cross-thread
+/// frees, consolidation, fresh pages per chunk); mimalloc's thread-local
+/// free lists do not.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Commits arena memory on first touch instead of up front: the same speed,
+/// and ingest's peak RSS at 10x drops from 0.9-1.0 GiB to about 0.8 GiB.
 fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // glibc's <malloc.h>; declared here rather than pulling `libc` in with
-        // features that would rebuild the dependency graph.
-        unsafe extern "C" {
-            fn mallopt(param: i32, value: i32) -> i32;
-        }
-        const M_TRIM_THRESHOLD: i32 = -1;
-        const M_MMAP_THRESHOLD: i32 = -3;
-        const M_ARENA_MAX: i32 = -8;
-        // SAFETY: mallopt only sets allocator parameters; it runs before any
-        // other thread exists.
-        unsafe {
-            mallopt(M_MMAP_THRESHOLD, 512 << 20);
-            mallopt(M_TRIM_THRESHOLD, 1 << 30);
-            mallopt(M_ARENA_MAX, 4);
-        }
+    // From the bundled mimalloc.h (v2 and v3 agree): `mi_option_arena_eager_commit`.
+    const MI_OPTION_ARENA_EAGER_COMMIT: i32 = 4;
+    // Declared here: the `mimalloc` crate links the C library but does not
+    // re-export its option API.
+    unsafe extern "C" {
+        fn mi_option_set(option: i32, value: std::ffi::c_long);
     }
+    // SAFETY: sets one allocator option; runs first thing in `main`, before
+    // any other thread exists.
+    unsafe { mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) }
 }
 
 fn main() {

@@ -22,7 +22,8 @@ impl Ticker {
         let handle = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 tick(&bar);
-                std::thread::sleep(Duration::from_millis(100));
+                // Woken early by `finish`, so a command never waits out a tick.
+                std::thread::park_timeout(Duration::from_millis(100));
             }
             tick(&bar);
             bar.finish_and_clear();
@@ -36,6 +37,7 @@ impl Ticker {
     pub fn finish(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.handle.take() {
+            h.thread().unpark();
             let _ = h.join();
         }
     }

@@ -441,11 +441,12 @@ fn run_flatten(
     let ticker = std::thread::spawn(move || {
         while !s2.load(std::sync::atomic::Ordering::Relaxed) {
             b.set_position(d.load(std::sync::atomic::Ordering::Relaxed));
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::thread::park_timeout(std::time::Duration::from_millis(100));
         }
     });
     let report = flatten(&files, views, out, done);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    ticker.thread().unpark();
     let _ = ticker.join();
     bar.finish_and_clear();
     let report = report?;

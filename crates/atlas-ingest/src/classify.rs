@@ -394,29 +394,83 @@ pub fn classify_line(
     is_final_unterminated: bool,
     opts: &ClassifyOptions,
 ) -> Event {
-    let mut trimmed = bytes;
-    while let Some((&last, rest)) = trimmed.split_last() {
-        if matches!(last, b'\r' | b'\n' | b' ' | b'\t') {
-            trimmed = rest;
-        } else {
-            break;
-        }
-    }
+    let trimmed = &bytes[..trimmed_len(bytes)];
     if trimmed.iter().all(|b| b.is_ascii_whitespace()) {
         return Event::Skip(origin);
     }
     let text = match std::str::from_utf8(trimmed) {
         Ok(t) => t,
-        Err(e) => {
-            return Event::Reject(Box::new(Rejection::new(
-                Reason::InvalidUtf8,
-                format!("invalid UTF-8 at byte {}", e.valid_up_to()),
-                bytes,
-                origin,
-            )));
-        }
+        Err(e) => return invalid_utf8(e.valid_up_to(), bytes, origin),
     };
     classify_text(text, bytes, origin, is_final_unterminated, opts, None)
+}
+
+/// The length of `bytes` without trailing line ends, spaces and tabs.
+fn trimmed_len(bytes: &[u8]) -> usize {
+    bytes
+        .iter()
+        .rposition(|b| !matches!(b, b'\r' | b'\n' | b' ' | b'\t'))
+        .map_or(0, |i| i + 1)
+}
+
+fn invalid_utf8(valid_up_to: usize, bytes: &[u8], origin: Origin) -> Event {
+    Event::Reject(Box::new(Rejection::new(
+        Reason::InvalidUtf8,
+        format!("invalid UTF-8 at byte {valid_up_to}"),
+        bytes,
+        origin,
+    )))
+}
+
+/// What [`classify_owned`] made of a line.
+pub(crate) enum Classified {
+    Done(Event),
+    /// A Bundle with entries: the caller unpacks it (or, when it is not of
+    /// an unpackable type, classifies it again with `detect_bundle` off).
+    Bundle(String, Origin),
+}
+
+/// [`classify_line`] for a line the caller owns: the line is validated as
+/// UTF-8 once and becomes the stored JSON without a copy (the hot path of
+/// NDJSON ingest).
+pub(crate) fn classify_owned(
+    bytes: Vec<u8>,
+    origin: Origin,
+    is_final_unterminated: bool,
+    opts: &ClassifyOptions,
+    detect_bundle: bool,
+) -> Classified {
+    let end = trimmed_len(&bytes);
+    if bytes[..end].iter().all(|b| b.is_ascii_whitespace()) {
+        return Classified::Done(Event::Skip(origin));
+    }
+    let mut text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let at = e.utf8_error().valid_up_to();
+            return Classified::Done(invalid_utf8(at, e.as_bytes(), origin));
+        }
+    };
+    let body = text[..end].trim_start_matches('\u{feff}');
+    let start = end - body.len();
+    match parse_resource(body, &origin, opts, detect_bundle) {
+        Ok(Parsed::Resource(mut r)) => {
+            if start == 0 {
+                text.truncate(end);
+                r.json = text;
+            } else {
+                r.json = body.to_owned();
+            }
+            Classified::Done(Event::Resource(r))
+        }
+        Ok(Parsed::Bundle) => Classified::Bundle(text, origin),
+        Err(failure) => Classified::Done(rejection(
+            failure,
+            text.as_bytes(),
+            origin,
+            is_final_unterminated,
+        )),
+    }
 }
 
 /// Classifies a resource's JSON text. `rewritten` is set when the text is a
@@ -430,29 +484,50 @@ pub(crate) fn classify_text(
     unresolved_refs: Option<u32>,
 ) -> Event {
     let text = text.trim_start_matches('\u{feff}');
-    match parse_resource(text, opts) {
-        Ok(mut r) => {
+    match parse_resource(text, &origin, opts, false) {
+        Ok(Parsed::Resource(mut r)) => {
             r.unresolved_refs = unresolved_refs.unwrap_or(0);
-            r.origin = origin;
-            Event::Resource(Box::new(r))
+            r.json = text.to_owned();
+            Event::Resource(r)
         }
-        Err((reject, ty, id)) => {
-            let mut rej = Rejection::new(reject.reason, reject.message, raw_line, origin);
-            if is_final_unterminated && rej.reason == Reason::InvalidJson && reject.ends_early {
-                rej.reason = Reason::TruncatedLine;
-                rej.message = format!("last line has no newline and ends early: {}", rej.message);
-            }
-            rej.field = reject.field;
-            rej.resource_type = ty;
-            rej.resource_id = id;
-            Event::Reject(Box::new(rej))
-        }
+        // Not produced with `detect_bundle` off.
+        Ok(Parsed::Bundle) => Event::Skip(origin),
+        Err(failure) => rejection(failure, raw_line, origin, is_final_unterminated),
     }
+}
+
+fn rejection(
+    (reject, ty, id): ParseFailure,
+    raw_line: &[u8],
+    origin: Origin,
+    is_final_unterminated: bool,
+) -> Event {
+    let mut rej = Rejection::new(reject.reason, reject.message, raw_line, origin);
+    if is_final_unterminated && rej.reason == Reason::InvalidJson && reject.ends_early {
+        rej.reason = Reason::TruncatedLine;
+        rej.message = format!("last line has no newline and ends early: {}", rej.message);
+    }
+    rej.field = reject.field;
+    rej.resource_type = ty;
+    rej.resource_id = id;
+    Event::Reject(Box::new(rej))
+}
+
+/// A parsed line: a resource (its `json` still empty; the caller fills it
+/// from the text it owns), or a Bundle to unpack.
+enum Parsed {
+    Resource(Box<ParsedResource>),
+    Bundle,
 }
 
 type ParseFailure = (Reject, Option<String>, Option<String>);
 
-fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, ParseFailure> {
+fn parse_resource(
+    text: &str,
+    origin: &Origin,
+    opts: &ClassifyOptions,
+    detect_bundle: bool,
+) -> Result<Parsed, ParseFailure> {
     let fail = |reason, message: String, field: Option<&str>| Reject {
         reason,
         message,
@@ -508,6 +583,9 @@ fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, 
     let Ok(resource_type) = serde_json::from_str::<Cow<str>>(rt_raw.get()) else {
         return Err((wrong_type("resourceType", Kind::String, rt_raw), None, None));
     };
+    if detect_bundle && resource_type == "Bundle" && top.get("entry").is_some() {
+        return Ok(Parsed::Bundle);
+    }
     let ty = Some(resource_type.to_string());
     if !is_resource_type(&resource_type) {
         return Err((
@@ -647,7 +725,7 @@ fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, 
         }
     }
 
-    Ok(ParsedResource {
+    Ok(Parsed::Resource(Box::new(ParsedResource {
         resource_type: resource_type.into_owned(),
         id: id.into_owned(),
         version: VersionStamp {
@@ -655,17 +733,14 @@ fn parse_resource(text: &str, opts: &ClassifyOptions) -> Result<ParsedResource, 
             last_updated,
             content_hash: content_hash(text.as_bytes()),
         },
-        json: text.to_owned(),
+        json: String::new(),
         patient_id,
         identifiers,
         is_synthetic,
         unresolved_refs: 0,
         full_url: None,
-        origin: Origin {
-            file: Arc::from(""),
-            line: 0,
-        },
-    })
+        origin: origin.clone(),
+    })))
 }
 
 #[cfg(test)]

@@ -128,7 +128,7 @@ impl<R: BufRead> Iterator for LineSplitter<R> {
 }
 
 fn memchr(b: &[u8]) -> Option<usize> {
-    b.iter().position(|&c| c == b'\n')
+    memchr::memchr(b'\n', b)
 }
 
 #[cfg(test)]

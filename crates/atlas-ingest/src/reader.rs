@@ -12,10 +12,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use flate2::read::MultiGzDecoder;
+use rayon::iter::Either;
 use rayon::prelude::*;
 
 use crate::bundle::{IdentifierIndex, looks_like_bundle, unpack_bundle};
-use crate::classify::{ClassifyOptions, Event, Origin, Reason, Rejection, classify_line};
+use crate::classify::{
+    Classified, ClassifyOptions, Event, Origin, Reason, Rejection, classify_owned,
+};
 use crate::input::{Input, InputKind};
 use crate::lines::{LineItem, LineSplitter};
 
@@ -323,43 +326,83 @@ fn read_stream(
     }
 }
 
-fn classify_unit(unit: Unit, opts: &ClassifyOptions, index: &IdentifierIndex) -> Vec<Event> {
-    match unit {
-        Unit::Fault(r) => vec![Event::Reject(r)],
+/// The events of one unit: one for a line, many for an unpacked Bundle
+/// (no `Vec` per line on the hot path).
+type UnitEvents = Either<std::iter::Once<Event>, std::vec::IntoIter<Event>>;
+
+fn one(ev: Event) -> UnitEvents {
+    Either::Left(std::iter::once(ev))
+}
+
+fn classify_unit(unit: Unit, opts: &ClassifyOptions, index: &IdentifierIndex) -> UnitEvents {
+    let (origin, bytes, unterminated) = match unit {
+        Unit::Fault(r) => return one(Event::Reject(r)),
         Unit::Text {
             origin,
             bytes,
             unterminated,
-        } => {
-            if let Ok(text) = std::str::from_utf8(&bytes) {
-                let text = text.trim_start_matches('\u{feff}');
-                if looks_like_bundle(text)
-                    && let Some(events) = unpack_bundle(text, &bytes, &origin, opts, index)
-                {
-                    return events;
-                }
-                // A bare resource that points at Bundle entries of the run by fullUrl.
-                if index.has_full_urls() && text.contains("\"urn:") {
-                    let text = text.trim_end_matches(['\r', '\n', ' ', '\t']);
-                    let mut unresolved = 0u32;
-                    if let Ok(rewritten) = atlas_fhir::rewrite_references(text, |r| {
-                        let hit = index.resolve_full_url(r).cloned();
-                        unresolved += u32::from(hit.is_none() && r.starts_with("urn:"));
-                        hit
-                    }) {
-                        return vec![crate::classify::classify_text(
-                            &rewritten,
-                            &bytes,
-                            origin,
-                            unterminated,
-                            opts,
-                            Some(unresolved),
-                        )];
-                    }
+        } => (origin, bytes, unterminated),
+    };
+    if index.has_full_urls() {
+        // A run with Bundles: a bare resource may point at Bundle entries of
+        // the run by fullUrl, so references are rewritten before classifying.
+        if let Ok(text) = std::str::from_utf8(&bytes) {
+            let text = text.trim_start_matches('\u{feff}');
+            if looks_like_bundle(text)
+                && let Some(events) = unpack_bundle(text, &bytes, &origin, opts, index)
+            {
+                return Either::Right(events.into_iter());
+            }
+            if text.contains("\"urn:") {
+                let text = text.trim_end_matches(['\r', '\n', ' ', '\t']);
+                let mut unresolved = 0u32;
+                if let Ok(rewritten) = atlas_fhir::rewrite_references(text, |r| {
+                    let hit = index.resolve_full_url(r).cloned();
+                    unresolved += u32::from(hit.is_none() && r.starts_with("urn:"));
+                    hit
+                }) {
+                    return one(crate::classify::classify_text(
+                        &rewritten,
+                        &bytes,
+                        origin,
+                        unterminated,
+                        opts,
+                        Some(unresolved),
+                    ));
                 }
             }
-            vec![classify_line(&bytes, origin, unterminated, opts)]
         }
+        return one(done(classify_owned(
+            bytes,
+            origin,
+            unterminated,
+            opts,
+            false,
+        )));
+    }
+    match classify_owned(bytes, origin, unterminated, opts, true) {
+        Classified::Done(ev) => one(ev),
+        Classified::Bundle(text, origin) => {
+            match unpack_bundle(&text, text.as_bytes(), &origin, opts, index) {
+                Some(events) => Either::Right(events.into_iter()),
+                // Not an unpackable Bundle type: stored as one resource.
+                None => one(done(classify_owned(
+                    text.into_bytes(),
+                    origin,
+                    unterminated,
+                    opts,
+                    false,
+                ))),
+            }
+        }
+    }
+}
+
+fn done(c: Classified) -> Event {
+    match c {
+        Classified::Done(ev) => ev,
+        // `detect_bundle` was off.
+        Classified::Bundle(_, origin) => Event::Skip(origin),
     }
 }
 

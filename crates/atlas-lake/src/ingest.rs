@@ -31,11 +31,13 @@ use atlas_ingest::{
 };
 use datafusion::prelude::{SessionContext, col, lit};
 use deltalake::DeltaTable;
-use deltalake::kernel::Transaction;
-use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TableReference};
+use deltalake::kernel::{Action, Add, StructType, Transaction};
+use deltalake::operations::create::CreateBuilder;
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
-use deltalake::protocol::SaveMode;
+use deltalake::protocol::{DeltaOperation, SaveMode};
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -282,10 +284,12 @@ fn key_hash(ty: &str, id: &str) -> u128 {
 /// What one chunk writes, built on the main thread and committed on a task
 /// while the next chunk is prepared.
 struct ChunkWrite {
+    batch_id: String,
     chunk_no: i64,
     quarantine: Option<RecordBatch>,
     replaces: Option<RecordBatch>,
-    appends: Option<RecordBatch>,
+    /// New rows, sorted, in one or more consecutive batches.
+    appends: Option<Vec<RecordBatch>>,
     props: CommitProperties,
     quarantine_props: CommitProperties,
     /// Batch metadata without the `txn`: a MERGE followed by an append in the
@@ -381,12 +385,19 @@ pub async fn ingest(
     // Commits run one at a time and in chunk order, each on a task, so the
     // next chunk is prepared while the previous one is encoded and committed.
     let mut chunk_no = 0i64;
+    // The resources table as of the last commit: loading it again for every
+    // chunk re-reads the whole log.
+    let resources_cache = Arc::new(tokio::sync::Mutex::new(None));
     let mut in_flight: Option<tokio::task::JoinHandle<Result<(), LakeError>>> = None;
     while let Ok(chunk) = tokio::task::block_in_place(|| chunks.recv()) {
         let write = batch.prepare_chunk(chunk_no, chunk, &mut in_flight).await?;
         finish(&mut in_flight).await?;
         if let Some(write) = write {
-            in_flight = Some(tokio::spawn(write_chunk(lake.clone(), write)));
+            in_flight = Some(tokio::spawn(write_chunk(
+                lake.clone(),
+                write,
+                resources_cache.clone(),
+            )));
         }
         chunk_no += 1;
     }
@@ -431,8 +442,9 @@ async fn finish(
     }
 }
 
-/// Groups classified events into chunks of about `chunk_bytes` stored bytes.
-/// Boundaries depend only on the events, so a re-run cuts the same chunks.
+/// Groups classified events into chunks of at most about `chunk_bytes`
+/// stored bytes. Boundaries depend only on the events and `chunk_bytes`, so
+/// a re-run with the same `--chunk-mb` cuts the same chunks.
 /// Always yields at least one (possibly empty) chunk.
 fn cut_chunks(
     blocks: std::sync::mpsc::Receiver<atlas_ingest::Block>,
@@ -448,6 +460,10 @@ fn cut_chunks(
             let mut pending: Vec<Event> = Vec::new();
             let mut pending_bytes = 0usize;
             let mut sent = false;
+            // The first chunks are small and grow to `chunk_bytes`: the store
+            // writer starts after 4 MiB instead of a whole chunk, and only
+            // the last chunk's commit is left when the input ends.
+            let mut limit = chunk_bytes.min(4 << 20);
             for block in blocks {
                 lines.fetch_add(block.events.len() as u64, Ordering::Relaxed);
                 for ev in block.events {
@@ -457,12 +473,13 @@ fn cut_chunks(
                         _ => 0,
                     } + 64;
                     pending.push(ev);
-                    if pending_bytes >= chunk_bytes {
+                    if pending_bytes >= limit {
                         if tx.send(std::mem::take(&mut pending)).is_err() {
                             return;
                         }
                         sent = true;
                         pending_bytes = 0;
+                        limit = (limit * 2).min(chunk_bytes);
                     }
                 }
             }
@@ -533,16 +550,33 @@ async fn land_file(lake: &Lake, input: &Input, rel: &str) -> Result<(), LakeErro
     {
         return Ok(());
     }
+    let fail = |e: std::io::Error| LakeError::Other(format!("landing {}: {e}", input.name));
+    // A local lake: a kernel-side copy (copy_file_range) to a temporary name,
+    // then a rename, so a landed file is always whole. Streaming it through
+    // the object-store writer took a tenth of a small ingest's time.
+    if lake.is_local()
+        && let Ok(dst) = lake.root().join(rel).and_then(|u| {
+            u.to_file_path()
+                .map_err(|()| url::ParseError::RelativeUrlWithoutBase)
+        })
+    {
+        let tmp = dst.with_extension(format!("landing-{}", std::process::id()));
+        if let Some(dir) = dst.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(fail)?;
+        }
+        tokio::fs::copy(&input.path, &tmp).await.map_err(fail)?;
+        tokio::fs::rename(&tmp, &dst).await.map_err(fail)?;
+        return Ok(());
+    }
     let mut writer = object_store::buffered::BufWriter::new(lake.object_store().clone(), path);
-    let mut file = tokio::fs::File::open(&input.path)
+    let file = tokio::fs::File::open(&input.path).await.map_err(fail)?;
+    let mut file = tokio::io::BufReader::with_capacity(4 << 20, file);
+    tokio::io::copy_buf(&mut file, &mut writer)
         .await
-        .map_err(|e| LakeError::Other(format!("{}: {e}", input.name)))?;
-    tokio::io::copy(&mut file, &mut writer)
-        .await
-        .map_err(|e| LakeError::Other(format!("landing {}: {e}", input.name)))?;
+        .map_err(fail)?;
     tokio::io::AsyncWriteExt::shutdown(&mut writer)
         .await
-        .map_err(|e| LakeError::Other(format!("landing {}: {e}", input.name)))?;
+        .map_err(fail)?;
     Ok(())
 }
 
@@ -651,6 +685,26 @@ struct Existing {
     batch_id: String,
     file: String,
     line: i64,
+}
+
+/// A 128-bit content hash as 32 lowercase hex digits, without a `String`
+/// per row.
+struct Hex128([u8; 32]);
+
+impl Hex128 {
+    fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+fn hex128(h: u128) -> Hex128 {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = DIGITS[((h >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    Hex128(out)
 }
 
 fn parse_hash(s: &str) -> u128 {
@@ -879,8 +933,8 @@ impl Batch<'_> {
         drop(rejects);
         let build_started = std::time::Instant::now();
         // Sorted by type, patient and id, so one patient's rows sit together.
-        replaces.sort_unstable_by(|a, b| sort_key(a).cmp(&sort_key(b)));
-        appends.sort_unstable_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+        sort_rows(&mut replaces);
+        sort_rows(&mut appends);
         let replaces = if replaces.is_empty() {
             None
         } else {
@@ -889,7 +943,7 @@ impl Batch<'_> {
         let appends = if appends.is_empty() {
             None
         } else {
-            Some(self.resource_batch(&appends)?)
+            Some(self.resource_batches(&appends)?)
         };
         // The JSON now lives in the Arrow batches: free the events before encoding.
         drop(candidates);
@@ -902,6 +956,7 @@ impl Batch<'_> {
         );
         self.add_totals(&rec);
         Ok(Some(ChunkWrite {
+            batch_id: self.id.clone(),
             chunk_no,
             quarantine,
             replaces,
@@ -946,7 +1001,11 @@ impl Batch<'_> {
 /// Commits one prepared chunk: quarantine, then MERGE, then append. The last
 /// commit carries the chunk's `txn`, and rows a killed run already wrote are
 /// recognised by batch, file and line when the chunk is prepared again.
-async fn write_chunk(lake: Lake, w: ChunkWrite) -> Result<(), LakeError> {
+async fn write_chunk(
+    lake: Lake,
+    w: ChunkWrite,
+    resources: Arc<tokio::sync::Mutex<Option<DeltaTable>>>,
+) -> Result<(), LakeError> {
     let started = std::time::Instant::now();
     if let Some(batch) = w.quarantine {
         let table = lake.table_handle(QUARANTINE).await?;
@@ -959,11 +1018,18 @@ async fn write_chunk(lake: Lake, w: ChunkWrite) -> Result<(), LakeError> {
     }
     crash_point("after_quarantine_commit");
     let (appended, replaced) = (
-        w.appends.as_ref().map_or(0, |b| b.num_rows()),
+        w.appends
+            .as_ref()
+            .map_or(0, |b| b.iter().map(RecordBatch::num_rows).sum()),
         w.replaces.as_ref().map_or(0, |b| b.num_rows()),
     );
     let mut props = Some(w.props);
+    // Commits are one at a time, so this lock is never contended; it carries
+    // the table from one chunk's commit to the next.
+    let mut resources = resources.lock().await;
     if let Some(batch) = w.replaces {
+        // MERGE loads its own view of the table; the cached one is stale after.
+        *resources = None;
         let table = lake.table_handle(RESOURCES).await?;
         let p = if w.appends.is_none() {
             props.take()
@@ -972,17 +1038,16 @@ async fn write_chunk(lake: Lake, w: ChunkWrite) -> Result<(), LakeError> {
         };
         merge(table, batch, p).await?;
     }
-    if let Some(batch) = w.appends {
-        let table = lake.table_handle(RESOURCES).await?;
-        let mut write = table
-            .write(split_for_writers(batch)?)
-            .with_save_mode(SaveMode::Append)
-            .with_partition_columns(["resource_type"])
-            .with_writer_properties(writer_properties());
-        if let Some(p) = props.take() {
-            write = write.with_commit_properties(p);
-        }
-        write.await.map_err(delta_err(RESOURCES))?;
+    if let Some(batches) = w.appends {
+        append_files(
+            &lake,
+            &mut resources,
+            batches,
+            &w.batch_id,
+            w.chunk_no,
+            props.take(),
+        )
+        .await?;
     }
     tracing::info!(
         chunk = w.chunk_no,
@@ -995,10 +1060,297 @@ async fn write_chunk(lake: Lake, w: ChunkWrite) -> Result<(), LakeError> {
     Ok(())
 }
 
+/// Appends new rows: one Parquet file per resource type, encoded on every
+/// core straight from the chunk's Arrow batch, then one commit of their Add
+/// actions (with the chunk's `txn` when `props` has it).
+///
+/// This is what the Delta writer does, minus its copies: it re-partitions
+/// every batch (a `take` of all the JSON) and buffers the file through
+/// multipart upload parts. File names are fixed by batch, chunk and type, so
+/// a re-run after a crash overwrites the same files instead of leaving
+/// orphans, and only the commit makes them part of the table.
+async fn append_files(
+    lake: &Lake,
+    cached: &mut Option<DeltaTable>,
+    batches: Vec<RecordBatch>,
+    batch_id: &str,
+    chunk_no: i64,
+    props: Option<CommitProperties>,
+) -> Result<(), LakeError> {
+    let mut parts = Vec::new();
+    for batch in batches {
+        parts.extend(split_by_size(split_by_type(batch)?, FILE_JSON_BYTES));
+    }
+    let encoded = tokio::task::spawn_blocking(move || {
+        use rayon::prelude::*;
+        parts
+            .into_par_iter()
+            .map(|(ty, part)| encode_part(&ty, &part))
+            .collect::<Result<Vec<_>, LakeError>>()
+    })
+    .await
+    .map_err(|e| LakeError::Other(format!("encoding task: {e}")))??;
+    let mut adds = Vec::with_capacity(encoded.len());
+    for (n, file) in encoded.into_iter().enumerate() {
+        let rel = format!(
+            "resource_type={}/part-{batch_id}-{chunk_no:06}-{n:03}.zstd.parquet",
+            file.resource_type
+        );
+        let partition = ("resource_type".to_owned(), Some(file.resource_type));
+        adds.push(
+            put_file(
+                lake,
+                RESOURCES,
+                rel,
+                file.bytes,
+                file.stats,
+                Some(partition),
+            )
+            .await?,
+        );
+    }
+    crash_point("before_append_commit");
+    commit_adds(lake, RESOURCES, cached, adds, props).await
+}
+
+/// Writes one data file of a lake table and returns its Add action. The
+/// file is not part of the table until the Add is committed.
+async fn put_file(
+    lake: &Lake,
+    table: &str,
+    rel: String,
+    bytes: Vec<u8>,
+    stats: String,
+    partition: Option<(String, Option<String>)>,
+) -> Result<Action, LakeError> {
+    let size = bytes.len() as i64;
+    put(lake, &format!("tables/{table}/{rel}"), bytes).await?;
+    Ok(Action::Add(Add {
+        path: rel,
+        partition_values: partition.into_iter().collect(),
+        size,
+        modification_time: now_micros() / 1000,
+        data_change: true,
+        stats: Some(stats),
+        tags: None,
+        deletion_vector: None,
+        base_row_id: None,
+        default_row_commit_version: None,
+        clustering_provider: None,
+    }))
+}
+
+/// Commits `adds` to a lake table as one append (creating the table with
+/// its schema on first use); `cached` is the table as of the last commit
+/// and is updated to the new version.
+async fn commit_adds(
+    lake: &Lake,
+    name: &str,
+    cached: &mut Option<DeltaTable>,
+    adds: Vec<Action>,
+    props: Option<CommitProperties>,
+) -> Result<(), LakeError> {
+    let props = props.unwrap_or_default();
+    let partition_by: Vec<String> = if name == RESOURCES {
+        vec!["resource_type".into()]
+    } else {
+        Vec::new()
+    };
+    if cached.is_none() {
+        *cached = lake.table(name).await?;
+    }
+    match cached {
+        Some(table) => {
+            let snapshot = table.snapshot().map_err(delta_err(name))?;
+            let done = CommitBuilder::from(props)
+                .with_actions(adds)
+                .build(
+                    Some(snapshot as &dyn TableReference),
+                    table.log_store(),
+                    DeltaOperation::Write {
+                        mode: SaveMode::Append,
+                        partition_by: (!partition_by.is_empty()).then_some(partition_by),
+                        predicate: None,
+                    },
+                )
+                .await
+                .map_err(delta_err(name))?;
+            table.state = Some(done.snapshot());
+        }
+        None => {
+            let schema = match name {
+                RESOURCES => schema::RESOURCES.clone(),
+                BATCHES => schema::BATCHES.clone(),
+                _ => schema::QUARANTINE.clone(),
+            };
+            let table = CreateBuilder::new()
+                .with_location(lake.table_url(name).to_string())
+                .with_storage_options(lake.storage_options().clone())
+                .with_table_name(name)
+                .with_columns(
+                    StructType::try_from_arrow(schema.as_ref())
+                        .map_err(|e| LakeError::Other(format!("{name} schema: {e}")))?
+                        .fields()
+                        .cloned(),
+                )
+                .with_partition_columns(partition_by)
+                .with_save_mode(SaveMode::ErrorIfExists)
+                .with_actions(adds)
+                .with_commit_properties(props)
+                .await
+                .map_err(delta_err(name))?;
+            *cached = Some(table);
+        }
+    }
+    Ok(())
+}
+
+/// One encoded Parquet file of the resource table.
+struct EncodedPart {
+    resource_type: String,
+    bytes: Vec<u8>,
+    /// The Add action's `stats` JSON.
+    stats: String,
+}
+
+/// Encodes one type's rows without the partition column (Delta keeps it in
+/// the path and the Add action), and computes the file's statistics.
+fn encode_part(resource_type: &str, part: &RecordBatch) -> Result<EncodedPart, LakeError> {
+    let columns: Vec<usize> = (1..part.num_columns()).collect();
+    let data = part
+        .project(&columns)
+        .map_err(|e| LakeError::Other(format!("resources batch: {e}")))?;
+    let (bytes, stats) = encode_file(&data)?;
+    Ok(EncodedPart {
+        resource_type: resource_type.to_owned(),
+        bytes,
+        stats,
+    })
+}
+
+/// One Parquet file (with the lake's writer properties) and its Delta stats.
+fn encode_file(data: &RecordBatch) -> Result<(Vec<u8>, String), LakeError> {
+    use deltalake::parquet::arrow::ArrowWriter;
+    // Compressed JSON is a fraction of the text; this avoids regrowing the buffer.
+    let mut writer = ArrowWriter::try_new(
+        Vec::with_capacity(json_bytes(data) / 4 + (1 << 20)),
+        data.schema(),
+        Some(writer_properties()),
+    )
+    .map_err(|e| LakeError::Other(format!("parquet: {e}")))?;
+    writer
+        .write(data)
+        .map_err(|e| LakeError::Other(format!("parquet: {e}")))?;
+    let bytes = writer
+        .into_inner()
+        .map_err(|e| LakeError::Other(format!("parquet: {e}")))?;
+    Ok((bytes, file_stats(data)?))
+}
+
+/// Delta `stats` for a file: row count, null counts of the flat columns, and
+/// min/max of the columns readers filter on (ids, batch, line, deleted).
+/// Timestamps are left out: Delta writes them at millisecond precision, and
+/// a truncated maximum would make readers skip files that match.
+fn file_stats(data: &RecordBatch) -> Result<String, LakeError> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{DataType, Int64Type};
+    let mut min = serde_json::Map::new();
+    let mut max = serde_json::Map::new();
+    let mut nulls = serde_json::Map::new();
+    for (field, col) in data.schema().fields().iter().zip(data.columns()) {
+        let name = field.name().as_str();
+        if matches!(field.data_type(), DataType::List(_)) {
+            continue;
+        }
+        nulls.insert(name.into(), col.null_count().into());
+        let ranged = matches!(name, "id" | "patient_id" | "batch_id" | "line" | "deleted");
+        if !ranged || col.null_count() == col.len() {
+            continue;
+        }
+        match field.data_type() {
+            DataType::Utf8 => {
+                let a = col.as_string::<i32>();
+                if let (Some(lo), Some(hi)) =
+                    (arrow::compute::min_string(a), arrow::compute::max_string(a))
+                {
+                    min.insert(name.into(), lo.into());
+                    max.insert(name.into(), hi.into());
+                }
+            }
+            DataType::Int64 => {
+                let a = col.as_primitive::<Int64Type>();
+                if let (Some(lo), Some(hi)) = (arrow::compute::min(a), arrow::compute::max(a)) {
+                    min.insert(name.into(), lo.into());
+                    max.insert(name.into(), hi.into());
+                }
+            }
+            DataType::Boolean => {
+                let a = col.as_boolean();
+                if let (Some(lo), Some(hi)) = (
+                    arrow::compute::min_boolean(a),
+                    arrow::compute::max_boolean(a),
+                ) {
+                    min.insert(name.into(), lo.into());
+                    max.insert(name.into(), hi.into());
+                }
+            }
+            _ => {}
+        }
+    }
+    let stats = serde_json::json!({
+        "numRecords": data.num_rows(),
+        "minValues": min,
+        "maxValues": max,
+        "nullCount": nulls,
+    });
+    Ok(stats.to_string())
+}
+
+/// About how much JSON one Parquet file of a chunk holds. A chunk of one
+/// big type becomes several files, so every core encodes (most of all for
+/// the last chunk, which nothing else overlaps).
+const FILE_JSON_BYTES: usize = 16 << 20;
+
+/// The bytes of JSON text in a (possibly sliced) batch's `resource` column.
+fn json_bytes(batch: &RecordBatch) -> usize {
+    use arrow::array::AsArray;
+    batch
+        .column_by_name("resource")
+        .and_then(|c| c.as_string_opt::<i32>())
+        .map_or(0, |a| {
+            let o = a.value_offsets();
+            (o[o.len() - 1] - o[0]).max(0) as usize
+        })
+}
+
+/// Slices parts whose JSON is over `max_bytes` into about equal zero-copy
+/// pieces.
+fn split_by_size(
+    parts: Vec<(String, RecordBatch)>,
+    max_bytes: usize,
+) -> Vec<(String, RecordBatch)> {
+    let mut out = Vec::with_capacity(parts.len());
+    for (ty, part) in parts {
+        let bytes = json_bytes(&part);
+        let pieces = bytes
+            .div_ceil(max_bytes.max(1))
+            .clamp(1, part.num_rows().max(1));
+        let rows = part.num_rows().div_ceil(pieces);
+        let mut start = 0;
+        while start < part.num_rows() || (start == 0 && part.num_rows() == 0) {
+            let len = rows.min(part.num_rows() - start);
+            out.push((ty.clone(), part.slice(start, len)));
+            start += len;
+            if len == 0 {
+                break;
+            }
+        }
+    }
+    out
+}
+
 /// Slices a batch sorted by resource type into one zero-copy batch per type.
-/// The Delta writer copies each batch it partitions; handing it one type at
-/// a time keeps that copy to one type's rows instead of the whole chunk.
-fn split_for_writers(batch: RecordBatch) -> Result<Vec<RecordBatch>, LakeError> {
+fn split_by_type(batch: RecordBatch) -> Result<Vec<(String, RecordBatch)>, LakeError> {
     let types = batch
         .column(0)
         .as_any()
@@ -1008,7 +1360,7 @@ fn split_for_writers(batch: RecordBatch) -> Result<Vec<RecordBatch>, LakeError> 
     let mut start = 0;
     for i in 1..=batch.num_rows() {
         if i == batch.num_rows() || types.value(i) != types.value(start) {
-            out.push(batch.slice(start, i - start));
+            out.push((types.value(start).to_owned(), batch.slice(start, i - start)));
             start = i;
         }
     }
@@ -1167,6 +1519,21 @@ impl Batch<'_> {
         Ok(out)
     }
 
+    /// [`Batch::resource_batch`] for a chunk's new rows, built in two halves
+    /// on two cores: copying the JSON into Arrow is the longest step the
+    /// main task does per chunk, and nothing else overlaps it at the end.
+    fn resource_batches(&self, rows: &[&Candidate]) -> Result<Vec<RecordBatch>, LakeError> {
+        if rows.len() < 4096 {
+            return Ok(vec![self.resource_batch(rows)?]);
+        }
+        let (first, second) = rows.split_at(rows.len() / 2);
+        let (a, b) = rayon::join(
+            || self.resource_batch(first),
+            || self.resource_batch(second),
+        );
+        Ok(vec![a?, b?])
+    }
+
     fn resource_batch(&self, rows: &[&Candidate]) -> Result<RecordBatch, LakeError> {
         let n = rows.len();
         let mut ty = StringBuilder::with_capacity(n, n * 12);
@@ -1207,7 +1574,7 @@ impl Batch<'_> {
                     file.append_value(&*r.origin.file);
                     line.append_value(r.origin.line as i64);
                     del.append_value(false);
-                    hash.append_value(format!("{:032x}", r.version.content_hash));
+                    hash.append_value(hex128(r.version.content_hash).as_str());
                     for i in &r.identifiers {
                         idents.values().append_value(i);
                     }
@@ -1309,6 +1676,43 @@ impl Batch<'_> {
     }
 }
 
+/// Sorts rows by (type, patient, id), the order of [`sort_key`].
+///
+/// String comparisons dominated a chunk's sort: types and patients are few
+/// per chunk, so each gets an exact rank once, and ids (unique) compare by
+/// a 16-byte prefix first, with the whole id only on a tie.
+fn sort_rows(rows: &mut [&Candidate]) {
+    fn ranks<'a>(values: impl Iterator<Item = &'a str>) -> HashMap<&'a str, u32> {
+        let mut distinct: Vec<&str> = values.collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        distinct.into_iter().zip(0u32..).collect()
+    }
+    fn prefix(s: &str) -> u128 {
+        let mut b = [0u8; 16];
+        let n = s.len().min(16);
+        b[..n].copy_from_slice(&s.as_bytes()[..n]);
+        u128::from_be_bytes(b)
+    }
+    let types = ranks(rows.iter().map(|c| sort_key(c).0));
+    let patients = ranks(rows.iter().map(|c| sort_key(c).1));
+    let mut keyed: Vec<(u32, u32, u128, &Candidate)> = rows
+        .iter()
+        .map(|c| {
+            let (t, p, i) = sort_key(c);
+            (types[t], patients[p], prefix(i), *c)
+        })
+        .collect();
+    keyed.sort_unstable_by(|a, b| {
+        (a.0, a.1, a.2)
+            .cmp(&(b.0, b.1, b.2))
+            .then_with(|| sort_key(a.3).2.cmp(sort_key(b.3).2))
+    });
+    for (slot, k) in rows.iter_mut().zip(keyed) {
+        *slot = k.3;
+    }
+}
+
 fn sort_key(c: &Candidate) -> (&str, &str, &str) {
     match c {
         Candidate::Resource(r) => (
@@ -1381,6 +1785,7 @@ fn writer_properties() -> WriterProperties {
         .set_column_dictionary_enabled(json.clone(), false)
         .set_column_statistics_enabled(json, EnabledStatistics::None)
         .set_column_dictionary_enabled(hash, false)
+        .set_column_dictionary_enabled("id".into(), false)
         .set_column_bloom_filter_enabled("id".into(), true)
         .set_column_bloom_filter_enabled("patient_id".into(), true)
         .build()
@@ -1423,14 +1828,128 @@ async fn write_batch_row(
     ];
     let batch = RecordBatch::try_new(schema::BATCHES.clone(), cols)
         .map_err(|e| LakeError::Other(e.to_string()))?;
-    let table = lake.table_handle(BATCHES).await?;
     let commit = CommitProperties::default()
         .with_application_transaction(Transaction::new(format!("atlas-ingest-{}", r.batch_id), 0));
-    table
-        .write(vec![batch])
-        .with_save_mode(SaveMode::Append)
-        .with_commit_properties(commit)
-        .await
-        .map_err(delta_err(BATCHES))?;
-    Ok(())
+    let (bytes, stats) = encode_file(&batch)?;
+    let rel = format!("part-{}.zstd.parquet", r.batch_id);
+    let add = put_file(lake, BATCHES, rel, bytes, stats, None).await?;
+    commit_adds(lake, BATCHES, &mut None, vec![add], Some(commit)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex128_matches_format() {
+        for h in [
+            0u128,
+            1,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_0011_2233_4455_6677,
+        ] {
+            assert_eq!(hex128(h).as_str(), format!("{h:032x}"));
+        }
+    }
+
+    fn resource(ty: &str, patient: Option<&str>, id: &str) -> Candidate {
+        Candidate::Resource(Box::new(ParsedResource {
+            resource_type: ty.into(),
+            id: id.into(),
+            json: String::new(),
+            version: VersionStamp {
+                version_id: None,
+                last_updated: None,
+                content_hash: 0,
+            },
+            patient_id: patient.map(str::to_owned),
+            identifiers: Vec::new(),
+            is_synthetic: false,
+            unresolved_refs: 0,
+            full_url: None,
+            origin: atlas_ingest::Origin {
+                file: Arc::from("f"),
+                line: 1,
+            },
+        }))
+    }
+
+    #[test]
+    fn big_parts_are_split_into_zero_copy_pieces_that_cover_every_row() {
+        let json: Vec<String> = (0..100).map(|i| format!("{{\"n\":{i:0>94}}}")).collect();
+        let resource: ArrayRef = Arc::new(arrow::array::StringArray::from(json.clone()));
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("resource", arrow::datatypes::DataType::Utf8, false),
+        ]));
+        let batch = RecordBatch::try_new(schema, vec![resource]).unwrap();
+        // 100 rows of 100 bytes, sliced like a type's part of a chunk.
+        let part = batch.slice(10, 80);
+        assert_eq!(json_bytes(&part), 8_000);
+        let pieces = split_by_size(vec![("Observation".into(), part)], 3_000);
+        assert_eq!(pieces.len(), 3);
+        let mut rows = Vec::new();
+        for (ty, p) in &pieces {
+            assert_eq!(ty, "Observation");
+            assert!(json_bytes(p) <= 3_000, "{}", json_bytes(p));
+            let a = p
+                .column(0)
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .unwrap();
+            rows.extend(a.iter().flatten().map(str::to_owned));
+        }
+        assert_eq!(rows, json[10..90]);
+        // Small parts stay whole; empty ones stay one (empty) piece.
+        assert_eq!(
+            split_by_size(vec![("P".into(), batch.slice(0, 5))], 3_000).len(),
+            1
+        );
+        assert_eq!(
+            split_by_size(vec![("P".into(), batch.slice(0, 0))], 3_000).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn sort_rows_equals_sorting_by_the_string_key() {
+        // Types sharing prefixes, ids sharing 16-byte prefixes, missing patients.
+        let mut rows = Vec::new();
+        for (i, ty) in ["ObservationDefinition", "Observation", "Patient", "Obs"]
+            .iter()
+            .enumerate()
+        {
+            for p in [
+                None,
+                Some("p-0000000000000000-b"),
+                Some("p-0000000000000000-a"),
+                Some("q"),
+            ] {
+                for id in [
+                    "0123456789abcdef-2",
+                    "0123456789abcdef-1",
+                    "z",
+                    "0123456789abcdef",
+                ] {
+                    rows.push(resource(ty, p, &format!("{id}{i}")));
+                }
+            }
+        }
+        rows.push(Candidate::Tombstone {
+            resource_type: "Observation".into(),
+            id: "0123456789abcdef-0".into(),
+            file: Arc::from("f"),
+            line: 2,
+        });
+        let mut fast: Vec<&Candidate> = rows.iter().rev().collect();
+        sort_rows(&mut fast);
+        let mut slow: Vec<&Candidate> = rows.iter().collect();
+        slow.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+        let keys = |v: &[&Candidate]| {
+            v.iter()
+                .map(|c| sort_key(c))
+                .map(|(a, b, c)| format!("{a}|{b}|{c}"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&fast), keys(&slow));
+    }
 }

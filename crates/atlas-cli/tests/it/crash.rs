@@ -77,6 +77,7 @@ fn killed_at_each_point_then_rerun_converges() {
     for point in [
         "after_landing",
         "after_quarantine_commit",
+        "before_append_commit",
         "after_chunk",
         "before_batch_commit",
     ] {

@@ -77,6 +77,17 @@ async fn malformed_input_reconciles_exactly() {
         (22, 7, 1, 0, 12, 2),
         "{o:?}"
     );
+    // The manifest's SHA-256 is the reader's, over every byte of each file,
+    // including what follows the corrupt gzip member.
+    for (landed, path) in r.inputs.iter().zip([&bad_path, &gz_path]) {
+        let (size, sha) = atlas_ingest::hash_file(path).unwrap();
+        assert_eq!(
+            (landed.bytes, &landed.sha256),
+            (size, &sha),
+            "{}",
+            landed.name
+        );
+    }
     let expected = [
         "corrupt_gzip",
         "duplicate_id",
