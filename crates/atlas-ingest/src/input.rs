@@ -59,6 +59,7 @@ pub struct Input {
     pub path: PathBuf,
     pub kind: InputKind,
     pub size: u64,
+    /// Empty until [`hash_inputs`] runs.
     pub sha256: String,
 }
 
@@ -141,7 +142,19 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), InputError> {
     Ok(())
 }
 
-/// Resolves user-named paths into hashed inputs. `stdin` is read when a path is `-`.
+/// Fills in each input's SHA-256 (and exact size): every file at once, on
+/// every core. Ingest calls this while its reader already decompresses and
+/// classifies the same files.
+pub fn hash_inputs(inputs: &mut [Input]) -> Result<(), InputError> {
+    inputs.par_iter_mut().try_for_each(|i| {
+        (i.size, i.sha256) = hash_file(&i.path)?;
+        Ok(())
+    })
+}
+
+/// Resolves user-named paths into inputs (sizes from the file system; the
+/// SHA-256 is left empty until [`hash_inputs`]). `stdin` is read when a path
+/// is `-`.
 pub fn collect_inputs(paths: &[String], stdin: &mut dyn Read) -> Result<InputSet, InputError> {
     let mut inputs = Vec::new();
     let mut spool = Vec::new();
@@ -202,11 +215,9 @@ pub fn collect_inputs(paths: &[String], stdin: &mut dyn Read) -> Result<InputSet
             });
         }
     }
-    // Hashing reads every byte: all files at once, on every core.
-    inputs.par_iter_mut().try_for_each(|i| {
-        (i.size, i.sha256) = hash_file(&i.path)?;
-        Ok::<_, InputError>(())
-    })?;
+    for i in &mut inputs {
+        i.size = std::fs::metadata(&i.path).map_err(io_err(&i.path))?.len();
+    }
     Ok(InputSet {
         inputs,
         _spool: spool,

@@ -189,6 +189,7 @@ fn now_micros() -> i64 {
 }
 
 /// The deterministic id of a batch: same source and same input bytes, same id.
+/// The inputs must be hashed (`atlas_ingest::hash_inputs`); `ingest` does it.
 pub fn batch_id(source: &str, inputs: &[Input]) -> String {
     let mut h = Sha256::new();
     h.update(source.as_bytes());
@@ -305,6 +306,32 @@ pub async fn ingest(
     opts: &IngestOptions,
     progress: &Progress,
 ) -> Result<BatchReport, LakeError> {
+    // Without Bundles (whose conditional references need a prescan first),
+    // the reader starts at once: it decompresses and classifies while the
+    // inputs are hashed for the batch id and landed. Nothing is committed
+    // before the landing is done.
+    let may_hold_bundles = inputs.iter().any(|i| i.kind.may_hold_bundles());
+    let early_reader = if may_hold_bundles {
+        None
+    } else {
+        Some(
+            read_events(
+                inputs.to_vec(),
+                opts.read.clone(),
+                Arc::new(IdentifierIndex::default()),
+                progress.bytes.clone(),
+            )
+            .map_err(|e| LakeError::Other(format!("cannot start the readers: {e}")))?,
+        )
+    };
+    let mut hashed = inputs.to_vec();
+    let hashed = tokio::task::spawn_blocking(move || {
+        atlas_ingest::hash_inputs(&mut hashed).map(|()| hashed)
+    })
+    .await
+    .map_err(|e| LakeError::Other(format!("hashing task: {e}")))?
+    .map_err(|e| LakeError::Other(format!("hashing the inputs: {e}")))?;
+    let inputs = &hashed[..];
     let id = batch_id(&opts.source, inputs);
     if let Some(report) = completed_batch(lake, &id).await? {
         progress.phase.store(3, Ordering::Relaxed);
@@ -336,7 +363,7 @@ pub async fn ingest(
     // Conditional references may point anywhere in the run or the store.
     progress.phase.store(1, Ordering::Relaxed);
     let mut index = IdentifierIndex::default();
-    if inputs.iter().any(|i| i.kind.may_hold_bundles()) {
+    if may_hold_bundles {
         prescan_identifiers(inputs, &opts.read, &mut index)
             .map_err(|e| LakeError::Other(format!("prescan: {e}")))?;
         load_store_identifiers(lake, &mut index).await?;
@@ -372,13 +399,16 @@ pub async fn ingest(
     };
 
     progress.phase.store(2, Ordering::Relaxed);
-    let rx = read_events(
-        inputs.to_vec(),
-        opts.read.clone(),
-        Arc::new(index),
-        progress.bytes.clone(),
-    )
-    .map_err(|e| LakeError::Other(format!("cannot start the readers: {e}")))?;
+    let rx = match early_reader {
+        Some(rx) => rx,
+        None => read_events(
+            inputs.to_vec(),
+            opts.read.clone(),
+            Arc::new(index),
+            progress.bytes.clone(),
+        )
+        .map_err(|e| LakeError::Other(format!("cannot start the readers: {e}")))?,
+    };
     // Chunks are cut on their own thread, so reading and classifying go on
     // while the previous chunk is being committed.
     let chunks = cut_chunks(rx, opts.chunk_bytes, progress.lines.clone())?;
