@@ -490,10 +490,11 @@ fn cut_chunks(
             let mut pending: Vec<Event> = Vec::new();
             let mut pending_bytes = 0usize;
             let mut sent = false;
-            // The first chunks are small and grow to `chunk_bytes`: the store
-            // writer starts after 4 MiB instead of a whole chunk, and only
-            // the last chunk's commit is left when the input ends.
-            let mut limit = chunk_bytes.min(4 << 20);
+            // The first chunks are smaller and grow to `chunk_bytes`: the
+            // store writer starts after 16 MiB instead of a whole chunk.
+            // (4 MiB started sooner but cost more commits; 16 was fastest
+            // on the 615-patient data, and 10x does not notice.)
+            let mut limit = chunk_bytes.min(16 << 20);
             for block in blocks {
                 lines.fetch_add(block.events.len() as u64, Ordering::Relaxed);
                 for ev in block.events {
