@@ -1141,7 +1141,12 @@ async fn append_files(
         );
     }
     crash_point("before_append_commit");
-    commit_adds(lake, RESOURCES, cached, adds, props).await
+    let table = NewTable {
+        name: RESOURCES,
+        schema: &schema::RESOURCES,
+        partition_by: &["resource_type"],
+    };
+    commit_adds(lake, &table, cached, adds, props).await
 }
 
 /// Writes one data file of a lake table and returns its Add action. The
@@ -1171,22 +1176,26 @@ async fn put_file(
     }))
 }
 
+/// A lake table as [`commit_adds`] creates it on first use.
+struct NewTable<'a> {
+    name: &'a str,
+    schema: &'a arrow::datatypes::SchemaRef,
+    partition_by: &'a [&'a str],
+}
+
 /// Commits `adds` to a lake table as one append (creating the table with
 /// its schema on first use); `cached` is the table as of the last commit
 /// and is updated to the new version.
 async fn commit_adds(
     lake: &Lake,
-    name: &str,
+    t: &NewTable<'_>,
     cached: &mut Option<DeltaTable>,
     adds: Vec<Action>,
     props: Option<CommitProperties>,
 ) -> Result<(), LakeError> {
+    let name = t.name;
     let props = props.unwrap_or_default();
-    let partition_by: Vec<String> = if name == RESOURCES {
-        vec!["resource_type".into()]
-    } else {
-        Vec::new()
-    };
+    let partition_by: Vec<String> = t.partition_by.iter().map(|c| (*c).to_owned()).collect();
     if cached.is_none() {
         *cached = lake.table(name).await?;
     }
@@ -1209,17 +1218,12 @@ async fn commit_adds(
             table.state = Some(done.snapshot());
         }
         None => {
-            let schema = match name {
-                RESOURCES => schema::RESOURCES.clone(),
-                BATCHES => schema::BATCHES.clone(),
-                _ => schema::QUARANTINE.clone(),
-            };
             let table = CreateBuilder::new()
                 .with_location(lake.table_url(name).to_string())
                 .with_storage_options(lake.storage_options().clone())
                 .with_table_name(name)
                 .with_columns(
-                    StructType::try_from_arrow(schema.as_ref())
+                    StructType::try_from_arrow(t.schema.as_ref())
                         .map_err(|e| LakeError::Other(format!("{name} schema: {e}")))?
                         .fields()
                         .cloned(),
@@ -1864,7 +1868,12 @@ async fn write_batch_row(
     let (bytes, stats) = encode_file(&batch)?;
     let rel = format!("part-{}.zstd.parquet", r.batch_id);
     let add = put_file(lake, BATCHES, rel, bytes, stats, None).await?;
-    commit_adds(lake, BATCHES, &mut None, vec![add], Some(commit)).await
+    let table = NewTable {
+        name: BATCHES,
+        schema: &schema::BATCHES,
+        partition_by: &[],
+    };
+    commit_adds(lake, &table, &mut None, vec![add], Some(commit)).await
 }
 
 #[cfg(test)]
