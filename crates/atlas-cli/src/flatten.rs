@@ -8,7 +8,7 @@
 //! worker, not input order.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use arrow::record_batch::RecordBatch;
-use atlas_views::{CompiledView, RowBuilder};
+use atlas_views::{Appended, CompiledView, RowBuilder, ViewSet, ViewSetState};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -42,6 +42,9 @@ pub struct FlattenReport {
     pub eval_errors: u64,
     pub first_errors: Vec<String>,
     pub rows: HashMap<String, u64>,
+    /// Resources evaluated on the projected fast path only / with the full evaluator.
+    pub fast_resources: u64,
+    pub full_resources: u64,
     pub seconds: f64,
 }
 
@@ -101,20 +104,12 @@ pub fn flatten(
 ) -> Result<FlattenReport> {
     let started = Instant::now();
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let mut by_type: HashMap<String, Vec<usize>> = HashMap::new();
-    for (i, v) in views.iter().enumerate() {
-        by_type
-            .entry(v.plan.resource_type().to_owned())
-            .or_default()
-            .push(i);
-    }
-    let by_type = Arc::new(by_type);
-    let plans: Arc<Vec<Arc<CompiledView>>> =
-        Arc::new(views.iter().map(|v| v.plan.clone()).collect());
+    let set = Arc::new(ViewSet::new(views.iter().map(|v| v.plan.clone()).collect()));
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let (block_tx, block_rx) = sync_channel::<Block>(workers * 2);
     let block_rx = Arc::new(std::sync::Mutex::new(block_rx));
     let (row_tx, row_rx) = sync_channel::<(usize, RecordBatch)>(workers * 4);
+    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(workers * 2 + 2);
 
     // Writer: one Parquet file per view.
     let mut writers = Vec::new();
@@ -143,11 +138,11 @@ pub fn flatten(
     for _ in 0..workers {
         let rx = block_rx.clone();
         let tx = row_tx.clone();
-        let plans = plans.clone();
-        let by_type = by_type.clone();
+        let set = set.clone();
         let progress = progress.clone();
+        let free = free_tx.clone();
         handles.push(std::thread::spawn(move || {
-            work(&rx, &tx, &plans, &by_type, &progress)
+            work(&rx, &tx, &free, &set, &progress)
         }));
     }
     drop(row_tx);
@@ -156,7 +151,7 @@ pub fn flatten(
         files: files.len(),
         ..Default::default()
     };
-    let read = read_blocks(files, &block_tx);
+    let read = read_blocks(files, &block_tx, &free_rx);
     drop(block_tx);
     let mut stats = Vec::new();
     for h in handles {
@@ -177,6 +172,8 @@ pub fn flatten(
         report.other_types += s.other_types;
         report.rejected += s.rejected;
         report.eval_errors += s.eval_errors;
+        report.fast_resources += s.fast_resources;
+        report.full_resources += s.full_resources;
         for e in s.first_errors {
             if report.first_errors.len() < MAX_ERRORS {
                 report.first_errors.push(e);
@@ -190,35 +187,52 @@ pub fn flatten(
     Ok(report)
 }
 
-/// Reads files into line-aligned blocks; returns the bytes read.
-fn read_blocks(files: &[PathBuf], tx: &SyncSender<Block>) -> Result<u64> {
+/// Reads files into line-aligned blocks (read straight into the block, the
+/// partial last line carried into the next one); returns the bytes read.
+fn read_blocks(files: &[PathBuf], tx: &SyncSender<Block>, free: &Receiver<Vec<u8>>) -> Result<u64> {
     let mut total = 0u64;
     for f in files {
         let name: Arc<str> = f.display().to_string().into();
         let raw = std::fs::File::open(f).with_context(|| format!("opening {}", f.display()))?;
-        let inner: Box<dyn Read> = if f.to_string_lossy().ends_with(".gz") {
+        let mut reader: Box<dyn Read> = if f.to_string_lossy().ends_with(".gz") {
             Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(raw)))
         } else {
             Box::new(raw)
         };
-        let mut reader = BufReader::with_capacity(1 << 20, inner);
         let mut line_no = 1u64;
-        loop {
-            let mut bytes = Vec::with_capacity(BLOCK_BYTES + (64 << 10));
-            let mut lines = 0u64;
-            while bytes.len() < BLOCK_BYTES {
-                let n = reader
-                    .read_until(b'\n', &mut bytes)
+        let mut carry: Vec<u8> = Vec::new();
+        let mut eof = false;
+        while !eof {
+            // Reuse a buffer the workers are done with (fresh pages cost faults).
+            let mut bytes = free
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(BLOCK_BYTES + (64 << 10)));
+            bytes.clear();
+            bytes.append(&mut carry);
+            // Fill the block; a line longer than a block makes it grow.
+            loop {
+                let want = (BLOCK_BYTES.saturating_sub(bytes.len())).max(64 << 10);
+                let n = (&mut reader)
+                    .take(want as u64)
+                    .read_to_end(&mut bytes)
                     .with_context(|| format!("reading {}", f.display()))?;
                 if n == 0 {
+                    eof = true;
                     break;
                 }
-                lines += 1;
+                if bytes.len() >= BLOCK_BYTES && memchr::memrchr(b'\n', &bytes).is_some() {
+                    break;
+                }
+            }
+            if !eof && let Some(cut) = memchr::memrchr(b'\n', &bytes) {
+                carry.extend_from_slice(&bytes[cut + 1..]);
+                bytes.truncate(cut + 1);
             }
             if bytes.is_empty() {
-                break;
+                continue;
             }
             total += bytes.len() as u64;
+            let lines = memchr::memchr_iter(b'\n', &bytes).count() as u64;
             let block = Block {
                 file: name.clone(),
                 first_line: line_no,
@@ -235,6 +249,8 @@ fn read_blocks(files: &[PathBuf], tx: &SyncSender<Block>) -> Result<u64> {
 
 #[derive(Default)]
 struct WorkStats {
+    fast_resources: u64,
+    full_resources: u64,
     lines: u64,
     other_types: u64,
     rejected: u64,
@@ -245,17 +261,18 @@ struct WorkStats {
 fn work(
     rx: &std::sync::Mutex<Receiver<Block>>,
     tx: &SyncSender<(usize, RecordBatch)>,
-    plans: &[Arc<CompiledView>],
-    by_type: &HashMap<String, Vec<usize>>,
+    free: &SyncSender<Vec<u8>>,
+    set: &ViewSet,
     progress: &AtomicU64,
 ) -> Result<WorkStats> {
-    let mut builders: Vec<RowBuilder> = plans.iter().map(|p| p.row_builder()).collect();
+    let mut builders: Vec<RowBuilder> = set.row_builders();
+    let mut state = ViewSetState::new();
     let mut s = WorkStats::default();
-    let note = |s: &mut WorkStats, msg: String| {
+    fn note(s: &mut WorkStats, msg: String) {
         if s.first_errors.len() < MAX_ERRORS {
             s.first_errors.push(msg);
         }
-    };
+    }
     loop {
         let block = match rx.lock() {
             Ok(guard) => match guard.recv() {
@@ -264,8 +281,15 @@ fn work(
             },
             Err(_) => bail!("block queue poisoned"),
         };
-        for (i, line) in block.bytes.split(|b| *b == b'\n').enumerate() {
-            let line_no = block.first_line + i as u64;
+        let mut line_no = block.first_line;
+        let mut from = 0;
+        while from < block.bytes.len() {
+            let to = memchr::memchr(b'\n', &block.bytes[from..])
+                .map_or(block.bytes.len(), |i| from + i + 1);
+            let line = &block.bytes[from..to];
+            from = to;
+            let this_line = line_no;
+            line_no += 1;
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
@@ -276,35 +300,39 @@ fn work(
                     s.rejected += 1;
                     note(
                         &mut s,
-                        format!("{}:{line_no}: invalid UTF-8: {e}", block.file),
+                        format!("{}:{this_line}: invalid UTF-8: {e}", block.file),
                     );
                     continue;
                 }
             };
-            let tree = match atlas_fhirpath::json::parse(text) {
-                Ok(t) => t,
-                Err(e) => {
+            let mut errors = Vec::new();
+            match set.append(text, &mut state, &mut builders, |v, e| errors.push((v, e))) {
+                Appended::Done => {}
+                Appended::NotJson(e) => {
                     s.rejected += 1;
-                    note(&mut s, format!("{}:{line_no}: {e}", block.file));
+                    note(&mut s, format!("{}:{this_line}: {e}", block.file));
                     continue;
                 }
-            };
-            let Some(ty) = tree.get("resourceType").and_then(|t| t.as_str()) else {
-                s.rejected += 1;
-                note(&mut s, format!("{}:{line_no}: no resourceType", block.file));
-                continue;
-            };
-            let Some(views) = by_type.get(ty) else {
-                s.other_types += 1;
-                continue;
-            };
-            for &v in views {
-                if let Err(e) = plans[v].append_tree(&tree, &mut builders[v]) {
-                    s.eval_errors += 1;
-                    note(&mut s, format!("{}:{line_no}: {e}", block.file));
+                Appended::NoResourceType => {
+                    s.rejected += 1;
+                    note(
+                        &mut s,
+                        format!("{}:{this_line}: no resourceType", block.file),
+                    );
+                    continue;
                 }
-                if builders[v].len() >= FLUSH_ROWS {
-                    let batch = builders[v].finish()?;
+                Appended::OtherType => {
+                    s.other_types += 1;
+                    continue;
+                }
+            }
+            for (_, e) in errors {
+                s.eval_errors += 1;
+                note(&mut s, format!("{}:{this_line}: {e}", block.file));
+            }
+            for (v, b) in builders.iter_mut().enumerate() {
+                if b.len() >= FLUSH_ROWS {
+                    let batch = b.finish()?;
                     if tx.send((v, batch)).is_err() {
                         bail!("the Parquet writer stopped early");
                     }
@@ -312,6 +340,8 @@ fn work(
             }
         }
         progress.fetch_add(block.bytes.len() as u64, Ordering::Relaxed);
+        // Full or reader gone: drop it.
+        let _ = free.try_send(block.bytes);
     }
     for (v, b) in builders.iter_mut().enumerate() {
         if !b.is_empty() {
@@ -321,5 +351,7 @@ fn work(
             }
         }
     }
+    s.fast_resources = state.fast_resources;
+    s.full_resources = state.full_resources;
     Ok(s)
 }

@@ -16,6 +16,8 @@
 //! they contain escapes, and objects are a `Vec` of entries in document order
 //! (FHIR objects are small, so a linear lookup beats hashing).
 
+pub mod tape;
+
 use rust_decimal::Decimal;
 use std::borrow::Cow;
 use std::fmt;

@@ -31,6 +31,7 @@ mod call;
 mod check;
 mod error;
 mod eval;
+pub mod fast;
 mod fhir_xml;
 mod functions;
 pub mod json;

@@ -202,7 +202,7 @@ impl RowBuilder {
             .map_err(|e| ViewError::Arrow(e.to_string()))
     }
 
-    fn push_rows(&mut self, rows: &[Vec<Cell<'_>>]) {
+    pub(crate) fn push_rows(&mut self, rows: &[Vec<Cell<'_>>]) {
         for row in rows {
             for (sink, cell) in self.sinks.iter_mut().zip(row) {
                 sink.append(cell);
@@ -212,7 +212,7 @@ impl RowBuilder {
     }
 }
 
-type Rows<'a> = Vec<Vec<Cell<'a>>>;
+pub(crate) type Rows<'a> = Vec<Vec<Cell<'a>>>;
 
 struct Run<'a> {
     view: &'a CompiledView,
@@ -233,7 +233,7 @@ fn pow10(n: u32) -> i128 {
     10i128.pow(n)
 }
 
-fn decimal_cell(d: Decimal) -> Result<i128, String> {
+pub(crate) fn decimal_cell(d: Decimal) -> Result<i128, String> {
     let d = d.normalize();
     let scale = d.scale();
     let target = DECIMAL_SCALE as u32;
@@ -533,21 +533,29 @@ impl<'a> Run<'a> {
 }
 
 /// Every row of `left` combined with every row of `right` (written at `offset`).
-fn product<'a>(left: Rows<'a>, right: &Rows<'a>, offset: usize) -> Rows<'a> {
+pub(crate) fn product<'a>(left: Rows<'a>, right: &Rows<'a>, offset: usize) -> Rows<'a> {
     if right.is_empty() {
         return Vec::new();
     }
     let mut out = Vec::with_capacity(left.len() * right.len());
     for l in left {
-        for r in right {
-            let mut row = l.clone();
+        // The last combination takes `l` itself instead of a copy.
+        let (last, rest) = match right.split_last() {
+            Some(x) => x,
+            None => continue,
+        };
+        let fill = |mut row: Vec<Cell<'a>>, r: &[Cell<'a>]| {
             for (i, c) in r.iter().enumerate() {
                 if let Some(slot) = row.get_mut(offset + i) {
                     *slot = c.clone();
                 }
             }
-            out.push(row);
+            row
+        };
+        for r in rest {
+            out.push(fill(l.clone(), r));
         }
+        out.push(fill(l, last));
     }
     out
 }

@@ -45,6 +45,7 @@ mod compile;
 mod definition;
 mod diag;
 mod exec;
+mod fast;
 pub mod json;
 pub mod suite;
 #[cfg(test)]
@@ -55,5 +56,6 @@ pub use compile::{ColumnInfo, CompiledView, ViewCompiler};
 pub use definition::{Column, Constant, Select, ViewDefinition, WhereClause, is_valid_name};
 pub use diag::{Diagnostic, RunError, ViewError, render as render_diagnostics};
 pub use exec::RowBuilder;
+pub use fast::{Appended, ViewSet, ViewSetState};
 pub use json::batch_to_json_rows;
 pub use types::ColumnKind;

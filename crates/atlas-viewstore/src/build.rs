@@ -14,7 +14,7 @@ use std::time::Instant;
 use arrow::array::{Array, RecordBatch, StringArray};
 use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
 use arrow::datatypes::SchemaRef;
-use atlas_views::CompiledView;
+use atlas_views::{Appended, CompiledView, ViewSet, ViewSetState};
 use deltalake::DeltaTable;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TableReference};
@@ -477,7 +477,11 @@ fn evaluate(
     plans: &[Arc<CompiledView>],
     collect_keys: bool,
 ) -> Result<Evaluated, ViewStoreError> {
-    let mut builders: Vec<_> = plans.iter().map(|p| p.row_builder()).collect();
+    // One projected parse per resource serves every view (fast path where
+    // the views allow it, the full evaluator otherwise; same results).
+    let set = ViewSet::new(plans.to_vec());
+    let mut state = ViewSetState::new();
+    let mut builders = set.row_builders();
     let mut errors = (0u64, Vec::new());
     let mut keys = Vec::new();
     let mut resources = 0;
@@ -494,27 +498,20 @@ fn evaluate(
             continue;
         }
         let text = chunk.resources.value(i);
-        // Our parser keeps each number's text, so decimal columns are exact.
-        let json = match atlas_fhirpath::json::parse(text) {
-            Ok(j) => j,
-            Err(e) => {
-                errors.0 += 1;
-                if errors.1.len() < MAX_ERRORS_KEPT {
-                    errors.1.push(format!(
-                        "{}: stored resource {} is not JSON: {e}",
-                        chunk.file,
-                        chunk.ids.value(i)
-                    ));
-                }
-                continue;
+        let outcome = set.append(text, &mut state, &mut builders, |_, e| {
+            errors.0 += 1;
+            if errors.1.len() < MAX_ERRORS_KEPT {
+                errors.1.push(e.to_string());
             }
-        };
-        for (plan, b) in plans.iter().zip(builders.iter_mut()) {
-            if let Err(e) = plan.append_tree(&json, b) {
-                errors.0 += 1;
-                if errors.1.len() < MAX_ERRORS_KEPT {
-                    errors.1.push(e.to_string());
-                }
+        });
+        if let Appended::NotJson(e) = outcome {
+            errors.0 += 1;
+            if errors.1.len() < MAX_ERRORS_KEPT {
+                errors.1.push(format!(
+                    "{}: stored resource {} is not JSON: {e}",
+                    chunk.file,
+                    chunk.ids.value(i)
+                ));
             }
         }
     }
