@@ -1,6 +1,8 @@
 //! `atlas views flatten`: several ViewDefinitions over NDJSON files straight
 //! to one Parquet file per view, without a lake. Each line is parsed once
-//! (exact decimals) and appended by every view over its resource type.
+//! (exact decimals) and appended by every view over its resource type,
+//! through an `atlas_views::ViewSet` (projected parse and compiled fast
+//! paths, the full evaluator where those cannot decide).
 //!
 //! Threads: one reader (file blocks cut at line ends, gunzip), one
 //! evaluation worker per core, one Parquet writer; bounded channels keep

@@ -18,6 +18,9 @@
 //!   Supports `column` (name, path, type, collection), nested `select`,
 //!   `forEach`, `forEachOrNull`, `repeat`, `unionAll`, view `where`,
 //!   `constant` (every primitive `value[x]`) and `%rowIndex`.
+//! * [`ViewSet`]: several views over resource JSON text, one projected parse
+//!   per resource and compiled fast paths where the views allow, the full
+//!   evaluator per resource otherwise (identical results; see `fast.rs`).
 //! * The FHIR → Arrow type mapping ([`types`]) and Arrow → JSON rows ([`json`]).
 //! * The conformance suite runner ([`suite::run_dir`]) and its report format.
 //!

@@ -110,6 +110,7 @@ impl KeyTrie {
         if let Some(n) = self.nodes.get_mut(node as usize) {
             n.push(Edge {
                 prefix: prefix8(key.as_bytes()),
+                suffix: suffix8(key.as_bytes()),
                 key: key.as_bytes().into(),
                 child: id,
                 sym,
@@ -135,6 +136,7 @@ impl KeyTrie {
                 if let Some(n) = self.nodes.get_mut(node as usize) {
                     n.push(Edge {
                         prefix: prefix8(key.as_bytes()),
+                        suffix: suffix8(key.as_bytes()),
                         key: key.as_bytes().into(),
                         child: Self::ALL,
                         sym,
@@ -172,9 +174,13 @@ impl KeyTrie {
             return Some((Self::ALL, NO_SYMBOL));
         }
         let p = prefix8(key);
+        let sfx = suffix8(key);
         let edges = self.nodes.get(node as usize)?;
         let hit = |e: &Edge| {
-            e.prefix == p && e.key.len() == key.len() && (key.len() <= 8 || *e.key == *key)
+            e.prefix == p
+                && e.suffix == sfx
+                && e.key.len() == key.len()
+                && (key.len() <= 16 || *e.key == *key)
         };
         if edges.len() > MAX_TABLE_EDGES {
             return edges.iter().find(|e| hit(e)).map(|e| (e.child, e.sym));
@@ -200,6 +206,8 @@ struct Edge {
     /// The first 8 key bytes (zero-padded) and the length: most keys are
     /// told apart by these alone.
     prefix: u64,
+    /// The last 8 key bytes (zero-padded): with `prefix`, exact up to 16 bytes.
+    suffix: u64,
     key: Box<[u8]>,
     child: u32,
     sym: u32,
@@ -213,6 +221,14 @@ const MAX_TABLE_EDGES: usize = 48;
 fn slot(prefix: u64, len: usize) -> usize {
     let h = (prefix ^ (len as u64).wrapping_mul(0x9E37_79B9)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (h >> 58) as usize
+}
+
+#[inline]
+fn suffix8(key: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    let n = key.len().min(8);
+    w[..n].copy_from_slice(&key[key.len() - n..]);
+    u64::from_le_bytes(w)
 }
 
 #[inline]
