@@ -87,6 +87,9 @@ enum Op {
     ReferenceKey(Option<Box<str>>, MemberKey),
     Round(u32),
     RowIndex,
+    /// A sub-expression outside the fast subset in an `iif` branch: the
+    /// resource goes to the full evaluator only when the branch is taken.
+    Unsupported,
 }
 
 /// A member name and its `_`-prefixed twin, with their tape symbols once
@@ -227,7 +230,7 @@ impl FastPath {
                     cur = next;
                 }
                 Op::First | Op::Round(_) => {}
-                Op::Exists | Op::RowIndex => cur.clear(),
+                Op::Exists | Op::RowIndex | Op::Unsupported => cur.clear(),
                 Op::ResourceKey(rt, id) => {
                     sym(trie, rt);
                     sym(trie, id);
@@ -409,11 +412,14 @@ fn compile(node: &Node, focus: Option<&'static str>) -> Option<FastPath> {
             }
             Func::Iif if base.is_none() && (2..=3).contains(&args.len()) => {
                 let c = compile(&args[0], focus)?;
-                let a = compile(&args[1], focus)?;
-                let b = match args.get(2) {
-                    Some(n) => Some(Box::new(compile(n, focus)?)),
-                    None => None,
+                let branch = |n: &Node| {
+                    compile(n, focus).unwrap_or(FastPath {
+                        ops: vec![Op::Unsupported],
+                        ty: None,
+                    })
                 };
+                let a = branch(&args[1]);
+                let b = args.get(2).map(|n| Box::new(branch(n)));
                 let ty = match &b {
                     Some(b) if b.ty == a.ty => a.ty,
                     None => a.ty,
@@ -548,6 +554,7 @@ fn apply(
         Op::First => out.extend(cur.first().copied()),
         Op::Exists => out.push(FastValue::Bool(!cur.is_empty())),
         Op::RowIndex => out.push(FastValue::Int(row_index)),
+        Op::Unsupported => return Err(Bail),
         Op::ResourceKey(rt, idk) => {
             for v in cur {
                 let FastValue::Node(n) = *v else {
@@ -694,6 +701,7 @@ fn same_op(a: &Op, b: &Op) -> bool {
             },
         ) => ma == mb && ka.len() == kb.len() && ka.iter().zip(kb).all(|(x, y)| x.key == y.key),
         (Op::First, Op::First)
+        | (Op::Unsupported, Op::Unsupported)
         | (Op::Exists, Op::Exists)
         | (Op::RowIndex, Op::RowIndex)
         | (Op::ResourceKey(..), Op::ResourceKey(..)) => true,

@@ -75,6 +75,78 @@ impl Expr {
         &self.source
     }
 
+    /// The types `T` of every `resolve().ofType(T)` in the expression: what a
+    /// caller must be able to resolve references to.
+    pub fn resolved_types(&self) -> Vec<String> {
+        fn walk(n: &ast::Node, out: &mut Vec<String>) {
+            use ast::NodeKind as K;
+            match &n.kind {
+                K::Call {
+                    base, name, args, ..
+                } => {
+                    if name == "ofType"
+                        && let Some(b) = base.as_deref()
+                        && matches!(&b.kind, K::Call { name: r, .. } if r == "resolve")
+                        && let Some(spec) = args.first().and_then(parser::node_as_type_spec)
+                        && !out.contains(&spec.name)
+                    {
+                        out.push(spec.name);
+                    }
+                    if let Some(b) = base.as_deref() {
+                        walk(b, out);
+                    }
+                    for a in args {
+                        walk(a, out);
+                    }
+                }
+                K::Member { base, .. } => {
+                    if let Some(b) = base.as_deref() {
+                        walk(b, out);
+                    }
+                }
+                K::Indexer { base, index } => {
+                    walk(base, out);
+                    walk(index, out);
+                }
+                K::Negate(b) | K::Is { base: b, .. } | K::As { base: b, .. } => walk(b, out),
+                K::Binary { lhs, rhs, .. } => {
+                    walk(lhs, out);
+                    walk(rhs, out);
+                }
+                K::Literal(_) | K::This | K::Index | K::Total | K::Variable(_) => {}
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.root, &mut out);
+        out
+    }
+
+    /// Whether the expression calls the function `name` anywhere (e.g.
+    /// `"resolve"`: its result depends on resources other than the input).
+    pub fn calls(&self, name: &str) -> bool {
+        fn walk(n: &ast::Node, name: &str) -> bool {
+            use ast::NodeKind as K;
+            match &n.kind {
+                K::Call {
+                    base,
+                    name: f,
+                    args,
+                    ..
+                } => {
+                    f == name
+                        || base.as_deref().is_some_and(|b| walk(b, name))
+                        || args.iter().any(|a| walk(a, name))
+                }
+                K::Member { base, .. } => base.as_deref().is_some_and(|b| walk(b, name)),
+                K::Indexer { base, index } => walk(base, name) || walk(index, name),
+                K::Negate(b) | K::Is { base: b, .. } | K::As { base: b, .. } => walk(b, name),
+                K::Binary { lhs, rhs, .. } => walk(lhs, name) || walk(rhs, name),
+                K::Literal(_) | K::This | K::Index | K::Total | K::Variable(_) => false,
+            }
+        }
+        walk(&self.root, name)
+    }
+
     /// Evaluate against a resource (also `%resource`, `%context` and `%rootResource`).
     ///
     /// Numbers are whatever serde_json kept (decimals went through `f64`); use

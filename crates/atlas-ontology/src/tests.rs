@@ -556,9 +556,57 @@ fn medication_request_encounter_condition_values() {
     assert_eq!(r[0]["encounter_id"], "e1");
     assert_eq!(r[0]["authored_on"], "2020-02-03");
     assert_eq!(r[1]["medication_ref"], "med9");
-    assert_eq!(r[1]["medication_code"], Json::Null);
+    assert_eq!(
+        r[1]["medication_code"],
+        Json::Null,
+        "Medication/med9 is not available here"
+    );
     assert_eq!(r[1]["requester"], "o1");
     assert_eq!(r[1]["patient_id"], "p2");
+
+    // A contained Medication resolves without the lake; a resolver (the
+    // lake's Medications, in atlas-viewstore) resolves a reference.
+    let contained = json!({"resourceType": "MedicationRequest", "id": "m3", "status": "active",
+        "intent": "order", "subject": {"reference": "Patient/p3"},
+        "contained": [{"resourceType": "Medication", "id": "med",
+            "code": {"coding": [{"code": "310965", "display": "Ibuprofen 200 MG"}]}}],
+        "medicationReference": {"reference": "#med"}});
+    let r = rows("medication_request", &[contained]);
+    assert_eq!(r[0]["medication_code"], "310965");
+    assert_eq!(r[0]["medication_display"], "Ibuprofen 200 MG");
+
+    struct Meds(Json);
+    impl atlas_fhirpath::ResourceResolver for Meds {
+        fn resolve(&self, reference: &str) -> Option<&Json> {
+            (reference == "Medication/med9").then_some(&self.0)
+        }
+    }
+    let meds: std::sync::Arc<dyn atlas_fhirpath::ResourceResolver + Send + Sync> =
+        std::sync::Arc::new(Meds(json!({"resourceType": "Medication", "id": "med9",
+            "code": {"text": "Some tablets"}})));
+    let plan = std::sync::Arc::new(view_plan("medication_request"));
+    assert!(plan.uses_resolve());
+    assert_eq!(plan.resolved_types(), ["Medication"]);
+    for fast in [true, false] {
+        let set = atlas_views::ViewSet::with_fast_path(vec![plan.clone()], fast)
+            .with_resolver(meds.clone());
+        let mut b = set.row_builders();
+        let mut st = atlas_views::ViewSetState::new();
+        for m in &mr {
+            set.append(&m.to_string(), &mut st, &mut b, |_, e| panic!("{e}"));
+        }
+        let batch = b[0].finish().unwrap();
+        let rows = atlas_views::batch_to_json_rows(&batch);
+        assert_eq!(
+            rows[0]["medication_display"], "Amlodipine 5 MG",
+            "fast={fast}"
+        );
+        assert_eq!(
+            rows[1]["medication_display"], "Some tablets",
+            "fast={fast}: code.text"
+        );
+        assert_eq!(rows[1]["medication_code"], Json::Null);
+    }
 
     let enc = json!({"resourceType": "Encounter", "id": "e1", "status": "finished",
         "class": {"code": "AMB"}, "type": [{"text": "Check up"}],

@@ -18,7 +18,7 @@ use arrow::array::{
 use arrow::datatypes::{Field, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use atlas_fhirpath::json::{self, JsonRef, JsonValue, Kind, NumberRef};
-use atlas_fhirpath::{Collection, EvalContext, FhirNode, Value};
+use atlas_fhirpath::{Collection, EvalContext, FhirNode, ResourceResolver, Value};
 use rust_decimal::Decimal;
 use serde_json::Value as Json;
 use std::borrow::Cow;
@@ -572,7 +572,7 @@ impl CompiledView {
     /// Numbers are what serde_json kept (decimals went through `f64`); prefer
     /// [`CompiledView::append_json_text`] when you have the resource's text.
     pub fn append(&self, resource: &Json, out: &mut RowBuilder) -> Result<usize, RunError> {
-        self.append_ref(JsonRef::Serde(resource), out)
+        self.append_ref(JsonRef::Serde(resource), out, None)
     }
 
     /// [`CompiledView::append`] over a [`JsonValue`] tree (exact numbers).
@@ -581,7 +581,63 @@ impl CompiledView {
         resource: &JsonValue<'_>,
         out: &mut RowBuilder,
     ) -> Result<usize, RunError> {
-        self.append_ref(JsonRef::Tree(resource), out)
+        self.append_ref(JsonRef::Tree(resource), out, None)
+    }
+
+    /// [`CompiledView::append_tree`] with a resolver for `resolve()` on
+    /// references to other resources (contained ones resolve without it).
+    pub fn append_tree_with(
+        &self,
+        resource: &JsonValue<'_>,
+        out: &mut RowBuilder,
+        resolver: Option<&dyn ResourceResolver>,
+    ) -> Result<usize, RunError> {
+        self.append_ref(JsonRef::Tree(resource), out, resolver)
+    }
+
+    /// The resource types the view resolves references to, from its
+    /// `resolve().ofType(T)` paths (e.g. `Medication`).
+    pub fn resolved_types(&self) -> Vec<String> {
+        fn node(n: &PlanNode, out: &mut Vec<String>) {
+            let mut exprs: Vec<&atlas_fhirpath::Expr> = n.columns.iter().map(|c| &c.expr).collect();
+            match &n.iter {
+                Iteration::None => {}
+                Iteration::ForEach(e) | Iteration::ForEachOrNull(e) => exprs.push(e),
+                Iteration::Repeat(es) => exprs.extend(es),
+            }
+            for e in exprs {
+                for t in e.resolved_types() {
+                    if !out.contains(&t) {
+                        out.push(t);
+                    }
+                }
+            }
+            for c in n.children.iter().chain(&n.union) {
+                node(c, out);
+            }
+        }
+        let mut out = Vec::new();
+        for (e, _) in &self.wheres {
+            out.extend(e.resolved_types());
+        }
+        node(&self.root, &mut out);
+        out.dedup();
+        out
+    }
+
+    /// Whether any path of the view calls `resolve()`: its rows then depend
+    /// on resources other than their own (refresh rebuilds it in full).
+    pub fn uses_resolve(&self) -> bool {
+        fn node(n: &PlanNode) -> bool {
+            let iter = match &n.iter {
+                Iteration::None => false,
+                Iteration::ForEach(e) | Iteration::ForEachOrNull(e) => e.calls("resolve"),
+                Iteration::Repeat(es) => es.iter().any(|e| e.calls("resolve")),
+            };
+            iter || n.columns.iter().any(|c| c.expr.calls("resolve"))
+                || n.children.iter().chain(&n.union).any(node)
+        }
+        self.wheres.iter().any(|(e, _)| e.calls("resolve")) || node(&self.root)
     }
 
     /// Parse one resource's JSON text with [`atlas_fhirpath::json::parse`] and
@@ -597,17 +653,29 @@ impl CompiledView {
         self.append_tree(&tree, out)
     }
 
-    fn append_ref(&self, resource: JsonRef<'_>, out: &mut RowBuilder) -> Result<usize, RunError> {
-        let rows = self.rows(resource)?;
+    fn append_ref(
+        &self,
+        resource: JsonRef<'_>,
+        out: &mut RowBuilder,
+        resolver: Option<&dyn ResourceResolver>,
+    ) -> Result<usize, RunError> {
+        let rows = self.rows(resource, resolver)?;
         out.push_rows(&rows);
         Ok(rows.len())
     }
 
-    fn rows<'a>(&'a self, resource: JsonRef<'a>) -> Result<Rows<'a>, RunError> {
+    fn rows<'a>(
+        &'a self,
+        resource: JsonRef<'a>,
+        resolver: Option<&'a dyn ResourceResolver>,
+    ) -> Result<Rows<'a>, RunError> {
         if resource.get("resourceType").and_then(JsonRef::as_str) != Some(self.resource.as_str()) {
             return Ok(Vec::new());
         }
         let mut ctx = EvalContext::new();
+        if let Some(r) = resolver {
+            ctx = ctx.with_resolver(r);
+        }
         for (name, value) in &self.constants {
             let v = match value {
                 ConstValue::Node(json, ty) => Value::Node(FhirNode {

@@ -17,6 +17,7 @@ use crate::compile::{CompiledView, Iteration, PlanNode};
 use crate::diag::RunError;
 use crate::exec::{Cell, RowBuilder, Rows, decimal_cell, decimal_cell_from_text, product};
 use crate::types::ColumnKind;
+use atlas_fhirpath::ResourceResolver;
 use atlas_fhirpath::fast::{Bail, Doc, FastPath, FastValue, PathSet, PathSetState, Scratch};
 use atlas_fhirpath::json::tape::{KeyTrie, Tape, TapeKind};
 use atlas_fhirpath::json::{self, JsonError, JsonValue};
@@ -158,6 +159,7 @@ pub struct ViewSet {
     by_type: HashMap<String, Vec<usize>>,
     trie: KeyTrie,
     enabled: bool,
+    resolver: Option<Arc<dyn ResourceResolver + Send + Sync>>,
 }
 
 impl std::fmt::Debug for ViewSet {
@@ -200,7 +202,15 @@ impl ViewSet {
             by_type,
             trie,
             enabled,
+            resolver: None,
         }
+    }
+
+    /// Resolve references to other resources (`resolve()`) with `r`, e.g. the
+    /// lake's Medications for `medication_request`.
+    pub fn with_resolver(mut self, r: Arc<dyn ResourceResolver + Send + Sync>) -> ViewSet {
+        self.resolver = Some(r);
+        self
     }
 
     /// Names of the views that have a fast plan (in set order; unnamed views are `?`).
@@ -211,6 +221,10 @@ impl ViewSet {
             .filter(|(_, f)| f.is_some())
             .map(|(v, _)| v.name().unwrap_or("?").to_owned())
             .collect()
+    }
+
+    fn resolver(&self) -> Option<&dyn ResourceResolver> {
+        self.resolver.as_deref().map(|r| r as &dyn ResourceResolver)
     }
 
     /// The views, in set order.
@@ -264,7 +278,7 @@ impl ViewSet {
             match t {
                 Ok(t) => {
                     if let Some(b) = builders.get_mut(v)
-                        && let Err(e) = self.views[v].append_tree(t, b)
+                        && let Err(e) = self.views[v].append_tree_with(t, b, self.resolver())
                     {
                         on_error(v, e);
                     }
@@ -298,7 +312,7 @@ impl ViewSet {
         state.full_resources += 1;
         for &v in views {
             if let Some(b) = builders.get_mut(v)
-                && let Err(e) = self.views[v].append_tree(&tree, b)
+                && let Err(e) = self.views[v].append_tree_with(&tree, b, self.resolver())
             {
                 on_error(v, e);
             }

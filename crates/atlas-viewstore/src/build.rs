@@ -152,7 +152,10 @@ impl ViewStore {
                 Some(r) if !opts.full && r == store_version => {
                     reports.push(empty_report(&v.name, RefreshKind::UpToDate, Some(r)));
                 }
-                Some(r) if !opts.full && v.key_column.is_some() => {
+                // A view that resolves references depends on other resources
+                // too (a changed Medication changes medication_request rows):
+                // rebuild it in full whenever the store moved.
+                Some(r) if !opts.full && v.key_column.is_some() && !v.plan.uses_resolve() => {
                     match self
                         .refresh_incremental(&store, &v, r, store_version, opts)
                         .await?
@@ -375,6 +378,56 @@ impl ViewStore {
     /// Reads `files` from the store, evaluates every sink's view over the
     /// live resources, and feeds the rows to the sinks. With `collect_keys`,
     /// returns every resource id read (deleted ones included).
+    /// For views with `resolve().ofType(T)` paths: every live resource of
+    /// those types from the store, by `T/id` (contained references resolve
+    /// without it).
+    async fn resolver_for(
+        &self,
+        store: &DeltaTable,
+        plans: &[Arc<CompiledView>],
+        opts: &RefreshOptions,
+    ) -> Result<Option<Arc<StoreResolver>>, ViewStoreError> {
+        let mut types: Vec<String> = plans.iter().flat_map(|p| p.resolved_types()).collect();
+        types.sort();
+        types.dedup();
+        if types.is_empty() {
+            return Ok(None);
+        }
+        let mut by_ref = std::collections::HashMap::new();
+        for ty in &types {
+            let files = scan::live_files(store, ty)?;
+            let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+            let reader = tokio::spawn(scan::read_store_files(
+                store.object_store(),
+                files,
+                opts.batch_rows,
+                tx,
+            ));
+            while let Some(chunk) = rx.recv().await {
+                let chunk = chunk?;
+                for &i in &chunk.rows {
+                    let i = i as usize;
+                    if (chunk.deleted.is_valid(i) && chunk.deleted.value(i))
+                        || !chunk.resources.is_valid(i)
+                        || !chunk.ids.is_valid(i)
+                    {
+                        continue;
+                    }
+                    // Stored resources were validated at ingest; one that no
+                    // longer parses simply does not resolve.
+                    if let Ok(json) = serde_json::from_str(chunk.resources.value(i)) {
+                        by_ref.insert(format!("{ty}/{}", chunk.ids.value(i)), json);
+                    }
+                }
+            }
+            reader
+                .await
+                .map_err(|e| ViewStoreError::Other(format!("reader task: {e}")))?;
+        }
+        tracing::info!(types = ?types, resources = by_ref.len(), "loaded resources for resolve()");
+        Ok(Some(Arc::new(StoreResolver { by_ref })))
+    }
+
     async fn derive(
         &self,
         store: &DeltaTable,
@@ -392,8 +445,12 @@ impl ViewStore {
             opts.batch_rows,
             tx,
         ));
-        let plans: Arc<Vec<Arc<CompiledView>>> =
-            Arc::new(sinks.iter().map(|s| s.plan.clone()).collect());
+        let plans: Vec<Arc<CompiledView>> = sinks.iter().map(|s| s.plan.clone()).collect();
+        let resolver = self.resolver_for(store, &plans, opts).await?;
+        let set = Arc::new(match resolver {
+            Some(r) => ViewSet::new(plans).with_resolver(r),
+            None => ViewSet::new(plans),
+        });
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         let mut in_flight = FuturesOrdered::new();
         let mut stats = DeriveStats::default();
@@ -404,9 +461,9 @@ impl ViewStore {
                 match rx.recv().await {
                     Some(chunk) => {
                         let chunk = chunk?;
-                        let plans = plans.clone();
+                        let set = set.clone();
                         in_flight.push_back(tokio::task::spawn_blocking(move || {
-                            evaluate(&chunk, &plans, collect_keys)
+                            evaluate(&chunk, &set, collect_keys)
                         }));
                     }
                     None => input_open = false,
@@ -456,6 +513,21 @@ fn empty_report(name: &str, kind: RefreshKind, store_version: Option<i64>) -> Re
     }
 }
 
+/// `resolve()` against the store: `Type/id` (relative, absolute URL, or
+/// with `/_history/n`) to the live resource.
+pub(crate) struct StoreResolver {
+    by_ref: std::collections::HashMap<String, serde_json::Value>,
+}
+
+impl atlas_fhirpath::ResourceResolver for StoreResolver {
+    fn resolve(&self, reference: &str) -> Option<&serde_json::Value> {
+        let r = reference.split("/_history/").next().unwrap_or(reference);
+        let mut parts = r.rsplit('/');
+        let (id, ty) = (parts.next()?, parts.next()?);
+        self.by_ref.get(&format!("{ty}/{id}"))
+    }
+}
+
 #[derive(Default)]
 struct DeriveStats {
     resources: u64,
@@ -471,15 +543,14 @@ struct Evaluated {
     keys: Vec<String>,
 }
 
-/// Parses each live resource once and appends it to every view.
+/// Parses each live resource once and appends it to every view (one
+/// projected parse serves every view: the fast path where the views allow
+/// it, the full evaluator otherwise; same results).
 fn evaluate(
     chunk: &StoreChunk,
-    plans: &[Arc<CompiledView>],
+    set: &ViewSet,
     collect_keys: bool,
 ) -> Result<Evaluated, ViewStoreError> {
-    // One projected parse per resource serves every view (fast path where
-    // the views allow it, the full evaluator otherwise; same results).
-    let set = ViewSet::new(plans.to_vec());
     let mut state = ViewSetState::new();
     let mut builders = set.row_builders();
     let mut errors = (0u64, Vec::new());

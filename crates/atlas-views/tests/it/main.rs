@@ -319,6 +319,14 @@ fn mutations(text: &str) -> Vec<String> {
         (r#"}"#, r#"},"#),
         (r#""issued":""#, "\"issued\":\"\u{1}"),
         (r#""encounter":"#, r#""encounter":null,"e":"#),
+        (
+            r#""medicationCodeableConcept":"#,
+            r##""contained":[{"resourceType":"Medication","id":"m1","code":{"coding":[{"code":"c1","display":"Contained"}]}}],"medicationReference":{"reference":"#m1"},"x":"##,
+        ),
+        (
+            r#""medicationCodeableConcept":"#,
+            r#""medicationReference":{"reference":"Medication/m2"},"x":"#,
+        ),
     ];
     let mut out = Vec::new();
     for (from, to) in subs {

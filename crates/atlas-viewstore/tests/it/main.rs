@@ -335,3 +335,77 @@ async fn sql_is_read_only_and_joins_views() {
             .unwrap();
     assert_eq!(n, lines_of(&data, "Condition").len().to_string());
 }
+
+async fn medication_display(store: &ViewStore, id: &str) -> String {
+    let df = store
+        .sql(&format!(
+            "SELECT coalesce(medication_code, '-') || '|' || coalesce(medication_display, '-') \
+             FROM medication_request WHERE id = '{id}'"
+        ))
+        .await
+        .unwrap();
+    let b = df.collect().await.unwrap();
+    assert_eq!(b.iter().map(|b| b.num_rows()).sum::<usize>(), 1, "{id}");
+    arrow::util::display::array_value_to_string(b[0].column(0), 0).unwrap()
+}
+
+/// `medication_request` takes the code and display from the referenced
+/// Medication in the lake, and a changed Medication refreshes the rows that
+/// point to it (views that resolve references are rebuilt in full).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn medication_request_resolves_medications_in_the_lake() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = local_lake(dir.path());
+    let data = dir.path().join("in/batch1.ndjson");
+    std::fs::create_dir_all(data.parent().unwrap()).unwrap();
+    std::fs::write(
+        &data,
+        concat!(
+            r#"{"resourceType":"Patient","id":"p1"}"#,
+            "\n",
+            r#"{"resourceType":"Medication","id":"med1","code":{"coding":[{"system":"http://www.nlm.nih.gov/research/umls/rxnorm","code":"197361","display":"Amlodipine 5 MG"}]}}"#,
+            "\n",
+            r#"{"resourceType":"MedicationRequest","id":"mr1","status":"active","intent":"order","subject":{"reference":"Patient/p1"},"medicationReference":{"reference":"Medication/med1"}}"#,
+            "\n",
+            r#"{"resourceType":"MedicationRequest","id":"mr2","status":"active","intent":"order","subject":{"reference":"Patient/p1"},"medicationCodeableConcept":{"text":"Aspirin"}}"#,
+            "\n",
+            r#"{"resourceType":"MedicationRequest","id":"mr3","status":"active","intent":"order","subject":{"reference":"Patient/p1"},"medicationReference":{"reference":"Medication/missing"}}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    ingest(&lake, &[&data]).await;
+    let store = ViewStore::new(lake.clone());
+    store
+        .refresh(&[], &RefreshOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        medication_display(&store, "mr1").await,
+        "197361|Amlodipine 5 MG"
+    );
+    assert_eq!(medication_display(&store, "mr2").await, "-|Aspirin");
+    assert_eq!(medication_display(&store, "mr3").await, "-|-");
+
+    // Only the Medication changes; the request pointing to it follows.
+    let delta = dir.path().join("in2/batch2.ndjson");
+    std::fs::create_dir_all(delta.parent().unwrap()).unwrap();
+    std::fs::write(
+        &delta,
+        r#"{"resourceType":"Medication","id":"med1","meta":{"versionId":"2"},"code":{"coding":[{"code":"197361","display":"Amlodipine 5 MG Oral Tablet"}]}}"#,
+    )
+    .unwrap();
+    ingest(&lake, &[&delta]).await;
+    let reports = store
+        .refresh(
+            &["medication_request".to_string()],
+            &RefreshOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reports[0].kind, RefreshKind::Full, "{reports:?}");
+    assert_eq!(
+        medication_display(&store, "mr1").await,
+        "197361|Amlodipine 5 MG Oral Tablet"
+    );
+}
