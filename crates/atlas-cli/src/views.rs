@@ -70,7 +70,9 @@ pub enum ViewsCommand {
   atlas views flatten --out /tmp/flat --view bp.json --view hr.json data/
 
 Rows are written in the order workers finish blocks, not input order. Lines that
-are not resources, or that a view cannot evaluate, are counted and the first ones shown.")]
+are not resources, or that a view cannot evaluate, are counted and the first ones shown.
+resolve() finds contained resources only here (medication_request's display from a
+Medication referenced by id needs the lake: `atlas ingest` then `atlas views refresh`).")]
     Flatten {
         /// .ndjson / .ndjson.gz files or folders.
         #[arg(required = true)]

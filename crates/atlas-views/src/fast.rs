@@ -385,6 +385,17 @@ fn body<'t>(
     scratch: &mut Scratch,
     st: &mut PathSetState,
 ) -> Result<Rows<'t>, Bail> {
+    // A select that only wraps one select covering the same slots (the usual
+    // `"select": [{"column": [...]}]`): its rows are the child's.
+    if let ([child], [], []) = (
+        n.children.as_slice(),
+        n.columns.as_slice(),
+        n.union.as_slice(),
+    ) && child.start == n.start
+        && child.width == n.width
+    {
+        return node(child, doc, focus, index, scratch, st);
+    }
     let mut base = vec![Cell::Null; n.width];
     let mut vals = Vec::new();
     n.paths.reset(st);

@@ -213,14 +213,15 @@ struct Edge {
     sym: u32,
 }
 
-const TABLE: usize = 64;
-/// Above this many edges a node is scanned (the table stays at most 3/4 full).
-const MAX_TABLE_EDGES: usize = 48;
+const TABLE: usize = 256;
+/// Above this many edges a node is scanned (the table stays at most 3/4 full;
+/// entries are `u8` edge numbers + 1).
+const MAX_TABLE_EDGES: usize = 192;
 
 #[inline]
 fn slot(prefix: u64, len: usize) -> usize {
     let h = (prefix ^ (len as u64).wrapping_mul(0x9E37_79B9)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (h >> 58) as usize
+    (h >> 56) as usize
 }
 
 #[inline]
