@@ -475,6 +475,22 @@ fn push_member(doc: &Doc<'_>, i: u32, out: &mut Vec<FastValue>) {
     }
 }
 
+/// The object nodes among `cur` (other nodes have no members); a value that
+/// is not a node at all is for the full evaluator.
+#[inline]
+fn objects<'c>(
+    doc: &'c Doc<'_>,
+    cur: &'c [FastValue],
+) -> Result<impl Iterator<Item = u32> + 'c, Bail> {
+    if cur.iter().any(|v| !matches!(v, FastValue::Node(_))) {
+        return Err(Bail);
+    }
+    Ok(cur.iter().filter_map(move |v| match *v {
+        FastValue::Node(n) if doc.tape.kind(n) == Some(TapeKind::Object) => Some(n),
+        _ => None,
+    }))
+}
+
 fn apply(
     op: &Op,
     doc: &Doc<'_>,
@@ -485,13 +501,7 @@ fn apply(
 ) -> Result<(), Bail> {
     match op {
         Op::Member { keys, multi } => {
-            for v in cur {
-                let FastValue::Node(n) = *v else {
-                    return Err(Bail);
-                };
-                if doc.tape.kind(n) != Some(TapeKind::Object) {
-                    continue;
-                }
+            for n in objects(doc, cur)? {
                 if *multi {
                     for c in doc.tape.children(n) {
                         for k in keys {
@@ -556,13 +566,7 @@ fn apply(
         Op::RowIndex => out.push(FastValue::Int(row_index)),
         Op::Unsupported => return Err(Bail),
         Op::ResourceKey(rt, idk) => {
-            for v in cur {
-                let FastValue::Node(n) = *v else {
-                    return Err(Bail);
-                };
-                if doc.tape.kind(n) != Some(TapeKind::Object) {
-                    continue;
-                }
+            for n in objects(doc, cur)? {
                 let mut has_rt = false;
                 let mut id = None;
                 for c in doc.tape.children(n) {
@@ -584,13 +588,7 @@ fn apply(
             }
         }
         Op::ReferenceKey(want, rk) => {
-            for v in cur {
-                let FastValue::Node(n) = *v else {
-                    return Err(Bail);
-                };
-                if doc.tape.kind(n) != Some(TapeKind::Object) {
-                    continue;
-                }
+            for n in objects(doc, cur)? {
                 let mut reference = None;
                 for c in doc.tape.children(n) {
                     if is_key(doc, c, &rk.key, rk.sym) {

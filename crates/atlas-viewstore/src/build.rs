@@ -396,13 +396,7 @@ impl ViewStore {
         let mut by_ref = std::collections::HashMap::new();
         for ty in &types {
             let files = scan::live_files(store, ty)?;
-            let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-            let reader = tokio::spawn(scan::read_store_files(
-                store.object_store(),
-                files,
-                opts.batch_rows,
-                tx,
-            ));
+            let (mut rx, reader) = scan::spawn_reader(store, files, opts.batch_rows);
             while let Some(chunk) = rx.recv().await {
                 let chunk = chunk?;
                 for &i in &chunk.rows {
@@ -438,13 +432,7 @@ impl ViewStore {
         label: &str,
     ) -> Result<DeriveStats, ViewStoreError> {
         let total: u64 = files.iter().map(|f| f.rows).sum();
-        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-        let reader = tokio::spawn(scan::read_store_files(
-            store.object_store(),
-            files,
-            opts.batch_rows,
-            tx,
-        ));
+        let (mut rx, reader) = scan::spawn_reader(store, files, opts.batch_rows);
         let plans: Vec<Arc<CompiledView>> = sinks.iter().map(|s| s.plan.clone()).collect();
         let resolver = self.resolver_for(store, &plans, opts).await?;
         let set = Arc::new(match resolver {

@@ -167,6 +167,26 @@ pub(crate) async fn changed_files(
     Ok(Some(out))
 }
 
+/// Chunks read from the store.
+pub(crate) type ChunkReceiver = tokio::sync::mpsc::Receiver<Result<StoreChunk, ViewStoreError>>;
+
+/// [`read_store_files`] on a task: the chunks arrive on the receiver (a few
+/// in flight); await the handle after draining it.
+pub(crate) fn spawn_reader(
+    store: &DeltaTable,
+    files: Vec<StoreFile>,
+    batch_rows: usize,
+) -> (ChunkReceiver, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let handle = tokio::spawn(read_store_files(
+        store.object_store(),
+        files,
+        batch_rows,
+        tx,
+    ));
+    (rx, handle)
+}
+
 /// Streams the files' selected rows into `tx`, one chunk per Parquet batch.
 pub(crate) async fn read_store_files(
     store: Arc<dyn ObjectStore>,
