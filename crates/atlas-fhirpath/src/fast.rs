@@ -475,6 +475,18 @@ fn push_member(doc: &Doc<'_>, i: u32, out: &mut Vec<FastValue>) {
     }
 }
 
+/// An `iif` criterion's value: empty is false, one boolean is itself;
+/// anything else (an error for the evaluator) is not decided here.
+#[inline]
+fn iif_condition(r: Result<(), Bail>, crit: &[FastValue]) -> Result<bool, Bail> {
+    r?;
+    match crit {
+        [] => Ok(false),
+        [FastValue::Bool(x)] => Ok(*x),
+        _ => Err(Bail),
+    }
+}
+
 /// The object nodes among `cur` (other nodes have no members); a value that
 /// is not a node at all is for the full evaluator.
 #[inline]
@@ -638,13 +650,7 @@ fn apply(
         },
         Op::Iif(c, a, b) => {
             let mut crit = scratch.take();
-            let r = c.eval(doc, cur, row_index, &mut crit, scratch);
-            let cond = match (r, crit.as_slice()) {
-                (Err(e), _) => Err(e),
-                (Ok(()), []) => Ok(false),
-                (Ok(()), [FastValue::Bool(x)]) => Ok(*x),
-                _ => Err(Bail),
-            };
+            let cond = iif_condition(c.eval(doc, cur, row_index, &mut crit, scratch), &crit);
             scratch.give(crit);
             if cond? {
                 a.eval(doc, cur, row_index, out, scratch)?;
@@ -839,12 +845,7 @@ impl PathSet {
             Out::Iif(c, a, b) => {
                 let mut crit = scratch.take();
                 let r = self.out(c, doc, focus, row_index, st, scratch, &mut crit);
-                let cond = match (r, crit.as_slice()) {
-                    (Err(e), _) => Err(e),
-                    (Ok(()), []) => Ok(false),
-                    (Ok(()), [FastValue::Bool(x)]) => Ok(*x),
-                    _ => Err(Bail),
-                };
+                let cond = iif_condition(r, &crit);
                 scratch.give(crit);
                 if cond? {
                     self.out(a, doc, focus, row_index, st, scratch, out)?;

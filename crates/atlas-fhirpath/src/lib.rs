@@ -75,76 +75,62 @@ impl Expr {
         &self.source
     }
 
-    /// The types `T` of every `resolve().ofType(T)` in the expression: what a
-    /// caller must be able to resolve references to.
-    pub fn resolved_types(&self) -> Vec<String> {
-        fn walk(n: &ast::Node, out: &mut Vec<String>) {
+    /// Every node of the expression tree, outermost first.
+    fn visit(&self, f: &mut dyn FnMut(&ast::Node)) {
+        fn walk(n: &ast::Node, f: &mut dyn FnMut(&ast::Node)) {
             use ast::NodeKind as K;
+            f(n);
             match &n.kind {
-                K::Call {
-                    base, name, args, ..
-                } => {
-                    if name == "ofType"
-                        && let Some(b) = base.as_deref()
-                        && matches!(&b.kind, K::Call { name: r, .. } if r == "resolve")
-                        && let Some(spec) = args.first().and_then(parser::node_as_type_spec)
-                        && !out.contains(&spec.name)
-                    {
-                        out.push(spec.name);
-                    }
-                    if let Some(b) = base.as_deref() {
-                        walk(b, out);
-                    }
-                    for a in args {
-                        walk(a, out);
-                    }
+                K::Call { base, args, .. } => {
+                    base.iter().for_each(|b| walk(b, f));
+                    args.iter().for_each(|a| walk(a, f));
                 }
-                K::Member { base, .. } => {
-                    if let Some(b) = base.as_deref() {
-                        walk(b, out);
-                    }
-                }
+                K::Member { base, .. } => base.iter().for_each(|b| walk(b, f)),
                 K::Indexer { base, index } => {
-                    walk(base, out);
-                    walk(index, out);
+                    walk(base, f);
+                    walk(index, f);
                 }
-                K::Negate(b) | K::Is { base: b, .. } | K::As { base: b, .. } => walk(b, out),
+                K::Negate(b) | K::Is { base: b, .. } | K::As { base: b, .. } => walk(b, f),
                 K::Binary { lhs, rhs, .. } => {
-                    walk(lhs, out);
-                    walk(rhs, out);
+                    walk(lhs, f);
+                    walk(rhs, f);
                 }
                 K::Literal(_) | K::This | K::Index | K::Total | K::Variable(_) => {}
             }
         }
-        let mut out = Vec::new();
-        walk(&self.root, &mut out);
+        walk(&self.root, f)
+    }
+
+    /// The types `T` of every `resolve().ofType(T)` in the expression: what a
+    /// caller must be able to resolve references to.
+    pub fn resolved_types(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        self.visit(&mut |n| {
+            if let ast::NodeKind::Call {
+                base: Some(b),
+                name,
+                args,
+                ..
+            } = &n.kind
+                && name == "ofType"
+                && matches!(&b.kind, ast::NodeKind::Call { name: r, .. } if r == "resolve")
+                && let Some(spec) = args.first().and_then(parser::node_as_type_spec)
+                && !out.contains(&spec.name)
+            {
+                out.push(spec.name);
+            }
+        });
         out
     }
 
     /// Whether the expression calls the function `name` anywhere (e.g.
     /// `"resolve"`: its result depends on resources other than the input).
     pub fn calls(&self, name: &str) -> bool {
-        fn walk(n: &ast::Node, name: &str) -> bool {
-            use ast::NodeKind as K;
-            match &n.kind {
-                K::Call {
-                    base,
-                    name: f,
-                    args,
-                    ..
-                } => {
-                    f == name
-                        || base.as_deref().is_some_and(|b| walk(b, name))
-                        || args.iter().any(|a| walk(a, name))
-                }
-                K::Member { base, .. } => base.as_deref().is_some_and(|b| walk(b, name)),
-                K::Indexer { base, index } => walk(base, name) || walk(index, name),
-                K::Negate(b) | K::Is { base: b, .. } | K::As { base: b, .. } => walk(b, name),
-                K::Binary { lhs, rhs, .. } => walk(lhs, name) || walk(rhs, name),
-                K::Literal(_) | K::This | K::Index | K::Total | K::Variable(_) => false,
-            }
-        }
-        walk(&self.root, name)
+        let mut found = false;
+        self.visit(&mut |n| {
+            found |= matches!(&n.kind, ast::NodeKind::Call { name: f, .. } if f == name);
+        });
+        found
     }
 
     /// Evaluate against a resource (also `%resource`, `%context` and `%rootResource`).

@@ -595,49 +595,40 @@ impl CompiledView {
         self.append_ref(JsonRef::Tree(resource), out, resolver)
     }
 
-    /// The resource types the view resolves references to, from its
-    /// `resolve().ofType(T)` paths (e.g. `Medication`).
-    pub fn resolved_types(&self) -> Vec<String> {
-        fn node(n: &PlanNode, out: &mut Vec<String>) {
-            let mut exprs: Vec<&atlas_fhirpath::Expr> = n.columns.iter().map(|c| &c.expr).collect();
+    /// Every FHIRPath expression of the view: `where`s, iterations, columns.
+    fn expressions(&self) -> Vec<&atlas_fhirpath::Expr> {
+        fn node<'a>(n: &'a PlanNode, out: &mut Vec<&'a atlas_fhirpath::Expr>) {
             match &n.iter {
                 Iteration::None => {}
-                Iteration::ForEach(e) | Iteration::ForEachOrNull(e) => exprs.push(e),
-                Iteration::Repeat(es) => exprs.extend(es),
+                Iteration::ForEach(e) | Iteration::ForEachOrNull(e) => out.push(e),
+                Iteration::Repeat(es) => out.extend(es),
             }
-            for e in exprs {
-                for t in e.resolved_types() {
-                    if !out.contains(&t) {
-                        out.push(t);
-                    }
-                }
-            }
+            out.extend(n.columns.iter().map(|c| &c.expr));
             for c in n.children.iter().chain(&n.union) {
                 node(c, out);
             }
         }
-        let mut out = Vec::new();
-        for (e, _) in &self.wheres {
-            out.extend(e.resolved_types());
-        }
+        let mut out: Vec<&atlas_fhirpath::Expr> = self.wheres.iter().map(|(e, _)| e).collect();
         node(&self.root, &mut out);
-        out.dedup();
+        out
+    }
+
+    /// The resource types the view resolves references to, from its
+    /// `resolve().ofType(T)` paths (e.g. `Medication`).
+    pub fn resolved_types(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for t in self.expressions().iter().flat_map(|e| e.resolved_types()) {
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
         out
     }
 
     /// Whether any path of the view calls `resolve()`: its rows then depend
     /// on resources other than their own (refresh rebuilds it in full).
     pub fn uses_resolve(&self) -> bool {
-        fn node(n: &PlanNode) -> bool {
-            let iter = match &n.iter {
-                Iteration::None => false,
-                Iteration::ForEach(e) | Iteration::ForEachOrNull(e) => e.calls("resolve"),
-                Iteration::Repeat(es) => es.iter().any(|e| e.calls("resolve")),
-            };
-            iter || n.columns.iter().any(|c| c.expr.calls("resolve"))
-                || n.children.iter().chain(&n.union).any(node)
-        }
-        self.wheres.iter().any(|(e, _)| e.calls("resolve")) || node(&self.root)
+        self.expressions().iter().any(|e| e.calls("resolve"))
     }
 
     /// Parse one resource's JSON text with [`atlas_fhirpath::json::parse`] and

@@ -158,7 +158,8 @@ pub struct ViewSet {
     fast: Vec<Option<FastPlan>>,
     by_type: HashMap<String, Vec<usize>>,
     trie: KeyTrie,
-    enabled: bool,
+    /// Whether any view has a fast plan (else every resource takes the full parse).
+    any_fast: bool,
     resolver: Option<Arc<dyn ResourceResolver + Send + Sync>>,
 }
 
@@ -191,6 +192,7 @@ impl ViewSet {
             .iter()
             .map(|v| if enabled { FastPlan::compile(v) } else { None })
             .collect();
+        let any_fast = fast.iter().any(Option::is_some);
         let mut trie = KeyTrie::new();
         trie.add(KeyTrie::ROOT, "resourceType");
         for p in fast.iter_mut().flatten() {
@@ -201,7 +203,7 @@ impl ViewSet {
             fast,
             by_type,
             trie,
-            enabled,
+            any_fast,
             resolver: None,
         }
     }
@@ -247,8 +249,7 @@ impl ViewSet {
         builders: &mut [RowBuilder],
         mut on_error: impl FnMut(usize, RunError),
     ) -> Appended {
-        let any_fast = self.enabled && self.fast.iter().any(Option::is_some);
-        if !any_fast || state.tape.parse(text, &self.trie, KeyTrie::ROOT).is_err() {
+        if !self.any_fast || state.tape.parse(text, &self.trie, KeyTrie::ROOT).is_err() {
             return self.append_full(text, state, builders, &mut on_error);
         }
         let tape = &state.tape;

@@ -120,33 +120,6 @@ impl KeyTrie {
         id
     }
 
-    /// Record the whole value of `key` under `node`.
-    pub fn add_all(&mut self, node: u32, key: &str) {
-        if node == Self::ALL {
-            return;
-        }
-        let sym = self.symbol(key);
-        match self
-            .nodes
-            .get_mut(node as usize)
-            .and_then(|n| n.iter_mut().find(|e| &*e.key == key.as_bytes()))
-        {
-            Some(e) => e.child = Self::ALL,
-            None => {
-                if let Some(n) = self.nodes.get_mut(node as usize) {
-                    n.push(Edge {
-                        prefix: prefix8(key.as_bytes()),
-                        suffix: suffix8(key.as_bytes()),
-                        key: key.as_bytes().into(),
-                        child: Self::ALL,
-                        sym,
-                    });
-                }
-                self.rebuild(node);
-            }
-        }
-    }
-
     fn rebuild(&mut self, node: u32) {
         let (Some(edges), Some(table)) = (
             self.nodes.get(node as usize),

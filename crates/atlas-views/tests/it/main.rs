@@ -99,6 +99,25 @@ fn fhir_test_cases_suite() {
     }
 }
 
+/// The JSON test files of the three suites (`MISSING` printed for absent folders).
+fn suite_files() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for sub in ["", "sql-on-fhir-js-via-octofhir", "fhir-test-cases-copy"] {
+        let dir = suite_root().join(sub);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            println!("MISSING: {}", dir.display());
+            continue;
+        };
+        out.extend(
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "json")),
+        );
+    }
+    out
+}
+
 /// Every suite file gives the same outcomes with its resources as
 /// `serde_json::Value`s (`CompiledView::append`) and as `atlas_fhirpath::json`
 /// trees (`CompiledView::append_tree`, what `run_dir` uses).
@@ -106,28 +125,18 @@ fn fhir_test_cases_suite() {
 fn serde_and_tree_resources_agree() {
     use atlas_views::suite::{run_file_json, run_file_tree};
     let mut files = 0;
-    for sub in ["", "sql-on-fhir-js-via-octofhir", "fhir-test-cases-copy"] {
-        let dir = suite_root().join(sub);
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            println!("MISSING: {}", dir.display());
+    for path in suite_files() {
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text) else {
             continue;
         };
-        for path in entries.filter_map(Result::ok).map(|e| e.path()) {
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text) else {
-                continue;
-            };
-            let tree = atlas_fhirpath::json::parse(&text)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            let serde = run_file_json(&doc);
-            let ours = run_file_tree(&doc, &tree);
-            assert_eq!(serde, ours, "{}", path.display());
-            files += usize::from(ours.is_some());
-        }
+        let tree = atlas_fhirpath::json::parse(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let serde = run_file_json(&doc);
+        let ours = run_file_tree(&doc, &tree);
+        assert_eq!(serde, ours, "{}", path.display());
+        files += usize::from(ours.is_some());
     }
     println!("serde_json and tree resources agree on {files} suite files");
 }
@@ -176,54 +185,44 @@ fn fast_path_agrees_with_full_evaluator_on_the_suites() {
     let mut views_total = 0;
     let mut fast_views = 0;
     let mut fast_resources = 0;
-    for sub in ["", "sql-on-fhir-js-via-octofhir", "fhir-test-cases-copy"] {
-        let dir = suite_root().join(sub);
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            println!("MISSING: {}", dir.display());
+    for path in suite_files() {
+        let Ok(text) = std::fs::read_to_string(&path) else {
             continue;
         };
-        for path in entries.filter_map(Result::ok).map(|e| e.path()) {
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            let Ok(text) = std::fs::read_to_string(&path) else {
+        let (Ok(doc), Ok(tree)) = (
+            serde_json::from_str::<serde_json::Value>(&text),
+            atlas_fhirpath::json::parse(&text),
+        ) else {
+            continue;
+        };
+        let texts: Vec<String> = tree
+            .get("resources")
+            .and_then(|r| r.as_array())
+            .unwrap_or(&[])
+            .iter()
+            .map(|r| r.to_json_string())
+            .collect();
+        let tests = doc
+            .get("tests")
+            .and_then(|t| t.as_array())
+            .cloned()
+            .unwrap_or_default();
+        for t in tests {
+            let Some(view) = t.get("view") else { continue };
+            let Ok(plan) = CompiledView::from_json(view) else {
                 continue;
             };
-            let (Ok(doc), Ok(tree)) = (
-                serde_json::from_str::<serde_json::Value>(&text),
-                atlas_fhirpath::json::parse(&text),
-            ) else {
-                continue;
-            };
-            let texts: Vec<String> = tree
-                .get("resources")
-                .and_then(|r| r.as_array())
-                .unwrap_or(&[])
-                .iter()
-                .map(|r| r.to_json_string())
-                .collect();
-            let tests = doc
-                .get("tests")
-                .and_then(|t| t.as_array())
-                .cloned()
-                .unwrap_or_default();
-            for t in tests {
-                let Some(view) = t.get("view") else { continue };
-                let Ok(plan) = CompiledView::from_json(view) else {
-                    continue;
-                };
-                let views = vec![std::sync::Arc::new(plan)];
-                views_total += 1;
-                fast_views += atlas_views::ViewSet::with_fast_path(views.clone(), true)
-                    .fast_views()
-                    .len();
-                let label = format!(
-                    "{} / {}",
-                    path.display(),
-                    t.get("title").and_then(|x| x.as_str()).unwrap_or("?")
-                );
-                fast_resources += fast_and_full_agree(&label, views, &texts);
-            }
+            let views = vec![std::sync::Arc::new(plan)];
+            views_total += 1;
+            fast_views += atlas_views::ViewSet::with_fast_path(views.clone(), true)
+                .fast_views()
+                .len();
+            let label = format!(
+                "{} / {}",
+                path.display(),
+                t.get("title").and_then(|x| x.as_str()).unwrap_or("?")
+            );
+            fast_resources += fast_and_full_agree(&label, views, &texts);
         }
     }
     println!(
