@@ -57,6 +57,43 @@ pub fn text_column(batch: &RecordBatch, i: usize) -> Result<arrow::array::String
         .ok_or_else(|| LakeError::Other(format!("column {i} is not text")))
 }
 
+/// Calls `f(row, value)` for every row of a text column without copying
+/// it (Utf8, LargeUtf8 and Utf8View read as they are; other encodings, such
+/// as dictionaries, are cast first).
+pub fn for_each_text(
+    column: &dyn arrow::array::Array,
+    mut f: impl FnMut(usize, Option<&str>),
+) -> Result<(), LakeError> {
+    use arrow::array::{Array, LargeStringArray, StringArray, StringViewArray};
+    fn each<'a>(
+        n: usize,
+        valid: impl Fn(usize) -> bool,
+        value: impl Fn(usize) -> &'a str,
+        f: &mut impl FnMut(usize, Option<&'a str>),
+    ) {
+        for i in 0..n {
+            f(i, valid(i).then(|| value(i)));
+        }
+    }
+    let any = column.as_any();
+    if let Some(a) = any.downcast_ref::<StringArray>() {
+        each(a.len(), |i| a.is_valid(i), |i| a.value(i), &mut f);
+    } else if let Some(a) = any.downcast_ref::<StringViewArray>() {
+        each(a.len(), |i| a.is_valid(i), |i| a.value(i), &mut f);
+    } else if let Some(a) = any.downcast_ref::<LargeStringArray>() {
+        each(a.len(), |i| a.is_valid(i), |i| a.value(i), &mut f);
+    } else {
+        let cast = arrow::compute::cast(column, &arrow::datatypes::DataType::Utf8)
+            .map_err(|e| LakeError::Other(format!("not a text column: {e}")))?;
+        let a = cast
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| LakeError::Other("not a text column".into()))?;
+        each(a.len(), |i| a.is_valid(i), |i| a.value(i), &mut f);
+    }
+    Ok(())
+}
+
 /// The three tables every lake has.
 pub const RESOURCES: &str = "resources";
 pub const QUARANTINE: &str = "quarantine";

@@ -625,8 +625,9 @@ impl CompiledView {
         out
     }
 
-    /// Whether any path of the view calls `resolve()`: its rows then depend
-    /// on resources other than their own (refresh rebuilds it in full).
+    /// Whether any path of the view calls `resolve()`: its rows then may
+    /// depend on resources other than their own (of
+    /// [`resolved_types`](Self::resolved_types)).
     pub fn uses_resolve(&self) -> bool {
         self.expressions().iter().any(|e| e.calls("resolve"))
     }

@@ -11,25 +11,27 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{Array, RecordBatch, StringArray};
+use arrow::array::{Array, RecordBatch};
 use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
 use arrow::datatypes::SchemaRef;
 use atlas_views::{Appended, CompiledView, ViewSet, ViewSetState};
-use deltalake::DeltaTable;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TableReference};
 use deltalake::kernel::{Action, Add, StructType, Transaction};
 use deltalake::operations::create::CreateBuilder;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::{DeltaTable, TableProperty};
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
 use crate::catalog::ViewEntry;
+use crate::dv;
 use crate::scan::{self, StoreChunk, StoreFile};
 use crate::{ViewStore, ViewStoreError};
+use roaring::RoaringTreemap;
 
 /// How a refresh went for one view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -58,7 +60,10 @@ pub struct RefreshReport {
     /// View rows removed because their resource changed or was deleted.
     pub rows_removed: u64,
     pub files_added: u64,
+    /// Files replaced by a rewrite of their remaining rows.
     pub files_removed: u64,
+    /// Files whose changed rows were marked deleted by a deletion vector.
+    pub deletion_vectors: u64,
     /// Resources the view could not evaluate (their rows are missing); the
     /// first messages are in `first_errors`.
     pub errors: u64,
@@ -138,14 +143,21 @@ impl ViewStore {
         let store_version = store.version().map(|v| v as i64).unwrap_or(0);
         let mut reports = Vec::new();
         let mut full: BTreeMap<String, Vec<ViewEntry>> = BTreeMap::new();
+        let mut incremental: BTreeMap<(String, i64), Vec<ViewEntry>> = BTreeMap::new();
+        // View tables loaded once here serve the incremental refreshes too.
+        let mut tables: std::collections::HashMap<String, DeltaTable> = Default::default();
         for v in views {
             let reflected = match self.lake.table_at(&v.table_dir()).await? {
-                Some(t) => t
-                    .snapshot()
-                    .map_err(delta(&v.name))?
-                    .transaction_version(t.log_store().as_ref(), v.app_id())
-                    .await
-                    .map_err(delta(&v.name))?,
+                Some(t) => {
+                    let r = t
+                        .snapshot()
+                        .map_err(delta(&v.name))?
+                        .transaction_version(t.log_store().as_ref(), v.app_id())
+                        .await
+                        .map_err(delta(&v.name))?;
+                    tables.insert(v.name.clone(), t);
+                    r
+                }
                 None => None,
             };
             match reflected {
@@ -154,26 +166,82 @@ impl ViewStore {
                 }
                 // A view that resolves references depends on other resources
                 // too (a changed Medication changes medication_request rows):
-                // rebuild it in full whenever the store moved.
-                Some(r) if !opts.full && v.key_column.is_some() && !v.plan.uses_resolve() => {
-                    match self
-                        .refresh_incremental(&store, &v, r, store_version, opts)
-                        .await?
-                    {
-                        Some(rep) => reports.push(rep),
-                        None => full.entry(v.resource_type.clone()).or_default().push(v),
-                    }
+                // it is refreshed incrementally only while none of the types
+                // it resolves changed, in full otherwise.
+                Some(r)
+                    if !opts.full
+                        && v.key_column.is_some()
+                        && !self
+                            .resolved_types_changed(&store, &v, r, store_version)
+                            .await? =>
+                {
+                    incremental
+                        .entry((v.resource_type.clone(), r))
+                        .or_default()
+                        .push(v);
                 }
                 _ => full.entry(v.resource_type.clone()).or_default().push(v),
             }
         }
+        // Resource types refresh side by side (each is small and partly
+        // single-threaded); each view still lands in its own commit.
+        let store = &store;
+        let tables = &tables;
+        let mut runs = futures::stream::iter(incremental.into_iter().map(
+            |((ty, since), group)| async move {
+                let done = self
+                    .refresh_incremental(
+                        store,
+                        &ty,
+                        &group,
+                        tables,
+                        StoreWindow {
+                            since,
+                            until: store_version,
+                        },
+                        opts,
+                    )
+                    .await?;
+                Ok::<_, ViewStoreError>((ty, group, done))
+            },
+        ))
+        .buffer_unordered(2);
+        while let Some(run) = runs.next().await {
+            match run? {
+                (_, _, Some(reps)) => reports.extend(reps),
+                (ty, group, None) => full.entry(ty).or_default().extend(group),
+            }
+        }
+        drop(runs);
         for (ty, group) in full {
             reports.extend(
-                self.build_full(&store, &ty, &group, store_version, opts)
+                self.build_full(store, &ty, &group, store_version, opts)
                     .await?,
             );
         }
+        reports.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(reports)
+    }
+
+    /// Whether any resource of a type `v` resolves references to was
+    /// written after store version `since` (or that part of the log is gone).
+    async fn resolved_types_changed(
+        &self,
+        store: &DeltaTable,
+        v: &ViewEntry,
+        since: i64,
+        until: i64,
+    ) -> Result<bool, ViewStoreError> {
+        for ty in v.plan.resolved_types() {
+            match scan::changed_files(&self.lake, store, &ty, since, until).await? {
+                Some(files) if files.is_empty() => {}
+                _ => return Ok(true),
+            }
+        }
+        // Only the types named by `resolve().ofType(T)` are loaded from the
+        // store (other references resolve to contained resources only, which
+        // are part of the resource itself), so nothing else can matter.
+        Ok(false)
     }
 
     /// Rebuilds every view in `group` (all over `resource_type`) from one
@@ -216,7 +284,12 @@ impl ViewStore {
                     t.snapshot().ok().map(|s| {
                         s.log_data()
                             .iter()
-                            .map(|f| f.num_records().unwrap_or(0) as u64)
+                            .map(|f| {
+                                dv::live_rows(
+                                    f.num_records(),
+                                    f.deletion_vector_descriptor().as_ref(),
+                                )
+                            })
                             .sum::<u64>()
                     })
                 })
@@ -239,6 +312,9 @@ impl ViewStore {
                 .with_table_name(v.name.clone())
                 .with_columns(schema.fields().cloned())
                 .with_save_mode(SaveMode::Overwrite)
+                // Incremental refreshes mark changed rows deleted instead of
+                // rewriting whole files (see `dv`).
+                .with_configuration_property(TableProperty::EnableDeletionVectors, Some("true"))
                 .with_actions(adds.into_iter().map(Action::Add))
                 .with_commit_properties(
                     CommitProperties::default()
@@ -258,6 +334,7 @@ impl ViewStore {
                 rows_removed,
                 files_added,
                 files_removed,
+                deletion_vectors: 0,
                 errors: stats.errors,
                 first_errors: stats.first_errors.clone(),
                 seconds: started.elapsed().as_secs_f64(),
@@ -266,78 +343,160 @@ impl ViewStore {
         Ok(reports)
     }
 
-    /// Re-derives the resources written after store version `since`.
-    /// `None` when the store's log no longer covers that range.
+    /// Re-derives the resources of `resource_type` written after store
+    /// version `since`, once for every view in `group` (all of which reflect
+    /// `since`), then updates each view in its own commit. `None` when the
+    /// store's log no longer covers that range.
     async fn refresh_incremental(
         &self,
         store: &DeltaTable,
-        v: &ViewEntry,
-        since: i64,
-        until: i64,
+        resource_type: &str,
+        group: &[ViewEntry],
+        tables: &std::collections::HashMap<String, DeltaTable>,
+        window: StoreWindow,
         opts: &RefreshOptions,
-    ) -> Result<Option<RefreshReport>, ViewStoreError> {
+    ) -> Result<Option<Vec<RefreshReport>>, ViewStoreError> {
+        let StoreWindow { since, until } = window;
         let started = Instant::now();
-        let Some(key_column) = v.key_column.clone() else {
-            return Ok(None);
-        };
         let Some(files) =
-            scan::changed_files(&self.lake, store, &v.resource_type, since, until).await?
+            scan::changed_files(&self.lake, store, resource_type, since, until).await?
         else {
             return Ok(None);
         };
-        let mut sinks = vec![ViewSink::new(self, v, opts.file_rows)?];
+        let mut sinks = Vec::new();
+        for v in group {
+            sinks.push(ViewSink::new(self, v, opts.file_rows)?);
+        }
+        let label = group
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         let stats = self
-            .derive(store, files, &mut sinks, true, opts, &v.name)
+            .derive(store, files, &mut sinks, true, opts, &label)
             .await?;
-        let touched = stats.touched;
-        let table = self
-            .lake
-            .table_at(&v.table_dir())
-            .await?
-            .ok_or_else(|| ViewStoreError::NotFound(v.name.clone()))?;
-        let mut sink = sinks
-            .pop()
-            .ok_or_else(|| ViewStoreError::Other("no sink".into()))?;
-        // Rewrite the view files that hold rows of touched resources.
-        let mut removes = Vec::new();
+        let derived = started.elapsed();
+        tracing::info!(
+            resource_type,
+            views = %label,
+            changed = stats.touched.len(),
+            derive_s = derived.as_secs_f64(),
+            "changed resources re-derived"
+        );
+        let touched = Arc::new(stats.touched.clone());
+        let mut reports = Vec::new();
+        for (v, sink) in group.iter().zip(sinks) {
+            let table = tables
+                .get(&v.name)
+                .ok_or_else(|| ViewStoreError::NotFound(v.name.clone()))?;
+            let mut r = self
+                .apply_changes(v, table, sink, &touched, window, opts)
+                .await?;
+            r.resources_read = stats.resources;
+            r.errors = stats.errors;
+            r.first_errors = stats.first_errors.clone();
+            r.seconds += derived.as_secs_f64();
+            reports.push(r);
+        }
+        Ok(Some(reports))
+    }
+
+    /// Applies one incremental refresh to view `v`: the rows of `touched`
+    /// resources go (deletion vectors, or rewrites), the re-derived rows in
+    /// `sink` come in, in one commit that records store version `until`.
+    async fn apply_changes(
+        &self,
+        v: &ViewEntry,
+        table: &DeltaTable,
+        mut sink: ViewSink,
+        touched: &Arc<KeySet>,
+        window: StoreWindow,
+        opts: &RefreshOptions,
+    ) -> Result<RefreshReport, ViewStoreError> {
+        let StoreWindow { since, until } = window;
+        let started = Instant::now();
+        let key_column = v
+            .key_column
+            .clone()
+            .ok_or_else(|| ViewStoreError::Other(format!("view {} has no key column", v.name)))?;
+        // Mark the rows of touched resources deleted in the files that hold
+        // them: a deletion vector per file, or, where a file would lose more
+        // than 1/COMPACT_AT of its rows (or the table predates deletion
+        // vectors), a rewrite of its remaining rows (copy-on-write).
+        let mut actions = Vec::new();
         let mut rows_removed = 0u64;
+        let mut files_removed = 0u64;
+        let mut deletion_vectors = 0u64;
         if !touched.is_empty() {
+            let use_dv = dv::enabled(table);
             let snapshot = table.snapshot().map_err(delta(&v.name))?;
-            let view_files: Vec<StoreFile> = snapshot
+            #[allow(deprecated)]
+            let view_files: Vec<ViewFile> = snapshot
                 .log_data()
                 .iter()
-                .map(|f| StoreFile {
+                .map(|f| ViewFile {
                     path: f.object_store_path(),
                     size: f.size().max(0) as u64,
                     rows: f.num_records().unwrap_or(0) as u64,
-                    filter: scan::RowFilter::All,
+                    dv: f.deletion_vector_descriptor(),
+                    add: f.add_action(),
+                    remove: f.remove_action(true),
                 })
                 .collect();
-            let remove_actions: std::collections::HashMap<String, _> = snapshot
-                .log_data()
-                .iter()
-                .map(|f| (f.object_store_path().to_string(), f.remove_action(true)))
-                .collect();
-            for f in view_files {
-                let (kept, removed) =
-                    rewrite_without(&table, &f, &key_column, &touched, opts.batch_rows).await?;
-                if removed == 0 {
+            let mut scans = futures::stream::iter(view_files.into_iter().map(|f| {
+                let key_column = key_column.as_str();
+                async move {
+                    let deleted = match &f.dv {
+                        Some(d) => dv::read(table, f.path.as_ref(), d).await?,
+                        None => RoaringTreemap::new(),
+                    };
+                    let hits =
+                        rows_with_keys(table, &f, key_column, touched, &deleted, opts.batch_rows)
+                            .await?;
+                    Ok::<_, ViewStoreError>((f, deleted, hits))
+                }
+            }))
+            .buffer_unordered(2);
+            let mut marked: Vec<(ViewFile, RoaringTreemap)> = Vec::new();
+            while let Some(scan) = scans.next().await {
+                let (f, deleted, hits) = scan?;
+                if hits.is_empty() {
                     continue;
                 }
-                rows_removed += removed;
-                for b in kept {
-                    sink.push(b).await?;
+                rows_removed += hits.len();
+                let all = deleted | hits;
+                if use_dv && all.len().saturating_mul(COMPACT_AT) <= f.rows {
+                    marked.push((f, all));
+                } else {
+                    for b in read_except(table, &f, &all, opts.batch_rows).await? {
+                        sink.push(b).await?;
+                    }
+                    files_removed += 1;
+                    actions.push(Action::Remove(f.remove));
                 }
-                if let Some(r) = remove_actions.get(&f.path.to_string()) {
-                    removes.push(Action::Remove(r.clone()));
+            }
+            drop(scans);
+            if !marked.is_empty() {
+                let vectors: Vec<RoaringTreemap> = marked.iter().map(|(_, d)| d.clone()).collect();
+                let descriptors = dv::write(table, &vectors).await?;
+                let now = chrono::Utc::now().timestamp_millis();
+                for ((f, _), d) in marked.into_iter().zip(descriptors) {
+                    let mut add = f.add;
+                    add.stats = dv::loosen_stats(add.stats.as_deref()).or(add.stats);
+                    add.deletion_vector = Some(d);
+                    add.data_change = true;
+                    add.modification_time = now;
+                    actions.push(Action::Remove(f.remove));
+                    actions.push(Action::Add(add));
+                    deletion_vectors += 1;
                 }
             }
         }
+        let marked_at = started.elapsed();
         let (adds, rows_written) = sink.finish().await?;
         let files_added = adds.len() as u64;
-        let files_removed = removes.len() as u64;
-        let mut actions = removes;
         actions.extend(adds.into_iter().map(Action::Add));
+        let written_at = started.elapsed();
         let props = CommitProperties::default()
             .with_application_transaction(Transaction::new(v.app_id(), until));
         let snapshot = table.snapshot().map_err(delta(&v.name))?;
@@ -359,20 +518,31 @@ impl ViewStore {
             )
             .await
             .map_err(delta(&v.name))?;
-        tracing::info!(view = %v.name, changed = touched.len(), rows_removed, rows_written, "view refreshed");
-        Ok(Some(RefreshReport {
+        tracing::info!(
+            view = %v.name,
+            changed = touched.len(),
+            rows_removed,
+            rows_written,
+            deletion_vectors,
+            mark_s = marked_at.as_secs_f64(),
+            write_s = (written_at - marked_at).as_secs_f64(),
+            commit_s = (started.elapsed() - written_at).as_secs_f64(),
+            "view refreshed"
+        );
+        Ok(RefreshReport {
             name: v.name.clone(),
             kind: RefreshKind::Incremental,
             store_version: Some(until),
-            resources_read: stats.resources,
+            resources_read: 0,
             rows_written,
             rows_removed,
             files_added,
             files_removed,
-            errors: stats.errors,
-            first_errors: stats.first_errors,
+            deletion_vectors,
+            errors: 0,
+            first_errors: Vec::new(),
             seconds: started.elapsed().as_secs_f64(),
-        }))
+        })
     }
 
     /// Reads `files` from the store, evaluates every sink's view over the
@@ -495,6 +665,7 @@ fn empty_report(name: &str, kind: RefreshKind, store_version: Option<i64>) -> Re
         rows_removed: 0,
         files_added: 0,
         files_removed: 0,
+        deletion_vectors: 0,
         errors: 0,
         first_errors: Vec::new(),
         seconds: 0.0,
@@ -516,12 +687,33 @@ impl atlas_fhirpath::ResourceResolver for StoreResolver {
     }
 }
 
+/// Resource keys: a refresh probes the set with every row of a view.
+pub(crate) type KeySet = HashSet<String, std::hash::BuildHasherDefault<KeyHasher>>;
+
+/// One-shot xxh3 of a key's bytes (`str` hashing feeds the bytes, then a
+/// 0xff terminator, which is folded in cheaply instead of through xxh3's
+/// streaming state).
+#[derive(Default)]
+pub(crate) struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = xxhash_rust::xxh3::xxh3_64_with_seed(bytes, self.0);
+    }
+    fn write_u8(&mut self, b: u8) {
+        self.0 = self.0.rotate_left(8) ^ u64::from(b);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 #[derive(Default)]
 struct DeriveStats {
     resources: u64,
     errors: u64,
     first_errors: Vec<String>,
-    touched: HashSet<String>,
+    touched: KeySet,
 }
 
 struct Evaluated {
@@ -692,76 +884,151 @@ impl ViewSink {
     }
 }
 
-/// Reads a view file and returns its rows whose key is not in `touched`,
-/// plus how many rows were dropped (0: the file is untouched and stays).
-async fn rewrite_without(
+/// Store versions `since` (exclusive) to `until` (inclusive): what an
+/// incremental refresh catches up on.
+#[derive(Debug, Clone, Copy)]
+struct StoreWindow {
+    since: i64,
+    until: i64,
+}
+
+/// A live file of a view table, with what a refresh needs to replace it.
+struct ViewFile {
+    path: object_store::path::Path,
+    size: u64,
+    rows: u64,
+    dv: Option<deltalake::kernel::DeletionVectorDescriptor>,
+    add: Add,
+    remove: deltalake::kernel::Remove,
+}
+
+/// A file gets a deletion vector while it keeps more than 1 - 1/COMPACT_AT
+/// of its rows; past that its live rows are rewritten (so readers never
+/// scan mostly-deleted files).
+const COMPACT_AT: u64 = 5;
+
+#[allow(deprecated)]
+async fn open_file(
     table: &DeltaTable,
-    f: &StoreFile,
+    f: &ViewFile,
+) -> Result<
+    parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder<
+        parquet::arrow::async_reader::ParquetObjectReader,
+    >,
+    ViewStoreError,
+> {
+    use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
+    let reader =
+        ParquetObjectReader::new(table.object_store(), f.path.clone()).with_file_size(f.size);
+    ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(|e| read_err(f, e.to_string()))
+}
+
+fn read_err(f: &ViewFile, message: String) -> ViewStoreError {
+    ViewStoreError::Read {
+        file: f.path.to_string(),
+        message,
+    }
+}
+
+/// Row positions (in the file) of the live rows whose key is in `touched`:
+/// reads the key column only, its row groups split over the cores.
+async fn rows_with_keys(
+    table: &DeltaTable,
+    f: &ViewFile,
     key_column: &str,
-    touched: &HashSet<String>,
+    touched: &Arc<KeySet>,
+    deleted: &RoaringTreemap,
     batch_rows: usize,
-) -> Result<(Vec<RecordBatch>, u64), ViewStoreError> {
+) -> Result<RoaringTreemap, ViewStoreError> {
     #[allow(deprecated)]
     use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
-    let file = f.path.to_string();
-    let err = |m: String| ViewStoreError::Read {
-        file: file.clone(),
-        message: m,
-    };
-    #[allow(deprecated)]
-    let open = || async {
+    let builder = open_file(table, f).await?;
+    let metadata = builder.metadata().clone();
+    let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), [key_column]);
+    let arrow_meta = parquet::arrow::arrow_reader::ArrowReaderMetadata::try_new(
+        metadata.clone(),
+        Default::default(),
+    )
+    .map_err(|e| read_err(f, e.to_string()))?;
+    let mut first_row = Vec::new();
+    let mut at = 0u64;
+    for rg in metadata.row_groups() {
+        first_row.push(at);
+        at += rg.num_rows().max(0) as u64;
+    }
+    let groups: Vec<usize> = (0..first_row.len()).collect();
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let per_task = groups.len().div_ceil(workers).max(1);
+    let mut tasks = Vec::new();
+    for part in groups.chunks(per_task) {
+        let part = part.to_vec();
+        let start = first_row[part[0]];
+        #[allow(deprecated)]
         let reader =
             ParquetObjectReader::new(table.object_store(), f.path.clone()).with_file_size(f.size);
-        ParquetRecordBatchStreamBuilder::new(reader)
+        let stream = ParquetRecordBatchStreamBuilder::new_with_metadata(reader, arrow_meta.clone())
+            .with_projection(mask.clone())
+            .with_row_groups(part)
+            .with_batch_size(batch_rows)
+            .build()
+            .map_err(|e| read_err(f, e.to_string()))?;
+        let touched = touched.clone();
+        let file = f.path.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut stream = stream;
+            let mut hits = Vec::new();
+            let mut at = start;
+            while let Some(b) = stream.next().await {
+                let b = b.map_err(|e| (file.clone(), e.to_string()))?;
+                atlas_lake::lake::for_each_text(b.column(0).as_ref(), |i, k| {
+                    if k.is_some_and(|k| touched.contains(k)) {
+                        hits.push(at + i as u64);
+                    }
+                })
+                .map_err(|e| (file.clone(), e.to_string()))?;
+                at += b.num_rows() as u64;
+            }
+            Ok::<_, (String, String)>(hits)
+        }));
+    }
+    let mut hits = RoaringTreemap::new();
+    for t in tasks {
+        let rows = t
             .await
-            .map_err(|e| err(e.to_string()))
-    };
-    // First pass: the key column only, to see whether the file is touched.
-    let builder = open().await?;
-    let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), [key_column]);
-    let mut keys = builder
-        .with_projection(mask)
-        .with_batch_size(batch_rows)
-        .build()
-        .map_err(|e| err(e.to_string()))?;
-    let mut hit = false;
-    while let Some(b) = keys.next().await {
-        let b = b.map_err(|e| err(e.to_string()))?;
-        let k = key_array(&b, 0).map_err(err)?;
-        if (0..k.len()).any(|i| k.is_valid(i) && touched.contains(k.value(i))) {
-            hit = true;
-            break;
-        }
+            .map_err(|e| read_err(f, format!("key scan task: {e}")))?
+            .map_err(|(file, message)| ViewStoreError::Read { file, message })?;
+        hits.extend(rows.into_iter().filter(|r| !deleted.contains(*r)));
     }
-    if !hit {
-        return Ok((Vec::new(), 0));
-    }
-    let mut stream = open()
+    Ok(hits)
+}
+
+/// A file's rows except those at the positions in `deleted`.
+async fn read_except(
+    table: &DeltaTable,
+    f: &ViewFile,
+    deleted: &RoaringTreemap,
+    batch_rows: usize,
+) -> Result<Vec<RecordBatch>, ViewStoreError> {
+    let mut stream = open_file(table, f)
         .await?
         .with_batch_size(batch_rows)
         .build()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| read_err(f, e.to_string()))?;
     let mut kept = Vec::new();
-    let mut removed = 0u64;
+    let mut at = 0u64;
     while let Some(b) = stream.next().await {
-        let b = b.map_err(|e| err(e.to_string()))?;
-        let i = b
-            .schema()
-            .index_of(key_column)
-            .map_err(|e| err(e.to_string()))?;
-        let k = key_array(&b, i).map_err(err)?;
-        let keep: arrow::array::BooleanArray = (0..k.len())
-            .map(|r| Some(!(k.is_valid(r) && touched.contains(k.value(r)))))
-            .collect();
-        removed += keep.false_count() as u64;
-        let b = arrow::compute::filter_record_batch(&b, &keep).map_err(|e| err(e.to_string()))?;
+        let b = b.map_err(|e| read_err(f, e.to_string()))?;
+        let n = b.num_rows() as u64;
+        let keep: arrow::array::BooleanArray =
+            (at..at + n).map(|r| Some(!deleted.contains(r))).collect();
+        at += n;
+        let b = arrow::compute::filter_record_batch(&b, &keep)
+            .map_err(|e| read_err(f, e.to_string()))?;
         if b.num_rows() > 0 {
             kept.push(b);
         }
     }
-    Ok((kept, removed))
-}
-
-fn key_array(b: &RecordBatch, i: usize) -> Result<StringArray, String> {
-    atlas_lake::lake::text_column(b, i).map_err(|e| e.to_string())
+    Ok(kept)
 }

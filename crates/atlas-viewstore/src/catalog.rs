@@ -345,7 +345,10 @@ impl ViewStore {
                 })?;
                 for f in snapshot.log_data().iter() {
                     s.files += 1;
-                    s.rows += f.num_records().unwrap_or(0) as u64;
+                    s.rows += crate::dv::live_rows(
+                        f.num_records(),
+                        f.deletion_vector_descriptor().as_ref(),
+                    );
                 }
                 s.store_version = snapshot
                     .transaction_version(table.log_store().as_ref(), v.app_id())

@@ -13,8 +13,9 @@
 //! * Incremental refresh ([`ViewStore::refresh`]): only resources written
 //!   since the store version the view reflects (found from the store's Delta
 //!   log and the `atlas.batch_id` each ingest commit carries) are re-derived;
-//!   their old rows are removed and new rows added in one atomic commit that
-//!   also records the store version reached (a Delta `txn` action whose app
+//!   their old rows are marked deleted with deletion vectors (or their files
+//!   rewritten, past a fifth of a file) and new rows added in one atomic
+//!   commit that also records the store version reached (a Delta `txn` action whose app
 //!   id names the view and its definition hash, so a changed definition
 //!   forces a full rebuild).
 //! * Status ([`ViewStore::status`]) and the read-only SQL session over the
@@ -28,6 +29,7 @@
 
 mod build;
 mod catalog;
+mod dv;
 mod scan;
 mod sql;
 

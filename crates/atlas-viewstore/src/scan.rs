@@ -12,6 +12,7 @@ use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{ArrowPredicateFn, ArrowReaderOptions};
 #[allow(deprecated)] // the replacement (`SpawnedReader`) is not released yet
 use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
 
@@ -215,14 +216,36 @@ async fn read_one(
     };
     #[allow(deprecated)]
     let reader = ParquetObjectReader::new(store.clone(), f.path.clone()).with_file_size(f.size);
-    let builder = ParquetRecordBatchStreamBuilder::new(reader)
+    // The page index lets a batch filter skip the pages of `resource` (the
+    // bulk of a file) that hold no changed row: a MERGE rewrites whole
+    // files, but its updated rows come in runs.
+    let options = ArrowReaderOptions::new()
+        .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Optional);
+    let mut builder = ParquetRecordBatchStreamBuilder::new_with_options(reader, options)
         .await
         .map_err(|e| err(e.to_string()))?;
-    let mut wanted = vec!["id", "deleted", "resource"];
-    if matches!(f.filter, RowFilter::Batches(_)) {
-        wanted.push("batch_id");
+    let mask = ProjectionMask::columns(builder.parquet_schema(), ["id", "deleted", "resource"]);
+    if let RowFilter::Batches(set) = &f.filter {
+        let by_batch = ProjectionMask::columns(builder.parquet_schema(), ["batch_id"]);
+        let set = set.clone();
+        // A window usually holds a few batches: comparing ids beats hashing
+        // every row.
+        let few: Option<Vec<String>> = (set.len() <= 8).then(|| set.iter().cloned().collect());
+        let predicate = ArrowPredicateFn::new(by_batch, move |b: RecordBatch| {
+            let mut keep = arrow::array::BooleanBufferBuilder::new(b.num_rows());
+            atlas_lake::lake::for_each_text(b.column(0).as_ref(), |_, id| {
+                keep.append(id.is_some_and(|id| match &few {
+                    Some(few) => few.iter().any(|w| w == id),
+                    None => set.contains(id),
+                }));
+            })
+            .map_err(|e| arrow::error::ArrowError::ExternalError(Box::new(e)))?;
+            Ok(BooleanArray::new(keep.finish(), None))
+        });
+        builder = builder.with_row_filter(parquet::arrow::arrow_reader::RowFilter::new(vec![
+            Box::new(predicate),
+        ]));
     }
-    let mask = ProjectionMask::columns(builder.parquet_schema(), wanted.iter().copied());
     let mut stream = builder
         .with_projection(mask)
         .with_batch_size(batch_rows)
@@ -230,7 +253,7 @@ async fn read_one(
         .map_err(|e| err(e.to_string()))?;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|e| err(e.to_string()))?;
-        let chunk = to_chunk(&batch, &f.filter, &file).map_err(err)?;
+        let chunk = to_chunk(&batch, &file).map_err(err)?;
         if !chunk.rows.is_empty() && tx.send(Ok(chunk)).await.is_err() {
             return Ok(()); // the consumer stopped (it reports why)
         }
@@ -246,7 +269,7 @@ fn text(batch: &RecordBatch, name: &str) -> Result<StringArray, String> {
     atlas_lake::lake::text_column(batch, i).map_err(|e| e.to_string())
 }
 
-fn to_chunk(batch: &RecordBatch, filter: &RowFilter, file: &str) -> Result<StoreChunk, String> {
+fn to_chunk(batch: &RecordBatch, file: &str) -> Result<StoreChunk, String> {
     let ids = text(batch, "id")?;
     let resources = text(batch, "resource")?;
     let deleted = batch
@@ -254,21 +277,11 @@ fn to_chunk(batch: &RecordBatch, filter: &RowFilter, file: &str) -> Result<Store
         .and_then(|c| c.as_any().downcast_ref::<BooleanArray>())
         .cloned()
         .ok_or("no boolean `deleted` column")?;
-    let rows = match filter {
-        RowFilter::All => (0..batch.num_rows() as u32).collect(),
-        RowFilter::Batches(set) => {
-            let b = text(batch, "batch_id")?;
-            (0..batch.num_rows())
-                .filter(|&i| b.is_valid(i) && set.contains(b.value(i)))
-                .map(|i| i as u32)
-                .collect()
-        }
-    };
     Ok(StoreChunk {
         ids,
         deleted,
         resources,
-        rows,
+        rows: (0..batch.num_rows() as u32).collect(),
         file: file.to_owned(),
     })
 }

@@ -216,9 +216,10 @@ fn conformance_suites_through_the_cli() {
     }
 }
 
-/// `atlas views refresh` builds the ontology's views; `atlas sql` queries and
-/// joins them (and refuses writes); DuckDB's delta reader sees the same
-/// tables, decimals included.
+/// `atlas views refresh` builds the ontology's views and refreshes them
+/// incrementally (deletion vectors); `atlas sql` queries and joins them (and
+/// refuses writes); DuckDB's delta reader sees the same tables, deleted rows
+/// and decimals included.
 #[test]
 fn views_refresh_sql_ontology_and_an_independent_reader() {
     let dir = tempfile::tempdir().unwrap();
@@ -239,12 +240,46 @@ fn views_refresh_sql_ontology_and_an_independent_reader() {
         "{again}"
     );
 
+    // A delta of updates and a delete: the incremental refresh marks the old
+    // rows deleted with deletion vectors, which DuckDB must honour below.
+    let obs_text = std::fs::read_to_string(data.join("Observation.ndjson")).unwrap();
+    let obs_all: Vec<&str> = obs_text.lines().collect();
+    let mut delta = String::new();
+    for line in obs_all.iter().take(3) {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        v["meta"] = serde_json::json!({"versionId": "2"});
+        v["status"] = "amended".into();
+        delta.push_str(&format!("{v}\n"));
+    }
+    let gone: serde_json::Value = serde_json::from_str(obs_all[5]).unwrap();
+    std::fs::create_dir_all(dir.path().join("delta")).unwrap();
+    std::fs::write(dir.path().join("delta/changes.ndjson"), delta).unwrap();
+    std::fs::write(
+        dir.path().join("delta/deletes.json"),
+        serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"request": {"method": "DELETE", "url": format!("Observation/{}", gone["id"].as_str().unwrap())}}]})
+        .to_string(),
+    )
+    .unwrap();
+    run_ok(
+        crate::atlas(&lake)
+            .arg("ingest")
+            .arg(dir.path().join("delta")),
+    );
+    let out = run_ok(crate::atlas(&lake).args(["views", "refresh", "--json"]));
+    let inc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let obs_inc = inc
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "observation")
+        .unwrap();
+    assert_eq!(obs_inc["kind"], "incremental", "{inc}");
+    assert_eq!(obs_inc["deletion_vectors"], 1, "{inc}");
+
     let status = run_ok(crate::atlas(&lake).args(["views", "status", "--json"]));
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    let obs_lines = std::fs::read_to_string(data.join("Observation.ndjson"))
-        .unwrap()
-        .lines()
-        .count();
+    let obs_lines = obs_all.len() - 1;
     let obs = status
         .as_array()
         .unwrap()

@@ -162,7 +162,24 @@ async fn incremental_refresh_equals_full_rebuild() {
     let o = by_name("observation");
     assert_eq!(o.resources_read, 9, "5 updated + 3 new + 1 deleted: {o:?}");
     assert_eq!(o.rows_removed, 6, "5 updated + 1 deleted: {o:?}");
-    assert_eq!(o.rows_written, obs_before as u64 - 6 + 5 + 3, "{o:?}");
+    // Six rows of thousands: marked deleted by a deletion vector, no file
+    // rewritten; only the 8 new rows are written.
+    assert_eq!(o.deletion_vectors, 1, "{o:?}");
+    assert_eq!(o.files_removed, 0, "{o:?}");
+    assert_eq!(o.rows_written, 5 + 3, "{o:?}");
+    assert_eq!(by_name("condition").deletion_vectors, 1, "{inc:?}");
+    assert_eq!(
+        store
+            .status()
+            .await
+            .unwrap()
+            .iter()
+            .find(|s| s.name == "observation")
+            .unwrap()
+            .rows,
+        obs_before as u64 + 3 - 1,
+        "status counts live rows"
+    );
     let incremental: Vec<Vec<String>> = {
         let mut all = Vec::new();
         for v in VIEWS {
@@ -182,6 +199,57 @@ async fn incremental_refresh_equals_full_rebuild() {
         !incremental[2]
             .iter()
             .any(|r| r.starts_with(&format!("{}|", deleted_obs["id"].as_str().unwrap())))
+    );
+
+    // A second delta over rows that already have a deletion vector: two of
+    // the updated observations change again (their rows now sit in the
+    // first refresh's file) and a third of the original observations go,
+    // so the original file is past the compaction threshold and rewritten.
+    let mut delta = String::new();
+    for line in obs.iter().take(2) {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        v["meta"]["versionId"] = "100".into();
+        v["status"] = "corrected".into();
+        delta.push_str(&serde_json::to_string(&v).unwrap());
+        delta.push('\n');
+    }
+    std::fs::create_dir_all(dir.path().join("delta2")).unwrap();
+    std::fs::write(dir.path().join("delta2/changes.ndjson"), delta).unwrap();
+    let gone: Vec<serde_json::Value> = obs
+        .iter()
+        .skip(20)
+        .step_by(3)
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            serde_json::json!({"request": {"method": "DELETE", "url": format!("Observation/{}", v["id"].as_str().unwrap())}})
+        })
+        .collect();
+    let bundle =
+        serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": gone});
+    std::fs::write(dir.path().join("delta2/deletes.json"), bundle.to_string()).unwrap();
+    ingest(&lake, &[&dir.path().join("delta2")]).await;
+    let inc2 = store
+        .refresh(&[], &RefreshOptions::default())
+        .await
+        .unwrap();
+    let o = inc2.iter().find(|r| r.name == "observation").unwrap();
+    assert_eq!(o.kind, RefreshKind::Incremental, "{inc2:?}");
+    assert_eq!(o.rows_removed, 2 + gone.len() as u64, "{o:?}");
+    assert!(o.files_removed >= 1, "compacted: {o:?}");
+    let incremental: Vec<Vec<String>> = {
+        let mut all = Vec::new();
+        for v in VIEWS {
+            all.push(view_rows(&store, v).await);
+        }
+        all
+    };
+    assert_eq!(incremental[2].len(), obs_before + 3 - 1 - gone.len());
+    assert_eq!(
+        incremental[2]
+            .iter()
+            .filter(|r| r.contains("corrected"))
+            .count(),
+        2
     );
 
     let full = store
@@ -404,6 +472,33 @@ async fn medication_request_resolves_medications_in_the_lake() {
         .await
         .unwrap();
     assert_eq!(reports[0].kind, RefreshKind::Full, "{reports:?}");
+    assert_eq!(
+        medication_display(&store, "mr1").await,
+        "197361|Amlodipine 5 MG Oral Tablet"
+    );
+
+    // Only a request changes (no Medication did): an incremental refresh,
+    // still resolving against the lake's Medications.
+    let delta = dir.path().join("in3/batch3.ndjson");
+    std::fs::create_dir_all(delta.parent().unwrap()).unwrap();
+    std::fs::write(
+        &delta,
+        r#"{"resourceType":"MedicationRequest","id":"mr2","meta":{"versionId":"2"},"status":"stopped","intent":"order","subject":{"reference":"Patient/p1"},"medicationReference":{"reference":"Medication/med1"}}"#,
+    )
+    .unwrap();
+    ingest(&lake, &[&delta]).await;
+    let reports = store
+        .refresh(
+            &["medication_request".to_string()],
+            &RefreshOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reports[0].kind, RefreshKind::Incremental, "{reports:?}");
+    assert_eq!(
+        medication_display(&store, "mr2").await,
+        "197361|Amlodipine 5 MG Oral Tablet"
+    );
     assert_eq!(
         medication_display(&store, "mr1").await,
         "197361|Amlodipine 5 MG Oral Tablet"
