@@ -1815,12 +1815,14 @@ fn writer_properties() -> WriterProperties {
     let hash = ColumnPath::from("content_hash");
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
-        // Pages of at most ~128 KiB: the JSON column (most of a file) then
-        // holds a few hundred rows per page, so a reader after a few rows
-        // (a view refresh picking one batch's rows out of a file a MERGE
-        // rewrote) decompresses only the pages holding them (page index).
+        // Pages of at most ~128 KiB and 1,024 rows: the JSON column (most of
+        // a file) then holds a few hundred rows per page, so a reader after a
+        // few rows (a view refresh picking one batch's rows out of a file a
+        // MERGE rewrote) decompresses only the pages holding them (page
+        // index).
         .set_write_batch_size(128)
         .set_data_page_size_limit(128 * 1024)
+        .set_data_page_row_count_limit(1024)
         // The JSON and the hashes are unique per row: a dictionary attempt
         // hashes every byte for nothing, and min/max of JSON text is useless.
         .set_column_dictionary_enabled(json.clone(), false)

@@ -146,20 +146,28 @@ impl ViewStore {
         let mut incremental: BTreeMap<(String, i64), Vec<ViewEntry>> = BTreeMap::new();
         // View tables loaded once here serve the incremental refreshes too.
         let mut tables: std::collections::HashMap<String, DeltaTable> = Default::default();
-        for v in views {
-            let reflected = match self.lake.table_at(&v.table_dir()).await? {
-                Some(t) => {
-                    let r = t
-                        .snapshot()
-                        .map_err(delta(&v.name))?
-                        .transaction_version(t.log_store().as_ref(), v.app_id())
-                        .await
-                        .map_err(delta(&v.name))?;
-                    tables.insert(v.name.clone(), t);
-                    r
-                }
-                None => None,
-            };
+        let loaded: Vec<(ViewEntry, Option<DeltaTable>, Option<i64>)> =
+            futures::stream::iter(views.into_iter().map(|v| async move {
+                let Some(t) = self.lake.table_at(&v.table_dir()).await? else {
+                    return Ok::<_, ViewStoreError>((v, None, None));
+                };
+                let r = t
+                    .snapshot()
+                    .map_err(delta(&v.name))?
+                    .transaction_version(t.log_store().as_ref(), v.app_id())
+                    .await
+                    .map_err(delta(&v.name))?;
+                Ok((v, Some(t), r))
+            }))
+            .buffered(4)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        for (v, table, reflected) in loaded {
+            if let Some(t) = table {
+                tables.insert(v.name.clone(), t);
+            }
             match reflected {
                 Some(r) if !opts.full && r == store_version => {
                     reports.push(empty_report(&v.name, RefreshKind::UpToDate, Some(r)));
