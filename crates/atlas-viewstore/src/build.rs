@@ -252,6 +252,24 @@ impl ViewStore {
         Ok(false)
     }
 
+    /// One sink per view of `group`, and the group's label for progress.
+    fn sinks(
+        &self,
+        group: &[ViewEntry],
+        opts: &RefreshOptions,
+    ) -> Result<(Vec<ViewSink>, String), ViewStoreError> {
+        let sinks = group
+            .iter()
+            .map(|v| ViewSink::new(self, v, opts.file_rows))
+            .collect::<Result<Vec<_>, _>>()?;
+        let label = group
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok((sinks, label))
+    }
+
     /// Rebuilds every view in `group` (all over `resource_type`) from one
     /// scan of the store; one overwrite commit per view.
     async fn build_full(
@@ -264,16 +282,10 @@ impl ViewStore {
     ) -> Result<Vec<RefreshReport>, ViewStoreError> {
         let started = Instant::now();
         let files = scan::live_files(store, resource_type)?;
-        let mut sinks = Vec::new();
         for v in group {
             self.lake.table_handle_at(&v.table_dir()).await?;
-            sinks.push(ViewSink::new(self, v, opts.file_rows)?);
         }
-        let label = group
-            .iter()
-            .map(|v| v.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let (mut sinks, label) = self.sinks(group, opts)?;
         let stats = self
             .derive(store, files, &mut sinks, false, opts, &label)
             .await?;
@@ -371,15 +383,7 @@ impl ViewStore {
         else {
             return Ok(None);
         };
-        let mut sinks = Vec::new();
-        for v in group {
-            sinks.push(ViewSink::new(self, v, opts.file_rows)?);
-        }
-        let label = group
-            .iter()
-            .map(|v| v.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let (mut sinks, label) = self.sinks(group, opts)?;
         let stats = self
             .derive(store, files, &mut sinks, true, opts, &label)
             .await?;

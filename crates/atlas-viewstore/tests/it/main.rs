@@ -455,22 +455,30 @@ async fn medication_request_resolves_medications_in_the_lake() {
     assert_eq!(medication_display(&store, "mr2").await, "-|Aspirin");
     assert_eq!(medication_display(&store, "mr3").await, "-|-");
 
+    // One line ingested as its own batch, then medication_request refreshed.
+    let change = |batch: &'static str, line: &'static str| {
+        let (lake, store, dir) = (&lake, &store, dir.path());
+        async move {
+            let delta = dir.join(batch).join("batch.ndjson");
+            std::fs::create_dir_all(delta.parent().unwrap()).unwrap();
+            std::fs::write(&delta, line).unwrap();
+            ingest(lake, &[&delta]).await;
+            store
+                .refresh(
+                    &["medication_request".to_string()],
+                    &RefreshOptions::default(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+
     // Only the Medication changes; the request pointing to it follows.
-    let delta = dir.path().join("in2/batch2.ndjson");
-    std::fs::create_dir_all(delta.parent().unwrap()).unwrap();
-    std::fs::write(
-        &delta,
+    let reports = change(
+        "in2",
         r#"{"resourceType":"Medication","id":"med1","meta":{"versionId":"2"},"code":{"coding":[{"code":"197361","display":"Amlodipine 5 MG Oral Tablet"}]}}"#,
     )
-    .unwrap();
-    ingest(&lake, &[&delta]).await;
-    let reports = store
-        .refresh(
-            &["medication_request".to_string()],
-            &RefreshOptions::default(),
-        )
-        .await
-        .unwrap();
+    .await;
     assert_eq!(reports[0].kind, RefreshKind::Full, "{reports:?}");
     assert_eq!(
         medication_display(&store, "mr1").await,
@@ -479,21 +487,11 @@ async fn medication_request_resolves_medications_in_the_lake() {
 
     // Only a request changes (no Medication did): an incremental refresh,
     // still resolving against the lake's Medications.
-    let delta = dir.path().join("in3/batch3.ndjson");
-    std::fs::create_dir_all(delta.parent().unwrap()).unwrap();
-    std::fs::write(
-        &delta,
+    let reports = change(
+        "in3",
         r#"{"resourceType":"MedicationRequest","id":"mr2","meta":{"versionId":"2"},"status":"stopped","intent":"order","subject":{"reference":"Patient/p1"},"medicationReference":{"reference":"Medication/med1"}}"#,
     )
-    .unwrap();
-    ingest(&lake, &[&delta]).await;
-    let reports = store
-        .refresh(
-            &["medication_request".to_string()],
-            &RefreshOptions::default(),
-        )
-        .await
-        .unwrap();
+    .await;
     assert_eq!(reports[0].kind, RefreshKind::Incremental, "{reports:?}");
     assert_eq!(
         medication_display(&store, "mr2").await,
