@@ -109,6 +109,25 @@ Write statements (INSERT, UPDATE, DELETE, CREATE, DROP, COPY, SET) are refused."
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Serve the lake over HTTP: ontology metadata (Foundry ontology API v2
+    /// shape), health and Prometheus metrics.
+    #[command(after_help = "Examples:
+  atlas serve --lake /tmp/demo-lake                      # http://127.0.0.1:8080
+  atlas serve --config atlas.toml --bind 0.0.0.0:9000
+  curl -s localhost:8080/api/v2/ontologies/atlas/objectTypes | jq '.data[].apiName'
+  curl -s localhost:8080/health; curl -s localhost:8080/metrics
+
+Settings come from defaults, then --config (TOML: bind, default_page_size, max_page_size),
+then ATLAS_SERVE_BIND / ATLAS_SERVE_DEFAULT_PAGE_SIZE / ATLAS_SERVE_MAX_PAGE_SIZE, then flags.
+Ctrl-C or SIGTERM stops accepting and finishes the requests in flight. Logs: ATLAS_LOG=info.")]
+    Serve {
+        /// A TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on (overrides the file and the environment).
+        #[arg(long)]
+        bind: Option<std::net::SocketAddr>,
+    },
     /// Generate a small population, ingest it and show what to try next.
     #[command(after_help = "Example:
   atlas demo --patients 200 --lake /tmp/demo-lake")]
@@ -263,7 +282,8 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ATLAS_LOG").unwrap_or_else(|_| {
-                "warn,buoyant_kernel=off,deltalake_core::writer::stats=error".into()
+                "warn,atlas_serve=info,buoyant_kernel=off,deltalake_core::writer::stats=error"
+                    .into()
             }),
         )
         .with_writer(std::io::stderr)
@@ -322,7 +342,31 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Ontology(cmd) => views::run_ontology(cmd),
         Command::Sql { query, format, out } => views::run_sql(&cli.lake, &query, format, out).await,
         Command::Demo { patients, seed } => demo(&cli.lake, patients, seed, show).await,
+        Command::Serve { config, bind } => serve(&cli.lake, config, bind).await,
     }
+}
+
+async fn serve(
+    lake_location: &str,
+    config: Option<PathBuf>,
+    bind: Option<std::net::SocketAddr>,
+) -> Result<()> {
+    let mut settings = match &config {
+        Some(path) => atlas_serve::ServeConfig::from_file(path)?,
+        None => atlas_serve::ServeConfig::default(),
+    }
+    .with_env(|k| std::env::var(k).ok())?;
+    if let Some(b) = bind {
+        settings.bind = b;
+    }
+    let lake = open_lake(lake_location)?;
+    let state = atlas_serve::AppState::new(lake, atlas_ontology::Ontology::builtin(), settings);
+    let addr = state.config.bind;
+    eprintln!("atlas serve: http://{addr} (lake {lake_location}); Ctrl-C stops");
+    atlas_serve::serve(state, atlas_serve::shutdown_signal())
+        .await
+        .with_context(|| format!("serving on {addr}"))?;
+    Ok(())
 }
 
 fn run_fhirpath(cmd: FhirpathCommand) -> Result<()> {
@@ -639,6 +683,7 @@ async fn demo(lake_location: &str, patients: usize, seed: u64, show: bool) -> Re
   atlas --lake {lake_location} ontology show
   atlas --lake {lake_location} sql \"SELECT code_display, count(*) FROM condition GROUP BY 1 ORDER BY 2 DESC LIMIT 10\"
   atlas --lake {lake_location} ingest {}      # again: nothing changes
+  atlas --lake {lake_location} serve          # then: curl localhost:8080/api/v2/ontologies/atlas/objectTypes
   duckdb -c \"INSTALL delta; LOAD delta; SELECT resource_type, count(*) FROM delta_scan('{}tables/resources') GROUP BY 1\"",
         data.display(),
         lake.root().to_file_path().map(|p| format!("{}/", p.display().to_string().trim_end_matches('/'))).unwrap_or_else(|_| lake.root().to_string()),

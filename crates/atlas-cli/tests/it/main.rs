@@ -4,6 +4,7 @@
 
 mod crash;
 mod e2e;
+mod serve;
 mod shared_data;
 mod views;
 

@@ -1,0 +1,84 @@
+//! `atlas serve` as a process: it listens, answers over real TCP, and stops
+//! cleanly on SIGTERM.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+/// A raw HTTP/1.1 GET: (status line, body).
+fn http_get(port: u16, path: &str) -> std::io::Result<(String, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text.lines().next().unwrap_or("").to_owned();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Ok((status, body))
+}
+
+#[test]
+fn serve_answers_over_tcp_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = crate::atlas(&lake)
+        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let health = loop {
+        match http_get(port, "/health") {
+            Ok(r) => break r,
+            Err(_) if started.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => {
+                let _ = child.kill();
+                panic!("atlas serve did not answer on port {port}: {e}");
+            }
+        }
+    };
+    assert!(health.0.contains("200"), "{health:?}");
+    assert!(health.1.contains("\"readable\":true"), "{health:?}");
+    let (status, body) = http_get(port, "/api/v2/ontologies/atlas/objectTypes/Patient").unwrap();
+    assert!(status.contains("200"), "{status} {body}");
+    assert!(body.contains("\"primaryKey\":\"id\""), "{body}");
+    let (status, body) = http_get(port, "/metrics").unwrap();
+    assert!(status.contains("200"), "{status}");
+    assert!(
+        body.contains("atlas_http_requests_total{route=\"/health\",status=\"200\"} 1"),
+        "{body}"
+    );
+
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "atlas serve ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "exit {status:?}: {stderr}");
+    assert!(stderr.contains("finishing requests in flight"), "{stderr}");
+}

@@ -1,0 +1,142 @@
+//! Server configuration: defaults, then `atlas.toml`, then environment
+//! variables, then command-line flags (the CLI applies those last).
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// Settings of `atlas serve`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    pub bind: SocketAddr,
+    /// Page size when a request gives none.
+    pub default_page_size: usize,
+    /// Largest page size a request may ask for.
+    pub max_page_size: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            default_page_size: 250,
+            max_page_size: 10_000,
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("environment variable {name}={value:?}: {message}")]
+    Env {
+        name: &'static str,
+        value: String,
+        message: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ServeConfig {
+    /// Reads a TOML file (keys as the fields of [`ServeConfig`]; unknown
+    /// keys are refused, naming them).
+    pub fn from_file(path: &Path) -> Result<ServeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::File {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<ServeConfig, String> {
+        let c: ServeConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.check().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    /// Applies `ATLAS_SERVE_BIND`, `ATLAS_SERVE_DEFAULT_PAGE_SIZE` and
+    /// `ATLAS_SERVE_MAX_PAGE_SIZE` from `env` (a lookup, so tests need not
+    /// touch the process environment).
+    pub fn with_env(
+        mut self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<ServeConfig, ConfigError> {
+        if let Some(v) = env("ATLAS_SERVE_BIND") {
+            self.bind = v.parse().map_err(|e| ConfigError::Env {
+                name: "ATLAS_SERVE_BIND",
+                value: v.clone(),
+                message: format!("not a socket address (like 127.0.0.1:8080): {e}"),
+            })?;
+        }
+        for (name, slot) in [
+            ("ATLAS_SERVE_DEFAULT_PAGE_SIZE", &mut self.default_page_size),
+            ("ATLAS_SERVE_MAX_PAGE_SIZE", &mut self.max_page_size),
+        ] {
+            if let Some(v) = env(name) {
+                *slot = v.parse().map_err(|e| ConfigError::Env {
+                    name,
+                    value: v.clone(),
+                    message: format!("not a whole number: {e}"),
+                })?;
+            }
+        }
+        self.check()?;
+        Ok(self)
+    }
+
+    /// Refuses settings that cannot work together.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.max_page_size == 0 || self.default_page_size == 0 {
+            return Err(ConfigError::Invalid(
+                "default_page_size and max_page_size must be at least 1".into(),
+            ));
+        }
+        if self.default_page_size > self.max_page_size {
+            return Err(ConfigError::Invalid(format!(
+                "default_page_size {} is larger than max_page_size {}",
+                self.default_page_size, self.max_page_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env_override_defaults() {
+        let c = ServeConfig::from_toml("bind = \"0.0.0.0:9000\"\nmax_page_size = 500\n").unwrap();
+        assert_eq!(c.bind.port(), 9000);
+        assert_eq!(c.default_page_size, 250);
+        let c = c
+            .with_env(|k| (k == "ATLAS_SERVE_DEFAULT_PAGE_SIZE").then(|| "100".into()))
+            .unwrap();
+        assert_eq!(c.default_page_size, 100);
+        assert_eq!(c.max_page_size, 500);
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_the_reason() {
+        let e = ServeConfig::from_toml("bnid = \"x\"").unwrap_err();
+        assert!(e.contains("bnid"), "{e}");
+        let e = ServeConfig::from_toml("default_page_size = 900\nmax_page_size = 10").unwrap_err();
+        assert!(e.contains("larger than max_page_size"), "{e}");
+        let e = ServeConfig::default()
+            .with_env(|k| (k == "ATLAS_SERVE_BIND").then(|| "localhost".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ATLAS_SERVE_BIND"), "{e}");
+    }
+}

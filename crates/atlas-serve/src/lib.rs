@@ -1,0 +1,173 @@
+//! `atlas serve`: the HTTP API over a lake.
+//!
+//! # What this crate owns
+//! * The server ([`serve`]): configuration ([`ServeConfig`], from a TOML
+//!   file, environment and flags), binding, graceful shutdown, request
+//!   tracing.
+//! * The router ([`router`]): `/health` (liveness and lake readability),
+//!   `/metrics` (Prometheus text), and the ontology metadata in the shape
+//!   of Foundry's ontology API v2 (`/api/v2/ontologies/...`).
+//! * Errors as JSON bodies that name the parameter and the reason
+//!   ([`ApiError`]); no input yields a 500 or a panic.
+//!
+//! # What it may call
+//! `atlas-lake` (opening the lake, reading table versions) and
+//! `atlas-ontology` (object types, links, saved sets). Object-set queries,
+//! GraphQL, FHIR REST and the access seam (`PolicyEngine`) come next, on
+//! the same router and state.
+
+mod config;
+mod error;
+mod metrics;
+mod ontology;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+pub use config::{ConfigError, ServeConfig};
+pub use error::ApiError;
+pub use metrics::Metrics;
+
+use atlas_lake::Lake;
+use atlas_ontology::Ontology;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub lake: Lake,
+    pub ontology: Arc<Ontology>,
+    pub config: Arc<ServeConfig>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    pub fn new(lake: Lake, ontology: Ontology, config: ServeConfig) -> AppState {
+        AppState {
+            lake,
+            ontology: Arc::new(ontology),
+            config: Arc::new(config),
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+}
+
+/// Every route, with metrics and JSON errors for unknown paths and methods.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics::render))
+        .merge(ontology::routes())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Counts and times each request by its route pattern (not its raw path,
+/// which would make a label per patient id).
+async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().clone();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    state.metrics.observe(&route, status, elapsed);
+    if let Some(kind) = response.extensions().get::<error::ErrorKind>() {
+        state.metrics.error(kind.0);
+    }
+    tracing::info!(%method, route, status, ms = elapsed.as_secs_f64() * 1e3, "request");
+    response
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found("path", req.uri().path(), "no such endpoint")
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        "method",
+        req.method().as_str(),
+        format!("{} does not accept this method", req.uri().path()),
+    )
+}
+
+/// Liveness and lake readability: 200 with the store's Delta version when
+/// the lake opens (a lake with no data yet is readable), 503 when it does
+/// not.
+async fn health(State(state): State<AppState>) -> Response {
+    match state.lake.table(atlas_lake::lake::RESOURCES).await {
+        Ok(table) => {
+            let version = table.as_ref().and_then(|t| t.version());
+            axum::Json(serde_json::json!({
+                "status": "ok",
+                "lake": {
+                    "location": state.lake.root().to_string(),
+                    "readable": true,
+                    "resourcesVersion": version,
+                }
+            }))
+            .into_response()
+        }
+        Err(e) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({
+                "status": "unavailable",
+                "lake": {
+                    "location": state.lake.root().to_string(),
+                    "readable": false,
+                    "error": e.to_string(),
+                }
+            })),
+        )
+            .into_response(),
+    }
+}
+
+/// Serves `router(state)` on the configured address until `shutdown`
+/// resolves, then finishes the requests in flight.
+pub async fn serve(
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(state.config.bind).await?;
+    tracing::info!(addr = %listener.local_addr()?, lake = %state.lake.root(), "atlas serve listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}

@@ -1,0 +1,306 @@
+//! Ontology metadata in the shape of Foundry's ontology API v2: the
+//! ontology, its object types (properties typed for clients) and the link
+//! types leaving each object type. Read from `atlas-ontology`, the same
+//! metadata `atlas ontology show` prints and the IDE's schema explorer
+//! reads.
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::{Value as Json, json};
+
+use atlas_ontology::{Cardinality, Link, ObjectType, Ontology};
+
+use crate::{ApiError, AppState};
+
+/// The one ontology a lake has.
+pub const ONTOLOGY_API_NAME: &str = "atlas";
+pub const ONTOLOGY_RID: &str = "ri.ontology.main.ontology.atlas";
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v2/ontologies", get(list_ontologies))
+        .route("/api/v2/ontologies/{ontology}", get(get_ontology))
+        .route(
+            "/api/v2/ontologies/{ontology}/objectTypes",
+            get(list_object_types),
+        )
+        .route(
+            "/api/v2/ontologies/{ontology}/objectTypes/{object_type}",
+            get(get_object_type),
+        )
+        .route(
+            "/api/v2/ontologies/{ontology}/objectTypes/{object_type}/outgoingLinkTypes",
+            get(list_link_types),
+        )
+        .route(
+            "/api/v2/ontologies/{ontology}/objectTypes/{object_type}/outgoingLinkTypes/{link_type}",
+            get(get_link_type),
+        )
+}
+
+fn ontology_json() -> Json {
+    json!({
+        "apiName": ONTOLOGY_API_NAME,
+        "displayName": "Atlas",
+        "description": "FHIR R4 data as object types backed by materialized SQL-on-FHIR views.",
+        "rid": ONTOLOGY_RID,
+    })
+}
+
+/// Accepts the ontology's apiName or rid; anything else is a 404 naming it.
+pub(crate) fn check_ontology(name: &str) -> Result<(), ApiError> {
+    if name == ONTOLOGY_API_NAME || name == ONTOLOGY_RID {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "OntologyNotFound",
+            "ontology",
+            name,
+            format!("no ontology '{name}'; this server has '{ONTOLOGY_API_NAME}'"),
+        ))
+    }
+}
+
+pub(crate) fn object_type<'o>(
+    ontology: &'o Ontology,
+    name: &str,
+) -> Result<&'o ObjectType, ApiError> {
+    ontology.object_type(name).ok_or_else(|| {
+        let known: Vec<&str> = ontology
+            .object_types
+            .iter()
+            .map(|t| t.api_name.as_str())
+            .collect();
+        ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "ObjectTypeNotFound",
+            "objectType",
+            name,
+            format!("no object type '{name}'; known: {}", known.join(", ")),
+        )
+    })
+}
+
+/// The client-facing data type of a FHIR-typed property.
+fn data_type(fhir_type: &str) -> Json {
+    let t = match fhir_type {
+        "boolean" => "boolean",
+        "integer" | "positiveInt" | "unsignedInt" => "integer",
+        "integer64" => "long",
+        "decimal" => "decimal",
+        "date" => "date",
+        "dateTime" | "instant" => "timestamp",
+        _ => "string",
+    };
+    json!({ "type": t })
+}
+
+fn object_type_json(t: &ObjectType) -> Json {
+    let properties: serde_json::Map<String, Json> = t
+        .properties
+        .iter()
+        .map(|p| {
+            (
+                p.api_name.clone(),
+                json!({
+                    "dataType": data_type(&p.r#type),
+                    "description": p.description,
+                    "fhirType": p.r#type,
+                    "derived": p.derived,
+                }),
+            )
+        })
+        .collect();
+    json!({
+        "apiName": t.api_name,
+        "displayName": t.display_name,
+        "description": t.description,
+        "status": "ACTIVE",
+        "visibility": "NORMAL",
+        "primaryKey": t.primary_key,
+        "titleProperty": t.title_property,
+        "rid": format!("ri.ontology.main.object-type.{}", t.api_name),
+        "backingView": t.backing_view,
+        "properties": properties,
+    })
+}
+
+/// A link seen from one of its ends, as Foundry's `LinkTypeSideV2`.
+struct LinkSide<'o> {
+    api_name: &'o str,
+    target: &'o str,
+    many: bool,
+    foreign_key: Option<&'o str>,
+    link: &'o Link,
+}
+
+fn outgoing<'o>(ontology: &'o Ontology, from: &'o str) -> Vec<LinkSide<'o>> {
+    let mut out = Vec::new();
+    for l in ontology.links_from(from) {
+        out.push(LinkSide {
+            api_name: &l.api_name,
+            target: &l.to,
+            many: l.cardinality == Cardinality::OneToMany,
+            foreign_key: (l.cardinality != Cardinality::OneToMany)
+                .then_some(l.from_property.as_str()),
+            link: l,
+        });
+    }
+    for l in ontology.links_to(from) {
+        out.push(LinkSide {
+            api_name: &l.reverse_api_name,
+            target: &l.from,
+            many: l.cardinality == Cardinality::ManyToOne,
+            foreign_key: (l.cardinality != Cardinality::ManyToOne)
+                .then_some(l.to_property.as_str()),
+            link: l,
+        });
+    }
+    out
+}
+
+fn link_json(s: &LinkSide<'_>) -> Json {
+    json!({
+        "apiName": s.api_name,
+        "displayName": s.api_name,
+        "status": "ACTIVE",
+        "objectTypeApiName": s.target,
+        "cardinality": if s.many { "MANY" } else { "ONE" },
+        "foreignKeyPropertyApiName": s.foreign_key,
+        "description": s.link.description,
+        "linkTypeRid": format!("ri.ontology.main.relation.{}.{}", s.link.from, s.link.api_name),
+    })
+}
+
+/// `pageSize` and `pageToken` of a metadata listing: every list here fits
+/// in one page, so only their validity is checked.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ListParams {
+    page_size: Option<String>,
+    page_token: Option<String>,
+}
+
+fn check_list(p: &ListParams, state: &AppState) -> Result<(), ApiError> {
+    if let Some(s) = &p.page_size {
+        match s.parse::<usize>() {
+            Ok(n) if (1..=state.config.max_page_size).contains(&n) => {}
+            _ => {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::BAD_REQUEST,
+                    "InvalidPageSize",
+                    "pageSize",
+                    s,
+                    format!(
+                        "pageSize must be a whole number from 1 to {}",
+                        state.config.max_page_size
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(t) = &p.page_token {
+        return Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "InvalidPageToken",
+            "pageToken",
+            t,
+            "this listing has a single page; the token was not issued by it",
+        ));
+    }
+    Ok(())
+}
+
+fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(p)| p).map_err(|e| {
+        ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "InvalidQueryParameters",
+            "query",
+            "",
+            e.body_text(),
+        )
+    })
+}
+
+async fn list_ontologies() -> axum::Json<Json> {
+    axum::Json(json!({ "data": [ontology_json()] }))
+}
+
+async fn get_ontology(Path(ontology): Path<String>) -> Result<axum::Json<Json>, ApiError> {
+    check_ontology(&ontology)?;
+    Ok(axum::Json(ontology_json()))
+}
+
+async fn list_object_types(
+    State(state): State<AppState>,
+    Path(ontology): Path<String>,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<Json>, ApiError> {
+    check_ontology(&ontology)?;
+    check_list(&query(params)?, &state)?;
+    let data: Vec<Json> = state
+        .ontology
+        .object_types
+        .iter()
+        .map(object_type_json)
+        .collect();
+    Ok(axum::Json(json!({ "data": data, "nextPageToken": null })))
+}
+
+async fn get_object_type(
+    State(state): State<AppState>,
+    Path((ontology, object_type_name)): Path<(String, String)>,
+) -> Result<axum::Json<Json>, ApiError> {
+    check_ontology(&ontology)?;
+    let t = object_type(&state.ontology, &object_type_name)?;
+    Ok(axum::Json(object_type_json(t)))
+}
+
+async fn list_link_types(
+    State(state): State<AppState>,
+    Path((ontology, object_type_name)): Path<(String, String)>,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<Json>, ApiError> {
+    check_ontology(&ontology)?;
+    check_list(&query(params)?, &state)?;
+    let t = object_type(&state.ontology, &object_type_name)?;
+    let data: Vec<Json> = outgoing(&state.ontology, &t.api_name)
+        .iter()
+        .map(link_json)
+        .collect();
+    Ok(axum::Json(json!({ "data": data, "nextPageToken": null })))
+}
+
+async fn get_link_type(
+    State(state): State<AppState>,
+    Path((ontology, object_type_name, link_type)): Path<(String, String, String)>,
+) -> Result<axum::Json<Json>, ApiError> {
+    check_ontology(&ontology)?;
+    let t = object_type(&state.ontology, &object_type_name)?;
+    let sides = outgoing(&state.ontology, &t.api_name);
+    let side = sides
+        .iter()
+        .find(|s| s.api_name == link_type)
+        .ok_or_else(|| {
+            ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "LinkTypeNotFound",
+                "linkType",
+                &link_type,
+                format!(
+                    "object type '{}' has no link '{link_type}'; it has: {}",
+                    t.api_name,
+                    sides
+                        .iter()
+                        .map(|s| s.api_name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })?;
+    Ok(axum::Json(link_json(side)))
+}
