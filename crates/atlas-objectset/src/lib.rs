@@ -206,16 +206,7 @@ fn err<T>(path: &str, message: impl Into<String>) -> R<T> {
     })
 }
 
-fn kind_name(v: &Json) -> &'static str {
-    match v {
-        Json::Null => "null",
-        Json::Bool(_) => "a boolean",
-        Json::Number(_) => "a number",
-        Json::String(_) => "a string",
-        Json::Array(_) => "an array",
-        Json::Object(_) => "an object",
-    }
-}
+use atlas_views::describe_json_kind as kind_name;
 
 impl<'o> Decoder<'o> {
     pub fn new(ontology: &'o Ontology) -> Decoder<'o> {
@@ -469,6 +460,26 @@ impl<'o> Decoder<'o> {
         }
     }
 
+    /// The `field` of a `{type, field, value}` filter that only applies to
+    /// text properties.
+    fn text_property<'t>(
+        &self,
+        t: &'t ObjectType,
+        obj: &Map<String, Json>,
+        path: &str,
+        ty: &str,
+    ) -> R<&'t str> {
+        only_keys(obj, path, &["type", "field", "value"])?;
+        let (field, kind) = self.property(t, obj, path)?;
+        if kind != PropertyKind::Text {
+            return err(
+                &format!("{path}.type"),
+                format!("'{ty}' applies to text properties; '{field}' is not text"),
+            );
+        }
+        Ok(field)
+    }
+
     fn filter(&self, v: &Json, t: &ObjectType, path: &str, depth: usize) -> R<Where> {
         self.enter(path, depth)?;
         let obj = object(v, path)?;
@@ -534,14 +545,7 @@ impl<'o> Decoder<'o> {
                 })
             }
             "contains" | "startsWith" => {
-                only_keys(obj, path, &["type", "field", "value"])?;
-                let (field, kind) = self.property(t, obj, path)?;
-                if kind != PropertyKind::Text {
-                    return err(
-                        &at("type"),
-                        format!("'{ty}' applies to text properties; '{field}' is not text"),
-                    );
-                }
+                let field = self.text_property(t, obj, path, ty)?;
                 let value = string_field(obj, path, "value")?.to_owned();
                 Ok(if ty == "contains" {
                     Where::Contains {
@@ -556,14 +560,7 @@ impl<'o> Decoder<'o> {
                 })
             }
             "containsAnyTerm" | "containsAllTerms" => {
-                only_keys(obj, path, &["type", "field", "value"])?;
-                let (field, kind) = self.property(t, obj, path)?;
-                if kind != PropertyKind::Text {
-                    return err(
-                        &at("type"),
-                        format!("'{ty}' applies to text properties; '{field}' is not text"),
-                    );
-                }
+                let field = self.text_property(t, obj, path, ty)?;
                 let terms: Vec<String> = string_field(obj, path, "value")?
                     .split_whitespace()
                     .map(str::to_lowercase)

@@ -138,28 +138,32 @@ struct LinkSide<'o> {
 }
 
 fn outgoing<'o>(ontology: &'o Ontology, from: &'o str) -> Vec<LinkSide<'o>> {
-    let mut out = Vec::new();
-    for l in ontology.links_from(from) {
-        out.push(LinkSide {
-            api_name: &l.api_name,
-            target: &l.to,
-            many: l.cardinality == Cardinality::OneToMany,
-            foreign_key: (l.cardinality != Cardinality::OneToMany)
-                .then_some(l.from_property.as_str()),
+    // From `from` the link is navigated forwards; from `to`, by its reverse
+    // name, with the cardinality seen from the other end.
+    let side = |l: &'o Link, forward: bool| {
+        let (api_name, target, many_when, key) = if forward {
+            (&l.api_name, &l.to, Cardinality::OneToMany, &l.from_property)
+        } else {
+            (
+                &l.reverse_api_name,
+                &l.from,
+                Cardinality::ManyToOne,
+                &l.to_property,
+            )
+        };
+        LinkSide {
+            api_name,
+            target,
+            many: l.cardinality == many_when,
+            foreign_key: (l.cardinality != many_when).then_some(key.as_str()),
             link: l,
-        });
-    }
-    for l in ontology.links_to(from) {
-        out.push(LinkSide {
-            api_name: &l.reverse_api_name,
-            target: &l.from,
-            many: l.cardinality == Cardinality::ManyToOne,
-            foreign_key: (l.cardinality != Cardinality::ManyToOne)
-                .then_some(l.to_property.as_str()),
-            link: l,
-        });
-    }
-    out
+        }
+    };
+    ontology
+        .links_from(from)
+        .map(|l| side(l, true))
+        .chain(ontology.links_to(from).map(|l| side(l, false)))
+        .collect()
 }
 
 fn link_json(s: &LinkSide<'_>) -> Json {

@@ -105,7 +105,8 @@ struct Reader {
     diags: Vec<Diagnostic>,
 }
 
-fn describe(v: &Json) -> &'static str {
+/// What kind of JSON value `v` is, for error messages ("a string", ...).
+pub fn describe(v: &Json) -> &'static str {
     match v {
         Json::Null => "null",
         Json::Bool(_) => "a boolean",

@@ -56,6 +56,7 @@ mod tests;
 pub mod types;
 
 pub use compile::{ColumnInfo, CompiledView, ViewCompiler};
+pub use definition::describe as describe_json_kind;
 pub use definition::{Column, Constant, Select, ViewDefinition, WhereClause, is_valid_name};
 pub use diag::{Diagnostic, RunError, ViewError, render as render_diagnostics};
 pub use exec::RowBuilder;
