@@ -581,8 +581,7 @@ impl ViewStore {
             let (mut rx, reader) = scan::spawn_reader(store, files, opts.batch_rows);
             while let Some(chunk) = rx.recv().await {
                 let chunk = chunk?;
-                for &i in &chunk.rows {
-                    let i = i as usize;
+                for i in 0..chunk.ids.len() {
                     if (chunk.deleted.is_valid(i) && chunk.deleted.value(i))
                         || !chunk.resources.is_valid(i)
                         || !chunk.ids.is_valid(i)
@@ -748,8 +747,7 @@ fn evaluate(
     let mut errors = (0u64, Vec::new());
     let mut keys = Vec::new();
     let mut resources = 0;
-    for &i in &chunk.rows {
-        let i = i as usize;
+    for i in 0..chunk.ids.len() {
         resources += 1;
         if collect_keys && chunk.ids.is_valid(i) {
             keys.push(chunk.ids.value(i).to_owned());

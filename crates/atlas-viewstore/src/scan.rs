@@ -36,12 +36,12 @@ pub(crate) struct StoreFile {
     pub filter: RowFilter,
 }
 
-/// Rows read from the store: `rows` indexes the selected rows of `batch`.
+/// Rows read from the store (only the selected ones: the row filter ran in
+/// the Parquet reader).
 pub(crate) struct StoreChunk {
     pub ids: StringArray,
     pub deleted: BooleanArray,
     pub resources: StringArray,
-    pub rows: Vec<u32>,
     pub file: String,
 }
 
@@ -254,7 +254,7 @@ async fn read_one(
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|e| err(e.to_string()))?;
         let chunk = to_chunk(&batch, &file).map_err(err)?;
-        if !chunk.rows.is_empty() && tx.send(Ok(chunk)).await.is_err() {
+        if !chunk.ids.is_empty() && tx.send(Ok(chunk)).await.is_err() {
             return Ok(()); // the consumer stopped (it reports why)
         }
     }
@@ -281,7 +281,6 @@ fn to_chunk(batch: &RecordBatch, file: &str) -> Result<StoreChunk, String> {
         ids,
         deleted,
         resources,
-        rows: (0..batch.num_rows() as u32).collect(),
         file: file.to_owned(),
     })
 }
