@@ -109,17 +109,24 @@ Write statements (INSERT, UPDATE, DELETE, CREATE, DROP, COPY, SET) are refused."
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Serve the lake over HTTP: ontology metadata (Foundry ontology API v2
-    /// shape), health and Prometheus metrics.
+    /// Serve the lake over HTTP: object sets (Foundry ontology API v2
+    /// shape) behind bearer-token auth, ontology metadata, health and
+    /// Prometheus metrics.
     #[command(after_help = "Examples:
-  atlas serve --lake /tmp/demo-lake                      # http://127.0.0.1:8080
+  atlas --lake /tmp/demo-lake serve --dev-auth           # http://127.0.0.1:8080
+  TOKEN=$(atlas --lake /tmp/demo-lake token --sub alice --scope 'user/*.rs')
+  curl -s -H \"Authorization: Bearer $TOKEN\" -X POST \\
+    localhost:8080/api/v2/ontologies/atlas/objectSets/loadObjects \\
+    -d '{\"objectSet\": {\"type\": \"base\", \"objectType\": \"Patient\"}, \"pageSize\": 5}'
   atlas serve --config atlas.toml --bind 0.0.0.0:9000
-  curl -s localhost:8080/api/v2/ontologies/atlas/objectTypes | jq '.data[].apiName'
   curl -s localhost:8080/health; curl -s localhost:8080/metrics
 
-Settings come from defaults, then --config (TOML: bind, default_page_size, max_page_size),
-then ATLAS_SERVE_BIND / ATLAS_SERVE_DEFAULT_PAGE_SIZE / ATLAS_SERVE_MAX_PAGE_SIZE, then flags.
-Ctrl-C or SIGTERM stops accepting and finishes the requests in flight. Logs: ATLAS_LOG=info.")]
+Settings come from defaults, then --config (TOML: bind, default_page_size, max_page_size,
+page_token_ttl_secs, [auth] dev and [[auth.issuers]] issuer/audience/jwks_file), then
+ATLAS_SERVE_BIND / ATLAS_SERVE_DEFAULT_PAGE_SIZE / ATLAS_SERVE_MAX_PAGE_SIZE, then flags.
+Every data endpoint needs a bearer JWT from a configured issuer (or, with --dev-auth, from
+`atlas token`). Ctrl-C or SIGTERM stops accepting and finishes the requests in flight.
+Logs: ATLAS_LOG=info.")]
     Serve {
         /// A TOML configuration file.
         #[arg(long)]
@@ -127,6 +134,32 @@ Ctrl-C or SIGTERM stops accepting and finishes the requests in flight. Logs: ATL
         /// Address to listen on (overrides the file and the environment).
         #[arg(long)]
         bind: Option<std::net::SocketAddr>,
+        /// Accept tokens from the lake's local dev issuer (`atlas token`).
+        /// For development only: anyone who can read the lake can mint them.
+        #[arg(long)]
+        dev_auth: bool,
+    },
+    /// Mint a bearer token from the lake's local dev issuer (accepted by
+    /// `atlas serve --dev-auth` on the same lake).
+    #[command(after_help = "Examples:
+  atlas --lake /tmp/demo-lake token --sub alice --scope 'user/*.rs'
+  atlas --lake /tmp/demo-lake token --sub bob --scope 'patient/*.rs' --patient 42 --ttl 15m
+
+Scopes are SMART on FHIR (v1 user/*.read or v2 user/*.rs). --patient binds the token to one
+patient's compartment: it then sees only that patient's objects on every path.")]
+    Token {
+        /// The token's subject (who it is for).
+        #[arg(long)]
+        sub: String,
+        /// SMART scopes, space-separated.
+        #[arg(long, default_value = "user/*.rs")]
+        scope: String,
+        /// Bind the token to this patient's compartment.
+        #[arg(long)]
+        patient: Option<String>,
+        /// Lifetime: seconds, or with a unit (90s, 15m, 1h, 1d).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
     },
     /// Generate a small population, ingest it and show what to try next.
     #[command(after_help = "Example:
@@ -342,7 +375,17 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Ontology(cmd) => views::run_ontology(cmd),
         Command::Sql { query, format, out } => views::run_sql(&cli.lake, &query, format, out).await,
         Command::Demo { patients, seed } => demo(&cli.lake, patients, seed, show).await,
-        Command::Serve { config, bind } => serve(&cli.lake, config, bind).await,
+        Command::Serve {
+            config,
+            bind,
+            dev_auth,
+        } => serve(&cli.lake, config, bind, dev_auth).await,
+        Command::Token {
+            sub,
+            scope,
+            patient,
+            ttl,
+        } => token(&cli.lake, sub, scope, patient, &ttl).await,
     }
 }
 
@@ -350,6 +393,7 @@ async fn serve(
     lake_location: &str,
     config: Option<PathBuf>,
     bind: Option<std::net::SocketAddr>,
+    dev_auth: bool,
 ) -> Result<()> {
     let mut settings = match &config {
         Some(path) => atlas_serve::ServeConfig::from_file(path)?,
@@ -359,14 +403,64 @@ async fn serve(
     if let Some(b) = bind {
         settings.bind = b;
     }
+    if dev_auth {
+        settings.auth.dev = true;
+    }
     let lake = open_lake(lake_location)?;
-    let state = atlas_serve::AppState::new(lake, atlas_ontology::Ontology::builtin(), settings);
+    let state = atlas_serve::AppState::open(lake, atlas_ontology::Ontology::builtin(), settings)
+        .await
+        .map_err(|e| anyhow::anyhow!("atlas serve: {e}"))?;
+    if !state.auth.has_issuers() {
+        eprintln!(
+            "atlas serve: no token issuer is configured, so every data request will get 401; \
+             add [[auth.issuers]] to the config or pass --dev-auth"
+        );
+    }
     let addr = state.config.bind;
     eprintln!("atlas serve: http://{addr} (lake {lake_location}); Ctrl-C stops");
     atlas_serve::serve(state, atlas_serve::shutdown_signal())
         .await
         .with_context(|| format!("serving on {addr}"))?;
     Ok(())
+}
+
+async fn token(
+    lake_location: &str,
+    subject: String,
+    scope: String,
+    patient: Option<String>,
+    ttl: &str,
+) -> Result<()> {
+    let ttl_secs = parse_duration(ttl)
+        .with_context(|| format!("--ttl {ttl:?}: give seconds or a number with s, m, h or d"))?;
+    let lake = open_lake(lake_location)?;
+    let issuer = atlas_serve::DevIssuer::open(&lake).await?;
+    let token = issuer.mint(&atlas_serve::TokenRequest {
+        subject,
+        scope,
+        patient,
+        ttl_secs,
+    })?;
+    println!("{token}");
+    Ok(())
+}
+
+/// `90`, `90s`, `15m`, `1h`, `1d` as seconds.
+fn parse_duration(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(mult).filter(|s| *s > 0)
 }
 
 fn run_fhirpath(cmd: FhirpathCommand) -> Result<()> {
@@ -683,7 +777,9 @@ async fn demo(lake_location: &str, patients: usize, seed: u64, show: bool) -> Re
   atlas --lake {lake_location} ontology show
   atlas --lake {lake_location} sql \"SELECT code_display, count(*) FROM condition GROUP BY 1 ORDER BY 2 DESC LIMIT 10\"
   atlas --lake {lake_location} ingest {}      # again: nothing changes
-  atlas --lake {lake_location} serve          # then: curl localhost:8080/api/v2/ontologies/atlas/objectTypes
+  atlas --lake {lake_location} serve --dev-auth &
+  TOKEN=$(atlas --lake {lake_location} token --sub me --scope 'user/*.rs')
+  curl -s -H \"Authorization: Bearer $TOKEN\" 'localhost:8080/api/v2/ontologies/atlas/objects/Patient?pageSize=3'
   duckdb -c \"INSTALL delta; LOAD delta; SELECT resource_type, count(*) FROM delta_scan('{}tables/resources') GROUP BY 1\"",
         data.display(),
         lake.root().to_file_path().map(|p| format!("{}/", p.display().to_string().trim_end_matches('/'))).unwrap_or_else(|_| lake.root().to_string()),

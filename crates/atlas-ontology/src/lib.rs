@@ -170,6 +170,15 @@ pub struct ObjectType {
     pub primary_key: String,
     /// The property (by `apiName`) shown as the object's title.
     pub title_property: String,
+    /// The property holding the key of the patient the object belongs to
+    /// (its patient compartment). Access scoped to patients filters on it;
+    /// a type without one is not readable under a patient scope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient_property: Option<String>,
+    /// The property placing the object on the patient's timeline (a date or
+    /// dateTime): what `dateFrom`/`dateTo` filters and timelines use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_property: Option<String>,
     pub properties: Vec<Property>,
 }
 

@@ -22,6 +22,12 @@ impl Ontology {
                 "  backing view: {}   primary key: {}   title: {}",
                 t.backing_view, t.primary_key, t.title_property
             );
+            if let Some(p) = &t.patient_property {
+                let _ = writeln!(out, "  patient: {p}");
+            }
+            if let Some(p) = &t.time_property {
+                let _ = writeln!(out, "  time: {p}");
+            }
             let _ = writeln!(out, "  properties ({}):", t.properties.len());
             let name_w = t
                 .properties

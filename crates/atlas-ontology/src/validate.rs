@@ -91,16 +91,32 @@ impl Ontology {
                     type_kinds.insert(p.api_name.as_str(), k);
                 }
             }
+            let optional = [
+                ("patient property", t.patient_property.as_ref()),
+                ("time property", t.time_property.as_ref()),
+            ];
             for (role, name) in [
-                ("primary key", &t.primary_key),
-                ("title property", &t.title_property),
-            ] {
+                ("primary key", Some(&t.primary_key)),
+                ("title property", Some(&t.title_property)),
+            ]
+            .into_iter()
+            .chain(optional)
+            .filter_map(|(role, name)| Some((role, name?)))
+            {
                 if t.property(name).is_none() {
                     errs.push(format!(
                         "{what}: {role} '{name}' is not a property of '{}'",
                         t.api_name
                     ));
                 }
+            }
+            if let Some(p) = t.time_property.as_deref().and_then(|n| t.property(n))
+                && !matches!(p.r#type.as_str(), "date" | "dateTime" | "instant")
+            {
+                errs.push(format!(
+                    "{what}: time property '{}' has type '{}'; it must be a date, dateTime or instant",
+                    p.api_name, p.r#type
+                ));
             }
         }
 

@@ -16,6 +16,10 @@ pub struct ServeConfig {
     pub default_page_size: usize,
     /// Largest page size a request may ask for.
     pub max_page_size: usize,
+    /// How long a page token stays valid, in seconds.
+    pub page_token_ttl_secs: u64,
+    /// Who may call the server (`[auth]`).
+    pub auth: crate::auth::AuthConfig,
 }
 
 impl Default for ServeConfig {
@@ -24,6 +28,8 @@ impl Default for ServeConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             default_page_size: 250,
             max_page_size: 10_000,
+            page_token_ttl_secs: 3600,
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }

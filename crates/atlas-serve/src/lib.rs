@@ -16,10 +16,15 @@
 //! GraphQL, FHIR REST and the access seam (`PolicyEngine`) come next, on
 //! the same router and state.
 
+pub mod auth;
 mod config;
 mod error;
 mod metrics;
+mod objects;
 mod ontology;
+mod query;
+mod tables;
+mod token;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,12 +35,16 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+pub use auth::{AuthConfig, Authenticator, DevIssuer, IssuerConfig, TokenRequest};
 pub use config::{ConfigError, ServeConfig};
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use tables::Tables;
+pub use token::PageTokens;
 
 use atlas_lake::Lake;
 use atlas_ontology::Ontology;
+use atlas_policy::PolicyEngine;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -44,16 +53,35 @@ pub struct AppState {
     pub ontology: Arc<Ontology>,
     pub config: Arc<ServeConfig>,
     pub metrics: Arc<Metrics>,
+    /// The access seam: every data path asks it before reading.
+    pub policy: Arc<PolicyEngine>,
+    pub auth: Arc<Authenticator>,
+    pub tables: Arc<Tables>,
+    pub page_tokens: Arc<PageTokens>,
 }
 
 impl AppState {
-    pub fn new(lake: Lake, ontology: Ontology, config: ServeConfig) -> AppState {
-        AppState {
+    /// Opens what the server needs from the lake: the trusted token issuers
+    /// (the dev issuer's key when `auth.dev` is on) and the page-token key.
+    pub async fn open(
+        lake: Lake,
+        ontology: Ontology,
+        config: ServeConfig,
+    ) -> Result<AppState, String> {
+        let auth = Authenticator::from_config(&config.auth, &lake)
+            .await
+            .map_err(|e| e.to_string())?;
+        let page_tokens = PageTokens::open(&lake, config.page_token_ttl_secs).await?;
+        Ok(AppState {
+            tables: Arc::new(Tables::new(lake.clone())),
             lake,
             ontology: Arc::new(ontology),
             config: Arc::new(config),
             metrics: Arc::new(Metrics::default()),
-        }
+            policy: Arc::new(PolicyEngine::default()),
+            auth: Arc::new(auth),
+            page_tokens: Arc::new(page_tokens),
+        })
     }
 }
 
@@ -63,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics::render))
         .merge(ontology::routes())
+        .merge(objects::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))

@@ -122,6 +122,8 @@ fn object_type_json(t: &ObjectType) -> Json {
         "visibility": "NORMAL",
         "primaryKey": t.primary_key,
         "titleProperty": t.title_property,
+        "patientProperty": t.patient_property,
+        "timeProperty": t.time_property,
         "rid": format!("ri.ontology.main.object-type.{}", t.api_name),
         "backingView": t.backing_view,
         "properties": properties,

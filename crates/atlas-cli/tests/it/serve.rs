@@ -7,11 +7,26 @@ use std::time::{Duration, Instant};
 
 /// A raw HTTP/1.1 GET: (status line, body).
 fn http_get(port: u16, path: &str) -> std::io::Result<(String, String)> {
+    http(port, "GET", path, None, "")
+}
+
+/// A raw HTTP/1.1 request with an optional bearer token: (status line, body).
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> std::io::Result<(String, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
@@ -24,13 +39,33 @@ fn http_get(port: u16, path: &str) -> std::io::Result<(String, String)> {
 fn serve_answers_over_tcp_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
+    crate::run_ok(crate::atlas(&lake).args(["demo", "--patients", "4"]));
+    let token_out = crate::run_ok(crate::atlas(&lake).args([
+        "token",
+        "--sub",
+        "alice",
+        "--scope",
+        "user/*.rs",
+        "--ttl",
+        "10m",
+    ]));
+    let token = String::from_utf8(token_out.stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert_eq!(token.split('.').count(), 3, "a compact JWS: {token}");
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let mut child = crate::atlas(&lake)
-        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .args([
+            "serve",
+            "--dev-auth",
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+        ])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -52,6 +87,21 @@ fn serve_answers_over_tcp_and_stops_on_sigterm() {
     let (status, body) = http_get(port, "/api/v2/ontologies/atlas/objectTypes/Patient").unwrap();
     assert!(status.contains("200"), "{status} {body}");
     assert!(body.contains("\"primaryKey\":\"id\""), "{body}");
+    // Data needs the token `atlas token` minted from the same lake.
+    let (status, body) = http_get(port, "/api/v2/ontologies/atlas/objects/Patient").unwrap();
+    assert!(status.contains("401"), "{status} {body}");
+    let (status, body) = http(
+        port,
+        "POST",
+        "/api/v2/ontologies/atlas/objectSets/loadObjects",
+        Some(&token),
+        r#"{"objectSet": {"type": "base", "objectType": "Patient"}, "includeTotalCount": true}"#,
+    )
+    .unwrap();
+    assert!(status.contains("200"), "{status} {body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page["totalCount"], 4, "{body}");
+    assert_eq!(page["data"].as_array().unwrap().len(), 4, "{body}");
     let (status, body) = http_get(port, "/metrics").unwrap();
     assert!(status.contains("200"), "{status}");
     assert!(

@@ -8,14 +8,18 @@ use tower::ServiceExt;
 
 use atlas_serve::{AppState, ServeConfig, router};
 
-fn state(dir: &std::path::Path) -> AppState {
+mod objects;
+
+async fn state(dir: &std::path::Path) -> AppState {
     let lake =
         atlas_lake::Lake::open(dir.join("lake").to_str().unwrap(), Default::default()).unwrap();
-    AppState::new(
+    AppState::open(
         lake,
         atlas_ontology::Ontology::builtin(),
         ServeConfig::default(),
     )
+    .await
+    .unwrap()
 }
 
 async fn call(state: &AppState, method: &str, uri: &str) -> (StatusCode, String) {
@@ -45,7 +49,7 @@ async fn get_json(state: &AppState, uri: &str) -> (StatusCode, Json) {
 #[tokio::test]
 async fn health_reports_a_readable_lake() {
     let dir = tempfile::tempdir().unwrap();
-    let s = state(dir.path());
+    let s = state(dir.path()).await;
     let (status, body) = get_json(&s, "/health").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "ok");
@@ -56,7 +60,7 @@ async fn health_reports_a_readable_lake() {
 #[tokio::test]
 async fn health_is_503_when_the_lake_cannot_be_read() {
     let dir = tempfile::tempdir().unwrap();
-    let s = state(dir.path());
+    let s = state(dir.path()).await;
     // A store whose log is not JSON: the lake exists but cannot be read.
     let log = dir.path().join("lake/tables/resources/_delta_log");
     std::fs::create_dir_all(&log).unwrap();
@@ -69,7 +73,7 @@ async fn health_is_503_when_the_lake_cannot_be_read() {
 #[tokio::test]
 async fn ontology_metadata_in_the_v2_shape() {
     let dir = tempfile::tempdir().unwrap();
-    let s = state(dir.path());
+    let s = state(dir.path()).await;
     let (status, body) = get_json(&s, "/api/v2/ontologies").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["data"][0]["apiName"], "atlas");
@@ -157,7 +161,7 @@ async fn ontology_metadata_in_the_v2_shape() {
 #[tokio::test]
 async fn bad_requests_are_4xx_json_naming_the_parameter() {
     let dir = tempfile::tempdir().unwrap();
-    let s = state(dir.path());
+    let s = state(dir.path()).await;
     for (uri, status, parameter, value) in [
         (
             "/api/v2/ontologies/nope/objectTypes",
@@ -224,7 +228,7 @@ async fn bad_requests_are_4xx_json_naming_the_parameter() {
 #[tokio::test]
 async fn metrics_count_requests_by_route_and_errors_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let s = state(dir.path());
+    let s = state(dir.path()).await;
     for id in ["Patient", "Encounter", "Nope"] {
         call(
             &s,

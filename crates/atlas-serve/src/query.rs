@@ -1,0 +1,872 @@
+//! Object sets run against the view tables: the policy scope first, then
+//! the set's filters and links, then order, keyset paging and projection,
+//! all as one DataFusion plan over the snapshot a page token names.
+//!
+//! Every table a query reads (the set's own type and each type a
+//! `searchAround` passes through) is opened through [`Planner::scan`], which
+//! asks the `PolicyEngine` and applies the row scope to the scan itself, so
+//! no filter, order, count or link sees rows outside it.
+//!
+//! Filters are two-valued: a comparison with a null property is false (not
+//! unknown), so `not` and `subtract` return exactly the complement.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Not;
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Decimal128Type, Int64Type, Schema};
+use axum::http::StatusCode;
+use datafusion::catalog::TableProvider;
+use datafusion::common::{Column, ScalarValue};
+use datafusion::dataframe::DataFrame;
+use datafusion::datasource::provider_as_source;
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, in_subquery, lit};
+use serde_json::{Value as Json, json};
+
+use atlas_objectset::{CompareOp, ObjectSet, Value, Where};
+use atlas_ontology::{ObjectType, Ontology};
+use atlas_policy::{Action, Decision, Principal, RowScope};
+
+use crate::token::digest;
+use crate::{ApiError, AppState};
+
+/// Narrowing parameters (`patientId`, `dateFrom`, `dateTo`), applied to the
+/// set before paging.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Narrow {
+    pub patient: Option<String>,
+    /// `YYYY`, `YYYY-MM` or `YYYY-MM-DD`, inclusive.
+    pub date_from: Option<String>,
+    pub date_to: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct OrderField {
+    pub property: String,
+    pub ascending: bool,
+}
+
+/// A query over an object set, checked against the ontology.
+#[derive(Debug, Clone)]
+pub(crate) struct Query {
+    pub set: ObjectSet,
+    pub order: Vec<OrderField>,
+    /// Properties to return (`None`: all).
+    pub select: Option<Vec<String>>,
+    pub narrow: Narrow,
+    pub action: Action,
+}
+
+/// Which page to return.
+#[derive(Debug, Clone)]
+pub(crate) struct PageRequest {
+    pub size: usize,
+    pub token: Option<String>,
+    pub total: bool,
+}
+
+/// One page of objects, already as JSON text.
+pub(crate) struct Page {
+    /// `[{...},{...}]`
+    pub data: Vec<u8>,
+    pub rows: usize,
+    pub next: Option<String>,
+    pub total: Option<usize>,
+}
+
+impl Query {
+    /// The normalised request a page token binds (page size excluded: a
+    /// client may change it between pages).
+    fn normalised(&self) -> String {
+        json!({
+            "objectSet": self.set.to_json(),
+            "orderBy": self.order.iter().map(|o| json!([o.property, o.ascending])).collect::<Vec<_>>(),
+            "select": self.select,
+            "patientId": self.narrow.patient,
+            "dateFrom": self.narrow.date_from,
+            "dateTo": self.narrow.date_to,
+            "action": self.action.as_str(),
+        })
+        .to_string()
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "InternalError",
+        "query",
+        "",
+        format!("the query failed: {e}"),
+    )
+}
+
+fn bad(name: &'static str, parameter: &str, value: &str, message: String) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, name, parameter, value, message)
+}
+
+fn column(name: &str) -> Expr {
+    Expr::Column(Column::new_unqualified(name))
+}
+
+/// The FHIR resource type behind an object type (the backing view's
+/// `resource`), which is what scopes and policies name.
+pub(crate) fn resource_type(t: &ObjectType) -> String {
+    atlas_ontology::builtin_view(&t.backing_view)
+        .and_then(|v| {
+            v.json_value()
+                .get("resource")
+                .and_then(Json::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| t.api_name.clone())
+}
+
+fn types_of(set: &ObjectSet, out: &mut BTreeSet<String>) {
+    out.insert(set.object_type().to_owned());
+    match set {
+        ObjectSet::Filter { set, .. } | ObjectSet::SearchAround { set, .. } => types_of(set, out),
+        ObjectSet::Union(s) | ObjectSet::Intersect(s) | ObjectSet::Subtract(s) => {
+            s.iter().for_each(|x| types_of(x, out))
+        }
+        ObjectSet::Base { .. } | ObjectSet::Static { .. } | ObjectSet::Reference { .. } => {}
+    }
+}
+
+/// Builds the plan of one query; every scan goes through the policy.
+pub(crate) struct Planner<'a> {
+    pub state: &'a AppState,
+    pub who: &'a Principal,
+    pub action: Action,
+    pub providers: &'a HashMap<String, Arc<dyn TableProvider>>,
+    aliases: usize,
+}
+
+impl<'a> Planner<'a> {
+    pub fn new(
+        state: &'a AppState,
+        who: &'a Principal,
+        action: Action,
+        providers: &'a HashMap<String, Arc<dyn TableProvider>>,
+    ) -> Planner<'a> {
+        Planner {
+            state,
+            who,
+            action,
+            providers,
+            aliases: 0,
+        }
+    }
+
+    fn ontology(&self) -> &'a Ontology {
+        &self.state.ontology
+    }
+
+    fn object_type(&self, name: &str) -> Result<&'a ObjectType, ApiError> {
+        crate::ontology::object_type(&self.state.ontology, name)
+    }
+
+    fn provider(&self, t: &ObjectType) -> Result<&'a Arc<dyn TableProvider>, ApiError> {
+        self.providers
+            .get(&t.backing_view)
+            .ok_or_else(|| internal(format!("view {} was not opened", t.backing_view)))
+    }
+
+    /// The object type's rows this principal may read: the access seam.
+    pub fn scan(&mut self, t: &ObjectType) -> Result<LogicalPlanBuilder, ApiError> {
+        let scope = match self
+            .state
+            .policy
+            .decide(self.who, &resource_type(t), self.action)
+        {
+            Decision::Allow(scope) => scope,
+            Decision::Deny(d) => {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "PermissionDenied",
+                    "objectType",
+                    &t.api_name,
+                    d.to_string(),
+                ));
+            }
+        };
+        self.aliases += 1;
+        let alias = format!("{}_{}", t.backing_view, self.aliases);
+        let source = provider_as_source(self.provider(t)?.clone());
+        let scan = LogicalPlanBuilder::scan(alias, source, None).map_err(internal)?;
+        match scope {
+            RowScope::All => Ok(scan),
+            RowScope::Patients(patients) => {
+                let Some(pp) = t.patient_property.as_deref().and_then(|p| t.property(p)) else {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "PermissionDenied",
+                        "objectType",
+                        &t.api_name,
+                        format!(
+                            "{} objects belong to no patient compartment, and this token only sees patient {}",
+                            t.api_name,
+                            patients.join(", ")
+                        ),
+                    ));
+                };
+                let c = column(&pp.column);
+                let list = patients.into_iter().map(lit).collect();
+                scan.filter(c.clone().is_not_null().and(c.in_list(list, false)))
+                    .map_err(internal)
+            }
+        }
+    }
+
+    /// The set's objects: the scoped scan of its type, filtered by the set.
+    pub fn set_plan(&mut self, set: &ObjectSet) -> Result<LogicalPlanBuilder, ApiError> {
+        let t = self.object_type(set.object_type())?;
+        let scan = self.scan(t)?;
+        let pred = self.predicate(set, t)?;
+        scan.filter(pred).map_err(internal)
+    }
+
+    /// A two-valued predicate over `t`'s columns selecting the set's objects.
+    fn predicate(&mut self, set: &ObjectSet, t: &ObjectType) -> Result<Expr, ApiError> {
+        Ok(match set {
+            ObjectSet::Base { .. } | ObjectSet::Reference { .. } => lit(true),
+            ObjectSet::Static { primary_keys, .. } => {
+                let pk = self.property_column(t, &t.primary_key)?;
+                let keys = primary_keys.iter().map(|k| lit(k.as_str())).collect();
+                column(pk)
+                    .is_not_null()
+                    .and(column(pk).in_list(keys, false))
+            }
+            ObjectSet::Filter { set, filter } => {
+                let inner = self.predicate(set, t)?;
+                inner.and(self.where_expr(t, filter)?)
+            }
+            ObjectSet::Union(sets) => {
+                let mut acc = lit(false);
+                for s in sets {
+                    acc = acc.or(self.predicate(s, t)?);
+                }
+                acc
+            }
+            ObjectSet::Intersect(sets) => {
+                let mut acc = lit(true);
+                for s in sets {
+                    acc = acc.and(self.predicate(s, t)?);
+                }
+                acc
+            }
+            ObjectSet::Subtract(sets) => {
+                let mut it = sets.iter();
+                let mut acc = match it.next() {
+                    Some(first) => self.predicate(first, t)?,
+                    None => lit(false),
+                };
+                for s in it {
+                    acc = acc.and(self.predicate(s, t)?.not());
+                }
+                acc
+            }
+            ObjectSet::SearchAround { set, link, .. } => {
+                let source = self.object_type(set.object_type())?;
+                let (source_prop, target_prop) = self.link_sides(source, link)?;
+                let source_col = self.property_column(source, source_prop)?.to_owned();
+                let target_col = self.property_column(t, target_prop)?.to_owned();
+                let inner = self
+                    .set_plan(set)?
+                    .filter(column(&source_col).is_not_null())
+                    .and_then(|b| b.project(vec![column(&source_col)]))
+                    .and_then(|b| b.build())
+                    .map_err(internal)?;
+                column(&target_col)
+                    .is_not_null()
+                    .and(in_subquery(column(&target_col), Arc::new(inner)))
+            }
+        })
+    }
+
+    /// (source property, target property) of `link` navigated from `source`.
+    fn link_sides(
+        &self,
+        source: &'a ObjectType,
+        link: &str,
+    ) -> Result<(&'a str, &'a str), ApiError> {
+        let o = self.ontology();
+        if let Some(l) = o.links_from(&source.api_name).find(|l| l.api_name == link) {
+            return Ok((&l.from_property, &l.to_property));
+        }
+        if let Some(l) = o
+            .links_to(&source.api_name)
+            .find(|l| l.reverse_api_name == link)
+        {
+            return Ok((&l.to_property, &l.from_property));
+        }
+        Err(bad(
+            "LinkTypeNotFound",
+            "link",
+            link,
+            format!("object type '{}' has no link '{link}'", source.api_name),
+        ))
+    }
+
+    fn property_column(&self, t: &'a ObjectType, property: &str) -> Result<&'a str, ApiError> {
+        t.property(property)
+            .map(|p| p.column.as_str())
+            .ok_or_else(|| {
+                bad(
+                    "PropertyNotFound",
+                    "property",
+                    property,
+                    format!("object type '{}' has no property '{property}'", t.api_name),
+                )
+            })
+    }
+
+    fn column_type(&self, t: &ObjectType, col: &str) -> Result<DataType, ApiError> {
+        let schema = self.provider(t)?.schema();
+        schema
+            .field_with_name(col)
+            .map(|f| f.data_type().clone())
+            .map_err(|_| internal(format!("view {} has no column {col}", t.backing_view)))
+    }
+
+    fn literal(&self, t: &ObjectType, field: &str, v: &Value) -> Result<(Expr, Expr), ApiError> {
+        let col = self.property_column(t, field)?;
+        let ty = self.column_type(t, col)?;
+        let scalar = value_scalar(v, &ty).ok_or_else(|| {
+            bad(
+                "InvalidFilterValue",
+                field,
+                &v.to_json().to_string(),
+                format!(
+                    "{} cannot be compared with property '{field}' ({ty})",
+                    v.to_json()
+                ),
+            )
+        })?;
+        Ok((column(col), lit(scalar)))
+    }
+
+    /// The filter as a two-valued predicate: null properties never match.
+    fn where_expr(&self, t: &ObjectType, w: &Where) -> Result<Expr, ApiError> {
+        Ok(match w {
+            Where::Compare { op, field, value } => {
+                let (c, v) = self.literal(t, field, value)?;
+                let cmp = match op {
+                    CompareOp::Eq => c.clone().eq(v),
+                    CompareOp::Gt => c.clone().gt(v),
+                    CompareOp::Gte => c.clone().gt_eq(v),
+                    CompareOp::Lt => c.clone().lt(v),
+                    CompareOp::Lte => c.clone().lt_eq(v),
+                };
+                c.is_not_null().and(cmp)
+            }
+            Where::IsNull { field, is_null } => {
+                let c = column(self.property_column(t, field)?);
+                if *is_null {
+                    c.is_null()
+                } else {
+                    c.is_not_null()
+                }
+            }
+            Where::In { field, values } => {
+                let mut list = Vec::with_capacity(values.len());
+                let mut c = lit(true);
+                for v in values {
+                    let (col, l) = self.literal(t, field, v)?;
+                    c = col;
+                    list.push(l);
+                }
+                if list.is_empty() {
+                    lit(false)
+                } else {
+                    c.clone().is_not_null().and(c.in_list(list, false))
+                }
+            }
+            Where::Contains { field, value } => {
+                let c = column(self.property_column(t, field)?);
+                c.clone()
+                    .is_not_null()
+                    .and(datafusion::functions::string::expr_fn::contains(
+                        c,
+                        lit(value.as_str()),
+                    ))
+            }
+            Where::StartsWith { field, value } => {
+                let c = column(self.property_column(t, field)?);
+                c.clone()
+                    .is_not_null()
+                    .and(datafusion::functions::string::expr_fn::starts_with(
+                        c,
+                        lit(value.as_str()),
+                    ))
+            }
+            Where::ContainsTerms { all, field, terms } => {
+                let c = column(self.property_column(t, field)?);
+                let matches = |term: &str| {
+                    datafusion::functions::regex::expr_fn::regexp_like(
+                        c.clone(),
+                        lit(format!(r"(?i)(^|\s){}($|\s)", regex_escape(term))),
+                        None,
+                    )
+                };
+                let mut acc = if *all { lit(true) } else { lit(false) };
+                for term in terms {
+                    acc = if *all {
+                        acc.and(matches(term))
+                    } else {
+                        acc.or(matches(term))
+                    };
+                }
+                if terms.is_empty() {
+                    lit(false)
+                } else {
+                    c.is_not_null().and(acc)
+                }
+            }
+            Where::And(ws) => {
+                let mut acc = lit(true);
+                for w in ws {
+                    acc = acc.and(self.where_expr(t, w)?);
+                }
+                acc
+            }
+            Where::Or(ws) => {
+                let mut acc = lit(false);
+                for w in ws {
+                    acc = acc.or(self.where_expr(t, w)?);
+                }
+                acc
+            }
+            Where::Not(w) => self.where_expr(t, w)?.not(),
+        })
+    }
+
+    /// `patientId`, `dateFrom`, `dateTo` as a predicate over `t`.
+    fn narrow_expr(&self, t: &ObjectType, n: &Narrow) -> Result<Expr, ApiError> {
+        let mut acc = lit(true);
+        if let Some(p) = &n.patient {
+            let Some(pp) = t.patient_property.as_deref() else {
+                return Err(bad(
+                    "InvalidParameter",
+                    "patientId",
+                    p,
+                    format!("{} objects do not belong to a patient", t.api_name),
+                ));
+            };
+            let c = column(self.property_column(t, pp)?);
+            acc = acc.and(c.clone().is_not_null().and(c.eq(lit(p.as_str()))));
+        }
+        for (param, value, from) in [
+            ("dateFrom", &n.date_from, true),
+            ("dateTo", &n.date_to, false),
+        ] {
+            let Some(v) = value else { continue };
+            let Some(tp) = t.time_property.as_deref() else {
+                return Err(bad(
+                    "InvalidParameter",
+                    param,
+                    v,
+                    format!("{} objects have no time property to filter on", t.api_name),
+                ));
+            };
+            let c = column(self.property_column(t, tp)?);
+            // Dates are FHIR text: compare the value's prefix of the same
+            // precision, so dateTo=2020-12 includes all of December and a
+            // time of day never falls outside its own date.
+            let prefix =
+                datafusion::functions::unicode::expr_fn::left(c.clone(), lit(v.len() as i64));
+            let cmp = if from {
+                prefix.gt_eq(lit(v.as_str()))
+            } else {
+                prefix.lt_eq(lit(v.as_str()))
+            };
+            acc = acc.and(c.is_not_null().and(cmp));
+        }
+        Ok(acc)
+    }
+}
+
+/// Escapes regex metacharacters (the regex crate accepts `\` before any
+/// ASCII punctuation).
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 4);
+    for ch in s.chars() {
+        if ch.is_ascii_punctuation() {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// A filter value as a scalar of the column's type; `None` when they do not fit.
+fn value_scalar(v: &Value, ty: &DataType) -> Option<ScalarValue> {
+    match (v, ty) {
+        (
+            Value::Str(s) | Value::Date(s) | Value::Timestamp(s),
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View,
+        ) => Some(ScalarValue::Utf8(Some(s.clone()))),
+        (Value::Bool(b), DataType::Boolean) => Some(ScalarValue::Boolean(Some(*b))),
+        (Value::Int(i), DataType::Int64) => Some(ScalarValue::Int64(Some(*i))),
+        (Value::Decimal(s), DataType::Decimal128(p, sc)) => {
+            arrow::compute::kernels::cast_utils::parse_decimal::<Decimal128Type>(s, *p, *sc)
+                .ok()
+                .map(|x| ScalarValue::Decimal128(Some(x), *p, *sc))
+        }
+        (Value::Int(i), DataType::Decimal128(p, sc)) => {
+            arrow::compute::kernels::cast_utils::parse_decimal::<Decimal128Type>(
+                &i.to_string(),
+                *p,
+                *sc,
+            )
+            .ok()
+            .map(|x| ScalarValue::Decimal128(Some(x), *p, *sc))
+        }
+        _ => None,
+    }
+}
+
+/// A key value for a page token: exact (decimals as their unscaled integer).
+fn key_json(a: &dyn Array, row: usize) -> Json {
+    if a.is_null(row) {
+        return Json::Null;
+    }
+    match a.data_type() {
+        DataType::Utf8 => Json::from(a.as_string::<i32>().value(row)),
+        DataType::LargeUtf8 => Json::from(a.as_string::<i64>().value(row)),
+        DataType::Utf8View => Json::from(a.as_string_view().value(row)),
+        DataType::Boolean => Json::from(a.as_boolean().value(row)),
+        DataType::Int64 => Json::from(a.as_primitive::<Int64Type>().value(row)),
+        DataType::Decimal128(..) => {
+            Json::from(a.as_primitive::<Decimal128Type>().value(row).to_string())
+        }
+        _ => Json::Null,
+    }
+}
+
+fn key_scalar(j: &Json, ty: &DataType) -> Option<ScalarValue> {
+    Some(match (j, ty) {
+        (Json::Null, _) => ScalarValue::try_from(ty).ok()?,
+        (Json::String(s), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) => {
+            ScalarValue::Utf8(Some(s.clone()))
+        }
+        (Json::Bool(b), DataType::Boolean) => ScalarValue::Boolean(Some(*b)),
+        (Json::Number(n), DataType::Int64) => ScalarValue::Int64(Some(n.as_i64()?)),
+        (Json::String(s), DataType::Decimal128(p, sc)) => {
+            ScalarValue::Decimal128(Some(s.parse().ok()?), *p, *sc)
+        }
+        _ => return None,
+    })
+}
+
+/// Keyset paging: rows strictly after `after` in the order of `keys`
+/// (nulls last in both directions).
+fn after_expr(keys: &[(String, bool, DataType)], after: &[Json]) -> Option<Expr> {
+    if after.len() != keys.len() {
+        return None;
+    }
+    let mut any = lit(false);
+    for i in 0..keys.len() {
+        let mut all = lit(true);
+        for j in 0..i {
+            let (name, _, ty) = &keys[j];
+            let v = key_scalar(&after[j], ty)?;
+            all = all.and(if v.is_null() {
+                column(name).is_null()
+            } else {
+                column(name).eq(lit(v))
+            });
+        }
+        let (name, asc, ty) = &keys[i];
+        let v = key_scalar(&after[i], ty)?;
+        if v.is_null() {
+            continue; // nothing sorts after a null (nulls last)
+        }
+        let c = column(name);
+        let beyond = if *asc {
+            c.clone().gt(lit(v))
+        } else {
+            c.clone().lt(lit(v))
+        };
+        any = any.or(all.and(beyond.or(c.is_null())));
+    }
+    Some(any)
+}
+
+/// Runs one page of a query for `who`.
+pub(crate) async fn run(
+    state: &AppState,
+    who: &Principal,
+    q: &Query,
+    page: &PageRequest,
+) -> Result<Page, ApiError> {
+    let request = digest(&q.normalised());
+    let token = match &page.token {
+        Some(t) => Some(state.page_tokens.read(t, &who.key(), &request)?),
+        None => None,
+    };
+    // The snapshot: the token's table versions, or the latest.
+    let mut types = BTreeSet::new();
+    types_of(&q.set, &mut types);
+    let mut versions = BTreeMap::new();
+    let mut providers = HashMap::new();
+    for name in &types {
+        let t = crate::ontology::object_type(&state.ontology, name)?;
+        let view = &t.backing_view;
+        if versions.contains_key(view) {
+            continue;
+        }
+        let version = match &token {
+            Some(tok) => *tok.t.get(view).ok_or_else(|| {
+                bad(
+                    "PageTokenMismatch",
+                    "pageToken",
+                    "…",
+                    "the page token does not cover this request's tables".into(),
+                )
+            })?,
+            None => state.tables.latest_version(view).await?,
+        };
+        providers.insert(view.clone(), state.tables.provider(view, version).await?);
+        versions.insert(view.clone(), version);
+    }
+
+    let t = crate::ontology::object_type(&state.ontology, q.set.object_type())?;
+    let mut planner = Planner::new(state, who, q.action, &providers);
+    let narrowed = planner
+        .set_plan(&q.set)?
+        .filter(planner.narrow_expr(t, &q.narrow)?)
+        .map_err(internal)?;
+
+    // Sort keys: the requested fields, then the primary key (a total order).
+    let mut keys: Vec<(String, bool, DataType)> = Vec::new();
+    for o in &q.order {
+        let c = planner.property_column(t, &o.property)?;
+        keys.push((c.to_owned(), o.ascending, planner.column_type(t, c)?));
+    }
+    let pk = planner.property_column(t, &t.primary_key)?.to_owned();
+    if !keys.iter().any(|k| k.0 == pk) {
+        keys.push((pk.clone(), true, planner.column_type(t, &pk)?));
+    }
+
+    let total = if page.total {
+        let plan = narrowed.clone().build().map_err(internal)?;
+        let df = DataFrame::new(state.tables.session().state(), plan);
+        Some(df.count().await.map_err(internal)?)
+    } else {
+        None
+    };
+
+    let mut paged = narrowed;
+    if let Some(tok) = &token {
+        let after = after_expr(&keys, &tok.a).ok_or_else(|| {
+            bad(
+                "InvalidPageToken",
+                "pageToken",
+                "…",
+                "the page token's position does not fit this request".into(),
+            )
+        })?;
+        paged = paged.filter(after).map_err(internal)?;
+    }
+    let props: Vec<&atlas_ontology::Property> = match &q.select {
+        None => t.properties.iter().collect(),
+        Some(sel) => sel.iter().filter_map(|p| t.property(p)).collect(),
+    };
+    let mut cols: Vec<String> = props.iter().map(|p| p.column.clone()).collect();
+    let title = planner.property_column(t, &t.title_property)?.to_owned();
+    for extra in keys.iter().map(|k| &k.0).chain([&pk, &title]) {
+        if !cols.contains(extra) {
+            cols.push(extra.clone());
+        }
+    }
+    let sort = keys
+        .iter()
+        .map(|(c, asc, _)| column(c).sort(*asc, false))
+        .collect::<Vec<_>>();
+    let plan: LogicalPlan = paged
+        .sort(sort)
+        .and_then(|b| b.limit(0, Some(page.size + 1)))
+        .and_then(|b| b.project(cols.iter().map(|c| column(c))))
+        .and_then(|b| b.build())
+        .map_err(internal)?;
+    let batches = DataFrame::new(state.tables.session().state(), plan)
+        .collect()
+        .await
+        .map_err(internal)?;
+
+    let mut out = Vec::with_capacity(page.size * 256);
+    out.push(b'[');
+    let mut rows = 0usize;
+    let mut last_key: Option<Vec<Json>> = None;
+    let mut more = false;
+    'batches: for b in &batches {
+        let schema = b.schema();
+        for row in 0..b.num_rows() {
+            if rows == page.size {
+                more = true;
+                break 'batches;
+            }
+            if rows > 0 {
+                out.push(b',');
+            }
+            write_object(&mut out, t, &props, b, &schema, row, &pk, &title);
+            rows += 1;
+            last_key = Some(
+                keys.iter()
+                    .map(|(c, _, _)| {
+                        b.column_by_name(c)
+                            .map_or(Json::Null, |a| key_json(a.as_ref(), row))
+                    })
+                    .collect(),
+            );
+        }
+    }
+    out.push(b']');
+    let next = match (more, last_key) {
+        (true, Some(after)) => Some(
+            state
+                .page_tokens
+                .issue(&who.key(), &request, versions, after),
+        ),
+        _ => None,
+    };
+    Ok(Page {
+        data: out,
+        rows,
+        next,
+        total,
+    })
+}
+
+/// One object: `__apiName`, `__primaryKey`, `__title`, then the properties
+/// (nulls as null).
+#[allow(clippy::too_many_arguments)]
+fn write_object(
+    out: &mut Vec<u8>,
+    t: &ObjectType,
+    props: &[&atlas_ontology::Property],
+    b: &RecordBatch,
+    schema: &Schema,
+    row: usize,
+    pk: &str,
+    title: &str,
+) {
+    let get = |c: &str| schema.index_of(c).ok().map(|i| b.column(i));
+    out.extend_from_slice(b"{\"__apiName\":");
+    write_str(out, &t.api_name);
+    out.extend_from_slice(b",\"__primaryKey\":");
+    match get(pk) {
+        Some(a) => write_value(out, a.as_ref(), row),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"__title\":");
+    match get(title) {
+        Some(a) => write_value(out, a.as_ref(), row),
+        None => out.extend_from_slice(b"null"),
+    }
+    for p in props {
+        out.push(b',');
+        write_str(out, &p.api_name);
+        out.push(b':');
+        match get(&p.column) {
+            Some(a) => write_value(out, a.as_ref(), row),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+    out.push(b'}');
+}
+
+pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
+    // serde_json's escaping; writing to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// A cell as JSON: text as strings, decimals as exact numbers, lists as arrays.
+pub(crate) fn write_value(out: &mut Vec<u8>, a: &dyn Array, row: usize) {
+    use std::io::Write;
+    if a.is_null(row) {
+        out.extend_from_slice(b"null");
+        return;
+    }
+    match a.data_type() {
+        DataType::Utf8 => write_str(out, a.as_string::<i32>().value(row)),
+        DataType::LargeUtf8 => write_str(out, a.as_string::<i64>().value(row)),
+        DataType::Utf8View => write_str(out, a.as_string_view().value(row)),
+        DataType::Boolean => out.extend_from_slice(if a.as_boolean().value(row) {
+            b"true"
+        } else {
+            b"false"
+        }),
+        DataType::Int64 => {
+            let _ = write!(out, "{}", a.as_primitive::<Int64Type>().value(row));
+        }
+        DataType::Decimal128(_, scale) => {
+            let v = a.as_primitive::<Decimal128Type>().value(row);
+            out.extend_from_slice(decimal_text(v, *scale).as_bytes());
+        }
+        DataType::List(_) => {
+            let list = a.as_list::<i32>().value(row);
+            out.push(b'[');
+            for i in 0..list.len() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_value(out, list.as_ref(), i);
+            }
+            out.push(b']');
+        }
+        _ => {
+            let text = arrow::util::display::array_value_to_string(a, row).unwrap_or_default();
+            write_str(out, &text);
+        }
+    }
+}
+
+/// An unscaled decimal as the shortest exact text (`72.5`, `-0.001`, `3`).
+fn decimal_text(v: i128, scale: i8) -> String {
+    if scale <= 0 {
+        return (v * 10i128.pow(scale.unsigned_abs() as u32)).to_string();
+    }
+    let neg = v < 0;
+    let digits = v.unsigned_abs().to_string();
+    let scale = scale as usize;
+    let (int, frac) = if digits.len() > scale {
+        digits.split_at(digits.len() - scale)
+    } else {
+        ("0", digits.as_str())
+    };
+    let frac = format!("{frac:0>scale$}");
+    let frac = frac.trim_end_matches('0');
+    let mut s = String::new();
+    if neg {
+        s.push('-');
+    }
+    s.push_str(int);
+    if !frac.is_empty() {
+        s.push('.');
+        s.push_str(frac);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_print_exactly_and_short() {
+        assert_eq!(decimal_text(72_500_000_000_000_000_000, 18), "72.5");
+        assert_eq!(decimal_text(-1_000_000_000_000_000, 18), "-0.001");
+        assert_eq!(decimal_text(3_000_000_000_000_000_000, 18), "3");
+        assert_eq!(decimal_text(0, 18), "0");
+        assert_eq!(decimal_text(12, 0), "12");
+    }
+
+    #[test]
+    fn regex_terms_are_literal() {
+        assert_eq!(regex_escape("a.b(c)"), r"a\.b\(c\)");
+        assert_eq!(regex_escape("héllo"), "héllo");
+    }
+}

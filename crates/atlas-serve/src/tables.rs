@@ -1,0 +1,142 @@
+//! View tables as DataFusion providers, at the latest or at a pinned Delta
+//! version. The latest handle of each table is kept and brought up to date
+//! (one log listing) per request; providers are cached per (view, version),
+//! so pages after the first re-read the exact snapshot their token names.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::http::StatusCode;
+use datafusion::catalog::TableProvider;
+use datafusion::prelude::SessionContext;
+use deltalake::DeltaTable;
+
+use atlas_lake::Lake;
+
+use crate::ApiError;
+
+/// Providers kept before the cache is emptied (a token's snapshot is rebuilt
+/// from the Delta log when it is needed again).
+const MAX_PROVIDERS: usize = 256;
+
+pub struct Tables {
+    lake: Lake,
+    ctx: SessionContext,
+    latest: tokio::sync::Mutex<HashMap<String, DeltaTable>>,
+    providers: Mutex<HashMap<(String, u64), Arc<dyn TableProvider>>>,
+}
+
+fn unavailable(view: &str, message: String) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ViewUnavailable",
+        "view",
+        view,
+        message,
+    )
+}
+
+impl Tables {
+    pub fn new(lake: Lake) -> Tables {
+        Tables {
+            lake,
+            ctx: atlas_lake::lake::new_session(),
+            latest: tokio::sync::Mutex::new(HashMap::new()),
+            providers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The session every query runs in (object stores registered).
+    pub fn session(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// The view table's current version.
+    pub async fn latest_version(&self, view: &str) -> Result<u64, ApiError> {
+        let mut latest = self.latest.lock().await;
+        if let Some(t) = latest.get_mut(view) {
+            t.update_incremental(None)
+                .await
+                .map_err(|e| unavailable(view, format!("view table {view}: {e}")))?;
+        } else {
+            let dir = atlas_viewstore::view_table_dir(view);
+            let t = self
+                .lake
+                .table_at(&dir)
+                .await
+                .map_err(|e| unavailable(view, format!("view table {view}: {e}")))?
+                .ok_or_else(|| {
+                    unavailable(
+                        view,
+                        format!(
+                            "view '{view}' is not materialized in this lake; run `atlas views refresh`"
+                        ),
+                    )
+                })?;
+            latest.insert(view.to_owned(), t);
+        }
+        latest
+            .get(view)
+            .and_then(|t| t.version())
+            .ok_or_else(|| unavailable(view, format!("view table {view} has no version")))
+    }
+
+    /// The view table at `version`, as a provider.
+    pub async fn provider(
+        &self,
+        view: &str,
+        version: u64,
+    ) -> Result<Arc<dyn TableProvider>, ApiError> {
+        let key = (view.to_owned(), version);
+        if let Some(p) = self
+            .providers
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).cloned())
+        {
+            return Ok(p);
+        }
+        let table = {
+            let latest = self.latest.lock().await;
+            latest.get(view).cloned()
+        };
+        let mut table = match table {
+            Some(t) => t,
+            None => {
+                self.latest_version(view).await?;
+                let latest = self.latest.lock().await;
+                latest
+                    .get(view)
+                    .cloned()
+                    .ok_or_else(|| unavailable(view, format!("view table {view} vanished")))?
+            }
+        };
+        if table.version() != Some(version) {
+            table.load_version(version).await.map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "PageTokenSnapshotGone",
+                    "pageToken",
+                    "…",
+                    format!(
+                        "the snapshot this page token reads (view {view} at version {version}) is no longer available ({e}); start again from the first page"
+                    ),
+                )
+            })?;
+        }
+        table
+            .update_datafusion_session(&self.ctx.state())
+            .map_err(|e| unavailable(view, format!("view table {view}: {e}")))?;
+        let provider = table
+            .table_provider()
+            .await
+            .map_err(|e| unavailable(view, format!("view table {view}: {e}")))?;
+        if let Ok(mut m) = self.providers.lock() {
+            if m.len() >= MAX_PROVIDERS {
+                m.clear();
+            }
+            m.insert(key, provider.clone());
+        }
+        Ok(provider)
+    }
+}

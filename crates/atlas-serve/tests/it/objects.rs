@@ -1,0 +1,674 @@
+//! Object sets end to end on a small generated lake: paging visits every
+//! object once, in order, from one snapshot even while ingests commit; the
+//! patient scope holds on every path; bad input and bad tokens are 4xx
+//! naming the field. Expected answers come from `atlas sql` over the same
+//! view tables (a separate read path).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use serde_json::{Value as Json, json};
+use tower::ServiceExt;
+
+use atlas_ingest::collect_inputs;
+use atlas_lake::{IngestOptions, Lake, Progress};
+use atlas_serve::{AppState, DevIssuer, ServeConfig, TokenRequest, router};
+use atlas_viewstore::{RefreshOptions, ViewStore};
+
+const LOAD: &str = "/api/v2/ontologies/atlas/objectSets/loadObjects";
+
+fn synth(dir: &Path, patients: usize, seed: u64) -> PathBuf {
+    let out = dir.join(format!("synth-{seed}"));
+    let opts = atlas_synth::SynthOptions {
+        patients,
+        seed,
+        ..Default::default()
+    };
+    atlas_synth::generate(&opts, &out, &AtomicU64::new(0)).unwrap();
+    out
+}
+
+async fn ingest_and_refresh(lake: &Lake, data: &Path) {
+    let names = vec![data.display().to_string()];
+    let set = collect_inputs(&names, &mut std::io::empty()).unwrap();
+    let report = atlas_lake::ingest(
+        lake,
+        &set.inputs,
+        &IngestOptions::default(),
+        &Progress::default(),
+    )
+    .await
+    .unwrap();
+    assert!(report.outcomes.reconciles());
+    ViewStore::new(lake.clone())
+        .refresh(&[], &RefreshOptions::default())
+        .await
+        .unwrap();
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    lake: Lake,
+    state: AppState,
+    issuer: DevIssuer,
+}
+
+async fn fixture(patients: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::open(
+        dir.path().join("lake").to_str().unwrap(),
+        Default::default(),
+    )
+    .unwrap();
+    let data = synth(dir.path(), patients, 11);
+    ingest_and_refresh(&lake, &data).await;
+    let mut config = ServeConfig::default();
+    config.auth.dev = true;
+    let state = AppState::open(lake.clone(), atlas_ontology::Ontology::builtin(), config)
+        .await
+        .unwrap();
+    let issuer = DevIssuer::open(&lake).await.unwrap();
+    Fixture {
+        dir: dir.path().to_path_buf(),
+        _dir: dir,
+        lake,
+        state,
+        issuer,
+    }
+}
+
+impl Fixture {
+    fn token(&self, sub: &str, scope: &str, patient: Option<&str>) -> String {
+        self.issuer
+            .mint(&TokenRequest {
+                subject: sub.into(),
+                scope: scope.into(),
+                patient: patient.map(str::to_owned),
+                ttl_secs: 600,
+            })
+            .unwrap()
+    }
+
+    fn admin(&self) -> String {
+        self.token("admin", "user/*.rs", None)
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<&Json>,
+    ) -> (StatusCode, Json) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let body = match body {
+            Some(b) => Body::from(b.to_string()),
+            None => Body::empty(),
+        };
+        let response = router(self.state.clone())
+            .oneshot(req.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 26)
+            .await
+            .unwrap();
+        let json = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("{uri}: {e}: {}", String::from_utf8_lossy(&bytes)));
+        (status, json)
+    }
+
+    async fn load(&self, token: &str, body: &Json) -> (StatusCode, Json) {
+        self.call("POST", LOAD, Some(token), Some(body)).await
+    }
+
+    /// Every page of a loadObjects request, following nextPageToken.
+    async fn load_all(&self, token: &str, body: &Json) -> Vec<Json> {
+        let mut out = Vec::new();
+        let mut body = body.clone();
+        loop {
+            let (status, page) = self.load(token, &body).await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            out.extend(page["data"].as_array().unwrap().iter().cloned());
+            match page["nextPageToken"].as_str() {
+                Some(t) => body["pageToken"] = json!(t),
+                None => return out,
+            }
+        }
+    }
+
+    async fn sql(&self, q: &str) -> Vec<String> {
+        let df = ViewStore::new(self.lake.clone()).sql(q).await.unwrap();
+        let mut out = Vec::new();
+        for b in df.collect().await.unwrap() {
+            for r in 0..b.num_rows() {
+                out.push(arrow::util::display::array_value_to_string(b.column(0), r).unwrap());
+            }
+        }
+        out
+    }
+}
+
+fn keys(objs: &[Json]) -> Vec<String> {
+    objs.iter()
+        .map(|o| o["__primaryKey"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_objects_pages_filter_and_order_like_sql() {
+    let f = fixture(8).await;
+    let admin = f.admin();
+
+    // Every patient once, in primary-key order, over pages of 3.
+    let all = f
+        .load_all(
+            &admin,
+            &json!({"objectSet": {"type": "base", "objectType": "Patient"}, "pageSize": 3}),
+        )
+        .await;
+    let mut expected = f.sql("SELECT id FROM patient").await;
+    expected.sort();
+    assert_eq!(keys(&all), expected);
+    assert_eq!(all[0]["__apiName"], "Patient");
+    // Null properties are present as null, not dropped.
+    let t = atlas_ontology::Ontology::builtin();
+    let props = &t.object_type("Patient").unwrap().properties;
+    for o in &all {
+        for p in props {
+            assert!(
+                o.get(&p.api_name).is_some(),
+                "{} missing from {o}",
+                p.api_name
+            );
+        }
+    }
+    assert!(all.iter().any(|o| o["deceased_date_time"].is_null()));
+
+    // A filter, an order on a non-unique property and a selection, paged.
+    let code: String = f
+        .sql("SELECT code FROM observation GROUP BY code ORDER BY count(*) DESC, code LIMIT 1")
+        .await
+        .remove(0);
+    let body = json!({
+        "objectSet": {"type": "filter",
+            "objectSet": {"type": "reference", "reference": "ObservationAll"},
+            "where": {"type": "eq", "field": "code", "value": code}},
+        "orderBy": {"orderType": "fields", "fields": [{"field": "effective", "direction": "desc"}]},
+        "select": ["effective", "value_quantity"],
+        "pageSize": 7,
+        "includeTotalCount": true,
+    });
+    let (status, first) = f.load(&admin, &body).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let objs = f.load_all(&admin, &body).await;
+    let expected = f
+        .sql(&format!("SELECT id FROM observation WHERE code = '{code}' ORDER BY effective DESC NULLS LAST, id"))
+        .await;
+    assert!(expected.len() > 7, "the test needs several pages");
+    assert_eq!(keys(&objs), expected);
+    assert_eq!(first["totalCount"], json!(expected.len()));
+    assert_eq!(
+        first["data"][0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<BTreeSet<_>>(),
+        [
+            "__apiName",
+            "__primaryKey",
+            "__title",
+            "effective",
+            "value_quantity"
+        ]
+        .map(String::from)
+        .into_iter()
+        .collect()
+    );
+    let sum_sql = f
+        .sql(&format!(
+            "SELECT CAST(sum(value_quantity) AS VARCHAR) FROM observation WHERE code = '{code}'"
+        ))
+        .await;
+    let sum_api: f64 = objs
+        .iter()
+        .filter_map(|o| o["value_quantity"].as_f64())
+        .sum();
+    let sum_sql: f64 = sum_sql[0].parse().unwrap_or(0.0);
+    assert!(
+        (sum_api - sum_sql).abs() < 1e-6 * sum_sql.abs().max(1.0),
+        "{sum_api} vs {sum_sql}"
+    );
+
+    // searchAround, union, intersect and subtract agree with SQL.
+    let pids = f.sql("SELECT id FROM patient ORDER BY id LIMIT 2").await;
+    let around = json!({"type": "searchAround", "link": "conditions",
+        "objectSet": {"type": "static", "objectType": "Patient", "objects": pids}});
+    let got = f
+        .load_all(&admin, &json!({"objectSet": around, "pageSize": 1000}))
+        .await;
+    let expected = f
+        .sql(&format!(
+            "SELECT id FROM condition WHERE patient_id IN ('{}', '{}') ORDER BY id",
+            pids[0], pids[1]
+        ))
+        .await;
+    assert_eq!(keys(&got), expected);
+    let first_only = json!({"type": "searchAround", "link": "conditions",
+        "objectSet": {"type": "static", "objectType": "Patient", "objects": [pids[0]]}});
+    let got = f
+        .load_all(&admin, &json!({"objectSet": {"type": "subtract", "objectSets": [around, first_only]}, "pageSize": 1000}))
+        .await;
+    let expected = f
+        .sql(&format!(
+            "SELECT id FROM condition WHERE patient_id = '{}' ORDER BY id",
+            pids[1]
+        ))
+        .await;
+    assert_eq!(keys(&got), expected, "subtract");
+    let got = f
+        .load_all(&admin, &json!({"objectSet": {"type": "intersect", "objectSets": [around, first_only]}, "pageSize": 1000}))
+        .await;
+    let expected = f
+        .sql(&format!(
+            "SELECT id FROM condition WHERE patient_id = '{}' ORDER BY id",
+            pids[0]
+        ))
+        .await;
+    assert_eq!(keys(&got), expected, "intersect");
+    // Reverse link: observations -> their patients.
+    let got = f
+        .load_all(&admin, &json!({"objectSet": {"type": "searchAround", "link": "patient",
+            "objectSet": {"type": "filter", "objectSet": {"type": "base", "objectType": "Observation"},
+                "where": {"type": "eq", "field": "code", "value": code}}}}))
+        .await;
+    let expected = f
+        .sql(&format!(
+            "SELECT DISTINCT patient_id FROM observation WHERE code = '{code}' ORDER BY patient_id"
+        ))
+        .await;
+    assert_eq!(keys(&got), expected, "reverse link");
+
+    // Not, isNull and text filters.
+    let got = f
+        .load_all(&admin, &json!({"objectSet": {"type": "base", "objectType": "Patient"},
+            "where": {"type": "not", "value": {"type": "isNull", "field": "deceased_date_time", "value": true}}}))
+        .await;
+    let expected = f
+        .sql("SELECT id FROM patient WHERE deceased_date_time IS NOT NULL ORDER BY id")
+        .await;
+    assert_eq!(keys(&got), expected, "not isNull");
+    let family = all[0]["family"].as_str().unwrap().to_owned();
+    let got = f
+        .load_all(&admin, &json!({"objectSet": {"type": "base", "objectType": "Patient"},
+            "where": {"type": "containsAnyTerm", "field": "family", "value": format!("zzz {}", family.to_lowercase())}}))
+        .await;
+    assert!(keys(&got).contains(&all[0]["__primaryKey"].as_str().unwrap().to_owned()));
+    let got = f
+        .load_all(
+            &admin,
+            &json!({"objectSet": {"type": "base", "objectType": "Patient"},
+            "where": {"type": "startsWith", "field": "family", "value": &family[..2]}}),
+        )
+        .await;
+    assert!(
+        got.iter()
+            .all(|o| o["family"].as_str().unwrap().starts_with(&family[..2]))
+    );
+
+    // One object, its links, and the narrowing parameters.
+    let pid = &pids[0];
+    let (status, p) = f
+        .call(
+            "GET",
+            &format!("/api/v2/ontologies/atlas/objects/Patient/{pid}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{p}");
+    assert_eq!(p["__primaryKey"], json!(pid));
+    let (status, linked) = f
+        .call(
+            "GET",
+            &format!("/api/v2/ontologies/atlas/objects/Patient/{pid}/links/observations?pageSize=10000&orderBy=effective:asc&dateFrom=2015&dateTo=2020-06"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{linked}");
+    let expected = f
+        .sql(&format!("SELECT id FROM observation WHERE patient_id = '{pid}' AND left(effective, 4) >= '2015' AND left(effective, 7) <= '2020-06' ORDER BY effective, id"))
+        .await;
+    assert_eq!(keys(linked["data"].as_array().unwrap()), expected);
+    let (status, listed) = f
+        .call(
+            "GET",
+            &format!("/api/v2/ontologies/atlas/objects/Condition?patientId={pid}&pageSize=10000"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    let expected = f
+        .sql(&format!(
+            "SELECT id FROM condition WHERE patient_id = '{pid}' ORDER BY id"
+        ))
+        .await;
+    assert_eq!(keys(listed["data"].as_array().unwrap()), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_reads_one_snapshot_while_ingests_commit() {
+    let f = fixture(6).await;
+    let admin = f.admin();
+    let body = json!({"objectSet": {"type": "base", "objectType": "Observation"},
+        "orderBy": {"orderType": "fields", "fields": [{"field": "effective"}]}, "pageSize": 40});
+    let before = f.sql("SELECT id FROM observation").await;
+    let (status, first) = f.load(&admin, &body).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut seen = keys(first["data"].as_array().unwrap());
+
+    // A second population lands and the views refresh between pages.
+    let more = synth(&f.dir, 4, 99);
+    ingest_and_refresh(&f.lake, &more).await;
+    let after = f.sql("SELECT id FROM observation").await;
+    assert!(after.len() > before.len());
+
+    let mut next = body.clone();
+    let mut token = first["nextPageToken"].as_str().map(str::to_owned);
+    while let Some(t) = token {
+        next["pageToken"] = json!(t);
+        let (status, page) = f.load(&admin, &next).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        seen.extend(keys(page["data"].as_array().unwrap()));
+        token = page["nextPageToken"].as_str().map(str::to_owned);
+    }
+    let distinct: BTreeSet<&String> = seen.iter().collect();
+    assert_eq!(distinct.len(), seen.len(), "an object was served twice");
+    let mut want = before.clone();
+    want.sort();
+    let mut got = seen.clone();
+    got.sort();
+    assert_eq!(got, want, "the pages are exactly the first page's snapshot");
+    // A new request reads the new snapshot.
+    let fresh = f
+        .load_all(
+            &admin,
+            &json!({"objectSet": {"type": "base", "objectType": "Observation"}, "pageSize": 10000}),
+        )
+        .await;
+    assert_eq!(fresh.len(), after.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patient_bound_token_reads_only_its_patient_on_every_path() {
+    let f = fixture(6).await;
+    let pids = f.sql("SELECT id FROM patient ORDER BY id").await;
+    let (mine, other) = (&pids[0], &pids[1]);
+    let tok = f.token("pat", "patient/*.rs", Some(mine));
+    let other_obs = f
+        .sql(&format!(
+            "SELECT id FROM observation WHERE patient_id = '{other}' LIMIT 1"
+        ))
+        .await;
+    let my_obs = f
+        .sql(&format!(
+            "SELECT id FROM observation WHERE patient_id = '{mine}' ORDER BY id"
+        ))
+        .await;
+
+    // loadObjects over all observations: only mine, and the count says so.
+    let (status, page) = f
+        .load(&tok, &json!({"objectSet": {"type": "base", "objectType": "Observation"}, "pageSize": 10000, "includeTotalCount": true}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(keys(page["data"].as_array().unwrap()), my_obs);
+    assert_eq!(page["totalCount"], json!(my_obs.len()));
+    // searchAround from the other patient: nothing (the source scan is scoped).
+    let (status, page) = f
+        .load(
+            &tok,
+            &json!({"objectSet": {"type": "searchAround", "link": "observations",
+            "objectSet": {"type": "static", "objectType": "Patient", "objects": [other]}}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["data"], json!([]));
+    // A filter that names the other patient's row finds nothing.
+    let (_, page) = f
+        .load(
+            &tok,
+            &json!({"objectSet": {"type": "base", "objectType": "Observation"},
+            "where": {"type": "eq", "field": "id", "value": other_obs[0]}}),
+        )
+        .await;
+    assert_eq!(page["data"], json!([]));
+    // One object: 404 for the other patient's, exactly like a missing one.
+    let (s1, b1) = f
+        .call(
+            "GET",
+            &format!(
+                "/api/v2/ontologies/atlas/objects/Observation/{}",
+                other_obs[0]
+            ),
+            Some(&tok),
+            None,
+        )
+        .await;
+    let (s2, b2) = f
+        .call(
+            "GET",
+            "/api/v2/ontologies/atlas/objects/Observation/no-such-id",
+            Some(&tok),
+            None,
+        )
+        .await;
+    assert_eq!((s1, s2), (StatusCode::NOT_FOUND, StatusCode::NOT_FOUND));
+    assert_eq!(b1["errorName"], b2["errorName"]);
+    let (s, _) = f
+        .call(
+            "GET",
+            &format!("/api/v2/ontologies/atlas/objects/Observation/{}", my_obs[0]),
+            Some(&tok),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // Links from the other patient, and listing with patientId=other: empty.
+    let (s, page) = f
+        .call(
+            "GET",
+            &format!("/api/v2/ontologies/atlas/objects/Patient/{other}/links/conditions"),
+            Some(&tok),
+            None,
+        )
+        .await;
+    assert_eq!((s, &page["data"]), (StatusCode::OK, &json!([])));
+    let (s, page) = f
+        .call(
+            "GET",
+            &format!("/api/v2/ontologies/atlas/objects/Encounter?patientId={other}"),
+            Some(&tok),
+            None,
+        )
+        .await;
+    assert_eq!((s, &page["data"]), (StatusCode::OK, &json!([])));
+    // Reverse link from my observations reaches only me.
+    let (_, page) = f
+        .load(
+            &tok,
+            &json!({"objectSet": {"type": "searchAround", "link": "patient",
+            "objectSet": {"type": "base", "objectType": "Observation"}}}),
+        )
+        .await;
+    assert_eq!(keys(page["data"].as_array().unwrap()), vec![mine.clone()]);
+
+    // A type no scope grants is a 403 naming it.
+    let obs_only = f.token("o", "user/Observation.rs", None);
+    let (s, e) = f
+        .load(
+            &obs_only,
+            &json!({"objectSet": {"type": "base", "objectType": "Condition"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{e}");
+    assert_eq!(e["parameters"]["objectType"], "Condition");
+    // ... also when reached through a link.
+    let (s, _) = f
+        .load(
+            &obs_only,
+            &json!({"objectSet": {"type": "searchAround", "link": "patient",
+            "objectSet": {"type": "base", "objectType": "Observation"}}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_and_bad_tokens_are_4xx_naming_the_field() {
+    let f = fixture(3).await;
+    let admin = f.admin();
+    let base = json!({"objectSet": {"type": "base", "objectType": "Patient"}, "pageSize": 1});
+    let cases: Vec<(Json, &str)> = vec![
+        (
+            json!({"objectSet": {"type": "base", "objectType": "Patient"}, "pageSiz": 1}),
+            "pageSiz",
+        ),
+        (
+            json!({"objectSet": {"type": "base", "objectType": "Patient"}, "pageSize": 100001}),
+            "pageSize",
+        ),
+        (
+            json!({"objectSet": {"type": "base", "objectType": "Patient"}, "pageSize": -1}),
+            "pageSize",
+        ),
+        (
+            json!({"objectSet": {"type": "base", "objectType": "Nope"}}),
+            "Nope",
+        ),
+        (
+            json!({"objectSet": {"type": "base", "objectType": "Patient"}, "where": {"type": "eq", "field": "nope", "value": 1}}),
+            "nope",
+        ),
+        (
+            json!({"objectSet": {"type": "base", "objectType": "Patient"}, "where": {"type": "eq", "field": "age", "value": "old"}}),
+            "age",
+        ),
+        (
+            json!({"objectSet": {"type": "base", "objectType": "Patient"}, "orderBy": {"fields": [{"field": "nope"}]}}),
+            "nope",
+        ),
+        (
+            json!({"objectSet": {"type": "base", "objectType": "Patient"}, "select": ["nope"]}),
+            "nope",
+        ),
+        (
+            json!({"objectSet": {"type": "base", "objectType": "Patient"}, "pageToken": "garbage"}),
+            "page token",
+        ),
+    ];
+    for (body, mention) in cases {
+        let (s, e) = f.load(&admin, &body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body} -> {e}");
+        assert!(
+            e.to_string().contains(mention),
+            "{body} -> {e} should name {mention}"
+        );
+    }
+    let (s, e) = f.call("POST", LOAD, Some(&admin), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    let (s, e) = f
+        .call(
+            "POST",
+            &format!("{LOAD}?dateFrom=yesterday"),
+            Some(&admin),
+            Some(&base),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["parameters"]["dateFrom"], "yesterday");
+
+    // Page tokens: another principal's, another request's, altered.
+    let (_, page) = f.load(&admin, &base).await;
+    let tok = page["nextPageToken"].as_str().unwrap().to_owned();
+    let mut next = base.clone();
+    next["pageToken"] = json!(tok);
+    let bob = f.token("bob", "user/*.rs", None);
+    let (s, e) = f.load(&bob, &next).await;
+    assert_eq!(
+        (s, e["errorName"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("PageTokenForeign"))
+    );
+    let mut other = next.clone();
+    other["objectSet"] = json!({"type": "base", "objectType": "Condition"});
+    let (s, e) = f.load(&admin, &other).await;
+    assert_eq!(
+        (s, e["errorName"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("PageTokenMismatch"))
+    );
+    let mut altered = next.clone();
+    let mut t = tok.clone().into_bytes();
+    t[5] = if t[5] == b'x' { b'y' } else { b'x' };
+    altered["pageToken"] = json!(String::from_utf8(t).unwrap());
+    let (s, e) = f.load(&admin, &altered).await;
+    assert_eq!(
+        (s, e["errorName"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("InvalidPageToken"))
+    );
+
+    // Authentication: none, malformed, unsigned, wrong issuer.
+    let (s, _) = f.call("POST", LOAD, None, Some(&base)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = f.call("POST", LOAD, Some("not-a-jwt"), Some(&base)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = admin.split('.').collect();
+    let none = format!(
+        "{}.{}.",
+        b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+        parts[1]
+    );
+    let (s, e) = f.call("POST", LOAD, Some(&none), Some(&base)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{e}");
+    let mut claims: Json = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+    claims["sub"] = json!("mallory");
+    let forged = format!(
+        "{}.{}.{}",
+        parts[0],
+        b64.encode(claims.to_string()),
+        parts[2]
+    );
+    let (s, e) = f.call("POST", LOAD, Some(&forged), Some(&base)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("signature"), "{e}");
+    let expired = f
+        .issuer
+        .mint(&TokenRequest {
+            subject: "a".into(),
+            scope: "user/*.rs".into(),
+            patient: None,
+            ttl_secs: 1,
+        })
+        .unwrap();
+    let mut c: Json =
+        serde_json::from_slice(&b64.decode(expired.split('.').nth(1).unwrap()).unwrap()).unwrap();
+    assert!(c["exp"].as_u64().unwrap() > 0);
+    c["iss"] = json!("https://evil.example");
+    let foreign = format!("{}.{}.{}", parts[0], b64.encode(c.to_string()), parts[2]);
+    let (s, e) = f.call("POST", LOAD, Some(&foreign), Some(&base)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(
+        e["message"].as_str().unwrap().contains("not trusted"),
+        "{e}"
+    );
+}
