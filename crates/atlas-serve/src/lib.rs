@@ -16,6 +16,7 @@
 //! GraphQL, FHIR REST and the access seam (`PolicyEngine`) come next, on
 //! the same router and state.
 
+mod aggregate;
 pub mod auth;
 mod config;
 mod error;

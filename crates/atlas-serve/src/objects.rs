@@ -30,6 +30,10 @@ pub(crate) fn routes() -> Router<AppState> {
             post(load_objects),
         )
         .route(
+            "/api/v2/ontologies/{ontology}/objectSets/aggregate",
+            post(crate::aggregate::aggregate),
+        )
+        .route(
             "/api/v2/ontologies/{ontology}/objects/{object_type}",
             get(list_objects),
         )
@@ -68,7 +72,10 @@ struct LoadObjectsBody {
 }
 
 /// The query string as a map: unknown and repeated parameters are refused.
-fn params(raw: Option<String>, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
+pub(crate) fn params(
+    raw: Option<String>,
+    allowed: &[&str],
+) -> Result<HashMap<String, String>, ApiError> {
     let mut out = HashMap::new();
     for (k, v) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
         if !allowed.contains(&k.as_ref()) {
@@ -116,7 +123,7 @@ fn page_size(v: Option<&Json>, state: &AppState) -> Result<usize, ApiError> {
 }
 
 /// `patientId`, `dateFrom`, `dateTo` from the query string.
-fn narrow(p: &HashMap<String, String>) -> Result<Narrow, ApiError> {
+pub(crate) fn narrow(p: &HashMap<String, String>) -> Result<Narrow, ApiError> {
     let date = |name: &str| -> Result<Option<String>, ApiError> {
         let Some(v) = p.get(name) else {
             return Ok(None);

@@ -92,7 +92,7 @@ impl Query {
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
+pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         "InternalError",
@@ -102,11 +102,11 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
     )
 }
 
-fn bad(name: &'static str, parameter: &str, value: &str, message: String) -> ApiError {
+pub(crate) fn bad(name: &'static str, parameter: &str, value: &str, message: String) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, name, parameter, value, message)
 }
 
-fn column(name: &str) -> Expr {
+pub(crate) fn column(name: &str) -> Expr {
     Expr::Column(Column::new_unqualified(name))
 }
 
@@ -139,7 +139,7 @@ pub(crate) struct Planner<'a> {
     pub state: &'a AppState,
     pub who: &'a Principal,
     pub action: Action,
-    pub providers: &'a HashMap<String, Arc<dyn TableProvider>>,
+    pub providers: &'a Providers,
     aliases: usize,
 }
 
@@ -148,7 +148,7 @@ impl<'a> Planner<'a> {
         state: &'a AppState,
         who: &'a Principal,
         action: Action,
-        providers: &'a HashMap<String, Arc<dyn TableProvider>>,
+        providers: &'a Providers,
     ) -> Planner<'a> {
         Planner {
             state,
@@ -309,7 +309,7 @@ impl<'a> Planner<'a> {
         ))
     }
 
-    fn property_column(&self, t: &'a ObjectType, property: &str) -> Result<&'a str, ApiError> {
+    pub fn property_column(&self, t: &'a ObjectType, property: &str) -> Result<&'a str, ApiError> {
         t.property(property)
             .map(|p| p.column.as_str())
             .ok_or_else(|| {
@@ -322,7 +322,7 @@ impl<'a> Planner<'a> {
             })
     }
 
-    fn column_type(&self, t: &ObjectType, col: &str) -> Result<DataType, ApiError> {
+    pub fn column_type(&self, t: &ObjectType, col: &str) -> Result<DataType, ApiError> {
         let schema = self.provider(t)?.schema();
         schema
             .field_with_name(col)
@@ -330,7 +330,12 @@ impl<'a> Planner<'a> {
             .map_err(|_| internal(format!("view {} has no column {col}", t.backing_view)))
     }
 
-    fn literal(&self, t: &ObjectType, field: &str, v: &Value) -> Result<(Expr, Expr), ApiError> {
+    pub fn literal(
+        &self,
+        t: &ObjectType,
+        field: &str,
+        v: &Value,
+    ) -> Result<(Expr, Expr), ApiError> {
         let col = self.property_column(t, field)?;
         let ty = self.column_type(t, col)?;
         let scalar = value_scalar(v, &ty).ok_or_else(|| {
@@ -443,7 +448,7 @@ impl<'a> Planner<'a> {
     }
 
     /// `patientId`, `dateFrom`, `dateTo` as a predicate over `t`.
-    fn narrow_expr(&self, t: &ObjectType, n: &Narrow) -> Result<Expr, ApiError> {
+    pub fn narrow_expr(&self, t: &ObjectType, n: &Narrow) -> Result<Expr, ApiError> {
         let mut acc = lit(true);
         if let Some(p) = &n.patient {
             let Some(pp) = t.patient_property.as_deref() else {
@@ -501,7 +506,7 @@ fn regex_escape(s: &str) -> String {
 }
 
 /// A filter value as a scalar of the column's type; `None` when they do not fit.
-fn value_scalar(v: &Value, ty: &DataType) -> Option<ScalarValue> {
+pub(crate) fn value_scalar(v: &Value, ty: &DataType) -> Option<ScalarValue> {
     match (v, ty) {
         (
             Value::Str(s) | Value::Date(s) | Value::Timestamp(s),
@@ -594,21 +599,15 @@ fn after_expr(keys: &[(String, bool, DataType)], after: &[Json]) -> Option<Expr>
     Some(any)
 }
 
-/// Runs one page of a query for `who`.
-pub(crate) async fn run(
+/// The table versions a set reads (the pinned ones of a page token, or the
+/// latest) and a provider for each.
+pub(crate) async fn snapshot(
     state: &AppState,
-    who: &Principal,
-    q: &Query,
-    page: &PageRequest,
-) -> Result<Page, ApiError> {
-    let request = digest(&q.normalised());
-    let token = match &page.token {
-        Some(t) => Some(state.page_tokens.read(t, &who.key(), &request)?),
-        None => None,
-    };
-    // The snapshot: the token's table versions, or the latest.
+    set: &ObjectSet,
+    pinned: Option<&BTreeMap<String, u64>>,
+) -> Result<(BTreeMap<String, u64>, Providers), ApiError> {
     let mut types = BTreeSet::new();
-    types_of(&q.set, &mut types);
+    types_of(set, &mut types);
     let mut versions = BTreeMap::new();
     let mut providers = HashMap::new();
     for name in &types {
@@ -617,8 +616,8 @@ pub(crate) async fn run(
         if versions.contains_key(view) {
             continue;
         }
-        let version = match &token {
-            Some(tok) => *tok.t.get(view).ok_or_else(|| {
+        let version = match pinned {
+            Some(p) => *p.get(view).ok_or_else(|| {
                 bad(
                     "PageTokenMismatch",
                     "pageToken",
@@ -631,7 +630,24 @@ pub(crate) async fn run(
         providers.insert(view.clone(), state.tables.provider(view, version).await?);
         versions.insert(view.clone(), version);
     }
+    Ok((versions, providers))
+}
 
+pub(crate) type Providers = HashMap<String, Arc<dyn TableProvider>>;
+
+/// Runs one page of a query for `who`.
+pub(crate) async fn run(
+    state: &AppState,
+    who: &Principal,
+    q: &Query,
+    page: &PageRequest,
+) -> Result<Page, ApiError> {
+    let request = digest(&q.normalised());
+    let token = match &page.token {
+        Some(t) => Some(state.page_tokens.read(t, &who.key(), &request)?),
+        None => None,
+    };
+    let (versions, providers) = snapshot(state, &q.set, token.as_ref().map(|t| &t.t)).await?;
     let t = crate::ontology::object_type(&state.ontology, q.set.object_type())?;
     let mut planner = Planner::new(state, who, q.action, &providers);
     let narrowed = planner

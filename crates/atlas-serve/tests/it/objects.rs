@@ -672,3 +672,136 @@ async fn bad_requests_and_bad_tokens_are_4xx_naming_the_field() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_match_sql_and_respect_the_patient_scope() {
+    let f = fixture(8).await;
+    let admin = f.admin();
+    const AGG: &str = "/api/v2/ontologies/atlas/objectSets/aggregate";
+    let body = json!({
+        "objectSet": {"type": "base", "objectType": "Patient"},
+        "aggregation": [
+            {"type": "count", "name": "n"},
+            {"type": "min", "field": "birth_date"},
+            {"type": "max", "field": "age", "name": "oldest"},
+            {"type": "avg", "field": "age"},
+            {"type": "sum", "field": "age"},
+            {"type": "exactDistinct", "field": "state"}
+        ],
+        "groupBy": [{"type": "exact", "field": "gender"}]
+    });
+    let (s, agg) = f.call("POST", AGG, Some(&admin), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{agg}");
+    let expected = f
+        .sql("SELECT concat_ws('|', gender, count(*), min(birth_date), max(age), sum(age), count(DISTINCT state)) FROM patient GROUP BY gender ORDER BY gender")
+        .await;
+    let got: Vec<String> = agg["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            let m = &g["metrics"];
+            let v = |i: usize| match &m[i]["value"] {
+                Json::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            format!(
+                "{}|{}|{}|{}|{}|{}",
+                g["group"]["gender"].as_str().unwrap(),
+                v(0),
+                v(1),
+                v(2),
+                v(4),
+                v(5)
+            )
+        })
+        .collect();
+    assert_eq!(got, expected);
+    assert_eq!(agg["data"][0]["metrics"][1]["name"], "min_birth_date");
+    assert_eq!(agg["accuracy"], "ACCURATE");
+
+    // Duration buckets over a dateTime and numeric ranges.
+    let body = json!({
+        "objectSet": {"type": "base", "objectType": "Encounter"},
+        "aggregation": [{"type": "count"}],
+        "groupBy": [{"type": "duration", "field": "period_start", "value": 1, "unit": "YEARS"}]
+    });
+    let (s, agg) = f.call("POST", AGG, Some(&admin), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{agg}");
+    let expected = f
+        .sql("SELECT concat(y, '-01-01|', n) FROM (SELECT left(period_start, 4) AS y, count(*) AS n FROM encounter WHERE period_start IS NOT NULL GROUP BY 1) ORDER BY y")
+        .await;
+    let got: Vec<String> = agg["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            format!(
+                "{}|{}",
+                g["group"]["period_start"].as_str().unwrap(),
+                g["metrics"][0]["value"]
+            )
+        })
+        .collect();
+    assert_eq!(got, expected);
+    let body = json!({
+        "objectSet": {"type": "base", "objectType": "Patient"},
+        "aggregation": [{"type": "count"}],
+        "groupBy": [{"type": "ranges", "field": "age", "ranges": [{"startValue": 0, "endValue": 18}, {"startValue": 18}]}]
+    });
+    let (s, agg) = f.call("POST", AGG, Some(&admin), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{agg}");
+    let adults = f
+        .sql("SELECT CAST(count(*) AS VARCHAR) FROM patient WHERE age >= 18")
+        .await;
+    let last = agg["data"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        last["group"]["age"],
+        json!({"startValue": 18, "endValue": null})
+    );
+    assert_eq!(last["metrics"][0]["value"].to_string(), adults[0]);
+
+    // A patient-bound token counts only its own patient's rows.
+    let pid = f
+        .sql("SELECT id FROM patient ORDER BY id LIMIT 1")
+        .await
+        .remove(0);
+    let tok = f.token("p", "patient/*.rs", Some(&pid));
+    let body = json!({"objectSet": {"type": "base", "objectType": "Observation"}, "aggregation": [{"type": "count"}]});
+    let (s, agg) = f.call("POST", AGG, Some(&tok), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{agg}");
+    let mine = f
+        .sql(&format!(
+            "SELECT CAST(count(*) AS VARCHAR) FROM observation WHERE patient_id = '{pid}'"
+        ))
+        .await;
+    assert_eq!(agg["data"][0]["metrics"][0]["value"].to_string(), mine[0]);
+
+    // Bad aggregations name the field.
+    for (body, mention) in [
+        (
+            json!({"objectSet": {"type": "base", "objectType": "Patient"}, "aggregation": [{"type": "sum", "field": "gender"}]}),
+            "aggregation[0].field",
+        ),
+        (
+            json!({"objectSet": {"type": "base", "objectType": "Patient"}, "aggregation": [{"type": "median", "field": "age"}]}),
+            "aggregation[0].type",
+        ),
+        (
+            json!({"objectSet": {"type": "base", "objectType": "Patient"}, "aggregation": [{"type": "count"}], "groupBy": [{"type": "exact", "field": "nope"}]}),
+            "groupBy[0].field",
+        ),
+        (
+            json!({"objectSet": {"type": "base", "objectType": "Patient"}, "aggregation": []}),
+            "aggregation",
+        ),
+        (
+            json!({"objectSet": {"type": "base", "objectType": "Patient"}, "aggregation": [{"type": "approximateDistinct", "field": "state"}], "accuracy": "REQUIRE_ACCURATE"}),
+            "aggregation[0].type",
+        ),
+    ] {
+        let (s, e) = f.call("POST", AGG, Some(&admin), Some(&body)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body} -> {e}");
+        assert!(e.to_string().contains(mention), "{e} should name {mention}");
+    }
+}
