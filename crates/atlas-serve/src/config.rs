@@ -20,6 +20,8 @@ pub struct ServeConfig {
     pub page_token_ttl_secs: u64,
     /// Who may call the server (`[auth]`).
     pub auth: crate::auth::AuthConfig,
+    /// GraphQL limits and introspection (`[graphql]`).
+    pub graphql: crate::graphql::GraphqlConfig,
 }
 
 impl Default for ServeConfig {
@@ -30,6 +32,7 @@ impl Default for ServeConfig {
             max_page_size: 10_000,
             page_token_ttl_secs: 3600,
             auth: crate::auth::AuthConfig::default(),
+            graphql: crate::graphql::GraphqlConfig::default(),
         }
     }
 }

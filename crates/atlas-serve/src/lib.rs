@@ -20,6 +20,7 @@ mod aggregate;
 pub mod auth;
 mod config;
 mod error;
+pub mod graphql;
 mod metrics;
 mod objects;
 mod ontology;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub tables: Arc<Tables>,
     pub page_tokens: Arc<PageTokens>,
+    /// The GraphQL schema generated from the ontology.
+    pub graphql: Arc<async_graphql::dynamic::Schema>,
 }
 
 impl AppState {
@@ -73,7 +76,9 @@ impl AppState {
             .await
             .map_err(|e| e.to_string())?;
         let page_tokens = PageTokens::open(&lake, config.page_token_ttl_secs).await?;
+        let graphql = graphql::schema(&ontology, &config)?;
         Ok(AppState {
+            graphql: Arc::new(graphql),
             tables: Arc::new(Tables::new(lake.clone())),
             lake,
             ontology: Arc::new(ontology),
@@ -93,6 +98,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::render))
         .merge(ontology::routes())
         .merge(objects::routes())
+        .route("/graphql", axum::routing::post(graphql::handler))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))

@@ -36,6 +36,7 @@ struct Inner {
     latency: BTreeMap<String, Histogram>,
     errors: BTreeMap<&'static str, u64>,
     rows: BTreeMap<String, u64>,
+    link_queries: u64,
 }
 
 impl Metrics {
@@ -71,6 +72,13 @@ impl Metrics {
     }
 
     /// The text exposition format (version 0.0.4).
+    /// One batched GraphQL link query (however many parents it served).
+    pub fn link_query(&self) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.link_queries += 1;
+        }
+    }
+
     pub fn render_text(&self) -> String {
         use std::fmt::Write;
         let Ok(m) = self.inner.lock() else {
@@ -117,6 +125,11 @@ impl Metrics {
         for (kind, n) in &m.errors {
             let _ = writeln!(out, "atlas_http_errors_total{{kind=\"{kind}\"}} {n}");
         }
+        out.push_str(
+            "# HELP atlas_graphql_link_queries_total Batched link queries run for GraphQL link fields.\n",
+        );
+        out.push_str("# TYPE atlas_graphql_link_queries_total counter\n");
+        let _ = writeln!(out, "atlas_graphql_link_queries_total {}", m.link_queries);
         out.push_str("# HELP atlas_rows_served_total Objects or rows returned, by route.\n");
         out.push_str("# TYPE atlas_rows_served_total counter\n");
         for (route, n) in &m.rows {

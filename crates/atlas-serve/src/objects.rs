@@ -242,7 +242,7 @@ fn order_body(v: Option<&Json>, t: &ObjectType) -> Result<Vec<OrderField>, ApiEr
 }
 
 /// `orderBy=effective:desc,id` in a query string.
-fn order_param(v: Option<&String>, t: &ObjectType) -> Result<Vec<OrderField>, ApiError> {
+pub(crate) fn order_param(v: Option<&String>, t: &ObjectType) -> Result<Vec<OrderField>, ApiError> {
     let Some(v) = v else { return Ok(Vec::new()) };
     let mut out = Vec::new();
     for part in v.split(',').filter(|p| !p.is_empty()) {

@@ -759,7 +759,7 @@ pub(crate) async fn run(
 /// One object: `__apiName`, `__primaryKey`, `__title`, then the properties
 /// (nulls as null).
 #[allow(clippy::too_many_arguments)]
-fn write_object(
+pub(crate) fn write_object(
     out: &mut Vec<u8>,
     t: &ObjectType,
     props: &[&atlas_ontology::Property],

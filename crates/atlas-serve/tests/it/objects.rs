@@ -805,3 +805,226 @@ async fn aggregates_match_sql_and_respect_the_patient_scope() {
         assert!(e.to_string().contains(mention), "{e} should name {mention}");
     }
 }
+
+async fn graphql(f: &Fixture, token: &str, query: &str, variables: Json) -> (StatusCode, Json) {
+    f.call(
+        "POST",
+        "/graphql",
+        Some(token),
+        Some(&json!({"query": query, "variables": variables})),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graphql_links_connections_and_limits() {
+    let f = fixture(6).await;
+    let admin = f.admin();
+    let pids = f.sql("SELECT id FROM patient ORDER BY id").await;
+    let pid = &pids[0];
+
+    // One patient with its links; link arguments narrow like loadObjects.
+    let code = f
+        .sql(&format!("SELECT code FROM observation WHERE patient_id = '{pid}' GROUP BY code ORDER BY count(*) DESC, code LIMIT 1"))
+        .await
+        .remove(0);
+    let q = r#"query($id: String!, $code: String) {
+        patient(id: $id) {
+            id family
+            medicationRequests { id status authored_on }
+            conditions { id code onset }
+            observations(code: $code, from: "2000") { id effective value_quantity encounter { id } }
+        }
+    }"#;
+    let (s, r) = graphql(&f, &admin, q, json!({"id": pid, "code": code})).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert!(r["errors"].is_null(), "{r}");
+    let p = &r["data"]["patient"];
+    assert_eq!(p["id"], json!(pid));
+    let ids = |v: &Json| -> Vec<String> {
+        let mut out: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["id"].as_str().unwrap().to_owned())
+            .collect();
+        out.sort();
+        out
+    };
+    assert_eq!(
+        ids(&p["conditions"]),
+        f.sql(&format!(
+            "SELECT id FROM condition WHERE patient_id = '{pid}' ORDER BY id"
+        ))
+        .await
+    );
+    assert_eq!(
+        ids(&p["medicationRequests"]),
+        f.sql(&format!(
+            "SELECT id FROM medication_request WHERE patient_id = '{pid}' ORDER BY id"
+        ))
+        .await
+    );
+    assert_eq!(
+        ids(&p["observations"]),
+        f.sql(&format!("SELECT id FROM observation WHERE patient_id = '{pid}' AND code = '{code}' AND left(effective, 4) >= '2000' ORDER BY id")).await
+    );
+    // Observations come in time order within the patient.
+    let times: Vec<&str> = p["observations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["effective"].as_str().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+
+    // A connection over every patient, paged by cursor, links batched.
+    let q = r#"query($after: String) {
+        PatientAll(first: 4, after: $after) {
+            totalCount
+            pageInfo { hasNextPage endCursor }
+            nodes { id conditions { id } }
+        }
+    }"#;
+    let link_queries = |m: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix("atlas_graphql_link_queries_total "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let metrics = || async {
+        let r = router(f.state.clone())
+            .oneshot(
+                Request::builder()
+                    .uri("/metrics")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        String::from_utf8(
+            axum::body::to_bytes(r.into_body(), 1 << 20)
+                .await
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap()
+    };
+    let before = link_queries(&metrics().await);
+    let mut pages = 0;
+    let mut after = Json::Null;
+    let mut seen = Vec::new();
+    let mut conditions = 0;
+    loop {
+        pages += 1;
+        let (s, r) = graphql(&f, &admin, q, json!({"after": after})).await;
+        assert_eq!(s, StatusCode::OK, "{r}");
+        let c = &r["data"]["PatientAll"];
+        assert_eq!(c["totalCount"], json!(pids.len()));
+        for n in c["nodes"].as_array().unwrap() {
+            seen.push(n["id"].as_str().unwrap().to_owned());
+            conditions += n["conditions"].as_array().unwrap().len();
+        }
+        if c["pageInfo"]["hasNextPage"] == json!(false) {
+            break;
+        }
+        after = c["pageInfo"]["endCursor"].clone();
+    }
+    assert_eq!(seen, pids);
+    assert_eq!(
+        conditions.to_string(),
+        f.sql("SELECT CAST(count(*) AS VARCHAR) FROM condition")
+            .await[0]
+    );
+
+    // The same filters as object sets.
+    let q = r#"{ PatientAll(where: {type: "eq", field: "gender", value: "female"}, first: 100) { nodes { id gender } } }"#;
+    let (s, r) = graphql(&f, &admin, q, json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    let got = ids(&r["data"]["PatientAll"]["nodes"]);
+    assert_eq!(
+        got,
+        f.sql("SELECT id FROM patient WHERE gender = 'female' ORDER BY id")
+            .await
+    );
+
+    // A patient-bound token: other patients are null/empty, on the root and in links.
+    let tok = f.token("p", "patient/*.rs", Some(pid));
+    let q = r#"query($other: String!) {
+        patient(id: $other) { id }
+        PatientAll { nodes { id observations(first: 1) { patient { id } } } }
+    }"#;
+    let (s, r) = graphql(&f, &tok, q, json!({"other": pids[1]})).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert!(r["data"]["patient"].is_null(), "{r}");
+    let nodes = r["data"]["PatientAll"]["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0]["id"], json!(pid));
+    // Reaching another patient's encounter through a link finds nothing.
+    let other_obs = f
+        .sql(&format!(
+            "SELECT id FROM observation WHERE patient_id = '{}' LIMIT 1",
+            pids[1]
+        ))
+        .await;
+    let (_, r) = graphql(
+        &f,
+        &tok,
+        r#"query($id: String!) { observation(id: $id) { id patient { id } } }"#,
+        json!({"id": other_obs[0]}),
+    )
+    .await;
+    assert!(r["data"]["observation"].is_null(), "{r}");
+
+    // Limits: depth, unknown fields, bad filters, bad cursors: 4xx or errors naming the problem.
+    let deep = format!(
+        "{{ patient(id: \"{pid}\") {{ {} id {} }} }}",
+        "encounters { patient { ".repeat(8),
+        "} } ".repeat(8)
+    );
+    let (s, r) = graphql(&f, &admin, &deep, json!({})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{r}");
+    assert!(
+        r.to_string().contains("too deep") || r.to_string().contains("depth"),
+        "{r}"
+    );
+    let (s, r) = graphql(&f, &admin, "{ patient(id: \"x\") { nope } }", json!({})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{r}");
+    assert!(r.to_string().contains("nope"), "{r}");
+    let (s, r) = graphql(
+        &f,
+        &admin,
+        r#"{ PatientAll(where: {type: "eq", field: "nope", value: 1}) { nodes { id } } }"#,
+        json!({}),
+    )
+    .await;
+    assert!(
+        r["errors"][0]["message"].as_str().unwrap().contains("nope"),
+        "{s} {r}"
+    );
+    let (_, r) = graphql(
+        &f,
+        &admin,
+        r#"{ PatientAll(after: "forged") { nodes { id } } }"#,
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        r["errors"][0]["extensions"]["errorName"], "InvalidPageToken",
+        "{r}"
+    );
+    let (s, _) = f
+        .call("POST", "/graphql", Some(&admin), Some(&json!({"nope": 1})))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = f
+        .call(
+            "POST",
+            "/graphql",
+            None,
+            Some(&json!({"query": "{ __typename }"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
