@@ -150,11 +150,10 @@ impl LinkSide {
     }
     /// Many targets per source.
     fn many(&self) -> bool {
-        match (self.link.cardinality, self.forward) {
-            (Cardinality::OneToMany, true) => true,
-            (Cardinality::ManyToOne, false) => true,
-            _ => false,
-        }
+        matches!(
+            (self.link.cardinality, self.forward),
+            (Cardinality::OneToMany, true) | (Cardinality::ManyToOne, false)
+        )
     }
 }
 
@@ -268,7 +267,7 @@ pub fn schema(ontology: &Ontology, config: &crate::ServeConfig) -> Result<Schema
                             .map_err(gql_error)?;
                         let mut objs = parse_objects(&page.data)?;
                         rc.take_rows(objs.len())?;
-                        Ok(objs.pop().map(|o| FieldValue::owned_any(o)))
+                        Ok(objs.pop().map(FieldValue::owned_any))
                     })
                 },
             )
