@@ -932,6 +932,8 @@ async fn graphql_links_connections_and_limits() {
         after = c["pageInfo"]["endCursor"].clone();
     }
     assert_eq!(seen, pids);
+    // One link query per page, not one per patient (no N+1).
+    assert_eq!(link_queries(&metrics().await) - before, pages);
     assert_eq!(
         conditions.to_string(),
         f.sql("SELECT CAST(count(*) AS VARCHAR) FROM condition")
