@@ -20,6 +20,7 @@ mod aggregate;
 pub mod auth;
 mod config;
 mod error;
+mod fhir;
 pub mod graphql;
 mod metrics;
 mod objects;
@@ -99,6 +100,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ontology::routes())
         .merge(objects::routes())
         .route("/graphql", axum::routing::post(graphql::handler))
+        .merge(fhir::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))

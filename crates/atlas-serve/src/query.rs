@@ -533,7 +533,7 @@ pub(crate) fn value_scalar(v: &Value, ty: &DataType) -> Option<ScalarValue> {
 }
 
 /// A key value for a page token: exact (decimals as their unscaled integer).
-fn key_json(a: &dyn Array, row: usize) -> Json {
+pub(crate) fn key_json(a: &dyn Array, row: usize) -> Json {
     if a.is_null(row) {
         return Json::Null;
     }
@@ -546,6 +546,10 @@ fn key_json(a: &dyn Array, row: usize) -> Json {
         DataType::Decimal128(..) => {
             Json::from(a.as_primitive::<Decimal128Type>().value(row).to_string())
         }
+        DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, _) => Json::from(
+            a.as_primitive::<arrow::datatypes::TimestampMicrosecondType>()
+                .value(row),
+        ),
         _ => Json::Null,
     }
 }
@@ -561,13 +565,16 @@ fn key_scalar(j: &Json, ty: &DataType) -> Option<ScalarValue> {
         (Json::String(s), DataType::Decimal128(p, sc)) => {
             ScalarValue::Decimal128(Some(s.parse().ok()?), *p, *sc)
         }
+        (Json::Number(n), DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, tz)) => {
+            ScalarValue::TimestampMicrosecond(Some(n.as_i64()?), tz.clone())
+        }
         _ => return None,
     })
 }
 
 /// Keyset paging: rows strictly after `after` in the order of `keys`
 /// (nulls last in both directions).
-fn after_expr(keys: &[(String, bool, DataType)], after: &[Json]) -> Option<Expr> {
+pub(crate) fn after_expr(keys: &[(String, bool, DataType)], after: &[Json]) -> Option<Expr> {
     if after.len() != keys.len() {
         return None;
     }
@@ -616,6 +623,7 @@ pub(crate) async fn snapshot(
         if versions.contains_key(view) {
             continue;
         }
+        let dir = atlas_viewstore::view_table_dir(view);
         let version = match pinned {
             Some(p) => *p.get(view).ok_or_else(|| {
                 bad(
@@ -625,9 +633,9 @@ pub(crate) async fn snapshot(
                     "the page token does not cover this request's tables".into(),
                 )
             })?,
-            None => state.tables.latest_version(view).await?,
+            None => state.tables.latest_version(&dir).await?,
         };
-        providers.insert(view.clone(), state.tables.provider(view, version).await?);
+        providers.insert(view.clone(), state.tables.provider(&dir, version).await?);
         versions.insert(view.clone(), version);
     }
     Ok((versions, providers))

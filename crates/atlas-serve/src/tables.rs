@@ -51,7 +51,8 @@ impl Tables {
         &self.ctx
     }
 
-    /// The view table's current version.
+    /// The current version of the table at `dir` (relative to the lake
+    /// root: `views/observation`, `tables/resources`).
     pub async fn latest_version(&self, view: &str) -> Result<u64, ApiError> {
         let mut latest = self.latest.lock().await;
         if let Some(t) = latest.get_mut(view) {
@@ -59,17 +60,16 @@ impl Tables {
                 .await
                 .map_err(|e| unavailable(view, format!("view table {view}: {e}")))?;
         } else {
-            let dir = atlas_viewstore::view_table_dir(view);
             let t = self
                 .lake
-                .table_at(&dir)
+                .table_at(view)
                 .await
                 .map_err(|e| unavailable(view, format!("view table {view}: {e}")))?
                 .ok_or_else(|| {
                     unavailable(
                         view,
                         format!(
-                            "view '{view}' is not materialized in this lake; run `atlas views refresh`"
+                            "table {view} does not exist in this lake yet (views: run `atlas views refresh`; resources: `atlas ingest`)"
                         ),
                     )
                 })?;

@@ -1030,3 +1030,276 @@ async fn graphql_links_connections_and_limits() {
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 }
+
+/// Every page of a FHIR search, following Bundle.link[next].
+async fn fhir_all(f: &Fixture, token: &str, uri: &str) -> (Vec<Json>, Json) {
+    let mut out = Vec::new();
+    let mut uri = uri.to_owned();
+    let mut first = Json::Null;
+    loop {
+        let (s, b) = f.call("GET", &uri, Some(token), None).await;
+        assert_eq!(s, StatusCode::OK, "{uri}: {b}");
+        assert_eq!(b["resourceType"], "Bundle");
+        if first.is_null() {
+            first = b.clone();
+        }
+        out.extend(
+            b["entry"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["resource"].clone()),
+        );
+        let next = b["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_owned());
+        match next {
+            Some(u) => uri = u.strip_prefix("http://localhost").unwrap().to_owned(),
+            None => return (out, first),
+        }
+    }
+}
+
+fn ids_of(resources: &[Json]) -> Vec<String> {
+    resources
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fhir_rest_reads_searches_and_everything() {
+    let f = fixture(5).await;
+    let admin = f.admin();
+    let pids = f.sql("SELECT id FROM patient ORDER BY id").await;
+    let pid = &pids[0];
+
+    // Read: the stored JSON, byte for byte.
+    let obs = f
+        .sql(&format!(
+            "SELECT id FROM observation WHERE patient_id = '{pid}' ORDER BY id LIMIT 1"
+        ))
+        .await
+        .remove(0);
+    let stored = f
+        .sql(&format!(
+            "SELECT resource FROM resources WHERE resource_type = 'Observation' AND id = '{obs}'"
+        ))
+        .await
+        .remove(0);
+    let r = router(f.state.clone())
+        .oneshot(
+            Request::builder()
+                .uri(format!("/fhir/Observation/{obs}"))
+                .header("authorization", format!("Bearer {admin}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "application/fhir+json");
+    let bytes = axum::body::to_bytes(r.into_body(), 1 << 24).await.unwrap();
+    assert_eq!(std::str::from_utf8(&bytes).unwrap(), stored);
+    let (s, oo) = f
+        .call("GET", "/fhir/Observation/nope", Some(&admin), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(oo["resourceType"], "OperationOutcome");
+
+    // Search by patient and code, paged through next links.
+    let code = f
+        .sql(&format!("SELECT code FROM observation WHERE patient_id = '{pid}' GROUP BY code ORDER BY count(*) DESC, code LIMIT 1"))
+        .await
+        .remove(0);
+    let (got, first) = fhir_all(
+        &f,
+        &admin,
+        &format!("/fhir/Observation?patient=Patient/{pid}&code={code}&_count=1&_total=accurate"),
+    )
+    .await;
+    let expected = f
+        .sql(&format!(
+            "SELECT id FROM observation WHERE patient_id = '{pid}' AND code = '{code}' ORDER BY id"
+        ))
+        .await;
+    assert!(expected.len() > 1, "several pages");
+    assert_eq!(ids_of(&got), expected);
+    assert_eq!(first["total"], json!(expected.len()));
+    // date with a prefix, and _lastUpdated, and _sort descending.
+    let (got, _) = fhir_all(
+        &f,
+        &admin,
+        &format!("/fhir/Condition?subject={pid}&date=ge2010&_sort=-_id"),
+    )
+    .await;
+    let mut expected = f.sql(&format!("SELECT id FROM condition WHERE patient_id = '{pid}' AND left(onset, 4) >= '2010' ORDER BY id DESC")).await;
+    assert_eq!(ids_of(&got), expected);
+    let (got, _) = fhir_all(
+        &f,
+        &admin,
+        "/fhir/Patient?_lastUpdated=ge2000-01-01&_count=2",
+    )
+    .await;
+    expected = f.sql("SELECT id FROM resources WHERE resource_type = 'Patient' AND last_updated >= '2000-01-01T00:00:00Z' ORDER BY id").await;
+    assert_eq!(ids_of(&got), expected);
+    let (got, _) = fhir_all(
+        &f,
+        &admin,
+        &format!(
+            "/fhir/Encounter?_id={},nope",
+            f.sql("SELECT id FROM encounter ORDER BY id LIMIT 1").await[0]
+        ),
+    )
+    .await;
+    assert_eq!(got.len(), 1);
+
+    // $everything: the patient's whole compartment, paged, with _type.
+    let (got, _) = fhir_all(
+        &f,
+        &admin,
+        &format!("/fhir/Patient/{pid}/$everything?_count=50"),
+    )
+    .await;
+    let expected = f.sql(&format!("SELECT CAST(count(*) AS VARCHAR) FROM resources WHERE patient_id = '{pid}' AND NOT deleted")).await;
+    assert_eq!(got.len().to_string(), expected[0]);
+    assert!(
+        got.iter()
+            .any(|r| r["resourceType"] == "Patient" && r["id"] == json!(pid))
+    );
+    let (got, _) = fhir_all(
+        &f,
+        &admin,
+        &format!("/fhir/Patient/{pid}/$everything?_type=Condition,Encounter"),
+    )
+    .await;
+    assert!(
+        got.iter()
+            .all(|r| r["resourceType"] == "Condition" || r["resourceType"] == "Encounter")
+    );
+    let expected = f.sql(&format!("SELECT CAST(count(*) AS VARCHAR) FROM resources WHERE patient_id = '{pid}' AND resource_type IN ('Condition', 'Encounter') AND NOT deleted")).await;
+    assert_eq!(got.len().to_string(), expected[0]);
+
+    // A patient-bound token: its own data only, on read, search and $everything.
+    let tok = f.token("p", "patient/*.rs", Some(pid));
+    let other = &pids[1];
+    let other_obs = f
+        .sql(&format!(
+            "SELECT id FROM observation WHERE patient_id = '{other}' LIMIT 1"
+        ))
+        .await
+        .remove(0);
+    let (s, _) = f
+        .call(
+            "GET",
+            &format!("/fhir/Observation/{other_obs}"),
+            Some(&tok),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = f
+        .call("GET", &format!("/fhir/Observation/{obs}"), Some(&tok), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (got, _) = fhir_all(&f, &tok, "/fhir/Observation?_count=1000").await;
+    let mine = f
+        .sql(&format!(
+            "SELECT id FROM observation WHERE patient_id = '{pid}' ORDER BY id"
+        ))
+        .await;
+    assert_eq!(ids_of(&got), mine);
+    let (got, _) = fhir_all(&f, &tok, &format!("/fhir/Condition?patient={other}")).await;
+    assert!(got.is_empty());
+    let (s, _) = f
+        .call(
+            "GET",
+            &format!("/fhir/Patient/{other}/$everything"),
+            Some(&tok),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, b) = f
+        .call(
+            "GET",
+            &format!("/fhir/Observation?patient={pid}&code={code}"),
+            Some(&tok),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    // A type the scopes do not grant.
+    let obs_only = f.token("o", "user/Observation.rs", None);
+    let (s, oo) = f
+        .call("GET", "/fhir/Condition", Some(&obs_only), None)
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{oo}");
+    assert_eq!(oo["issue"][0]["code"], "forbidden");
+    // $everything needs the Patient itself to be readable.
+    let (s, _) = f
+        .call(
+            "GET",
+            &format!("/fhir/Patient/{pid}/$everything"),
+            Some(&obs_only),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // ... and leaves out the types a token may not read.
+    let some = f.token("s", "user/Patient.rs user/Condition.rs", None);
+    let (got, _) = fhir_all(&f, &some, &format!("/fhir/Patient/{pid}/$everything")).await;
+    let expected = f.sql(&format!("SELECT CAST(count(*) AS VARCHAR) FROM resources WHERE patient_id = '{pid}' AND resource_type IN ('Patient', 'Condition') AND NOT deleted")).await;
+    assert_eq!(got.len().to_string(), expected[0]);
+
+    // Bad input: OperationOutcome 4xx naming the parameter.
+    for (uri, param) in [
+        ("/fhir/Observation?foo=1", "foo"),
+        ("/fhir/Observation?_count=0", "_count"),
+        ("/fhir/Observation?date=yesterday", "date"),
+        ("/fhir/Observation?_lastUpdated=ap2020", "_lastUpdated"),
+        ("/fhir/Observation?_sort=code", "_sort"),
+        ("/fhir/Observation?_page_token=forged", "_page_token"),
+    ] {
+        let (s, oo) = f.call("GET", uri, Some(&admin), None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {oo}");
+        assert_eq!(oo["issue"][0]["expression"][0], param, "{uri}: {oo}");
+    }
+    let (s, _) = f.call("GET", "/fhir/NotAType/1", Some(&admin), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, oo) = f.call("GET", "/fhir/Observation", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(oo["resourceType"], "OperationOutcome");
+
+    // The CapabilityStatement lists what works, without a token.
+    let (s, cs) = f.call("GET", "/fhir/metadata", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let obs_cap = cs["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Observation")
+        .unwrap()
+        .clone();
+    let names: Vec<&str> = obs_cap["searchParam"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "_id",
+            "_lastUpdated",
+            "patient",
+            "subject",
+            "code",
+            "date",
+            "status"
+        ]
+    );
+}
