@@ -26,6 +26,7 @@ mod metrics;
 mod objects;
 mod ontology;
 mod query;
+mod stream;
 mod tables;
 mod token;
 

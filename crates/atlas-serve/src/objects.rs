@@ -335,11 +335,16 @@ async fn load_objects(
     State(state): State<AppState>,
     Path(ontology): Path<String>,
     RawQuery(raw): RawQuery,
+    headers: axum::http::HeaderMap,
     who: Principal,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     check_ontology(&ontology)?;
-    let p = params(raw, &["patientId", "dateFrom", "dateTo"])?;
+    let p = params(raw, &["patientId", "dateFrom", "dateTo", "format"])?;
+    let format = crate::stream::Format::choose(
+        p.get("format").map(String::as_str),
+        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
+    )?;
     let body: LoadObjectsBody = serde_json::from_slice(&body).map_err(|e| {
         bad(
             "InvalidRequestBody",
@@ -370,6 +375,17 @@ async fn load_objects(
         narrow: narrow(&p)?,
         action: Action::Search,
     };
+    if let Some(f) = format {
+        if body.page_token.is_some() || body.page_size.is_some() || body.include_total_count {
+            return Err(bad(
+                "InvalidRequestBody",
+                "format",
+                f.content_type(),
+                "a streamed response holds the whole set: pageSize, pageToken and includeTotalCount do not apply",
+            ));
+        }
+        return crate::stream::stream_objects(&state, &who, &q, f).await;
+    }
     let page = PageRequest {
         size: page_size(body.page_size.as_ref(), &state)?,
         token: body.page_token,

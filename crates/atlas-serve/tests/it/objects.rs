@@ -1303,3 +1303,122 @@ async fn fhir_rest_reads_searches_and_everything() {
         ]
     );
 }
+
+async fn raw_post(
+    f: &Fixture,
+    uri: &str,
+    token: &str,
+    accept: Option<&str>,
+    body: &Json,
+) -> (StatusCode, String, Vec<u8>) {
+    let mut req = Request::builder()
+        .method("POST")
+        .uri(uri)
+        .header("authorization", format!("Bearer {token}"));
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    let r = router(f.state.clone())
+        .oneshot(req.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
+    let status = r.status();
+    let ct = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let bytes = axum::body::to_bytes(r.into_body(), 1 << 28).await.unwrap();
+    (status, ct, bytes.to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_sets_stream_as_ndjson_arrow_and_parquet_within_scope() {
+    let f = fixture(5).await;
+    let admin = f.admin();
+    let body = json!({"objectSet": {"type": "base", "objectType": "Observation"}, "select": ["code", "value_quantity", "effective"]});
+    let all = f.sql("SELECT id FROM observation ORDER BY id").await;
+
+    let (s, ct, bytes) = raw_post(&f, &format!("{LOAD}?format=ndjson"), &admin, None, &body).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(ct, "application/x-ndjson");
+    let lines: Vec<Json> = std::str::from_utf8(&bytes)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut got = keys(&lines);
+    got.sort();
+    assert_eq!(got, all);
+    assert!(lines[0].get("value_quantity").is_some() && lines[0].get("status").is_none());
+
+    let (s, ct, bytes) = raw_post(
+        &f,
+        LOAD,
+        &admin,
+        Some("application/vnd.apache.arrow.stream"),
+        &body,
+    )
+    .await;
+    assert_eq!(
+        (s, ct.as_str()),
+        (StatusCode::OK, "application/vnd.apache.arrow.stream")
+    );
+    let reader =
+        arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None).unwrap();
+    let names: Vec<String> = reader
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert_eq!(names, ["code", "value_quantity", "effective"]);
+    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, all.len());
+
+    let (s, _, bytes) = raw_post(&f, &format!("{LOAD}?format=parquet"), &admin, None, &body).await;
+    assert_eq!(s, StatusCode::OK);
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        bytes::Bytes::from(bytes),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
+    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, all.len());
+
+    // The patient scope holds on the streaming path too.
+    let pid = f
+        .sql("SELECT id FROM patient ORDER BY id LIMIT 1")
+        .await
+        .remove(0);
+    let tok = f.token("p", "patient/*.rs", Some(&pid));
+    let (s, _, bytes) = raw_post(&f, &format!("{LOAD}?format=ndjson"), &tok, None, &body).await;
+    assert_eq!(s, StatusCode::OK);
+    let mut got: Vec<String> = std::str::from_utf8(&bytes)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Json>(l).unwrap()["__primaryKey"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        f.sql(&format!(
+            "SELECT id FROM observation WHERE patient_id = '{pid}' ORDER BY id"
+        ))
+        .await
+    );
+
+    // Paging parameters do not mix with a stream; unknown formats are refused.
+    let mut paged = body.clone();
+    paged["pageSize"] = json!(10);
+    let (s, _, _) = raw_post(&f, &format!("{LOAD}?format=ndjson"), &admin, None, &paged).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _, _) = raw_post(&f, &format!("{LOAD}?format=xml"), &admin, None, &body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}

@@ -1,0 +1,325 @@
+//! Streaming an object set whole, as NDJSON, an Arrow IPC stream or a
+//! Parquet file, chosen by `Accept` or `format=`: `loadObjects` with
+//! `format=ndjson` (or `Accept: application/x-ndjson`) streams every object
+//! of the set instead of one page.
+//!
+//! The plan is the same as a page's (policy scope on every scan, the set's
+//! filters), executed as a DataFusion stream: each record batch is encoded
+//! and sent as it arrives, and the next is pulled only when the client has
+//! taken the previous one (the response body is the stream, so a slow
+//! client slows the scan instead of filling memory). Without `orderBy` no
+//! operator needs the whole result, so memory stays flat however large the
+//! set is; an `orderBy` sorts first (DataFusion spills if it must).
+
+use std::sync::{Arc, Mutex};
+
+use arrow::datatypes::{Field, Schema};
+use arrow::record_batch::RecordBatch;
+use axum::body::Body;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use datafusion::dataframe::DataFrame;
+use futures::StreamExt;
+
+use atlas_ontology::{ObjectType, Property};
+use atlas_policy::Principal;
+
+use crate::query::{Planner, Query, column, internal, snapshot, write_object};
+use crate::{ApiError, AppState};
+
+/// An encoding of a streamed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    Ndjson,
+    Arrow,
+    Parquet,
+}
+
+impl Format {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Ndjson => "application/x-ndjson",
+            Format::Arrow => "application/vnd.apache.arrow.stream",
+            Format::Parquet => "application/vnd.apache.parquet",
+        }
+    }
+
+    /// From `format=` (wins) or the `Accept` header; `None`: a JSON page.
+    pub fn choose(param: Option<&str>, accept: Option<&str>) -> Result<Option<Format>, ApiError> {
+        if let Some(p) = param {
+            return match p {
+                "ndjson" => Ok(Some(Format::Ndjson)),
+                "arrow" => Ok(Some(Format::Arrow)),
+                "parquet" => Ok(Some(Format::Parquet)),
+                "json" => Ok(None),
+                other => Err(crate::query::bad(
+                    "InvalidParameter",
+                    "format",
+                    other,
+                    "format must be json, ndjson, arrow or parquet".into(),
+                )),
+            };
+        }
+        let accept = accept.unwrap_or("");
+        for f in [Format::Ndjson, Format::Arrow, Format::Parquet] {
+            if accept.contains(f.content_type()) {
+                return Ok(Some(f));
+            }
+        }
+        if accept.contains("application/fhir+ndjson") {
+            return Ok(Some(Format::Ndjson));
+        }
+        Ok(None)
+    }
+}
+
+/// Streams every object of `q` in `format`.
+pub(crate) async fn stream_objects(
+    state: &AppState,
+    who: &Principal,
+    q: &Query,
+    format: Format,
+) -> Result<Response, ApiError> {
+    let (_, providers) = snapshot(state, &q.set, None).await?;
+    let t: ObjectType = crate::ontology::object_type(&state.ontology, q.set.object_type())?.clone();
+    let mut planner = Planner::new(state, who, q.action, &providers);
+    let mut b = planner
+        .set_plan(&q.set)?
+        .filter(planner.narrow_expr(&t, &q.narrow)?)
+        .map_err(internal)?;
+    if !q.order.is_empty() {
+        let mut sort = Vec::new();
+        for o in &q.order {
+            sort.push(column(planner.property_column(&t, &o.property)?).sort(o.ascending, false));
+        }
+        sort.push(column(planner.property_column(&t, &t.primary_key)?).sort(true, false));
+        b = b.sort(sort).map_err(internal)?;
+    }
+    let props: Vec<Property> = match &q.select {
+        None => t.properties.clone(),
+        Some(sel) => sel.iter().filter_map(|p| t.property(p).cloned()).collect(),
+    };
+    // Columns renamed to the properties' api names; the primary key and
+    // title come along for NDJSON's `__primaryKey` and `__title`.
+    let pk = planner.property_column(&t, &t.primary_key)?.to_owned();
+    let title = planner.property_column(&t, &t.title_property)?.to_owned();
+    let mut exprs: Vec<datafusion::logical_expr::Expr> = props
+        .iter()
+        .map(|p| column(&p.column).alias(p.api_name.as_str()))
+        .collect();
+    if format == Format::Ndjson {
+        exprs.push(column(&pk).alias("__pk"));
+        exprs.push(column(&title).alias("__title"));
+    }
+    let plan = b.project(exprs).and_then(|b| b.build()).map_err(internal)?;
+    let stream = DataFrame::new(state.tables.session().state(), plan)
+        .execute_stream()
+        .await
+        .map_err(internal)?;
+    let schema = stream.schema();
+    let metrics = state.metrics.clone();
+    let rows_route = match format {
+        Format::Ndjson => "stream.ndjson",
+        Format::Arrow => "stream.arrow",
+        Format::Parquet => "stream.parquet",
+    };
+    let mut encoder = Encoder::new(format, &t, &props, schema.as_ref())?;
+    let body_stream = async_stream(stream, move |batch| {
+        metrics.rows(
+            rows_route,
+            batch.as_ref().map_or(0, |b| b.num_rows() as u64),
+        );
+        encoder.encode(batch)
+    });
+    Ok((
+        [(header::CONTENT_TYPE, format.content_type())],
+        Body::from_stream(body_stream),
+    )
+        .into_response())
+}
+
+/// Maps each batch (then one final `None`) to bytes, lazily.
+fn async_stream(
+    input: datafusion::execution::SendableRecordBatchStream,
+    mut f: impl FnMut(Option<RecordBatch>) -> Result<bytes::Bytes, std::io::Error> + Send + 'static,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
+    let end = futures::stream::once(async { None });
+    input
+        .map(Some)
+        .chain(end)
+        .map(move |item| match item {
+            Some(Ok(batch)) => f(Some(batch)),
+            Some(Err(e)) => Err(std::io::Error::other(e.to_string())),
+            None => f(None),
+        })
+        .filter(|r| futures::future::ready(!matches!(r, Ok(b) if b.is_empty())))
+}
+
+/// A `Write` whose bytes are taken out after each batch.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn take(&self) -> bytes::Bytes {
+        self.0
+            .lock()
+            .map(|mut v| bytes::Bytes::from(std::mem::take(&mut *v)))
+            .unwrap_or_default()
+    }
+}
+
+enum Encoder {
+    Ndjson {
+        t: ObjectType,
+        props: Vec<Property>,
+    },
+    Arrow {
+        out: Shared,
+        writer: Option<arrow::ipc::writer::StreamWriter<Shared>>,
+    },
+    Parquet {
+        out: Shared,
+        writer: Option<parquet::arrow::ArrowWriter<Shared>>,
+    },
+}
+
+impl Encoder {
+    fn new(
+        format: Format,
+        t: &ObjectType,
+        props: &[Property],
+        schema: &Schema,
+    ) -> Result<Encoder, ApiError> {
+        let out = Shared::default();
+        // Output columns are nullable whatever the view says.
+        let schema = Arc::new(Schema::new(
+            schema
+                .fields()
+                .iter()
+                .map(|f| Field::new(f.name(), f.data_type().clone(), true))
+                .collect::<Vec<_>>(),
+        ));
+        Ok(match format {
+            Format::Ndjson => Encoder::Ndjson {
+                t: t.clone(),
+                props: props.to_vec(),
+            },
+            Format::Arrow => Encoder::Arrow {
+                writer: Some(
+                    arrow::ipc::writer::StreamWriter::try_new(out.clone(), &schema)
+                        .map_err(internal)?,
+                ),
+                out,
+            },
+            Format::Parquet => {
+                let props = parquet::file::properties::WriterProperties::builder()
+                    .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+                    .build();
+                Encoder::Parquet {
+                    writer: Some(
+                        parquet::arrow::ArrowWriter::try_new(out.clone(), schema, Some(props))
+                            .map_err(internal)?,
+                    ),
+                    out,
+                }
+            }
+        })
+    }
+
+    fn encode(&mut self, batch: Option<RecordBatch>) -> Result<bytes::Bytes, std::io::Error> {
+        let err = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+        match self {
+            Encoder::Ndjson { t, props } => {
+                let Some(b) = batch else {
+                    return Ok(bytes::Bytes::new());
+                };
+                let refs: Vec<&Property> = props.iter().collect();
+                // The batch's columns carry api names; write_object looks
+                // columns up by `column`, so point each property at its alias.
+                let renamed: Vec<Property> = refs
+                    .iter()
+                    .map(|p| Property {
+                        column: p.api_name.clone(),
+                        ..(*p).clone()
+                    })
+                    .collect();
+                let renamed_refs: Vec<&Property> = renamed.iter().collect();
+                let schema = b.schema();
+                let mut out = Vec::with_capacity(b.num_rows() * 256);
+                for row in 0..b.num_rows() {
+                    write_object(
+                        &mut out,
+                        t,
+                        &renamed_refs,
+                        &b,
+                        &schema,
+                        row,
+                        "__pk",
+                        "__title",
+                    );
+                    out.push(b'\n');
+                }
+                Ok(bytes::Bytes::from(out))
+            }
+            Encoder::Arrow { out, writer } => {
+                match (batch, writer.as_mut()) {
+                    (Some(b), Some(w)) => {
+                        let b = relax(b).map_err(|e| err(&e))?;
+                        w.write(&b).map_err(|e| err(&e))?
+                    }
+                    (None, Some(_)) => {
+                        if let Some(mut w) = writer.take() {
+                            w.finish().map_err(|e| err(&e))?;
+                        }
+                    }
+                    _ => {}
+                }
+                Ok(out.take())
+            }
+            Encoder::Parquet { out, writer } => {
+                match (batch, writer.as_mut()) {
+                    (Some(b), Some(w)) => {
+                        let b = relax(b).map_err(|e| err(&e))?;
+                        w.write(&b).map_err(|e| err(&e))?;
+                        // Send whole row groups as they fill.
+                        if w.in_progress_rows() >= 64 * 1024 {
+                            w.flush().map_err(|e| err(&e))?;
+                        }
+                    }
+                    (None, Some(_)) => {
+                        if let Some(w) = writer.take() {
+                            w.close().map_err(|e| err(&e))?;
+                        }
+                    }
+                    _ => {}
+                }
+                Ok(out.take())
+            }
+        }
+    }
+}
+
+/// The batch with every field nullable (the writer's schema).
+fn relax(b: RecordBatch) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let schema = Arc::new(Schema::new(
+        b.schema()
+            .fields()
+            .iter()
+            .map(|f| Field::new(f.name(), f.data_type().clone(), true))
+            .collect::<Vec<_>>(),
+    ));
+    RecordBatch::try_new(schema, b.columns().to_vec())
+}
