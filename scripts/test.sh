@@ -5,10 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Python tools used by tests (DuckDB's delta reader, moto's S3 server), pinned, in .venv.
-if ! .venv/bin/python -c "import duckdb, duckdb_extension_delta, moto" 2>/dev/null; then
+# Python tools used by tests (DuckDB's delta reader, moto's S3 server, an
+# OpenAPI validator), pinned, in .venv.
+if ! .venv/bin/python -c "import duckdb, duckdb_extension_delta, moto, openapi_spec_validator" 2>/dev/null; then
   python3 -m venv .venv
-  .venv/bin/pip install --quiet "duckdb==1.5.5" "duckdb-extension-delta==1.5.5" "moto[server]==5.2.5"
+  .venv/bin/pip install --quiet "duckdb==1.5.5" "duckdb-extension-delta==1.5.5" "moto[server]==5.2.5" \
+    "openapi-spec-validator==0.7.2"
 fi
 export ATLAS_PYTHON="$PWD/.venv/bin/python"
 export ATLAS_MOTO_SERVER="$PWD/.venv/bin/moto_server"

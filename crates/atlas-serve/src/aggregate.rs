@@ -390,6 +390,7 @@ fn bound_value(b: &Json, kind: PropertyKind) -> Option<Value> {
     })
 }
 
+#[utoipa::path(post, path = "/api/v2/ontologies/{ontology}/objectSets/aggregate", tag = "objects", security(("bearer" = [])), params(("ontology" = String, Path, description = "The ontology: `atlas` or its rid"), ("patientId" = Option<String>, Query, description = "Only this patient's objects"), ("dateFrom" = Option<String>, Query, description = "Time property on or after (YYYY, YYYY-MM or YYYY-MM-DD)"), ("dateTo" = Option<String>, Query, description = "Time property on or before (same forms, inclusive)")), request_body(content = Object, description = "objectSet, where, aggregation (count, min, max, avg, sum, exactDistinct, approximateDistinct), groupBy (exact, fixedWidth, ranges, duration), accuracy", content_type = "application/json"), responses((status = 200, description = "Groups and metrics"), (status = 400, description = "Invalid input; the body names the field", body = crate::openapi::ErrorBody), (status = 401, description = "No or bad bearer token", body = crate::openapi::ErrorBody), (status = 403, description = "The PolicyEngine denies the type", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn aggregate(
     State(state): State<AppState>,
     Path(ontology): Path<String>,

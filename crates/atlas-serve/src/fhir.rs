@@ -19,16 +19,16 @@ use std::collections::{BTreeMap, HashMap};
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, TimeUnit};
-use axum::Router;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use datafusion::common::ScalarValue;
 use datafusion::dataframe::DataFrame;
 use datafusion::datasource::provider_as_source;
 use datafusion::logical_expr::{Expr, LogicalPlanBuilder, in_subquery, lit};
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use atlas_ontology::ObjectType;
 use atlas_policy::{Action, Decision, Principal, RowScope};
@@ -41,12 +41,12 @@ const STORE_DIR: &str = "tables/resources";
 const STORE: &str = "resources";
 const DEFAULT_COUNT: usize = 50;
 
-pub(crate) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/fhir/metadata", get(metadata))
-        .route("/fhir/{resource_type}", get(search))
-        .route("/fhir/{resource_type}/{id}", get(read))
-        .route("/fhir/{resource_type}/{id}/{operation}", get(operation))
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(metadata))
+        .routes(routes!(search))
+        .routes(routes!(read))
+        .routes(routes!(operation))
 }
 
 /// An error as a FHIR OperationOutcome.
@@ -835,6 +835,7 @@ async fn everything_plan(
     Ok(b)
 }
 
+#[utoipa::path(get, path = "/fhir/{resource_type}", tag = "fhir", security(("bearer" = [])), params(("resource_type" = String, Path), ("_id" = Option<String>, Query), ("_lastUpdated" = Option<String>, Query), ("patient" = Option<String>, Query), ("subject" = Option<String>, Query), ("code" = Option<String>, Query), ("date" = Option<String>, Query), ("status" = Option<String>, Query), ("_count" = Option<u32>, Query), ("_sort" = Option<String>, Query), ("_total" = Option<String>, Query), ("_page_token" = Option<String>, Query)), responses((status = 200, description = "searchset Bundle with link[next]", content_type = "application/fhir+json"), (status = 400, description = "OperationOutcome naming the parameter"), (status = 401, description = "OperationOutcome"), (status = 403, description = "OperationOutcome")))]
 async fn search(
     State(state): State<AppState>,
     Path(resource_type): Path<String>,
@@ -862,6 +863,7 @@ async fn search(
     Ok(run_search(&state, &who, &s, &self_url, &next_base, &base).await?)
 }
 
+#[utoipa::path(get, path = "/fhir/{resource_type}/{id}", tag = "fhir", security(("bearer" = [])), params(("resource_type" = String, Path), ("id" = String, Path)), responses((status = 200, description = "The stored resource, byte for byte", content_type = "application/fhir+json"), (status = 404, description = "OperationOutcome"), (status = 410, description = "Deleted")))]
 async fn read(
     State(state): State<AppState>,
     Path((resource_type, id)): Path<(String, String)>,
@@ -948,6 +950,7 @@ async fn read(
     Ok(r)
 }
 
+#[utoipa::path(get, path = "/fhir/{resource_type}/{id}/{operation}", tag = "fhir", security(("bearer" = [])), params(("resource_type" = String, Path, description = "Patient"), ("id" = String, Path), ("operation" = String, Path, description = "$everything"), ("_type" = Option<String>, Query), ("_since" = Option<String>, Query), ("_count" = Option<u32>, Query), ("_page_token" = Option<String>, Query)), responses((status = 200, description = "searchset Bundle of the compartment", content_type = "application/fhir+json"), (status = 404, description = "OperationOutcome")))]
 async fn operation(
     State(state): State<AppState>,
     Path((resource_type, id, op)): Path<(String, String, String)>,
@@ -988,6 +991,7 @@ async fn operation(
     Ok(run_search(&state, &who, &s, &self_url, &next_base, &base).await?)
 }
 
+#[utoipa::path(get, path = "/fhir/metadata", tag = "fhir", responses((status = 200, description = "CapabilityStatement", content_type = "application/fhir+json")))]
 /// What this server really does, as a CapabilityStatement.
 async fn metadata(State(state): State<AppState>) -> Response {
     let mut resources = Vec::new();

@@ -730,6 +730,7 @@ struct GraphqlBody {
     operation_name: Option<String>,
 }
 
+#[utoipa::path(post, path = "/graphql", tag = "graphql", security(("bearer" = [])), request_body(content = Object, description = "query, variables, operationName", content_type = "application/json"), responses((status = 200, description = "data and errors (field errors next to data)"), (status = 400, description = "Parse, validation or limit errors (no data)"), (status = 401, description = "No or bad bearer token", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn handler(
     State(state): State<AppState>,
     who: Principal,

@@ -25,6 +25,7 @@ pub mod graphql;
 mod metrics;
 mod objects;
 mod ontology;
+mod openapi;
 mod query;
 mod stream;
 mod tables;
@@ -38,6 +39,8 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use auth::{AuthConfig, Authenticator, DevIssuer, IssuerConfig, TokenRequest};
 pub use config::{ConfigError, ServeConfig};
@@ -95,17 +98,44 @@ impl AppState {
 
 /// Every route, with metrics and JSON errors for unknown paths and methods.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics::render))
-        .merge(ontology::routes())
-        .merge(objects::routes())
-        .route("/graphql", axum::routing::post(graphql::handler))
-        .merge(fhir::routes())
+    let (router, api) = api_router().split_for_parts();
+    let doc = Arc::new(api.to_pretty_json().unwrap_or_default());
+    router
+        .route(
+            "/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        doc.as_ref().clone(),
+                    )
+                }
+            }),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// Every documented route, with its OpenAPI entry.
+fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(<openapi::ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(routes!(health))
+        .routes(routes!(metrics::render))
+        .merge(ontology::routes())
+        .merge(objects::routes())
+        .merge(fhir::routes())
+}
+
+/// The OpenAPI document (what `/openapi.json` serves), as pretty JSON.
+pub fn openapi_json() -> String {
+    api_router()
+        .split_for_parts()
+        .1
+        .to_pretty_json()
+        .unwrap_or_default()
 }
 
 /// Counts and times each request by its route pattern (not its raw path,
@@ -143,6 +173,7 @@ async fn method_not_allowed(req: Request) -> ApiError {
     )
 }
 
+#[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, description = "Alive and the lake readable"), (status = 503, description = "The lake cannot be read")))]
 /// Liveness and lake readability: 200 with the store's Delta version when
 /// the lake opens (a lake with no data yet is readable), 503 when it does
 /// not.

@@ -150,6 +150,7 @@ fn escape(label: &str) -> String {
         .replace('\n', "\\n")
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
 pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(

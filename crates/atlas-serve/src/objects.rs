@@ -6,14 +6,14 @@
 
 use std::collections::HashMap;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::Value as Json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use atlas_objectset::{Decoder, ObjectSet};
 use atlas_ontology::ObjectType;
@@ -23,28 +23,14 @@ use crate::ontology::{check_ontology, object_type};
 use crate::query::{Narrow, OrderField, Page, PageRequest, Query, run, write_str};
 use crate::{ApiError, AppState};
 
-pub(crate) fn routes() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/api/v2/ontologies/{ontology}/objectSets/loadObjects",
-            post(load_objects),
-        )
-        .route(
-            "/api/v2/ontologies/{ontology}/objectSets/aggregate",
-            post(crate::aggregate::aggregate),
-        )
-        .route(
-            "/api/v2/ontologies/{ontology}/objects/{object_type}",
-            get(list_objects),
-        )
-        .route(
-            "/api/v2/ontologies/{ontology}/objects/{object_type}/{primary_key}",
-            get(get_object),
-        )
-        .route(
-            "/api/v2/ontologies/{ontology}/objects/{object_type}/{primary_key}/links/{link}",
-            get(list_linked_objects),
-        )
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(load_objects))
+        .routes(routes!(crate::aggregate::aggregate))
+        .routes(routes!(list_objects))
+        .routes(routes!(get_object))
+        .routes(routes!(list_linked_objects))
+        .routes(routes!(crate::graphql::handler))
 }
 
 fn bad(name: &'static str, parameter: &str, value: &str, message: impl Into<String>) -> ApiError {
@@ -331,6 +317,7 @@ fn page_response(page: Page, state: &AppState, route: &str) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+#[utoipa::path(post, path = "/api/v2/ontologies/{ontology}/objectSets/loadObjects", tag = "objects", security(("bearer" = [])), params(("ontology" = String, Path, description = "The ontology: `atlas` or its rid"), ("patientId" = Option<String>, Query, description = "Only this patient's objects"), ("dateFrom" = Option<String>, Query, description = "Time property on or after (YYYY, YYYY-MM or YYYY-MM-DD)"), ("dateTo" = Option<String>, Query, description = "Time property on or before (same forms, inclusive)"), ("format" = Option<String>, Query, description = "json (a page, default), ndjson, arrow or parquet (the whole set, streamed); or by Accept")), request_body(content = Object, description = "objectSet, where, orderBy, select, pageSize, pageToken, includeTotalCount, excludeRid", content_type = "application/json"), responses((status = 200, description = "A page of objects (or the streamed set)", body = crate::openapi::ObjectPage), (status = 400, description = "Invalid input; the body names the field", body = crate::openapi::ErrorBody), (status = 401, description = "No or bad bearer token", body = crate::openapi::ErrorBody), (status = 403, description = "The PolicyEngine denies the type", body = crate::openapi::ErrorBody)))]
 async fn load_objects(
     State(state): State<AppState>,
     Path(ontology): Path<String>,
@@ -429,6 +416,7 @@ fn page_params(p: &HashMap<String, String>, state: &AppState) -> Result<PageRequ
     })
 }
 
+#[utoipa::path(get, path = "/api/v2/ontologies/{ontology}/objects/{object_type}", tag = "objects", security(("bearer" = [])), params(("ontology" = String, Path, description = "The ontology: `atlas` or its rid"), ("object_type" = String, Path, description = "Object type api name (Patient, Observation, ...)"), ("pageSize" = Option<u32>, Query), ("pageToken" = Option<String>, Query), ("orderBy" = Option<String>, Query, description = "property:asc|desc, comma-separated"), ("select" = Option<String>, Query, description = "Properties, comma-separated"), ("includeTotalCount" = Option<bool>, Query), ("excludeRid" = Option<bool>, Query), ("patientId" = Option<String>, Query, description = "Only this patient's objects"), ("dateFrom" = Option<String>, Query, description = "Time property on or after (YYYY, YYYY-MM or YYYY-MM-DD)"), ("dateTo" = Option<String>, Query, description = "Time property on or before (same forms, inclusive)")), responses((status = 200, description = "A page of objects", body = crate::openapi::ObjectPage), (status = 400, description = "Invalid input; the body names the field", body = crate::openapi::ErrorBody), (status = 401, description = "No or bad bearer token", body = crate::openapi::ErrorBody), (status = 403, description = "The PolicyEngine denies the type", body = crate::openapi::ErrorBody)))]
 async fn list_objects(
     State(state): State<AppState>,
     Path((ontology, type_name)): Path<(String, String)>,
@@ -451,6 +439,7 @@ async fn list_objects(
     Ok(page_response(result, &state, "listObjects"))
 }
 
+#[utoipa::path(get, path = "/api/v2/ontologies/{ontology}/objects/{object_type}/{primary_key}", tag = "objects", security(("bearer" = [])), params(("ontology" = String, Path, description = "The ontology: `atlas` or its rid"), ("object_type" = String, Path, description = "Object type api name (Patient, Observation, ...)"), ("primary_key" = String, Path), ("select" = Option<String>, Query), ("excludeRid" = Option<bool>, Query)), responses((status = 200, description = "The object"), (status = 404, description = "No such object, or not visible to the caller (indistinguishable)", body = crate::openapi::ErrorBody), (status = 400, description = "Invalid input; the body names the field", body = crate::openapi::ErrorBody), (status = 401, description = "No or bad bearer token", body = crate::openapi::ErrorBody), (status = 403, description = "The PolicyEngine denies the type", body = crate::openapi::ErrorBody)))]
 async fn get_object(
     State(state): State<AppState>,
     Path((ontology, type_name, pk)): Path<(String, String, String)>,
@@ -493,6 +482,7 @@ async fn get_object(
     Ok(([(header::CONTENT_TYPE, "application/json")], data.to_vec()).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v2/ontologies/{ontology}/objects/{object_type}/{primary_key}/links/{link}", tag = "objects", security(("bearer" = [])), params(("ontology" = String, Path, description = "The ontology: `atlas` or its rid"), ("object_type" = String, Path, description = "Object type api name (Patient, Observation, ...)"), ("primary_key" = String, Path), ("link" = String, Path), ("pageSize" = Option<u32>, Query), ("pageToken" = Option<String>, Query), ("orderBy" = Option<String>, Query, description = "property:asc|desc, comma-separated"), ("select" = Option<String>, Query, description = "Properties, comma-separated"), ("includeTotalCount" = Option<bool>, Query), ("excludeRid" = Option<bool>, Query), ("patientId" = Option<String>, Query, description = "Only this patient's objects"), ("dateFrom" = Option<String>, Query, description = "Time property on or after (YYYY, YYYY-MM or YYYY-MM-DD)"), ("dateTo" = Option<String>, Query, description = "Time property on or before (same forms, inclusive)")), responses((status = 200, description = "A page of linked objects", body = crate::openapi::ObjectPage), (status = 400, description = "Invalid input; the body names the field", body = crate::openapi::ErrorBody), (status = 401, description = "No or bad bearer token", body = crate::openapi::ErrorBody), (status = 403, description = "The PolicyEngine denies the type", body = crate::openapi::ErrorBody)))]
 async fn list_linked_objects(
     State(state): State<AppState>,
     Path((ontology, type_name, pk, link)): Path<(String, String, String, String)>,

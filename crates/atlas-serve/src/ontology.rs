@@ -4,11 +4,11 @@
 //! metadata `atlas ontology show` prints and the IDE's schema explorer
 //! reads.
 
-use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use atlas_ontology::{Cardinality, Link, ObjectType, Ontology};
 
@@ -18,26 +18,14 @@ use crate::{ApiError, AppState};
 pub const ONTOLOGY_API_NAME: &str = "atlas";
 pub const ONTOLOGY_RID: &str = "ri.ontology.main.ontology.atlas";
 
-pub(crate) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v2/ontologies", get(list_ontologies))
-        .route("/api/v2/ontologies/{ontology}", get(get_ontology))
-        .route(
-            "/api/v2/ontologies/{ontology}/objectTypes",
-            get(list_object_types),
-        )
-        .route(
-            "/api/v2/ontologies/{ontology}/objectTypes/{object_type}",
-            get(get_object_type),
-        )
-        .route(
-            "/api/v2/ontologies/{ontology}/objectTypes/{object_type}/outgoingLinkTypes",
-            get(list_link_types),
-        )
-        .route(
-            "/api/v2/ontologies/{ontology}/objectTypes/{object_type}/outgoingLinkTypes/{link_type}",
-            get(get_link_type),
-        )
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_ontologies))
+        .routes(routes!(get_ontology))
+        .routes(routes!(list_object_types))
+        .routes(routes!(get_object_type))
+        .routes(routes!(list_link_types))
+        .routes(routes!(get_link_type))
 }
 
 fn ontology_json() -> Json {
@@ -232,15 +220,18 @@ fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Re
     })
 }
 
+#[utoipa::path(get, path = "/api/v2/ontologies", tag = "ontology", responses((status = 200, description = "The ontologies (one: atlas)")))]
 async fn list_ontologies() -> axum::Json<Json> {
     axum::Json(json!({ "data": [ontology_json()] }))
 }
 
+#[utoipa::path(get, path = "/api/v2/ontologies/{ontology}", tag = "ontology", params(("ontology" = String, Path, description = "The ontology: `atlas` or its rid")), responses((status = 200, description = "The ontology"), (status = 404, description = "No such ontology", body = crate::openapi::ErrorBody)))]
 async fn get_ontology(Path(ontology): Path<String>) -> Result<axum::Json<Json>, ApiError> {
     check_ontology(&ontology)?;
     Ok(axum::Json(ontology_json()))
 }
 
+#[utoipa::path(get, path = "/api/v2/ontologies/{ontology}/objectTypes", tag = "ontology", params(("ontology" = String, Path, description = "The ontology: `atlas` or its rid"), ("pageSize" = Option<u32>, Query), ("pageToken" = Option<String>, Query)), responses((status = 200, description = "Object types with typed properties")))]
 async fn list_object_types(
     State(state): State<AppState>,
     Path(ontology): Path<String>,
@@ -257,6 +248,7 @@ async fn list_object_types(
     Ok(axum::Json(json!({ "data": data, "nextPageToken": null })))
 }
 
+#[utoipa::path(get, path = "/api/v2/ontologies/{ontology}/objectTypes/{object_type}", tag = "ontology", params(("ontology" = String, Path, description = "The ontology: `atlas` or its rid"), ("object_type" = String, Path, description = "Object type api name (Patient, Observation, ...)")), responses((status = 200, description = "One object type"), (status = 404, description = "Unknown type", body = crate::openapi::ErrorBody)))]
 async fn get_object_type(
     State(state): State<AppState>,
     Path((ontology, object_type_name)): Path<(String, String)>,
@@ -266,6 +258,7 @@ async fn get_object_type(
     Ok(axum::Json(object_type_json(t)))
 }
 
+#[utoipa::path(get, path = "/api/v2/ontologies/{ontology}/objectTypes/{object_type}/outgoingLinkTypes", tag = "ontology", params(("ontology" = String, Path, description = "The ontology: `atlas` or its rid"), ("object_type" = String, Path, description = "Object type api name (Patient, Observation, ...)"), ("pageSize" = Option<u32>, Query), ("pageToken" = Option<String>, Query)), responses((status = 200, description = "Links leaving the type")))]
 async fn list_link_types(
     State(state): State<AppState>,
     Path((ontology, object_type_name)): Path<(String, String)>,
@@ -281,6 +274,7 @@ async fn list_link_types(
     Ok(axum::Json(json!({ "data": data, "nextPageToken": null })))
 }
 
+#[utoipa::path(get, path = "/api/v2/ontologies/{ontology}/objectTypes/{object_type}/outgoingLinkTypes/{link_type}", tag = "ontology", params(("ontology" = String, Path, description = "The ontology: `atlas` or its rid"), ("object_type" = String, Path, description = "Object type api name (Patient, Observation, ...)"), ("link_type" = String, Path)), responses((status = 200, description = "One link type"), (status = 404, description = "Unknown link", body = crate::openapi::ErrorBody)))]
 async fn get_link_type(
     State(state): State<AppState>,
     Path((ontology, object_type_name, link_type)): Path<(String, String, String)>,
