@@ -122,7 +122,8 @@ Write statements (INSERT, UPDATE, DELETE, CREATE, DROP, COPY, SET) are refused."
   curl -s localhost:8080/health; curl -s localhost:8080/metrics
 
 Settings come from defaults, then --config (TOML: bind, default_page_size, max_page_size,
-page_token_ttl_secs, [auth] dev and [[auth.issuers]] issuer/audience/jwks_file), then
+page_token_ttl_secs, [auth] dev and [[auth.issuers]] issuer/audience/jwks_file, [graphql]
+max_depth/max_complexity/max_rows/introspection, [tls] cert/key), then
 ATLAS_SERVE_BIND / ATLAS_SERVE_DEFAULT_PAGE_SIZE / ATLAS_SERVE_MAX_PAGE_SIZE, then flags.
 Every data endpoint needs a bearer JWT from a configured issuer (or, with --dev-auth, from
 `atlas token`). Ctrl-C or SIGTERM stops accepting and finishes the requests in flight.
@@ -138,6 +139,12 @@ Logs: ATLAS_LOG=info.")]
         /// For development only: anyone who can read the lake can mint them.
         #[arg(long)]
         dev_auth: bool,
+        /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key for --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Mint a bearer token from the lake's local dev issuer (accepted by
     /// `atlas serve --dev-auth` on the same lake).
@@ -379,7 +386,14 @@ async fn run(cli: Cli) -> Result<()> {
             config,
             bind,
             dev_auth,
-        } => serve(&cli.lake, config, bind, dev_auth).await,
+            tls_cert,
+            tls_key,
+        } => {
+            let tls = tls_cert
+                .zip(tls_key)
+                .map(|(cert, key)| atlas_serve::TlsConfig { cert, key });
+            serve(&cli.lake, config, bind, dev_auth, tls).await
+        }
         Command::Token {
             sub,
             scope,
@@ -394,6 +408,7 @@ async fn serve(
     config: Option<PathBuf>,
     bind: Option<std::net::SocketAddr>,
     dev_auth: bool,
+    tls: Option<atlas_serve::TlsConfig>,
 ) -> Result<()> {
     let mut settings = match &config {
         Some(path) => atlas_serve::ServeConfig::from_file(path)?,
@@ -406,6 +421,9 @@ async fn serve(
     if dev_auth {
         settings.auth.dev = true;
     }
+    if tls.is_some() {
+        settings.tls = tls;
+    }
     let lake = open_lake(lake_location)?;
     let state = atlas_serve::AppState::open(lake, atlas_ontology::Ontology::builtin(), settings)
         .await
@@ -417,7 +435,12 @@ async fn serve(
         );
     }
     let addr = state.config.bind;
-    eprintln!("atlas serve: http://{addr} (lake {lake_location}); Ctrl-C stops");
+    let scheme = if state.config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    eprintln!("atlas serve: {scheme}://{addr} (lake {lake_location}); Ctrl-C stops");
     atlas_serve::serve(state, atlas_serve::shutdown_signal())
         .await
         .with_context(|| format!("serving on {addr}"))?;

@@ -22,6 +22,8 @@ pub struct ServeConfig {
     pub auth: crate::auth::AuthConfig,
     /// GraphQL limits and introspection (`[graphql]`).
     pub graphql: crate::graphql::GraphqlConfig,
+    /// HTTPS certificate and key (`[tls]`); plain HTTP without.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 impl Default for ServeConfig {
@@ -33,6 +35,7 @@ impl Default for ServeConfig {
             page_token_ttl_secs: 3600,
             auth: crate::auth::AuthConfig::default(),
             graphql: crate::graphql::GraphqlConfig::default(),
+            tls: None,
         }
     }
 }

@@ -29,6 +29,7 @@ mod openapi;
 mod query;
 mod stream;
 mod tables;
+mod tls;
 mod token;
 
 use std::sync::Arc;
@@ -47,6 +48,7 @@ pub use config::{ConfigError, ServeConfig};
 pub use error::ApiError;
 pub use metrics::Metrics;
 pub use tables::Tables;
+pub use tls::TlsConfig;
 pub use token::PageTokens;
 
 use atlas_lake::Lake;
@@ -213,10 +215,22 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(state.config.bind).await?;
-    tracing::info!(addr = %listener.local_addr()?, lake = %state.lake.root(), "atlas serve listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let addr = listener.local_addr()?;
+    let tls = match &state.config.tls {
+        Some(c) => Some(tls::server_config(c).map_err(std::io::Error::other)?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, lake = %state.lake.root(), "atlas serve listening");
+    let app = router(state);
+    match tls {
+        Some(config) => tls::serve_tls(listener, config, app, shutdown).await,
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

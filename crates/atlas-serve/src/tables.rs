@@ -36,11 +36,26 @@ fn unavailable(view: &str, message: String) -> ApiError {
     )
 }
 
+/// The lake session, tuned for selective reads: filters are evaluated while
+/// decoding (late materialization: the other columns are decoded only for
+/// the rows that pass, with the page index skipping pages), the most
+/// selective first.
+fn serving_session() -> SessionContext {
+    let mut config = datafusion::prelude::SessionConfig::new();
+    let parquet = &mut config.options_mut().execution.parquet;
+    parquet.schema_force_view_types = false;
+    parquet.pushdown_filters = true;
+    parquet.reorder_filters = true;
+    parquet.enable_page_index = true;
+    parquet.bloom_filter_on_read = true;
+    SessionContext::new_with_config(config)
+}
+
 impl Tables {
     pub fn new(lake: Lake) -> Tables {
         Tables {
             lake,
-            ctx: atlas_lake::lake::new_session(),
+            ctx: serving_session(),
             latest: tokio::sync::Mutex::new(HashMap::new()),
             providers: Mutex::new(HashMap::new()),
         }

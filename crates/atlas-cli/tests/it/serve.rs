@@ -132,3 +132,108 @@ fn serve_answers_over_tcp_and_stops_on_sigterm() {
     assert!(status.success(), "exit {status:?}: {stderr}");
     assert!(stderr.contains("finishing requests in flight"), "{stderr}");
 }
+
+/// `--tls-cert/--tls-key`: the server speaks HTTPS (checked with curl
+/// trusting only the test's self-signed certificate).
+#[test]
+fn serve_speaks_https_with_a_certificate() {
+    let have = |c: &str| {
+        std::process::Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have("openssl") || !have("curl") {
+        let msg = "MISSING: openssl or curl; the HTTPS check did not run";
+        eprintln!("{msg}");
+        assert!(std::env::var("CI").is_err(), "{msg}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let lake = dir.path().join("lake");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = crate::atlas(&lake)
+        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("https://localhost:{port}/health");
+    let started = Instant::now();
+    let out = loop {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--cacert"])
+            .arg(&cert)
+            .args([
+                "--resolve",
+                &format!("localhost:{port}:127.0.0.1"),
+                "-w",
+                "\n%{http_code} %{http_version}",
+                &url,
+            ])
+            .output()
+            .unwrap();
+        if out.status.success() || started.elapsed() > Duration::from_secs(30) {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Plain HTTP to the TLS port is not served.
+    let plain = http_get(port, "/health");
+    assert!(
+        plain.as_ref().map_or(true, |(status, _)| !status.contains("200")),
+        "{plain:?}"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "curl: {}{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("\"readable\":true"), "{text}");
+    assert!(
+        text.trim_end().ends_with("200 2") || text.trim_end().ends_with("200 1.1"),
+        "{text}"
+    );
+}
