@@ -218,7 +218,9 @@ fn serve_speaks_https_with_a_certificate() {
     // Plain HTTP to the TLS port is not served.
     let plain = http_get(port, "/health");
     assert!(
-        plain.as_ref().map_or(true, |(status, _)| !status.contains("200")),
+        plain
+            .as_ref()
+            .map_or(true, |(status, _)| !status.contains("200")),
         "{plain:?}"
     );
     let _ = std::process::Command::new("kill")

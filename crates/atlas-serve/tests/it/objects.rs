@@ -1422,3 +1422,45 @@ async fn object_sets_stream_as_ndjson_arrow_and_parquet_within_scope() {
     let (s, _, _) = raw_post(&f, &format!("{LOAD}?format=xml"), &admin, None, &body).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
+
+/// Paging while an ingest and a view refresh run at the same time: every
+/// page comes from the first page's snapshot, so the union of the pages is
+/// exactly that snapshot, each object once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_concurrently_with_an_ingest_sees_one_snapshot() {
+    let f = fixture(6).await;
+    let admin = f.admin();
+    let before = {
+        let mut v = f.sql("SELECT id FROM observation").await;
+        v.sort();
+        v
+    };
+    let more = synth(&f.dir, 5, 123);
+    let lake = f.lake.clone();
+    let writer = tokio::spawn(async move { ingest_and_refresh(&lake, &more).await });
+    let body = json!({"objectSet": {"type": "base", "objectType": "Observation"}, "pageSize": 8});
+    let mut seen = Vec::new();
+    let mut next = body.clone();
+    let mut pages = 0;
+    loop {
+        let (s, page) = f.load(&admin, &next).await;
+        assert_eq!(s, StatusCode::OK, "{page}");
+        seen.extend(keys(page["data"].as_array().unwrap()));
+        pages += 1;
+        // Pace the pages so the writer commits while they are being read.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        match page["nextPageToken"].as_str() {
+            Some(t) => next["pageToken"] = json!(t),
+            None => break,
+        }
+    }
+    writer.await.unwrap();
+    assert!(pages > 10, "{pages} pages");
+    let mut got = seen.clone();
+    got.sort();
+    let distinct: BTreeSet<&String> = seen.iter().collect();
+    assert_eq!(distinct.len(), seen.len(), "an object was served twice");
+    assert_eq!(got, before, "the pages are the first page's snapshot");
+    let after = f.sql("SELECT id FROM observation").await;
+    assert!(after.len() > before.len(), "the writer committed");
+}
