@@ -310,6 +310,21 @@ fn other_inconsistencies_are_rejected() {
         &errors_of(&j),
         &["object set 'PatientAll'", "'Person' does not exist"],
     );
+    let mut j = small();
+    j["objectTypes"][0]["patientProperty"] = json!("nope");
+    has(
+        &errors_of(&j),
+        &["object type 'Patient'", "patient property 'nope'"],
+    );
+    let mut j = small();
+    j["objectTypes"][0]["timeProperty"] = json!("family");
+    has(
+        &errors_of(&j),
+        &[
+            "time property 'family'",
+            "must be a date, dateTime or instant",
+        ],
+    );
 }
 
 #[test]
