@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::Value as Json;
 
 use arrow::datatypes::DataType;
-use atlas_objectset::{Decoder, ObjectSet, PropertyKind, Value};
+use atlas_objectset::{PropertyKind, Value};
 use atlas_ontology::ObjectType;
 use atlas_policy::{Action, Principal};
 
@@ -421,20 +421,7 @@ pub(crate) async fn aggregate(
             ));
         }
     };
-    let decoder = Decoder::new(&state.ontology);
-    let mut set = decoder
-        .object_set(&body.object_set, "objectSet")
-        .map_err(|e| bad("InvalidObjectSet", &e.path, "", e.to_string()))?;
-    let t = crate::ontology::object_type(&state.ontology, set.object_type())?;
-    if let Some(w) = &body.where_ {
-        let filter = decoder
-            .where_clause(w, &t.api_name, "where")
-            .map_err(|e| bad("InvalidObjectSet", &e.path, "", e.to_string()))?;
-        set = ObjectSet::Filter {
-            set: Box::new(set),
-            filter,
-        };
-    }
+    let (set, t) = crate::objects::decode_set(&state, &body.object_set, body.where_.as_ref())?;
     if body.aggregation.is_empty() || body.aggregation.len() > 100 {
         return Err(bad(
             "InvalidAggregation",

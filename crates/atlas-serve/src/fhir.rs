@@ -525,6 +525,18 @@ fn type_filters(
     Ok(b)
 }
 
+/// The Bundle's `self` URL, and the `next` URL without its token.
+fn urls(base: &str, path: &str, raw: Option<&str>, pairs: &[(String, String)]) -> (String, String) {
+    let without_token: String = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs.iter().filter(|(k, _)| k != "_page_token"))
+        .finish();
+    let self_url = match raw {
+        Some(q) => format!("{base}/{path}?{q}"),
+        None => format!("{base}/{path}"),
+    };
+    (self_url, format!("{base}/{path}?{without_token}"))
+}
+
 fn base_url(headers: &HeaderMap) -> String {
     let host = headers
         .get(header::HOST)
@@ -852,14 +864,7 @@ async fn search(
     let pairs = pairs(raw.clone());
     let s = parse_search(&resource_type, pairs.clone(), &state, SEARCH_PARAMS)?;
     let base = base_url(&headers);
-    let without_token: String = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(pairs.iter().filter(|(k, _)| k != "_page_token"))
-        .finish();
-    let next_base = format!("{base}/{resource_type}?{without_token}");
-    let self_url = match &raw {
-        Some(q) => format!("{base}/{resource_type}?{q}"),
-        None => format!("{base}/{resource_type}"),
-    };
+    let (self_url, next_base) = urls(&base, &resource_type, raw.as_deref(), &pairs);
     Ok(run_search(&state, &who, &s, &self_url, &next_base, &base).await?)
 }
 
@@ -980,14 +985,8 @@ async fn operation(
         .find(|(k, _)| k == "_count")
         .map_or(state.config.default_page_size, |_| s.count);
     let base = base_url(&headers);
-    let without_token: String = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(pairs.iter().filter(|(k, _)| k != "_page_token"))
-        .finish();
-    let next_base = format!("{base}/Patient/{id}/$everything?{without_token}");
-    let self_url = match &raw {
-        Some(q) => format!("{base}/Patient/{id}/$everything?{q}"),
-        None => format!("{base}/Patient/{id}/$everything"),
-    };
+    let path = format!("Patient/{id}/$everything");
+    let (self_url, next_base) = urls(&base, &path, raw.as_deref(), &pairs);
     Ok(run_search(&state, &who, &s, &self_url, &next_base, &base).await?)
 }
 

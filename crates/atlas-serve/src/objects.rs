@@ -37,6 +37,30 @@ fn bad(name: &'static str, parameter: &str, value: &str, message: impl Into<Stri
     ApiError::new(StatusCode::BAD_REQUEST, name, parameter, value, message)
 }
 
+/// A request body's `objectSet`, narrowed by its top-level `where` when
+/// given, checked against the ontology; with the set's object type.
+pub(crate) fn decode_set<'s>(
+    state: &'s AppState,
+    object_set: &Json,
+    where_: Option<&Json>,
+) -> Result<(ObjectSet, &'s ObjectType), ApiError> {
+    let decoder = Decoder::new(&state.ontology);
+    let mut set = decoder
+        .object_set(object_set, "objectSet")
+        .map_err(|e| bad("InvalidObjectSet", &e.path, "", e.to_string()))?;
+    let t = object_type(&state.ontology, set.object_type())?;
+    if let Some(w) = where_ {
+        let filter = decoder
+            .where_clause(w, &t.api_name, "where")
+            .map_err(|e| bad("InvalidObjectSet", &e.path, "", e.to_string()))?;
+        set = ObjectSet::Filter {
+            set: Box::new(set),
+            filter,
+        };
+    }
+    Ok((set, t))
+}
+
 /// The body of `loadObjects`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -341,20 +365,7 @@ async fn load_objects(
         )
     })?;
     let _ = body.exclude_rid;
-    let decoder = Decoder::new(&state.ontology);
-    let mut set = decoder
-        .object_set(&body.object_set, "objectSet")
-        .map_err(|e| bad("InvalidObjectSet", &e.path, "", e.to_string()))?;
-    let t = object_type(&state.ontology, set.object_type())?;
-    if let Some(w) = &body.where_ {
-        let filter = decoder
-            .where_clause(w, &t.api_name, "where")
-            .map_err(|e| bad("InvalidObjectSet", &e.path, "", e.to_string()))?;
-        set = ObjectSet::Filter {
-            set: Box::new(set),
-            filter,
-        };
-    }
+    let (set, t) = decode_set(&state, &body.object_set, body.where_.as_ref())?;
     let q = Query {
         set,
         order: order_body(body.order_by.as_ref(), t)?,
