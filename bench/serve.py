@@ -135,7 +135,7 @@ def duckdb_latency(lake, ids, n):
 import duckdb, json, statistics, time, random, glob
 files = glob.glob({os.path.join(lake, 'views', 'observation', '*.parquet')!r})
 con = duckdb.connect()
-con.execute("CREATE VIEW obs AS SELECT * FROM read_parquet(?)", [files])
+con.execute("CREATE VIEW obs AS SELECT * FROM read_parquet([" + ", ".join("'" + f + "'" for f in files) + "])")
 q = "SELECT * FROM obs WHERE patient_id = ? AND effective >= ? AND left(effective, 10) <= ? ORDER BY effective, id LIMIT 251"
 ids = {json.dumps(ids)}
 random.seed(7)
