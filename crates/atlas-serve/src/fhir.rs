@@ -33,7 +33,9 @@ use utoipa_axum::routes;
 use atlas_ontology::ObjectType;
 use atlas_policy::{Action, Decision, Principal, RowScope};
 
-use crate::query::{Planner, Providers, after_expr, column, internal, key_json, write_str};
+use crate::query::{
+    Planner, Providers, after_expr, allowed_rows, column, internal, key_json, write_str,
+};
 use crate::token::digest;
 use crate::{ApiError, AppState};
 
@@ -131,18 +133,13 @@ fn scoped_store(
     action: Action,
     providers: &Providers,
 ) -> Result<LogicalPlanBuilder, ApiError> {
-    let scope = match state.policy.decide(who, resource_type, action) {
-        Decision::Allow(s) => s,
-        Decision::Deny(d) => {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "PermissionDenied",
-                "resourceType",
-                resource_type,
-                d.to_string(),
-            ));
-        }
-    };
+    let scope = allowed_rows(
+        state,
+        who,
+        resource_type,
+        action,
+        ("resourceType", resource_type),
+    )?;
     let provider = providers
         .get(STORE)
         .ok_or_else(|| internal("the resource store was not opened"))?;
@@ -881,19 +878,13 @@ async fn read(
         );
     }
     let (_, providers) = open(&state, None, &[]).await?;
-    let scope = match state.policy.decide(&who, &resource_type, Action::Read) {
-        Decision::Allow(s) => s,
-        Decision::Deny(d) => {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "PermissionDenied",
-                "resourceType",
-                &resource_type,
-                d.to_string(),
-            )
-            .into());
-        }
-    };
+    let scope = allowed_rows(
+        &state,
+        &who,
+        &resource_type,
+        Action::Read,
+        ("resourceType", &resource_type),
+    )?;
     let provider = providers
         .get(STORE)
         .ok_or_else(|| internal("store not opened"))?;

@@ -134,6 +134,28 @@ fn types_of(set: &ObjectSet, out: &mut BTreeSet<String>) {
     }
 }
 
+/// The access decision as the API answers it: the rows `who` may read of
+/// `resource_type`, or a 403 naming `at` (the parameter and value the
+/// request used for the type) with the engine's reason.
+pub(crate) fn allowed_rows(
+    state: &AppState,
+    who: &Principal,
+    resource_type: &str,
+    action: Action,
+    at: (&str, &str),
+) -> Result<RowScope, ApiError> {
+    match state.policy.decide(who, resource_type, action) {
+        Decision::Allow(scope) => Ok(scope),
+        Decision::Deny(d) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "PermissionDenied",
+            at.0,
+            at.1,
+            d.to_string(),
+        )),
+    }
+}
+
 /// Builds the plan of one query; every scan goes through the policy.
 pub(crate) struct Planner<'a> {
     pub state: &'a AppState,
@@ -175,22 +197,13 @@ impl<'a> Planner<'a> {
 
     /// The object type's rows this principal may read: the access seam.
     pub fn scan(&mut self, t: &ObjectType) -> Result<LogicalPlanBuilder, ApiError> {
-        let scope = match self
-            .state
-            .policy
-            .decide(self.who, &resource_type(t), self.action)
-        {
-            Decision::Allow(scope) => scope,
-            Decision::Deny(d) => {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "PermissionDenied",
-                    "objectType",
-                    &t.api_name,
-                    d.to_string(),
-                ));
-            }
-        };
+        let scope = allowed_rows(
+            self.state,
+            self.who,
+            &resource_type(t),
+            self.action,
+            ("objectType", &t.api_name),
+        )?;
         self.aliases += 1;
         let alias = format!("{}_{}", t.backing_view, self.aliases);
         let source = provider_as_source(self.provider(t)?.clone());
