@@ -87,7 +87,16 @@ struct TrustedIssuer {
 /// Checks bearer tokens.
 pub struct Authenticator {
     issuers: HashMap<String, TrustedIssuer>,
+    /// Tokens already verified, with their principal and expiry: a client
+    /// sends the same bearer token on every request, and checking an ECDSA
+    /// or RSA signature costs more than the rest of a one-patient read.
+    /// Keyed by the whole token, so a token differing in any byte is
+    /// verified afresh; an entry is used only until the token's `exp`.
+    verified: std::sync::Mutex<HashMap<String, (Principal, u64)>>,
 }
+
+/// Verified tokens remembered before the cache is emptied.
+const MAX_VERIFIED: usize = 10_000;
 
 /// The claims Atlas reads.
 #[derive(Debug, Serialize, Deserialize)]
@@ -202,7 +211,10 @@ impl Authenticator {
                 },
             );
         }
-        Ok(Authenticator { issuers })
+        Ok(Authenticator {
+            issuers,
+            verified: Default::default(),
+        })
     }
 
     /// Whether any issuer is trusted (a server with none refuses every request).
@@ -212,6 +224,24 @@ impl Authenticator {
 
     /// Verifies a compact JWS and reads the principal from its claims.
     pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some((p, exp)) = self.verified.lock().ok().and_then(|m| m.get(token).cloned()) {
+            if now <= exp + LEEWAY_SECS {
+                return Ok(p);
+            }
+        }
+        let (p, exp) = self.verify_signed(token)?;
+        if let Ok(mut m) = self.verified.lock() {
+            if m.len() >= MAX_VERIFIED {
+                m.clear();
+            }
+            m.insert(token.to_owned(), (p.clone(), exp));
+        }
+        Ok(p)
+    }
+
+    /// The full check: header, issuer, key, signature and claims.
+    fn verify_signed(&self, token: &str) -> Result<(Principal, u64), ApiError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| unauthorized(format!("the bearer token is not a JWT: {e}")))?;
         let Some(fam) = family(header.alg) else {
@@ -260,7 +290,10 @@ impl Authenticator {
         let mut last = None;
         for k in candidates {
             match jsonwebtoken::decode::<Claims>(token, &k.key, &validation) {
-                Ok(data) => return Ok(principal(data.claims)),
+                Ok(data) => {
+                    let exp = data.claims.exp;
+                    return Ok((principal(data.claims), exp));
+                }
                 Err(e) => last = Some(e),
             }
         }

@@ -18,6 +18,10 @@ pub struct ServeConfig {
     pub max_page_size: usize,
     /// How long a page token stays valid, in seconds.
     pub page_token_ttl_secs: u64,
+    /// Answer one-patient object-set reads from the view files' patient
+    /// clustering (cached footers and page indexes, no query plan). Off:
+    /// every query is planned in DataFusion (for comparison).
+    pub slice_reads: bool,
     /// Who may call the server (`[auth]`).
     pub auth: crate::auth::AuthConfig,
     /// GraphQL limits and introspection (`[graphql]`).
@@ -33,6 +37,7 @@ impl Default for ServeConfig {
             default_page_size: 250,
             max_page_size: 10_000,
             page_token_ttl_secs: 3600,
+            slice_reads: true,
             auth: crate::auth::AuthConfig::default(),
             graphql: crate::graphql::GraphqlConfig::default(),
             tls: None,

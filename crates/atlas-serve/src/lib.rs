@@ -27,6 +27,7 @@ mod objects;
 mod ontology;
 mod openapi;
 mod query;
+mod slice;
 mod stream;
 mod tables;
 mod tls;

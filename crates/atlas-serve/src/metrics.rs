@@ -37,6 +37,7 @@ struct Inner {
     errors: BTreeMap<&'static str, u64>,
     rows: BTreeMap<String, u64>,
     link_queries: u64,
+    slice_reads: u64,
 }
 
 impl Metrics {
@@ -71,7 +72,13 @@ impl Metrics {
         }
     }
 
-    /// The text exposition format (version 0.0.4).
+    /// One query answered from a one-patient slice read (no query plan).
+    pub fn slice_read(&self) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.slice_reads += 1;
+        }
+    }
+
     /// One batched GraphQL link query (however many parents it served).
     pub fn link_query(&self) {
         if let Ok(mut m) = self.inner.lock() {
@@ -79,6 +86,7 @@ impl Metrics {
         }
     }
 
+    /// The text exposition format (version 0.0.4).
     pub fn render_text(&self) -> String {
         use std::fmt::Write;
         let Ok(m) = self.inner.lock() else {
@@ -130,6 +138,11 @@ impl Metrics {
         );
         out.push_str("# TYPE atlas_graphql_link_queries_total counter\n");
         let _ = writeln!(out, "atlas_graphql_link_queries_total {}", m.link_queries);
+        out.push_str(
+            "# HELP atlas_slice_reads_total Object-set queries answered from one patient's slice of a view (no query plan).\n",
+        );
+        out.push_str("# TYPE atlas_slice_reads_total counter\n");
+        let _ = writeln!(out, "atlas_slice_reads_total {}", m.slice_reads);
         out.push_str("# HELP atlas_rows_served_total Objects or rows returned, by route.\n");
         out.push_str("# TYPE atlas_rows_served_total counter\n");
         for (route, n) in &m.rows {

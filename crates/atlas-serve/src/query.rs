@@ -195,8 +195,10 @@ impl<'a> Planner<'a> {
             .ok_or_else(|| internal(format!("view {} was not opened", t.backing_view)))
     }
 
-    /// The object type's rows this principal may read: the access seam.
-    pub fn scan(&mut self, t: &ObjectType) -> Result<LogicalPlanBuilder, ApiError> {
+    /// The object type's rows this principal may read, as a predicate over
+    /// the type's columns: the access seam. `scan` applies it to the scan;
+    /// the one-patient slice path evaluates the same predicate.
+    pub fn scope_expr(&self, t: &ObjectType) -> Result<Expr, ApiError> {
         let scope = allowed_rows(
             self.state,
             self.who,
@@ -204,12 +206,8 @@ impl<'a> Planner<'a> {
             self.action,
             ("objectType", &t.api_name),
         )?;
-        self.aliases += 1;
-        let alias = format!("{}_{}", t.backing_view, self.aliases);
-        let source = provider_as_source(self.provider(t)?.clone());
-        let scan = LogicalPlanBuilder::scan(alias, source, None).map_err(internal)?;
         match scope {
-            RowScope::All => Ok(scan),
+            RowScope::All => Ok(lit(true)),
             RowScope::Patients(patients) => {
                 let Some(pp) = t.patient_property.as_deref().and_then(|p| t.property(p)) else {
                     return Err(ApiError::new(
@@ -226,9 +224,22 @@ impl<'a> Planner<'a> {
                 };
                 let c = column(&pp.column);
                 let list = patients.into_iter().map(lit).collect();
-                scan.filter(c.clone().is_not_null().and(c.in_list(list, false)))
-                    .map_err(internal)
+                Ok(c.clone().is_not_null().and(c.in_list(list, false)))
             }
+        }
+    }
+
+    /// The object type's rows this principal may read: the access seam.
+    pub fn scan(&mut self, t: &ObjectType) -> Result<LogicalPlanBuilder, ApiError> {
+        let scope = self.scope_expr(t)?;
+        self.aliases += 1;
+        let alias = format!("{}_{}", t.backing_view, self.aliases);
+        let source = provider_as_source(self.provider(t)?.clone());
+        let scan = LogicalPlanBuilder::scan(alias, source, None).map_err(internal)?;
+        if scope == lit(true) {
+            Ok(scan)
+        } else {
+            scan.filter(scope).map_err(internal)
         }
     }
 
@@ -241,7 +252,7 @@ impl<'a> Planner<'a> {
     }
 
     /// A two-valued predicate over `t`'s columns selecting the set's objects.
-    fn predicate(&mut self, set: &ObjectSet, t: &ObjectType) -> Result<Expr, ApiError> {
+    pub fn predicate(&mut self, set: &ObjectSet, t: &ObjectType) -> Result<Expr, ApiError> {
         Ok(match set {
             ObjectSet::Base { .. } | ObjectSet::Reference { .. } => lit(true),
             ObjectSet::Static { primary_keys, .. } => {
@@ -687,26 +698,17 @@ pub(crate) async fn run(
         keys.push((pk.clone(), true, planner.column_type(t, &pk)?));
     }
 
-    let total = if page.total {
-        let plan = narrowed.clone().build().map_err(internal)?;
-        let df = DataFrame::new(state.tables.session().state(), plan);
-        Some(df.count().await.map_err(internal)?)
-    } else {
-        None
-    };
-
-    let mut paged = narrowed;
-    if let Some(tok) = &token {
-        let after = after_expr(&keys, &tok.a).ok_or_else(|| {
+    let after = match &token {
+        Some(tok) => Some(after_expr(&keys, &tok.a).ok_or_else(|| {
             bad(
                 "InvalidPageToken",
                 "pageToken",
                 "…",
                 "the page token's position does not fit this request".into(),
             )
-        })?;
-        paged = paged.filter(after).map_err(internal)?;
-    }
+        })?),
+        None => None,
+    };
     let props: Vec<&atlas_ontology::Property> = match &q.select {
         None => t.properties.iter().collect(),
         Some(sel) => sel.iter().filter_map(|p| t.property(p)).collect(),
@@ -718,20 +720,60 @@ pub(crate) async fn run(
             cols.push(extra.clone());
         }
     }
-    let sort = keys
-        .iter()
-        .map(|(c, asc, _)| column(c).sort(*asc, false))
-        .collect::<Vec<_>>();
-    let plan: LogicalPlan = paged
-        .sort(sort)
-        .and_then(|b| b.limit(0, Some(page.size + 1)))
-        .and_then(|b| b.project(cols.iter().map(|c| column(c))))
-        .and_then(|b| b.build())
-        .map_err(internal)?;
-    let batches = DataFrame::new(state.tables.session().state(), plan)
-        .collect()
-        .await
-        .map_err(internal)?;
+    let sliced = match slice_patient(&planner, t, q)? {
+        Some(p) if state.config.slice_reads => {
+            slice_rows(state, &planner, t, &versions, &p).await?
+        }
+        _ => None,
+    };
+    if sliced.is_some() {
+        state.metrics.slice_read();
+    }
+    let (batches, total) = match sliced {
+        // One patient's rows, prefetched: the same predicates, evaluated
+        // on them instead of planned over the table.
+        Some(rows) => {
+            let pred = planner
+                .scope_expr(t)?
+                .and(planner.predicate(&q.set, t)?)
+                .and(planner.narrow_expr(t, &q.narrow)?);
+            let rows = filter_rows(state, &rows, pred)?;
+            let total = page.total.then_some(rows.num_rows());
+            let rows = match after {
+                Some(a) => filter_rows(state, &rows, a)?,
+                None => rows,
+            };
+            (vec![sort_rows(&rows, &keys, page.size + 1)?], total)
+        }
+        None => {
+            let total = if page.total {
+                let plan = narrowed.clone().build().map_err(internal)?;
+                let df = DataFrame::new(state.tables.session().state(), plan);
+                Some(df.count().await.map_err(internal)?)
+            } else {
+                None
+            };
+            let mut paged = narrowed;
+            if let Some(a) = after {
+                paged = paged.filter(a).map_err(internal)?;
+            }
+            let sort = keys
+                .iter()
+                .map(|(c, asc, _)| column(c).sort(*asc, false))
+                .collect::<Vec<_>>();
+            let plan: LogicalPlan = paged
+                .sort(sort)
+                .and_then(|b| b.limit(0, Some(page.size + 1)))
+                .and_then(|b| b.project(cols.iter().map(|c| column(c))))
+                .and_then(|b| b.build())
+                .map_err(internal)?;
+            let batches = DataFrame::new(state.tables.session().state(), plan)
+                .collect()
+                .await
+                .map_err(internal)?;
+            (batches, total)
+        }
+    };
 
     let mut out = Vec::with_capacity(page.size * 256);
     out.push(b'[');
@@ -775,6 +817,150 @@ pub(crate) async fn run(
         next,
         total,
     })
+}
+
+/// The patient a query reads only the rows of, when it can take the slice
+/// path: a set over one object type with a patient property, no
+/// `searchAround`, and a `patientId` narrowing (or a token bound to one
+/// patient).
+fn slice_patient(
+    planner: &Planner<'_>,
+    t: &ObjectType,
+    q: &Query,
+) -> Result<Option<String>, ApiError> {
+    fn linked(set: &ObjectSet) -> bool {
+        match set {
+            ObjectSet::SearchAround { .. } => true,
+            ObjectSet::Filter { set, .. } => linked(set),
+            ObjectSet::Union(s) | ObjectSet::Intersect(s) | ObjectSet::Subtract(s) => {
+                s.iter().any(linked)
+            }
+            ObjectSet::Base { .. } | ObjectSet::Static { .. } | ObjectSet::Reference { .. } => {
+                false
+            }
+        }
+    }
+    if t.patient_property.is_none() || linked(&q.set) {
+        return Ok(None);
+    }
+    if let Some(p) = &q.narrow.patient {
+        return Ok(Some(p.clone()));
+    }
+    let scope = allowed_rows(
+        planner.state,
+        planner.who,
+        &resource_type(t),
+        planner.action,
+        ("objectType", &t.api_name),
+    )?;
+    Ok(match scope {
+        RowScope::Patients(p) if p.len() == 1 => p.into_iter().next(),
+        _ => None,
+    })
+}
+
+/// Every live row of `t`'s view whose patient column is `patient`, from the
+/// slice index of the snapshot in `versions`; `None` when the table cannot
+/// be sliced or its files' schema is not the provider's.
+async fn slice_rows(
+    state: &AppState,
+    planner: &Planner<'_>,
+    t: &ObjectType,
+    versions: &BTreeMap<String, u64>,
+    patient: &str,
+) -> Result<Option<RecordBatch>, ApiError> {
+    let view = &t.backing_view;
+    let Some(&version) = versions.get(view) else {
+        return Ok(None);
+    };
+    let Some(pp) = t.patient_property.as_deref() else {
+        return Ok(None);
+    };
+    let pcol = planner.property_column(t, pp)?;
+    let index = state
+        .tables
+        .slice_index(&atlas_viewstore::view_table_dir(view), version)
+        .await?;
+    let Ok(index) = index.as_ref() else {
+        return Ok(None);
+    };
+    // The provider's schema is what every expression was typed against;
+    // files store strings as Utf8 where the provider reads views, and any
+    // other difference sends the query down the planned path.
+    let provider = planner.provider(t)?.schema();
+    let string =
+        |d: &DataType| matches!(d, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+    let fits = provider.fields().len() == index.schema().fields().len()
+        && provider
+            .fields()
+            .iter()
+            .zip(index.schema().fields())
+            .all(|(x, y)| {
+                x.name() == y.name()
+                    && (x.data_type() == y.data_type()
+                        || (string(x.data_type()) && string(y.data_type())))
+            });
+    if !fits {
+        return Ok(None);
+    }
+    let Some(rows) = index.read(pcol, patient).await.map_err(internal)? else {
+        return Ok(None);
+    };
+    let columns = rows
+        .columns()
+        .iter()
+        .zip(provider.fields())
+        .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(internal)?;
+    RecordBatch::try_new(provider.clone(), columns)
+        .map(Some)
+        .map_err(internal)
+}
+
+/// The rows of `batch` for which `pred` is true (null counts as false, as
+/// in a plan's filter).
+fn filter_rows(state: &AppState, batch: &RecordBatch, pred: Expr) -> Result<RecordBatch, ApiError> {
+    let schema = datafusion::common::DFSchema::try_from(batch.schema().as_ref().clone())
+        .map_err(internal)?;
+    let phys = state
+        .tables
+        .session()
+        .create_physical_expr(pred, &schema)
+        .map_err(internal)?;
+    let mask = phys
+        .evaluate(batch)
+        .and_then(|v| v.into_array(batch.num_rows()))
+        .map_err(internal)?;
+    let mask = mask
+        .as_boolean_opt()
+        .ok_or_else(|| internal("a filter did not evaluate to booleans"))?;
+    arrow::compute::filter_record_batch(batch, mask).map_err(internal)
+}
+
+/// The first `limit` rows of `batch` in the order of `keys` (nulls last),
+/// as the plan's sort and limit give them.
+fn sort_rows(
+    batch: &RecordBatch,
+    keys: &[(String, bool, DataType)],
+    limit: usize,
+) -> Result<RecordBatch, ApiError> {
+    let mut cols = Vec::with_capacity(keys.len());
+    for (c, asc, _) in keys {
+        let values = batch
+            .column_by_name(c)
+            .ok_or_else(|| internal(format!("sort column {c} missing")))?
+            .clone();
+        cols.push(arrow::compute::SortColumn {
+            values,
+            options: Some(arrow::compute::SortOptions {
+                descending: !asc,
+                nulls_first: false,
+            }),
+        });
+    }
+    let idx = arrow::compute::lexsort_to_indices(&cols, Some(limit)).map_err(internal)?;
+    arrow::compute::take_record_batch(batch, &idx).map_err(internal)
 }
 
 /// One object: `__apiName`, `__primaryKey`, `__title`, then the properties

@@ -24,6 +24,7 @@ pub struct Tables {
     ctx: SessionContext,
     latest: tokio::sync::Mutex<HashMap<String, DeltaTable>>,
     providers: Mutex<HashMap<(String, u64), Arc<dyn TableProvider>>>,
+    slices: crate::slice::SliceCache,
 }
 
 fn unavailable(view: &str, message: String) -> ApiError {
@@ -58,6 +59,7 @@ impl Tables {
             ctx: serving_session(),
             latest: tokio::sync::Mutex::new(HashMap::new()),
             providers: Mutex::new(HashMap::new()),
+            slices: Default::default(),
         }
     }
 
@@ -111,6 +113,26 @@ impl Tables {
         {
             return Ok(p);
         }
+        let table = self.table_version(view, version).await?;
+        table
+            .update_datafusion_session(&self.ctx.state())
+            .map_err(|e| unavailable(view, format!("view table {view}: {e}")))?;
+        let provider = table
+            .table_provider()
+            .await
+            .map_err(|e| unavailable(view, format!("view table {view}: {e}")))?;
+        if let Ok(mut m) = self.providers.lock() {
+            if m.len() >= MAX_PROVIDERS {
+                m.clear();
+            }
+            m.insert(key, provider.clone());
+        }
+        Ok(provider)
+    }
+
+    /// The table at `dir` as of `version` (a 400 `PageTokenSnapshotGone`
+    /// when the log no longer has it).
+    async fn table_version(&self, view: &str, version: u64) -> Result<DeltaTable, ApiError> {
         let table = {
             let latest = self.latest.lock().await;
             latest.get(view).cloned()
@@ -139,19 +161,29 @@ impl Tables {
                 )
             })?;
         }
-        table
-            .update_datafusion_session(&self.ctx.state())
-            .map_err(|e| unavailable(view, format!("view table {view}: {e}")))?;
-        let provider = table
-            .table_provider()
-            .await
-            .map_err(|e| unavailable(view, format!("view table {view}: {e}")))?;
-        if let Ok(mut m) = self.providers.lock() {
-            if m.len() >= MAX_PROVIDERS {
-                m.clear();
-            }
-            m.insert(key, provider.clone());
+        Ok(table)
+    }
+
+    /// The slice index of the table at `dir`, `version` (see `slice`); the
+    /// reason when the table cannot be sliced.
+    pub async fn slice_index(
+        &self,
+        view: &str,
+        version: u64,
+    ) -> Result<crate::slice::CachedSlices, ApiError> {
+        if let Some(ix) = self.slices.get(view, version) {
+            return Ok(ix);
         }
-        Ok(provider)
+        let table = self.table_version(view, version).await?;
+        let index = crate::slice::SliceIndex::load(&table).await;
+        if let Err(why) = &index {
+            tracing::debug!(
+                view,
+                version,
+                why,
+                "no slice index; one-patient reads plan in DataFusion"
+            );
+        }
+        Ok(self.slices.put(view, version, index))
     }
 }

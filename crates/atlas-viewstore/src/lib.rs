@@ -29,6 +29,7 @@
 
 mod build;
 mod catalog;
+mod cluster;
 mod dv;
 mod scan;
 mod sql;
@@ -36,6 +37,16 @@ mod sql;
 pub use build::{RefreshKind, RefreshOptions, RefreshReport};
 pub use catalog::{ViewEntry, ViewOrigin, ViewStatus};
 pub use sql::{SqlError, read_only_options};
+
+/// The row positions a view file's deletion vector removes (for readers
+/// that open view files directly, such as the serving layer's slice reads).
+pub async fn deleted_rows(
+    table: &deltalake::DeltaTable,
+    file: &str,
+    dv: &deltalake::kernel::DeletionVectorDescriptor,
+) -> Result<roaring::RoaringTreemap, ViewStoreError> {
+    dv::read(table, file, dv).await
+}
 
 use atlas_lake::{Lake, LakeError};
 

@@ -280,6 +280,59 @@ async fn incremental_refresh_equals_full_rebuild() {
         status.iter().all(|s| s.lag_versions == Some(0)),
         "{status:?}"
     );
+
+    // A build that spills to several chunk files merges them: the same
+    // rows, in files whose patient ranges do not overlap, each sorted.
+    let small = store
+        .refresh(
+            &[],
+            &RefreshOptions {
+                full: true,
+                file_rows: 300,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let o = small.iter().find(|r| r.name == "observation").unwrap();
+    assert!(o.files_added >= 3, "{o:?}");
+    assert_eq!(view_rows(&store, "observation").await, incremental[2]);
+    let table = deltalake::open_table(
+        url::Url::from_directory_path(dir.path().join("lake/views/observation")).unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut files: Vec<Vec<String>> = Vec::new();
+    for f in table.snapshot().unwrap().log_data().iter() {
+        let path = dir
+            .path()
+            .join("lake/views/observation")
+            .join(f.object_store_path().as_ref());
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&path).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+        let mut patients = Vec::new();
+        for b in reader {
+            let b = b.unwrap();
+            let col = b.column(b.schema().index_of("patient_id").unwrap()).clone();
+            for r in 0..b.num_rows() {
+                patients.push(arrow::util::display::array_value_to_string(&col, r).unwrap());
+            }
+        }
+        assert!(patients.is_sorted(), "{path:?} is not sorted by patient");
+        files.push(patients);
+    }
+    assert_eq!(files.len() as u64, o.files_added);
+    files.sort();
+    for w in files.windows(2) {
+        assert!(
+            w[0].last() <= w[1].first(),
+            "patient ranges of two files overlap"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
