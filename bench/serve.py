@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
@@ -85,6 +86,16 @@ def sql_column(atlas, lake, q):
     return [l for l in out.splitlines()[1:] if l]
 
 
+def wait_for(port):
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"the server did not listen on port {port}")
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -129,11 +140,30 @@ def wrk(port, lua_path, connections, seconds):
     return {"p50": pct["50"], "p90": pct["90"], "p99": pct["99"], "requests": reqs, "errors": non2xx + sock, "rps": rps}
 
 
+def live_files(table):
+    """The data files of the Delta table's latest version, from its JSON
+    log (the folder also holds files earlier versions replaced)."""
+    log = os.path.join(table, "_delta_log")
+    commits = sorted(f for f in os.listdir(log) if re.fullmatch(r"\d{20}\.json", f))
+    if not commits or int(commits[0][:20]) != 0:
+        sys.exit(f"{log}: the JSON log does not start at version 0 (checkpointed); rebuild the bench lake")
+    live = set()
+    for c in commits:
+        with open(os.path.join(log, c)) as f:
+            for line in f:
+                a = json.loads(line)
+                if "add" in a:
+                    live.add(urllib.parse.unquote(a["add"]["path"]))
+                elif "remove" in a:
+                    live.discard(urllib.parse.unquote(a["remove"]["path"]))
+    return sorted(os.path.join(table, p) for p in live)
+
+
 def duckdb_latency(lake, ids, n):
     py = os.path.join(ROOT, ".venv-bench", "bin", "python")
     code = f"""
-import duckdb, json, statistics, time, random, glob
-files = glob.glob({os.path.join(lake, 'views', 'observation', '*.parquet')!r})
+import duckdb, json, statistics, time, random
+files = {live_files(os.path.join(lake, 'views', 'observation'))!r}
 con = duckdb.connect()
 con.execute("CREATE VIEW obs AS SELECT * FROM read_parquet([" + ", ".join("'" + f + "'" for f in files) + "])")
 q = "SELECT * FROM obs WHERE patient_id = ? AND effective >= ? AND left(effective, 10) <= ? ORDER BY effective, id LIMIT 251"
@@ -182,12 +212,7 @@ def main():
     server = subprocess.Popen([a.atlas, "--quiet", "--lake", lake, "serve", "--dev-auth", "--bind", f"127.0.0.1:{port}"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "ATLAS_LOG": "warn"})
     try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_for(port)
         results = {}
         with tempfile.TemporaryDirectory() as tmp:
             for kind in ["objects", "graphql"]:
@@ -201,16 +226,40 @@ def main():
                 print(f"{kind}: {results[kind]}", flush=True)
             results["soak200"] = wrk(port, os.path.join(tmp, "objects.lua"), 200, a.soak)
             print(f"soak200: {results['soak200']}", flush=True)
-        duck = duckdb_latency(lake, ids, 2000)
-        print(f"duckdb: {duck}", flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
+    # The same query with slice reads off: every request planned in
+    # DataFusion over the same files (what the slice path saves).
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = os.path.join(tmp, "planned.toml")
+        with open(conf, "w") as f:
+            f.write("slice_reads = false\n")
+        server = subprocess.Popen([a.atlas, "--quiet", "--lake", lake, "serve", "--dev-auth", "--config", conf, "--bind", f"127.0.0.1:{port}"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "ATLAS_LOG": "warn"})
+        try:
+            wait_for(port)
+            lua = os.path.join(tmp, "objects.lua")
+            with open(lua, "w") as f:
+                f.write(WRK_LUA.replace("{IDS}", "{" + ",".join(f'"{i}"' for i in ids) + "}")
+                        .replace("{TOKEN}", token).replace("{KIND}", "objects")
+                        .replace("{FROM}", DATE_FROM).replace("{TO}", DATE_TO))
+            wrk(port, lua, 1, 3)
+            results["planned"] = wrk(port, lua, 1, a.duration)
+            print(f"planned: {results['planned']}", flush=True)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
+    duck = duckdb_latency(lake, ids, 2000)
+    print(f"duckdb: {duck}", flush=True)
     print()
     print(f"| query ({obs} observations, x{a.factor}) | p50 ms | p99 ms | req/s | errors |")
     print("|---|---|---|---|---|")
     r = results["objects"]
     print(f"| A. loadObjects: one patient's observations, date range, by time, 250/page (1 conn) | {r['p50']:.2f} | {r['p99']:.2f} | {r['rps']:.0f} | {r['errors']} |")
+    r = results["planned"]
+    print(f"| A. same, slice reads off (`slice_reads = false`: every request planned in DataFusion) | {r['p50']:.2f} | {r['p99']:.2f} | {r['rps']:.0f} | {r['errors']} |")
     if duck:
         print(f"| A. DuckDB, same query over the same Parquet files (in process, prepared) | {duck['p50']:.2f} | {duck['p99']:.2f} | – | – |")
     r = results["graphql"]

@@ -225,10 +225,14 @@ impl Authenticator {
     /// Verifies a compact JWS and reads the principal from its claims.
     pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
         let now = jsonwebtoken::get_current_timestamp();
-        if let Some((p, exp)) = self.verified.lock().ok().and_then(|m| m.get(token).cloned()) {
-            if now <= exp + LEEWAY_SECS {
-                return Ok(p);
-            }
+        if let Some((p, exp)) = self
+            .verified
+            .lock()
+            .ok()
+            .and_then(|m| m.get(token).cloned())
+            && now <= exp + LEEWAY_SECS
+        {
+            return Ok(p);
         }
         let (p, exp) = self.verify_signed(token)?;
         if let Ok(mut m) = self.verified.lock() {

@@ -316,6 +316,11 @@ struct Search {
     total: bool,
     /// `$everything`: the patient, and `_type` / `_since`.
     everything: Option<String>,
+    /// Every match as NDJSON (`_format=ndjson` or `Accept:
+    /// application/fhir+ndjson`) instead of a Bundle page.
+    ndjson: bool,
+    /// `_count` was given (refused with NDJSON, which has no pages).
+    count_given: bool,
 }
 
 const SEARCH_PARAMS: &[&str] = &[
@@ -347,6 +352,8 @@ fn parse_search(
         page_token: None,
         total: false,
         everything: None,
+        ndjson: false,
+        count_given: false,
     };
     for (k, v) in raw {
         if !allowed.contains(&k.as_str()) {
@@ -361,6 +368,7 @@ fn parse_search(
         }
         match k.as_str() {
             "_count" => {
+                s.count_given = true;
                 s.count = v
                     .parse::<usize>()
                     .ok()
@@ -405,14 +413,17 @@ fn parse_search(
                 }
             },
             "_page_token" => s.page_token = Some(v),
-            "_format" => {
-                if !matches!(
-                    v.as_str(),
-                    "json" | "application/json" | "application/fhir+json"
-                ) {
-                    return Err(invalid("_format", &v, "only JSON is served"));
+            "_format" => match v.as_str() {
+                "json" | "application/json" | "application/fhir+json" => s.ndjson = false,
+                "ndjson" | "application/fhir+ndjson" | "application/x-ndjson" => s.ndjson = true,
+                _ => {
+                    return Err(invalid(
+                        "_format",
+                        &v,
+                        "_format is json (a Bundle page) or ndjson (every match, one resource per line)",
+                    ));
                 }
-            }
+            },
             _ => s.filters.push((k, v)),
         }
     }
@@ -544,6 +555,80 @@ fn base_url(headers: &HeaderMap) -> String {
 }
 
 /// Runs a search (or `$everything`) and writes the searchset Bundle.
+/// `Accept: application/fhir+ndjson` (or `application/x-ndjson`) asks for
+/// NDJSON unless `_format` says otherwise.
+fn accepts_ndjson(headers: &HeaderMap, pairs: &[(String, String)]) -> bool {
+    if pairs.iter().any(|(k, _)| k == "_format") {
+        return false;
+    }
+    headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| {
+            a.contains("application/fhir+ndjson") || a.contains("application/x-ndjson")
+        })
+}
+
+/// Every match of a search as NDJSON: the stored JSON of each resource, one
+/// per line, in the search's order, streamed batch by batch from the same
+/// scoped plan a Bundle page uses (no page, no `_count`).
+async fn stream_search(
+    state: &AppState,
+    s: &Search,
+    filtered: LogicalPlanBuilder,
+    keys: &[(String, bool, DataType)],
+) -> Result<Response, ApiError> {
+    for (given, name) in [
+        (s.page_token.is_some(), "_page_token"),
+        (s.count_given, "_count"),
+        (s.total, "_total"),
+    ] {
+        if given {
+            return Err(invalid(
+                name,
+                "…",
+                "NDJSON returns every match in one stream; it takes no paging or totals",
+            ));
+        }
+    }
+    let plan = filtered
+        .sort(
+            keys.iter()
+                .map(|(c, asc, _)| column(c).sort(*asc, false))
+                .collect::<Vec<_>>(),
+        )
+        .and_then(|b| b.project(vec![column("resource")]))
+        .and_then(|b| b.build())
+        .map_err(internal)?;
+    let stream = DataFrame::new(state.tables.session().state(), plan)
+        .execute_stream()
+        .await
+        .map_err(internal)?;
+    let metrics = state.metrics.clone();
+    let body = crate::stream::async_stream(stream, move |batch| {
+        let Some(b) = batch else {
+            return Ok(bytes::Bytes::new());
+        };
+        let res = utf8(b.column(0)).map_err(|e| std::io::Error::other(e.message))?;
+        let mut out = Vec::with_capacity(b.num_rows() * 1024);
+        let mut n = 0u64;
+        for row in 0..b.num_rows() {
+            if let Some(r) = text(&res, row) {
+                out.extend_from_slice(r.as_bytes());
+                out.push(b'\n');
+                n += 1;
+            }
+        }
+        metrics.rows("fhir.ndjson", n);
+        Ok(bytes::Bytes::from(out))
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/fhir+ndjson")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
+}
+
 async fn run_search(
     state: &AppState,
     who: &Principal,
@@ -596,6 +681,9 @@ async fn run_search(
         keys.push(("id".into(), true, DataType::Utf8));
     }
 
+    if s.ndjson {
+        return stream_search(state, s, filtered, &keys).await;
+    }
     let total = if s.total {
         let plan = filtered.clone().build().map_err(internal)?;
         Some(
@@ -844,7 +932,7 @@ async fn everything_plan(
     Ok(b)
 }
 
-#[utoipa::path(get, path = "/fhir/{resource_type}", tag = "fhir", security(("bearer" = [])), params(("resource_type" = String, Path), ("_id" = Option<String>, Query), ("_lastUpdated" = Option<String>, Query), ("patient" = Option<String>, Query), ("subject" = Option<String>, Query), ("code" = Option<String>, Query), ("date" = Option<String>, Query), ("status" = Option<String>, Query), ("_count" = Option<u32>, Query), ("_sort" = Option<String>, Query), ("_total" = Option<String>, Query), ("_page_token" = Option<String>, Query)), responses((status = 200, description = "searchset Bundle with link[next]", content_type = "application/fhir+json"), (status = 400, description = "OperationOutcome naming the parameter"), (status = 401, description = "OperationOutcome"), (status = 403, description = "OperationOutcome")))]
+#[utoipa::path(get, path = "/fhir/{resource_type}", tag = "fhir", security(("bearer" = [])), params(("resource_type" = String, Path), ("_id" = Option<String>, Query), ("_lastUpdated" = Option<String>, Query), ("patient" = Option<String>, Query), ("subject" = Option<String>, Query), ("code" = Option<String>, Query), ("date" = Option<String>, Query), ("status" = Option<String>, Query), ("_count" = Option<u32>, Query), ("_sort" = Option<String>, Query), ("_total" = Option<String>, Query), ("_page_token" = Option<String>, Query), ("_format" = Option<String>, Query, description = "json (default) or ndjson: every match, one resource per line")), responses((status = 200, description = "searchset Bundle with link[next], or NDJSON with _format=ndjson / Accept: application/fhir+ndjson", content_type = "application/fhir+json"), (status = 400, description = "OperationOutcome naming the parameter"), (status = 401, description = "OperationOutcome"), (status = 403, description = "OperationOutcome")))]
 async fn search(
     State(state): State<AppState>,
     Path(resource_type): Path<String>,
@@ -859,7 +947,8 @@ async fn search(
         );
     }
     let pairs = pairs(raw.clone());
-    let s = parse_search(&resource_type, pairs.clone(), &state, SEARCH_PARAMS)?;
+    let mut s = parse_search(&resource_type, pairs.clone(), &state, SEARCH_PARAMS)?;
+    s.ndjson |= accepts_ndjson(&headers, &pairs);
     let base = base_url(&headers);
     let (self_url, next_base) = urls(&base, &resource_type, raw.as_deref(), &pairs);
     Ok(run_search(&state, &who, &s, &self_url, &next_base, &base).await?)
@@ -971,6 +1060,7 @@ async fn operation(
         &["_type", "_since", "_count", "_page_token", "_format"],
     )?;
     s.everything = Some(id.clone());
+    s.ndjson |= accepts_ndjson(&headers, &pairs);
     s.count = pairs
         .iter()
         .find(|(k, _)| k == "_count")
@@ -1021,7 +1111,7 @@ async fn metadata(State(state): State<AppState>) -> Response {
         "date": "2026-11-27",
         "kind": "instance",
         "fhirVersion": "4.0.1",
-        "format": ["json"],
+        "format": ["json", "application/fhir+ndjson"],
         "software": {"name": "Atlas", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {"description": "Atlas FHIR REST (read-only) over the lake's resource store"},
         "rest": [{

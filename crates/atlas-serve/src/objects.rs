@@ -31,6 +31,7 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(get_object))
         .routes(routes!(list_linked_objects))
         .routes(routes!(crate::graphql::handler))
+        .routes(routes!(crate::stream::view_rows))
 }
 
 fn bad(name: &'static str, parameter: &str, value: &str, message: impl Into<String>) -> ApiError {

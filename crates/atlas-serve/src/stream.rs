@@ -139,7 +139,7 @@ pub(crate) async fn stream_objects(
 }
 
 /// Maps each batch (then one final `None`) to bytes, lazily.
-fn async_stream(
+pub(crate) fn async_stream(
     input: datafusion::execution::SendableRecordBatchStream,
     mut f: impl FnMut(Option<RecordBatch>) -> Result<bytes::Bytes, std::io::Error> + Send + 'static,
 ) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
@@ -203,6 +203,18 @@ impl Encoder {
         props: &[Property],
         schema: &Schema,
     ) -> Result<Encoder, ApiError> {
+        match format {
+            Format::Ndjson => Ok(Encoder::Ndjson {
+                t: t.clone(),
+                props: props.to_vec(),
+            }),
+            _ => Encoder::columnar(format, schema),
+        }
+    }
+
+    /// An Arrow IPC or Parquet encoder for batches of `schema` (NDJSON
+    /// needs an object type: see `new`).
+    fn columnar(format: Format, schema: &Schema) -> Result<Encoder, ApiError> {
         let out = Shared::default();
         // Output columns are nullable whatever the view says.
         let schema = Arc::new(Schema::new(
@@ -213,11 +225,7 @@ impl Encoder {
                 .collect::<Vec<_>>(),
         ));
         Ok(match format {
-            Format::Ndjson => Encoder::Ndjson {
-                t: t.clone(),
-                props: props.to_vec(),
-            },
-            Format::Arrow => Encoder::Arrow {
+            Format::Ndjson | Format::Arrow => Encoder::Arrow {
                 writer: Some(
                     arrow::ipc::writer::StreamWriter::try_new(out.clone(), &schema)
                         .map_err(internal)?,
@@ -322,4 +330,137 @@ fn relax(b: RecordBatch) -> Result<RecordBatch, arrow::error::ArrowError> {
             .collect::<Vec<_>>(),
     ));
     RecordBatch::try_new(schema, b.columns().to_vec())
+}
+
+/// Every row of a view (built-in or user), streamed: NDJSON (one JSON
+/// object per row, columns by name), an Arrow IPC stream or a Parquet file.
+/// The view's resource type goes through the `PolicyEngine` like an object
+/// type; a patient-bound scope filters on the view's patient column (a view
+/// without one is refused to such a token).
+#[utoipa::path(get, path = "/api/v2/views/{view}/rows", tag = "objects", security(("bearer" = [])), params(("view" = String, Path, description = "View name (`atlas views list`)"), ("format" = Option<String>, Query, description = "ndjson (default), arrow or parquet; or by Accept"), ("patientId" = Option<String>, Query, description = "Only this patient's rows (views with a patient column)")), responses((status = 200, description = "The rows, streamed", content_type = "application/x-ndjson"), (status = 400, description = "Invalid input; the body names the field", body = crate::openapi::ErrorBody), (status = 401, description = "No or bad bearer token", body = crate::openapi::ErrorBody), (status = 403, description = "The PolicyEngine denies the view's resource type", body = crate::openapi::ErrorBody), (status = 404, description = "No such view", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn view_rows(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    axum::extract::Path(view): axum::extract::Path<String>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+    headers: axum::http::HeaderMap,
+    who: Principal,
+) -> Result<Response, ApiError> {
+    use datafusion::logical_expr::{LogicalPlanBuilder, lit};
+    let p = crate::objects::params(raw, &["format", "patientId"])?;
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format =
+        Format::choose(p.get("format").map(String::as_str), accept)?.unwrap_or(Format::Ndjson);
+    let entry = match atlas_viewstore::ViewStore::new(state.lake.clone())
+        .get(&view)
+        .await
+    {
+        Ok(e) => e,
+        Err(atlas_viewstore::ViewStoreError::NotFound(_)) => {
+            return Err(ApiError::not_found(
+                "view",
+                &view,
+                "no such view (see `atlas views list`)",
+            ));
+        }
+        Err(e) => return Err(internal(e)),
+    };
+    let scope = crate::query::allowed_rows(
+        &state,
+        &who,
+        &entry.resource_type,
+        atlas_policy::Action::Search,
+        ("view", &view),
+    )?;
+    let dir = atlas_viewstore::view_table_dir(&view);
+    let version = state.tables.latest_version(&dir).await?;
+    let provider = state.tables.provider(&dir, version).await?;
+    let mut b = LogicalPlanBuilder::scan(
+        "view",
+        datafusion::datasource::provider_as_source(provider),
+        None,
+    )
+    .map_err(internal)?;
+    let patient_col = entry.patient_column.clone();
+    if let atlas_policy::RowScope::Patients(patients) = scope {
+        let Some(pc) = &patient_col else {
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "PermissionDenied",
+                "view",
+                &view,
+                format!(
+                    "view {view} has no patient column, and this token only sees patient {}",
+                    patients.join(", ")
+                ),
+            ));
+        };
+        let list = patients.into_iter().map(lit).collect();
+        b = b
+            .filter(
+                column(pc)
+                    .is_not_null()
+                    .and(column(pc).in_list(list, false)),
+            )
+            .map_err(internal)?;
+    }
+    if let Some(pid) = p.get("patientId") {
+        let Some(pc) = &patient_col else {
+            return Err(crate::query::bad(
+                "InvalidParameter",
+                "patientId",
+                pid,
+                format!("view {view} has no patient column"),
+            ));
+        };
+        b = b
+            .filter(
+                column(pc)
+                    .is_not_null()
+                    .and(column(pc).eq(lit(pid.as_str()))),
+            )
+            .map_err(internal)?;
+    }
+    let plan = b.build().map_err(internal)?;
+    let stream = DataFrame::new(state.tables.session().state(), plan)
+        .execute_stream()
+        .await
+        .map_err(internal)?;
+    let schema = stream.schema();
+    let metrics = state.metrics.clone();
+    let mut encoder = match format {
+        Format::Ndjson => None,
+        _ => Some(Encoder::columnar(format, schema.as_ref())?),
+    };
+    let body = async_stream(stream, move |batch| {
+        metrics.rows(
+            "view.rows",
+            batch.as_ref().map_or(0, |b| b.num_rows() as u64),
+        );
+        match (&mut encoder, batch) {
+            (Some(e), batch) => e.encode(batch),
+            (None, None) => Ok(bytes::Bytes::new()),
+            (None, Some(b)) => {
+                let schema = b.schema();
+                let mut out = Vec::with_capacity(b.num_rows() * 256);
+                for row in 0..b.num_rows() {
+                    out.push(b'{');
+                    for (i, f) in schema.fields().iter().enumerate() {
+                        if i > 0 {
+                            out.push(b',');
+                        }
+                        crate::query::write_str(&mut out, f.name());
+                        out.push(b':');
+                        crate::query::write_value(&mut out, b.column(i).as_ref(), row);
+                    }
+                    out.extend_from_slice(b"}\n");
+                }
+                Ok(bytes::Bytes::from(out))
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, format.content_type())],
+        Body::from_stream(body),
+    )
+        .into_response())
 }

@@ -1347,15 +1347,27 @@ async fn raw_post(
     accept: Option<&str>,
     body: &Json,
 ) -> (StatusCode, String, Vec<u8>) {
+    raw_call(f, "POST", uri, token, accept, Some(body)).await
+}
+
+async fn raw_call(
+    f: &Fixture,
+    method: &str,
+    uri: &str,
+    token: &str,
+    accept: Option<&str>,
+    body: Option<&Json>,
+) -> (StatusCode, String, Vec<u8>) {
+    let body = body.map_or_else(Body::empty, |b| Body::from(b.to_string()));
     let mut req = Request::builder()
-        .method("POST")
+        .method(method)
         .uri(uri)
         .header("authorization", format!("Bearer {token}"));
     if let Some(a) = accept {
         req = req.header("accept", a);
     }
     let r = router(f.state.clone())
-        .oneshot(req.body(Body::from(body.to_string())).unwrap())
+        .oneshot(req.body(body).unwrap())
         .await
         .unwrap();
     let status = r.status();
@@ -1641,4 +1653,259 @@ async fn one_patient_slice_reads_answer_like_the_planned_query() {
         2,
         "updated rows read once, at their new version"
     );
+}
+
+/// FHIR search and `$everything` stream every match as NDJSON (the stored
+/// JSON, one resource per line, in the search's order), within the token's
+/// scope, and equal the Bundle pages of the same search.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fhir_search_streams_ndjson_within_scope() {
+    let f = fixture(5).await;
+    let admin = f.admin();
+    let pids = f.sql("SELECT id FROM patient ORDER BY id").await;
+    let (mine, other) = (&pids[0], &pids[1]);
+    let lines = |body: &[u8]| -> Vec<Json> {
+        std::str::from_utf8(body)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let uri = format!("/fhir/Observation?patient={other}&_sort=-_lastUpdated");
+    let (paged, _) = fhir_all(&f, &admin, &format!("{uri}&_count=7")).await;
+    let (status, ct, body) = raw_call(
+        &f,
+        "GET",
+        &format!("{uri}&_format=ndjson"),
+        &admin,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(ct, "application/fhir+ndjson");
+    let streamed = lines(&body);
+    assert!(streamed.len() > 7, "the test needs more than a page");
+    assert_eq!(streamed, paged, "NDJSON equals the Bundle pages, in order");
+    let want = f
+        .sql(&format!(
+            "SELECT id FROM observation WHERE patient_id = '{other}' ORDER BY id"
+        ))
+        .await;
+    let mut got = ids_of(&streamed);
+    got.sort();
+    assert_eq!(got, want);
+    // By Accept, too.
+    let (status, ct, body) = raw_call(
+        &f,
+        "GET",
+        &uri,
+        &admin,
+        Some("application/fhir+ndjson"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, ct.as_str()),
+        (StatusCode::OK, "application/fhir+ndjson")
+    );
+    assert_eq!(lines(&body), streamed);
+
+    // A patient-bound token streams only its own compartment.
+    let tok = f.token("pat", "patient/*.rs", Some(mine));
+    let (status, _, body) = raw_call(
+        &f,
+        "GET",
+        "/fhir/Observation?_format=ndjson",
+        &tok,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let own = lines(&body);
+    let want = f
+        .sql(&format!(
+            "SELECT id FROM observation WHERE patient_id = '{mine}' ORDER BY id"
+        ))
+        .await;
+    assert_eq!(ids_of(&own), want);
+    let (status, _, body) = raw_call(
+        &f,
+        "GET",
+        &format!("/fhir/Observation?patient={other}&_format=ndjson"),
+        &tok,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body.is_empty(),
+        "another patient's rows: {}",
+        String::from_utf8_lossy(&body)
+    );
+    // $everything as NDJSON: the patient and its resources, the same set as
+    // the paged Bundle.
+    let (status, _, body) = raw_call(
+        &f,
+        "GET",
+        &format!("/fhir/Patient/{mine}/$everything?_format=ndjson"),
+        &tok,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let everything = lines(&body);
+    let (paged, _) = fhir_all(&f, &tok, &format!("/fhir/Patient/{mine}/$everything")).await;
+    assert_eq!(everything, paged);
+    assert!(everything.iter().any(|r| r["resourceType"] == "Patient"));
+
+    // NDJSON has no pages: paging parameters are refused, naming them.
+    for (q, param) in [("_count=5", "_count"), ("_total=accurate", "_total")] {
+        let (status, b) = f
+            .call(
+                "GET",
+                &format!("/fhir/Observation?{q}&_format=ndjson"),
+                Some(&admin),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{b}");
+        assert!(b.to_string().contains(param), "{b}");
+    }
+    let (status, b) = f
+        .call("GET", "/fhir/Observation?_format=xml", Some(&admin), None)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{b}");
+}
+
+/// A view's rows stream as NDJSON, Arrow or Parquet through the same
+/// policy seam: all rows for an admin, one patient's for a patient-bound
+/// token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn view_rows_stream_within_scope() {
+    let f = fixture(4).await;
+    let admin = f.admin();
+    let (status, ct, body) = raw_call(
+        &f,
+        "GET",
+        "/api/v2/views/condition/rows",
+        &admin,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(ct, "application/x-ndjson");
+    let rows: Vec<Json> = std::str::from_utf8(&body)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut got: Vec<String> = rows
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect();
+    got.sort();
+    let want = f.sql("SELECT id FROM condition ORDER BY id").await;
+    assert_eq!(got, want);
+    assert!(rows[0].as_object().unwrap().contains_key("patient_id"));
+
+    let pids = f
+        .sql("SELECT patient_id FROM condition GROUP BY patient_id ORDER BY patient_id")
+        .await;
+    let tok = f.token("pat", "patient/*.rs", Some(&pids[0]));
+    let (status, _, body) = raw_call(
+        &f,
+        "GET",
+        "/api/v2/views/condition/rows?format=arrow",
+        &tok,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let reader =
+        arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None).unwrap();
+    let mut n = 0;
+    for b in reader {
+        let b = b.unwrap();
+        let p = b.column_by_name("patient_id").unwrap();
+        for r in 0..b.num_rows() {
+            assert_eq!(
+                arrow::util::display::array_value_to_string(p, r).unwrap(),
+                pids[0]
+            );
+        }
+        n += b.num_rows();
+    }
+    let own = f
+        .sql(&format!(
+            "SELECT id FROM condition WHERE patient_id = '{}'",
+            pids[0]
+        ))
+        .await;
+    assert_eq!(n, own.len());
+    // Asking for another patient gives nothing; an admin's patientId narrows.
+    let (_, _, body) = raw_call(
+        &f,
+        "GET",
+        &format!("/api/v2/views/condition/rows?patientId={}", pids[1]),
+        &tok,
+        None,
+        None,
+    )
+    .await;
+    assert!(body.is_empty());
+    let (_, _, body) = raw_call(
+        &f,
+        "GET",
+        &format!("/api/v2/views/condition/rows?patientId={}", pids[1]),
+        &admin,
+        None,
+        None,
+    )
+    .await;
+    let theirs = f
+        .sql(&format!(
+            "SELECT id FROM condition WHERE patient_id = '{}'",
+            pids[1]
+        ))
+        .await;
+    assert_eq!(
+        std::str::from_utf8(&body).unwrap().lines().count(),
+        theirs.len()
+    );
+    // Unknown views, parameters and formats are 4xx naming them.
+    let (status, b) = f
+        .call("GET", "/api/v2/views/nope/rows", Some(&admin), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{b}");
+    let (status, b) = f
+        .call(
+            "GET",
+            "/api/v2/views/condition/rows?limit=3",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{b}");
+    assert!(b.to_string().contains("limit"), "{b}");
+    let (status, b) = f
+        .call(
+            "GET",
+            "/api/v2/views/condition/rows?format=csv",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{b}");
+    // A token that may not read Conditions may not read their view.
+    let obs_only = f.token("o", "user/Observation.rs", None);
+    let (status, b) = f
+        .call("GET", "/api/v2/views/condition/rows", Some(&obs_only), None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{b}");
 }
