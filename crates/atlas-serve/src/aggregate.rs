@@ -11,7 +11,6 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use datafusion::dataframe::DataFrame;
 use datafusion::functions_aggregate::expr_fn as agg;
 use datafusion::logical_expr::{Expr, case, lit};
 use datafusion::prelude::cast;
@@ -511,10 +510,7 @@ pub(crate) async fn aggregate(
             .map_err(internal)?;
     }
     let plan = grouped.build().map_err(internal)?;
-    let batches = DataFrame::new(state.tables.session().state(), plan)
-        .collect()
-        .await
-        .map_err(internal)?;
+    let batches = state.tables.collect(plan).await?;
     let total: usize = batches.iter().map(|b| b.num_rows()).sum();
     if total > MAX_GROUPS {
         return Err(bad(

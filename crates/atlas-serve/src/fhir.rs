@@ -592,18 +592,11 @@ async fn stream_search(
         }
     }
     let plan = filtered
-        .sort(
-            keys.iter()
-                .map(|(c, asc, _)| column(c).sort(*asc, false))
-                .collect::<Vec<_>>(),
-        )
+        .sort(crate::query::sort_exprs(keys))
         .and_then(|b| b.project(vec![column("resource")]))
         .and_then(|b| b.build())
         .map_err(internal)?;
-    let stream = DataFrame::new(state.tables.session().state(), plan)
-        .execute_stream()
-        .await
-        .map_err(internal)?;
+    let stream = state.tables.execute_stream(plan).await?;
     let metrics = state.metrics.clone();
     let body = crate::stream::async_stream(stream, move |batch| {
         let Some(b) = batch else {
@@ -715,19 +708,12 @@ async fn run_search(
         }
     }
     let plan = paged
-        .sort(
-            keys.iter()
-                .map(|(c, asc, _)| column(c).sort(*asc, false))
-                .collect::<Vec<_>>(),
-        )
+        .sort(crate::query::sort_exprs(&keys))
         .and_then(|b| b.limit(0, Some(s.count + 1)))
         .and_then(|b| b.project(cols))
         .and_then(|b| b.build())
         .map_err(internal)?;
-    let batches = DataFrame::new(state.tables.session().state(), plan)
-        .collect()
-        .await
-        .map_err(internal)?;
+    let batches = state.tables.collect(plan).await?;
 
     let mut entries = Vec::with_capacity(s.count * 1024);
     let mut n = 0usize;
@@ -996,10 +982,7 @@ async fn read(
         .and_then(|b| b.limit(0, Some(1)))
         .and_then(|b| b.build())
         .map_err(internal)?;
-    let batches = DataFrame::new(state.tables.session().state(), plan)
-        .collect()
-        .await
-        .map_err(internal)?;
+    let batches = state.tables.collect(plan).await?;
     let not_found = || {
         ApiError::new(
             StatusCode::NOT_FOUND,

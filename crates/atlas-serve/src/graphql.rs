@@ -30,7 +30,6 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use datafusion::dataframe::DataFrame;
 use datafusion::logical_expr::lit;
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
@@ -687,10 +686,7 @@ impl LinkLoader {
         }
         sort.push(column(&pk).sort(true, false));
         let plan = b.sort(sort).and_then(|b| b.build()).map_err(internal)?;
-        let batches = DataFrame::new(state.tables.session().state(), plan)
-            .collect()
-            .await
-            .map_err(internal)?;
+        let batches = state.tables.collect(plan).await?;
         let props: Vec<&atlas_ontology::Property> = t.properties.iter().collect();
         let mut out: HashMap<String, Vec<Map<String, Json>>> = HashMap::new();
         let mut buf = Vec::new();

@@ -195,18 +195,23 @@ impl<'a> Planner<'a> {
             .ok_or_else(|| internal(format!("view {} was not opened", t.backing_view)))
     }
 
-    /// The object type's rows this principal may read, as a predicate over
-    /// the type's columns: the access seam. `scan` applies it to the scan;
-    /// the one-patient slice path evaluates the same predicate.
-    pub fn scope_expr(&self, t: &ObjectType) -> Result<Expr, ApiError> {
-        let scope = allowed_rows(
+    /// The `PolicyEngine`'s decision for this principal on `t`: its row
+    /// scope, or a 403.
+    pub fn scope(&self, t: &ObjectType) -> Result<RowScope, ApiError> {
+        allowed_rows(
             self.state,
             self.who,
             &resource_type(t),
             self.action,
             ("objectType", &t.api_name),
-        )?;
-        match scope {
+        )
+    }
+
+    /// The object type's rows this principal may read, as a predicate over
+    /// the type's columns: the access seam. `scan` applies it to the scan;
+    /// the one-patient slice path evaluates the same predicate.
+    pub fn scope_expr(&self, t: &ObjectType) -> Result<Expr, ApiError> {
+        match self.scope(t)? {
             RowScope::All => Ok(lit(true)),
             RowScope::Patients(patients) => {
                 let Some(pp) = t.patient_property.as_deref().and_then(|p| t.property(p)) else {
@@ -596,6 +601,16 @@ fn key_scalar(j: &Json, ty: &DataType) -> Option<ScalarValue> {
     })
 }
 
+/// The plan's sort for `keys` (nulls last in both directions, as keyset
+/// paging assumes).
+pub(crate) fn sort_exprs(
+    keys: &[(String, bool, DataType)],
+) -> Vec<datafusion::logical_expr::SortExpr> {
+    keys.iter()
+        .map(|(c, asc, _)| column(c).sort(*asc, false))
+        .collect()
+}
+
 /// Keyset paging: rows strictly after `after` in the order of `keys`
 /// (nulls last in both directions).
 pub(crate) fn after_expr(keys: &[(String, bool, DataType)], after: &[Json]) -> Option<Expr> {
@@ -757,20 +772,13 @@ pub(crate) async fn run(
             if let Some(a) = after {
                 paged = paged.filter(a).map_err(internal)?;
             }
-            let sort = keys
-                .iter()
-                .map(|(c, asc, _)| column(c).sort(*asc, false))
-                .collect::<Vec<_>>();
             let plan: LogicalPlan = paged
-                .sort(sort)
+                .sort(sort_exprs(&keys))
                 .and_then(|b| b.limit(0, Some(page.size + 1)))
                 .and_then(|b| b.project(cols.iter().map(|c| column(c))))
                 .and_then(|b| b.build())
                 .map_err(internal)?;
-            let batches = DataFrame::new(state.tables.session().state(), plan)
-                .collect()
-                .await
-                .map_err(internal)?;
+            let batches = state.tables.collect(plan).await?;
             (batches, total)
         }
     };
@@ -846,14 +854,7 @@ fn slice_patient(
     if let Some(p) = &q.narrow.patient {
         return Ok(Some(p.clone()));
     }
-    let scope = allowed_rows(
-        planner.state,
-        planner.who,
-        &resource_type(t),
-        planner.action,
-        ("objectType", &t.api_name),
-    )?;
-    Ok(match scope {
+    Ok(match planner.scope(t)? {
         RowScope::Patients(p) if p.len() == 1 => p.into_iter().next(),
         _ => None,
     })

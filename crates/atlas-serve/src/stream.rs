@@ -18,7 +18,6 @@ use arrow::record_batch::RecordBatch;
 use axum::body::Body;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use datafusion::dataframe::DataFrame;
 use futures::StreamExt;
 
 use atlas_ontology::{ObjectType, Property};
@@ -112,10 +111,7 @@ pub(crate) async fn stream_objects(
         exprs.push(column(&title).alias("__title"));
     }
     let plan = b.project(exprs).and_then(|b| b.build()).map_err(internal)?;
-    let stream = DataFrame::new(state.tables.session().state(), plan)
-        .execute_stream()
-        .await
-        .map_err(internal)?;
+    let stream = state.tables.execute_stream(plan).await?;
     let schema = stream.schema();
     let metrics = state.metrics.clone();
     let rows_route = match format {
@@ -421,10 +417,7 @@ pub(crate) async fn view_rows(
             .map_err(internal)?;
     }
     let plan = b.build().map_err(internal)?;
-    let stream = DataFrame::new(state.tables.session().state(), plan)
-        .execute_stream()
-        .await
-        .map_err(internal)?;
+    let stream = state.tables.execute_stream(plan).await?;
     let schema = stream.schema();
     let metrics = state.metrics.clone();
     let mut encoder = match format {

@@ -186,4 +186,26 @@ impl Tables {
         }
         Ok(self.slices.put(view, version, index))
     }
+
+    /// Runs a plan in the serving session and collects its batches.
+    pub async fn collect(
+        &self,
+        plan: datafusion::logical_expr::LogicalPlan,
+    ) -> Result<Vec<arrow::record_batch::RecordBatch>, ApiError> {
+        datafusion::dataframe::DataFrame::new(self.ctx.state(), plan)
+            .collect()
+            .await
+            .map_err(crate::query::internal)
+    }
+
+    /// Runs a plan in the serving session as a stream of batches.
+    pub async fn execute_stream(
+        &self,
+        plan: datafusion::logical_expr::LogicalPlan,
+    ) -> Result<datafusion::execution::SendableRecordBatchStream, ApiError> {
+        datafusion::dataframe::DataFrame::new(self.ctx.state(), plan)
+            .execute_stream()
+            .await
+            .map_err(crate::query::internal)
+    }
 }
