@@ -691,7 +691,7 @@ impl LinkLoader {
         let mut out: HashMap<String, Vec<Map<String, Json>>> = HashMap::new();
         let mut buf = Vec::new();
         for batch in &batches {
-            let schema = batch.schema();
+            let writer = crate::query::ObjectWriter::new(t, &props, &batch.schema(), &pk, &title);
             let Some(keycol) = batch.column_by_name(&target_col) else {
                 continue;
             };
@@ -708,7 +708,7 @@ impl LinkLoader {
                     continue;
                 }
                 buf.clear();
-                crate::query::write_object(&mut buf, t, &props, batch, &schema, row, &pk, &title);
+                writer.write(&mut buf, batch, row);
                 let obj: Map<String, Json> = serde_json::from_slice(&buf).map_err(internal)?;
                 list.push(obj);
             }

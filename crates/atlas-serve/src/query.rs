@@ -789,7 +789,7 @@ pub(crate) async fn run(
     let mut last_key: Option<Vec<Json>> = None;
     let mut more = false;
     'batches: for b in &batches {
-        let schema = b.schema();
+        let writer = ObjectWriter::new(t, &props, &b.schema(), &pk, &title);
         for row in 0..b.num_rows() {
             if rows == page.size {
                 more = true;
@@ -798,7 +798,7 @@ pub(crate) async fn run(
             if rows > 0 {
                 out.push(b',');
             }
-            write_object(&mut out, t, &props, b, &schema, row, &pk, &title);
+            writer.write(&mut out, b, row);
             rows += 1;
             last_key = Some(
                 keys.iter()
@@ -964,42 +964,61 @@ fn sort_rows(
     arrow::compute::take_record_batch(batch, &idx).map_err(internal)
 }
 
-/// One object: `__apiName`, `__primaryKey`, `__title`, then the properties
-/// (nulls as null).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn write_object(
-    out: &mut Vec<u8>,
-    t: &ObjectType,
-    props: &[&atlas_ontology::Property],
-    b: &RecordBatch,
-    schema: &Schema,
-    row: usize,
-    pk: &str,
-    title: &str,
-) {
-    let get = |c: &str| schema.index_of(c).ok().map(|i| b.column(i));
-    out.extend_from_slice(b"{\"__apiName\":");
-    write_str(out, &t.api_name);
-    out.extend_from_slice(b",\"__primaryKey\":");
-    match get(pk) {
-        Some(a) => write_value(out, a.as_ref(), row),
-        None => out.extend_from_slice(b"null"),
-    }
-    out.extend_from_slice(b",\"__title\":");
-    match get(title) {
-        Some(a) => write_value(out, a.as_ref(), row),
-        None => out.extend_from_slice(b"null"),
-    }
-    for p in props {
-        out.push(b',');
-        write_str(out, &p.api_name);
-        out.push(b':');
-        match get(&p.column) {
-            Some(a) => write_value(out, a.as_ref(), row),
-            None => out.extend_from_slice(b"null"),
+/// Writes objects of one type from the rows of batches with one schema:
+/// `__apiName`, `__primaryKey`, `__title`, then the properties (nulls as
+/// null). Column positions and the escaped property names are worked out
+/// once, not per row.
+pub(crate) struct ObjectWriter {
+    /// `{"__apiName":"Observation","__primaryKey":`
+    head: Vec<u8>,
+    pk: Option<usize>,
+    title: Option<usize>,
+    /// `,"name":` and the column, per property.
+    props: Vec<(Vec<u8>, Option<usize>)>,
+}
+
+impl ObjectWriter {
+    pub fn new(
+        t: &ObjectType,
+        props: &[&atlas_ontology::Property],
+        schema: &Schema,
+        pk: &str,
+        title: &str,
+    ) -> ObjectWriter {
+        let mut head = b"{\"__apiName\":".to_vec();
+        write_str(&mut head, &t.api_name);
+        head.extend_from_slice(b",\"__primaryKey\":");
+        ObjectWriter {
+            head,
+            pk: schema.index_of(pk).ok(),
+            title: schema.index_of(title).ok(),
+            props: props
+                .iter()
+                .map(|p| {
+                    let mut name = vec![b','];
+                    write_str(&mut name, &p.api_name);
+                    name.push(b':');
+                    (name, schema.index_of(&p.column).ok())
+                })
+                .collect(),
         }
     }
-    out.push(b'}');
+
+    pub fn write(&self, out: &mut Vec<u8>, b: &RecordBatch, row: usize) {
+        let cell = |out: &mut Vec<u8>, i: Option<usize>| match i {
+            Some(i) => write_value(out, b.column(i).as_ref(), row),
+            None => out.extend_from_slice(b"null"),
+        };
+        out.extend_from_slice(&self.head);
+        cell(out, self.pk);
+        out.extend_from_slice(b",\"__title\":");
+        cell(out, self.title);
+        for (name, i) in &self.props {
+            out.extend_from_slice(name);
+            cell(out, *i);
+        }
+        out.push(b'}');
+    }
 }
 
 pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {

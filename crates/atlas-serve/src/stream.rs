@@ -23,7 +23,7 @@ use futures::StreamExt;
 use atlas_ontology::{ObjectType, Property};
 use atlas_policy::Principal;
 
-use crate::query::{Planner, Query, column, internal, snapshot, write_object};
+use crate::query::{ObjectWriter, Planner, Query, column, internal, snapshot};
 use crate::{ApiError, AppState};
 
 /// An encoding of a streamed set.
@@ -261,19 +261,10 @@ impl Encoder {
                     })
                     .collect();
                 let renamed_refs: Vec<&Property> = renamed.iter().collect();
-                let schema = b.schema();
+                let writer = ObjectWriter::new(t, &renamed_refs, &b.schema(), "__pk", "__title");
                 let mut out = Vec::with_capacity(b.num_rows() * 256);
                 for row in 0..b.num_rows() {
-                    write_object(
-                        &mut out,
-                        t,
-                        &renamed_refs,
-                        &b,
-                        &schema,
-                        row,
-                        "__pk",
-                        "__title",
-                    );
+                    writer.write(&mut out, &b, row);
                     out.push(b'\n');
                 }
                 Ok(bytes::Bytes::from(out))
