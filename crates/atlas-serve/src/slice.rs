@@ -30,7 +30,9 @@ use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, RowSelection, RowSelector,
 };
 #[allow(deprecated)]
-use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
+use parquet::arrow::async_reader::{
+    AsyncFileReader, ParquetObjectReader, ParquetRecordBatchStreamBuilder,
+};
 use roaring::RoaringTreemap;
 
 /// Snapshots kept before the cache is emptied.
@@ -40,6 +42,11 @@ const MAX_INDEXES: usize = 64;
 struct SliceFile {
     path: Path,
     size: u64,
+    /// The open file when the lake is on local disk: page reads are then
+    /// positional reads from the page cache on the calling thread, not
+    /// object-store requests handed to the blocking pool (a thread hop per
+    /// column chunk, which is what made the latency tail).
+    local: Option<Arc<std::fs::File>>,
     meta: ArrowReaderMetadata,
     /// Rows removed by the file's deletion vector.
     deleted: Option<RoaringTreemap>,
@@ -70,6 +77,9 @@ impl SliceIndex {
             return Err("partitioned table".into());
         }
         let store = table.object_store();
+        let local_root = (table.table_url().scheme() == "file")
+            .then(|| table.table_url().to_file_path().ok())
+            .flatten();
         let mut files = Vec::new();
         let mut schema: Option<SchemaRef> = None;
         for f in snapshot.log_data().iter() {
@@ -103,9 +113,14 @@ impl SliceIndex {
                 first_row.push(at);
                 at += rg.num_rows().max(0) as u64;
             }
+            let local = local_root
+                .as_ref()
+                .and_then(|root| std::fs::File::open(root.join(path.as_ref())).ok())
+                .map(Arc::new);
             files.push(SliceFile {
                 path,
                 size: f.size().max(0) as u64,
+                local,
                 meta,
                 deleted,
                 first_row,
@@ -286,9 +301,16 @@ impl SliceIndex {
         selection: Vec<RowSelector>,
         projection: Option<ProjectionMask>,
     ) -> Result<Vec<RecordBatch>, String> {
-        #[allow(deprecated)]
-        let reader =
-            ParquetObjectReader::new(self.store.clone(), f.path.clone()).with_file_size(f.size);
+        let reader: Box<dyn AsyncFileReader> = match &f.local {
+            Some(file) => Box::new(LocalReader {
+                file: file.clone(),
+                meta: f.meta.metadata().clone(),
+            }),
+            #[allow(deprecated)]
+            None => Box::new(
+                ParquetObjectReader::new(self.store.clone(), f.path.clone()).with_file_size(f.size),
+            ),
+        };
         let mut builder =
             ParquetRecordBatchStreamBuilder::new_with_metadata(reader, f.meta.clone())
                 .with_row_groups(groups.to_vec())
@@ -303,6 +325,38 @@ impl SliceIndex {
             .try_collect()
             .await
             .map_err(|e| format!("{}: {e}", f.path))
+    }
+}
+
+/// Positional reads of a local file whose metadata is already decoded.
+struct LocalReader {
+    file: Arc<std::fs::File>,
+    meta: Arc<parquet::file::metadata::ParquetMetaData>,
+}
+
+impl AsyncFileReader for LocalReader {
+    fn get_bytes(
+        &mut self,
+        range: std::ops::Range<u64>,
+    ) -> futures::future::BoxFuture<'_, parquet::errors::Result<bytes::Bytes>> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        let read = self
+            .file
+            .read_exact_at(&mut buf, range.start)
+            .map(|_| bytes::Bytes::from(buf))
+            .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)));
+        Box::pin(futures::future::ready(read))
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        _options: Option<&'a ArrowReaderOptions>,
+    ) -> futures::future::BoxFuture<
+        'a,
+        parquet::errors::Result<Arc<parquet::file::metadata::ParquetMetaData>>,
+    > {
+        Box::pin(futures::future::ready(Ok(self.meta.clone())))
     }
 }
 
@@ -440,33 +494,39 @@ mod tests {
             first_row.push(at);
             at += rg.num_rows() as u64;
         }
-        let index = SliceIndex {
-            store,
-            schema: meta.schema().clone(),
-            files: vec![SliceFile {
-                path: Path::from("f.parquet"),
-                size,
-                meta,
-                deleted: Some(deleted.clone()),
-                first_row,
-            }],
-        };
-        for k in (0..42).map(|k| format!("p{k:03}")) {
-            let want: Vec<i64> = (0..n)
-                .filter(|&i| keys[i].as_deref() == Some(k.as_str()) && !deleted.contains(i as u64))
-                .map(|i| i as i64)
-                .collect();
-            let got: Vec<i64> = match index.read("patient_id", &k).await.expect("read") {
-                Some(b) => b
-                    .column(1)
-                    .as_any()
-                    .downcast_ref::<Int64Array>()
-                    .expect("n")
-                    .values()
-                    .to_vec(),
-                None => Vec::new(),
+        // Through the object store, and through the local-file reader.
+        for local in [false, true] {
+            let index = SliceIndex {
+                store: store.clone(),
+                schema: meta.schema().clone(),
+                files: vec![SliceFile {
+                    path: Path::from("f.parquet"),
+                    size,
+                    local: local.then(|| Arc::new(std::fs::File::open(&path).expect("open"))),
+                    meta: meta.clone(),
+                    deleted: Some(deleted.clone()),
+                    first_row: first_row.clone(),
+                }],
             };
-            assert_eq!(got, want, "key {k}");
+            for k in (0..42).map(|k| format!("p{k:03}")) {
+                let want: Vec<i64> = (0..n)
+                    .filter(|&i| {
+                        keys[i].as_deref() == Some(k.as_str()) && !deleted.contains(i as u64)
+                    })
+                    .map(|i| i as i64)
+                    .collect();
+                let got: Vec<i64> = match index.read("patient_id", &k).await.expect("read") {
+                    Some(b) => b
+                        .column(1)
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .expect("n")
+                        .values()
+                        .to_vec(),
+                    None => Vec::new(),
+                };
+                assert_eq!(got, want, "key {k} (local: {local})");
+            }
         }
     }
 }
