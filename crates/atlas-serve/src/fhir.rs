@@ -570,8 +570,9 @@ fn accepts_ndjson(headers: &HeaderMap, pairs: &[(String, String)]) -> bool {
 }
 
 /// Every match of a search as NDJSON: the stored JSON of each resource, one
-/// per line, in the search's order, streamed batch by batch from the same
-/// scoped plan a Bundle page uses (no page, no `_count`).
+/// per line (in `_sort` order when given, else in store order), streamed
+/// batch by batch from the same scoped plan a Bundle page uses (no page, no
+/// `_count`).
 async fn stream_search(
     state: &AppState,
     s: &Search,
@@ -591,9 +592,18 @@ async fn stream_search(
             ));
         }
     }
-    let plan = filtered
-        .sort(crate::query::sort_exprs(keys))
-        .and_then(|b| b.project(vec![column("resource")]))
+    // Ordered only when asked (`_sort`): an unordered stream needs no
+    // operator that holds the whole result, so memory stays flat however
+    // many resources match.
+    let ordered = if s.sort.is_empty() {
+        filtered
+    } else {
+        filtered
+            .sort(crate::query::sort_exprs(keys))
+            .map_err(internal)?
+    };
+    let plan = ordered
+        .project(vec![column("resource")])
         .and_then(|b| b.build())
         .map_err(internal)?;
     let stream = state.tables.execute_stream(plan).await?;
