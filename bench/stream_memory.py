@@ -12,7 +12,7 @@ fast as it can:
   3. FHIR search /fhir/Observation?_format=ndjson (stored JSON, no _sort);
   4. /api/v2/views/observation/rows?format=parquet.
 
-While each runs, the server's resident memory (VmRSS from /proc) is sampled
+Each stream gets a fresh server. While it runs, the server's resident memory (VmRSS from /proc) is sampled
 every 50 ms. Printed per stream: rows (lines, or batches' rows), bytes,
 seconds, MB/s, time to first byte, and RSS before / peak / at the end, plus
 the peak over the first and the last tenth of the stream: equal peaks mean
@@ -110,10 +110,6 @@ def main():
     token = subprocess.run([a.atlas, "--quiet", "--lake", a.lake, "token", "--sub", "bench",
                             "--scope", "user/*.rs", "--ttl", "1d"], capture_output=True, text=True,
                            check=True).stdout.strip()
-    port = free_port()
-    server = subprocess.Popen([a.atlas, "--quiet", "--lake", a.lake, "serve", "--dev-auth",
-                               "--bind", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, env={**os.environ, "ATLAS_LOG": "warn"})
     load = "/api/v2/ontologies/atlas/objectSets/loadObjects"
     base = {"objectSet": {"type": "base", "objectType": "Observation"}}
     runs = [
@@ -123,21 +119,26 @@ def main():
         ("view rows Parquet", "GET", "/api/v2/views/observation/rows?format=parquet", None),
     ]
     results = []
-    try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        for name, method, path, body in runs:
+    # A fresh server per stream, so each starts from the same memory.
+    for name, method, path, body in runs:
+        port = free_port()
+        server = subprocess.Popen([a.atlas, "--quiet", "--lake", a.lake, "serve", "--dev-auth",
+                                   "--bind", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, env={**os.environ, "ATLAS_LOG": "warn"})
+        try:
+            for _ in range(300):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
             r = stream(port, token, method, path, body, server.pid)
             r["name"] = name
             print(json.dumps(r), flush=True)
             results.append(r)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
     print()
     print("| stream | lines | MB | s | MB/s | first byte ms | RSS before MB | RSS peak MB | peak, first 10% | peak, last 10% |")
     print("|---|---|---|---|---|---|---|---|---|---|")
