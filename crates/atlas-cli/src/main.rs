@@ -122,7 +122,7 @@ Write statements (INSERT, UPDATE, DELETE, CREATE, DROP, COPY, SET) are refused."
   curl -s localhost:8080/health; curl -s localhost:8080/metrics
 
 Settings come from defaults, then --config (TOML: bind, default_page_size, max_page_size,
-page_token_ttl_secs, slice_reads, [auth] dev and [[auth.issuers]] issuer/audience/jwks_file, [graphql]
+page_token_ttl_secs, slice_reads, [auth] dev and [[auth.issuers]] issuer/audience/jwks_file or jwks_url, [graphql]
 max_depth/max_complexity/max_rows/introspection, [tls] cert/key), then
 ATLAS_SERVE_BIND / ATLAS_SERVE_DEFAULT_PAGE_SIZE / ATLAS_SERVE_MAX_PAGE_SIZE, then flags.
 Every data endpoint needs a bearer JWT from a configured issuer (or, with --dev-auth, from

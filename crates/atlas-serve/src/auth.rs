@@ -47,8 +47,107 @@ pub struct IssuerConfig {
     /// The `aud` its tokens must carry for this server.
     #[serde(default = "default_audience")]
     pub audience: String,
-    /// A JWKS file with the issuer's public keys.
-    pub jwks_file: PathBuf,
+    /// A JWKS file with the issuer's public keys...
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// ...or the issuer's JWKS URL (`jwks_uri` of its SMART configuration;
+    /// https, or http to a loopback address), fetched at start and again
+    /// every `jwks_refresh_secs` so rotated keys are picked up.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_secs: u64,
+}
+
+fn default_jwks_refresh() -> u64 {
+    900
+}
+
+impl IssuerConfig {
+    /// Where the keys come from, for messages.
+    fn source(&self) -> String {
+        match (&self.jwks_file, &self.jwks_url) {
+            (Some(f), _) => format!("jwks_file {}", f.display()),
+            (None, Some(u)) => format!("jwks_url {u}"),
+            (None, None) => "no jwks_file or jwks_url".into(),
+        }
+    }
+
+    /// The JWKS text, read from the file or fetched from the URL.
+    async fn jwks_text(&self) -> Result<String, AuthError> {
+        let err = |m: String| {
+            AuthError::Config(format!("issuer {}: {}: {m}", self.issuer, self.source()))
+        };
+        match (&self.jwks_file, &self.jwks_url) {
+            (Some(f), None) => std::fs::read_to_string(f).map_err(|e| err(e.to_string())),
+            (None, Some(u)) => fetch_jwks(u).await.map_err(err),
+            _ => Err(err("give exactly one of jwks_file and jwks_url".into())),
+        }
+    }
+}
+
+/// GETs a JWKS over https (or http to a loopback host), with a timeout.
+async fn fetch_jwks(url: &str) -> Result<String, String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+    let loopback = matches!(
+        parsed.host(),
+        Some(url::Host::Domain("localhost"))
+            | Some(url::Host::Ipv4(std::net::Ipv4Addr::LOCALHOST))
+            | Some(url::Host::Ipv6(std::net::Ipv6Addr::LOCALHOST))
+    );
+    if parsed.scheme() != "https" && !(parsed.scheme() == "http" && loopback) {
+        return Err("must be https (http only to a loopback address)".into());
+    }
+    // reqwest's rustls needs a process-wide crypto provider; ring is the
+    // one the HTTPS server uses (a no-op if one is installed already).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let response = client.get(parsed).send().await.map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("HTTP {}", response.status()));
+    }
+    response.text().await.map_err(|e| e.to_string())
+}
+
+/// The RSA and EC keys of a JWKS.
+fn jwks_keys(c: &IssuerConfig, text: &str) -> Result<Vec<TrustedKey>, AuthError> {
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| {
+        AuthError::Config(format!(
+            "issuer {}: {} is not a JWKS: {e}",
+            c.issuer,
+            c.source()
+        ))
+    })?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let fam = match &jwk.algorithm {
+            jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => "RSA",
+            jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => "EC",
+            _ => continue,
+        };
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| {
+            AuthError::Config(format!(
+                "issuer {}: key {:?}: {e}",
+                c.issuer, jwk.common.key_id
+            ))
+        })?;
+        keys.push(TrustedKey {
+            kid: jwk.common.key_id.clone(),
+            key,
+            family: fam,
+        });
+    }
+    if keys.is_empty() {
+        return Err(AuthError::Config(format!(
+            "issuer {}: {} has no RSA or EC keys",
+            c.issuer,
+            c.source()
+        )));
+    }
+    Ok(keys)
 }
 
 fn default_audience() -> String {
@@ -86,7 +185,7 @@ struct TrustedIssuer {
 
 /// Checks bearer tokens.
 pub struct Authenticator {
-    issuers: HashMap<String, TrustedIssuer>,
+    issuers: std::sync::RwLock<HashMap<String, TrustedIssuer>>,
     /// Tokens already verified, with their principal and expiry: a client
     /// sends the same bearer token on every request, and checking an ECDSA
     /// or RSA signature costs more than the rest of a one-patient read.
@@ -149,46 +248,7 @@ impl Authenticator {
     pub async fn from_config(auth: &AuthConfig, lake: &Lake) -> Result<Authenticator, AuthError> {
         let mut issuers = HashMap::new();
         for c in &auth.issuers {
-            let text = std::fs::read_to_string(&c.jwks_file).map_err(|e| {
-                AuthError::Config(format!(
-                    "issuer {}: jwks_file {}: {e}",
-                    c.issuer,
-                    c.jwks_file.display()
-                ))
-            })?;
-            let set: JwkSet = serde_json::from_str(&text).map_err(|e| {
-                AuthError::Config(format!(
-                    "issuer {}: jwks_file {} is not a JWKS: {e}",
-                    c.issuer,
-                    c.jwks_file.display()
-                ))
-            })?;
-            let mut keys = Vec::new();
-            for jwk in &set.keys {
-                let fam = match &jwk.algorithm {
-                    jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => "RSA",
-                    jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => "EC",
-                    _ => continue,
-                };
-                let key = DecodingKey::from_jwk(jwk).map_err(|e| {
-                    AuthError::Config(format!(
-                        "issuer {}: key {:?}: {e}",
-                        c.issuer, jwk.common.key_id
-                    ))
-                })?;
-                keys.push(TrustedKey {
-                    kid: jwk.common.key_id.clone(),
-                    key,
-                    family: fam,
-                });
-            }
-            if keys.is_empty() {
-                return Err(AuthError::Config(format!(
-                    "issuer {}: jwks_file {} has no RSA or EC keys",
-                    c.issuer,
-                    c.jwks_file.display()
-                )));
-            }
+            let keys = jwks_keys(c, &c.jwks_text().await?)?;
             issuers.insert(
                 c.issuer.clone(),
                 TrustedIssuer {
@@ -212,14 +272,52 @@ impl Authenticator {
             );
         }
         Ok(Authenticator {
-            issuers,
+            issuers: std::sync::RwLock::new(issuers),
             verified: Default::default(),
         })
     }
 
     /// Whether any issuer is trusted (a server with none refuses every request).
     pub fn has_issuers(&self) -> bool {
-        !self.issuers.is_empty()
+        self.issuers.read().is_ok_and(|m| !m.is_empty())
+    }
+
+    /// Refetches the keys of every `jwks_url` issuer every
+    /// `jwks_refresh_secs`, until the authenticator is dropped. A failed
+    /// fetch keeps the current keys (and is logged); new keys also drop the
+    /// cache of verified tokens, so a key taken out stops working at once.
+    pub fn spawn_refresh(self: &std::sync::Arc<Self>, auth: &AuthConfig) {
+        for c in auth.issuers.iter().filter(|c| c.jwks_url.is_some()) {
+            let weak = std::sync::Arc::downgrade(self);
+            let c = c.clone();
+            tokio::spawn(async move {
+                let every = std::time::Duration::from_secs(c.jwks_refresh_secs.max(1));
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(me) = weak.upgrade() else { return };
+                    let keys = match c.jwks_text().await.and_then(|t| jwks_keys(&c, &t)) {
+                        Ok(k) => k,
+                        Err(e) => {
+                            tracing::warn!(issuer = %c.issuer, error = %e, "JWKS refresh failed; keeping the current keys");
+                            continue;
+                        }
+                    };
+                    if let Ok(mut m) = me.issuers.write() {
+                        m.insert(
+                            c.issuer.clone(),
+                            TrustedIssuer {
+                                audience: c.audience.clone(),
+                                keys,
+                            },
+                        );
+                    }
+                    if let Ok(mut v) = me.verified.lock() {
+                        v.clear();
+                    }
+                    tracing::info!(issuer = %c.issuer, "JWKS refreshed");
+                }
+            });
+        }
     }
 
     /// Verifies a compact JWS and reads the principal from its claims.
@@ -263,7 +361,11 @@ impl Authenticator {
         // reading `iss` first only chooses which keys may verify it.
         let unverified: Claims = jsonwebtoken::dangerous::insecure_decode_claims(token)
             .map_err(|e| unauthorized(format!("token claims are unreadable: {e}")))?;
-        let Some(issuer) = self.issuers.get(&unverified.iss) else {
+        let issuers = self
+            .issuers
+            .read()
+            .map_err(|_| unauthorized("the issuer keys are unavailable"))?;
+        let Some(issuer) = issuers.get(&unverified.iss) else {
             return Err(unauthorized(format!(
                 "token issuer '{}' is not trusted by this server",
                 unverified.iss

@@ -85,6 +85,8 @@ impl AppState {
             .map_err(|e| e.to_string())?;
         let page_tokens = PageTokens::open(&lake, config.page_token_ttl_secs).await?;
         let graphql = graphql::schema(&ontology, &config)?;
+        let auth = Arc::new(auth);
+        auth.spawn_refresh(&config.auth);
         Ok(AppState {
             graphql: Arc::new(graphql),
             tables: Arc::new(Tables::new(lake.clone())),
@@ -93,7 +95,7 @@ impl AppState {
             config: Arc::new(config),
             metrics: Arc::new(Metrics::default()),
             policy: Arc::new(PolicyEngine::default()),
-            auth: Arc::new(auth),
+            auth,
             page_tokens: Arc::new(page_tokens),
         })
     }

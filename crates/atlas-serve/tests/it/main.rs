@@ -8,6 +8,7 @@ use tower::ServiceExt;
 
 use atlas_serve::{AppState, ServeConfig, router};
 
+mod issuers;
 mod objects;
 
 async fn state(dir: &std::path::Path) -> AppState {

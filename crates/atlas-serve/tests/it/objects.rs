@@ -49,10 +49,15 @@ async fn ingest_and_refresh(lake: &Lake, data: &Path) {
         .unwrap();
 }
 
-struct Fixture {
+/// A generated lake with views, for tests that need data behind the API.
+pub(crate) async fn small_lake(patients: usize) -> Fixture {
+    fixture(patients).await
+}
+
+pub(crate) struct Fixture {
     _dir: tempfile::TempDir,
     dir: PathBuf,
-    lake: Lake,
+    pub(crate) lake: Lake,
     state: AppState,
     issuer: DevIssuer,
 }
