@@ -323,6 +323,10 @@ struct Search {
     count_given: bool,
 }
 
+/// The column `_sort=date` orders by: the type's time property, joined
+/// from its view.
+const SORT_DATE: &str = "__sort_date";
+
 const SEARCH_PARAMS: &[&str] = &[
     "_id",
     "_lastUpdated",
@@ -390,11 +394,12 @@ fn parse_search(
                     let col = match name {
                         "_id" => "id",
                         "_lastUpdated" => "last_updated",
+                        "date" => SORT_DATE,
                         _ => {
                             return Err(invalid(
                                 "_sort",
                                 &v,
-                                "_sort takes _id and _lastUpdated (prefix - for descending)",
+                                "_sort takes _id, _lastUpdated and date (prefix - for descending)",
                             ));
                         }
                     };
@@ -632,6 +637,49 @@ async fn stream_search(
         .into_response())
 }
 
+/// The search's rows with `__sort_date`: the type's time property from its
+/// view (policy-scoped like every scan), joined by resource id; null when
+/// the view has no row for a resource (such rows sort last).
+fn with_sort_date(
+    state: &AppState,
+    who: &Principal,
+    s: &Search,
+    providers: &Providers,
+    b: LogicalPlanBuilder,
+) -> Result<(LogicalPlanBuilder, DataType), ApiError> {
+    let no_date = |why: String| invalid("_sort", "date", why);
+    let t = view_type(state, &s.resource_type)
+        .ok_or_else(|| no_date(format!("{} has no view to sort by date", s.resource_type)))?;
+    let time = t
+        .time_property
+        .as_deref()
+        .ok_or_else(|| no_date(format!("{} has no time property", t.api_name)))?;
+    let mut planner = Planner::new(state, who, Action::Search, providers);
+    let time_col = planner.property_column(t, time)?.to_owned();
+    let pk = planner.property_column(t, &t.primary_key)?.to_owned();
+    let ty = planner.column_type(t, &time_col)?;
+    let dates = planner
+        .scan(t)?
+        .project(vec![
+            column(&pk).alias("__sort_key"),
+            column(&time_col).alias(SORT_DATE),
+        ])
+        .and_then(|v| v.build())
+        .map_err(internal)?;
+    let joined = b
+        .join(
+            dates,
+            datafusion::logical_expr::JoinType::Left,
+            (
+                vec![datafusion::common::Column::from_name("id")],
+                vec![datafusion::common::Column::from_name("__sort_key")],
+            ),
+            None,
+        )
+        .map_err(internal)?;
+    Ok((joined, ty))
+}
+
 async fn run_search(
     state: &AppState,
     who: &Principal,
@@ -660,10 +708,18 @@ async fn run_search(
     };
     let (versions, providers) = open(state, token.as_ref().map(|t| &t.t), &views).await?;
 
+    let mut date_type = DataType::Utf8;
     let filtered = match &s.everything {
         None => {
             let b = scoped_store(state, who, &s.resource_type, Action::Search, &providers)?;
-            type_filters(state, who, s, &providers, b)?
+            let b = type_filters(state, who, s, &providers, b)?;
+            if s.sort.iter().any(|(c, _)| c == SORT_DATE) {
+                let (b, ty) = with_sort_date(state, who, s, &providers, b)?;
+                date_type = ty;
+                b
+            } else {
+                b
+            }
         }
         Some(patient) => everything_plan(state, who, s, patient, &providers).await?,
     };
@@ -673,10 +729,10 @@ async fn run_search(
         keys.push(("resource_type".into(), true, DataType::Utf8));
     }
     for (c, asc) in &s.sort {
-        let ty = if c == "last_updated" {
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
-        } else {
-            DataType::Utf8
+        let ty = match c.as_str() {
+            "last_updated" => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            SORT_DATE => date_type.clone(),
+            _ => DataType::Utf8,
         };
         keys.push((c.clone(), *asc, ty));
     }

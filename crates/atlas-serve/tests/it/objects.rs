@@ -1772,6 +1772,38 @@ async fn fhir_search_streams_ndjson_within_scope() {
     assert_eq!(everything, paged);
     assert!(everything.iter().any(|r| r["resourceType"] == "Patient"));
 
+    // _sort=date orders by the type's time property (from its view), in
+    // pages and in NDJSON alike.
+    for (sort, order) in [("date", "ASC"), ("-date", "DESC")] {
+        let uri = format!("/fhir/Observation?patient={other}&_sort={sort}");
+        let (paged, _) = fhir_all(&f, &admin, &format!("{uri}&_count=4")).await;
+        let want = f
+            .sql(&format!(
+                "SELECT id FROM observation WHERE patient_id = '{other}' ORDER BY effective {order} NULLS LAST, id"
+            ))
+            .await;
+        assert_eq!(ids_of(&paged), want, "_sort={sort}");
+        let (status, _, body) = raw_call(
+            &f,
+            "GET",
+            &format!("{uri}&_format=ndjson"),
+            &admin,
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(lines(&body), paged, "_sort={sort} as NDJSON");
+    }
+    let (status, b) = f
+        .call("GET", "/fhir/Patient?_sort=date", Some(&admin), None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "Patient has no time property: {b}"
+    );
+
     // NDJSON has no pages: paging parameters are refused, naming them.
     for (q, param) in [("_count=5", "_count"), ("_total=accurate", "_total")] {
         let (status, b) = f
