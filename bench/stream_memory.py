@@ -25,22 +25,15 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
+from serve import free_port, wait_for  # bench/serve.py, next to this file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def rss_mb(pid):
@@ -126,12 +119,7 @@ def main():
                                    "--bind", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, env={**os.environ, "ATLAS_LOG": "warn"})
         try:
-            for _ in range(300):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
+            wait_for(port)
             r = stream(port, token, method, path, body, server.pid)
             r["name"] = name
             print(json.dumps(r), flush=True)
