@@ -158,15 +158,9 @@ fn scoped_store(
 fn scope_rows(b: LogicalPlanBuilder, scope: &RowScope) -> Result<LogicalPlanBuilder, ApiError> {
     match scope {
         RowScope::All => Ok(b),
-        RowScope::Patients(ps) => {
-            let list = ps.iter().map(|p| lit(p.as_str())).collect();
-            b.filter(
-                column("patient_id")
-                    .is_not_null()
-                    .and(column("patient_id").in_list(list, false)),
-            )
-            .map_err(internal)
-        }
+        RowScope::Patients(ps) => b
+            .filter(crate::query::in_patients("patient_id", ps))
+            .map_err(internal),
     }
 }
 

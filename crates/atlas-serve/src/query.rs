@@ -156,6 +156,15 @@ pub(crate) fn allowed_rows(
     }
 }
 
+/// The rows of a patient-bound scope: `col` (a patient key column) is one
+/// of `patients`. Every path turns `RowScope::Patients` into a predicate
+/// here (object sets, FHIR, view streams).
+pub(crate) fn in_patients(col: &str, patients: &[String]) -> Expr {
+    let c = column(col);
+    let list = patients.iter().map(|p| lit(p.as_str())).collect();
+    c.clone().is_not_null().and(c.in_list(list, false))
+}
+
 /// Builds the plan of one query; every scan goes through the policy.
 pub(crate) struct Planner<'a> {
     pub state: &'a AppState,
@@ -227,9 +236,7 @@ impl<'a> Planner<'a> {
                         ),
                     ));
                 };
-                let c = column(&pp.column);
-                let list = patients.into_iter().map(lit).collect();
-                Ok(c.clone().is_not_null().and(c.in_list(list, false)))
+                Ok(in_patients(&pp.column, &patients))
             }
         }
     }
@@ -697,11 +704,6 @@ pub(crate) async fn run(
     let (versions, providers) = snapshot(state, &q.set, token.as_ref().map(|t| &t.t)).await?;
     let t = crate::ontology::object_type(&state.ontology, q.set.object_type())?;
     let mut planner = Planner::new(state, who, q.action, &providers);
-    let narrowed = planner
-        .set_plan(&q.set)?
-        .filter(planner.narrow_expr(t, &q.narrow)?)
-        .map_err(internal)?;
-
     // Sort keys: the requested fields, then the primary key (a total order).
     let mut keys: Vec<(String, bool, DataType)> = Vec::new();
     for o in &q.order {
@@ -761,6 +763,10 @@ pub(crate) async fn run(
             (vec![sort_rows(&rows, &keys, page.size + 1)?], total)
         }
         None => {
+            let narrowed = planner
+                .set_plan(&q.set)?
+                .filter(planner.narrow_expr(t, &q.narrow)?)
+                .map_err(internal)?;
             let total = if page.total {
                 let plan = narrowed.clone().build().map_err(internal)?;
                 let df = DataFrame::new(state.tables.session().state(), plan);

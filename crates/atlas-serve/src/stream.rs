@@ -182,6 +182,8 @@ enum Encoder {
         t: ObjectType,
         props: Vec<Property>,
     },
+    /// NDJSON of plain rows (a view's): one object per row, columns by name.
+    Rows,
     Arrow {
         out: Shared,
         writer: Option<arrow::ipc::writer::StreamWriter<Shared>>,
@@ -208,8 +210,8 @@ impl Encoder {
         }
     }
 
-    /// An Arrow IPC or Parquet encoder for batches of `schema` (NDJSON
-    /// needs an object type: see `new`).
+    /// An encoder for plain rows of `schema`: NDJSON objects keyed by
+    /// column name, an Arrow IPC stream or a Parquet file.
     fn columnar(format: Format, schema: &Schema) -> Result<Encoder, ApiError> {
         let out = Shared::default();
         // Output columns are nullable whatever the view says.
@@ -221,7 +223,8 @@ impl Encoder {
                 .collect::<Vec<_>>(),
         ));
         Ok(match format {
-            Format::Ndjson | Format::Arrow => Encoder::Arrow {
+            Format::Ndjson => Encoder::Rows,
+            Format::Arrow => Encoder::Arrow {
                 writer: Some(
                     arrow::ipc::writer::StreamWriter::try_new(out.clone(), &schema)
                         .map_err(internal)?,
@@ -266,6 +269,35 @@ impl Encoder {
                 for row in 0..b.num_rows() {
                     writer.write(&mut out, &b, row);
                     out.push(b'\n');
+                }
+                Ok(bytes::Bytes::from(out))
+            }
+            Encoder::Rows => {
+                let Some(b) = batch else {
+                    return Ok(bytes::Bytes::new());
+                };
+                let schema = b.schema();
+                let names: Vec<Vec<u8>> = schema
+                    .fields()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| {
+                        let mut n = vec![if i == 0 { b'{' } else { b',' }];
+                        crate::query::write_str(&mut n, f.name());
+                        n.push(b':');
+                        n
+                    })
+                    .collect();
+                let mut out = Vec::with_capacity(b.num_rows() * 256);
+                for row in 0..b.num_rows() {
+                    if names.is_empty() {
+                        out.push(b'{');
+                    }
+                    for (i, name) in names.iter().enumerate() {
+                        out.extend_from_slice(name);
+                        crate::query::write_value(&mut out, b.column(i).as_ref(), row);
+                    }
+                    out.extend_from_slice(b"}\n");
                 }
                 Ok(bytes::Bytes::from(out))
             }
@@ -381,13 +413,8 @@ pub(crate) async fn view_rows(
                 ),
             ));
         };
-        let list = patients.into_iter().map(lit).collect();
         b = b
-            .filter(
-                column(pc)
-                    .is_not_null()
-                    .and(column(pc).in_list(list, false)),
-            )
+            .filter(crate::query::in_patients(pc, &patients))
             .map_err(internal)?;
     }
     if let Some(pid) = p.get("patientId") {
@@ -411,36 +438,13 @@ pub(crate) async fn view_rows(
     let stream = state.tables.execute_stream(plan).await?;
     let schema = stream.schema();
     let metrics = state.metrics.clone();
-    let mut encoder = match format {
-        Format::Ndjson => None,
-        _ => Some(Encoder::columnar(format, schema.as_ref())?),
-    };
+    let mut encoder = Encoder::columnar(format, schema.as_ref())?;
     let body = async_stream(stream, move |batch| {
         metrics.rows(
             "view.rows",
             batch.as_ref().map_or(0, |b| b.num_rows() as u64),
         );
-        match (&mut encoder, batch) {
-            (Some(e), batch) => e.encode(batch),
-            (None, None) => Ok(bytes::Bytes::new()),
-            (None, Some(b)) => {
-                let schema = b.schema();
-                let mut out = Vec::with_capacity(b.num_rows() * 256);
-                for row in 0..b.num_rows() {
-                    out.push(b'{');
-                    for (i, f) in schema.fields().iter().enumerate() {
-                        if i > 0 {
-                            out.push(b',');
-                        }
-                        crate::query::write_str(&mut out, f.name());
-                        out.push(b':');
-                        crate::query::write_value(&mut out, b.column(i).as_ref(), row);
-                    }
-                    out.extend_from_slice(b"}\n");
-                }
-                Ok(bytes::Bytes::from(out))
-            }
-        }
+        encoder.encode(batch)
     });
     Ok((
         [(header::CONTENT_TYPE, format.content_type())],
