@@ -18,7 +18,7 @@ seconds, MB/s, time to first byte, and RSS before / peak / at the end, plus
 the peak over the first and the last tenth of the stream: equal peaks mean
 memory does not grow with rows streamed.
 
-usage: bench/stream_memory.py --lake DIR [--atlas target/release/atlas]
+usage: bench/stream_memory.py --lake DIR [--atlas target/release/atlas] [--only "FHIR"]
 """
 import argparse
 import http.client
@@ -80,7 +80,10 @@ def stream(port, token, method, path, body, pid):
     total = state["bytes"]
     head = [s[2] for s in samples if s[1] <= total * 0.1] or [before]
     tail = [s[2] for s in samples if s[1] >= total * 0.9] or [rss_mb(pid)]
+    deciles = [max([s[2] for s in samples if total * i / 10 <= s[1] <= total * (i + 1) / 10] or [0])
+                for i in range(10)]
     return {
+        "rss_peak_by_tenth": [round(d) for d in deciles],
         "bytes": total,
         "lines": lines,
         "seconds": secs,
@@ -97,6 +100,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lake", required=True)
     ap.add_argument("--atlas", default=os.path.join(TARGET, "release", "atlas"))
+    ap.add_argument("--only", help="run only the streams whose name contains this text")
     a = ap.parse_args()
     if not os.path.isdir(os.path.join(a.lake, "views", "observation")):
         sys.exit(f"{a.lake}: no observation view (build the lake with bench/serve.py --prepare-only)")
@@ -114,6 +118,8 @@ def main():
     results = []
     # A fresh server per stream, so each starts from the same memory.
     for name, method, path, body in runs:
+        if a.only and a.only.lower() not in name.lower():
+            continue
         port = free_port()
         server = subprocess.Popen([a.atlas, "--quiet", "--lake", a.lake, "serve", "--dev-auth",
                                    "--bind", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
@@ -128,13 +134,14 @@ def main():
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
     print()
-    print("| stream | lines | MB | s | MB/s | first byte ms | RSS before MB | RSS peak MB | peak, first 10% | peak, last 10% |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| stream | lines | MB | s | MB/s | first byte ms | RSS before MB | RSS peak MB | peak, first 10% | peak, last 10% | tenths' peaks, min–max |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         lines = f"{r['lines']:,}" if "NDJSON" in r["name"] else "–"
         print(f"| {r['name']} | {lines} | {r['bytes'] / 1e6:,.0f} | {r['seconds']:.1f} | "
               f"{r['bytes'] / 1e6 / r['seconds']:.0f} | {r['ttfb_ms']:.0f} | {r['rss_before']:.0f} | "
-              f"{r['rss_peak']:.0f} | {r['rss_peak_first_tenth']:.0f} | {r['rss_peak_last_tenth']:.0f} |")
+              f"{r['rss_peak']:.0f} | {r['rss_peak_first_tenth']:.0f} | {r['rss_peak_last_tenth']:.0f} | "
+              f"{min(r['rss_peak_by_tenth'])}–{max(r['rss_peak_by_tenth'])} |")
 
 
 if __name__ == "__main__":
