@@ -185,6 +185,36 @@ print(json.dumps({{"p50": t[len(t)//2], "p99": t[int(len(t)*0.99)], "n": len(t)}
     return json.loads(run([py, "-c", code]))
 
 
+def measure_a(a, lake, ids, token, config, policy):
+    """Query A on a fresh server with `config` (TOML text) and, when given,
+    a policy file with `policy` (TOML text)."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = os.path.join(tmp, "atlas.toml")
+        with open(conf, "w") as f:
+            f.write(config)
+            if policy is not None:
+                pfile = os.path.join(tmp, "policy.toml")
+                with open(pfile, "w") as p:
+                    p.write(policy)
+                f.write(f"[policy]\nfile = \"{pfile}\"\n")
+        server = subprocess.Popen([a.atlas, "--quiet", "--lake", lake, "serve", "--dev-auth", "--config", conf,
+                                   "--bind", f"127.0.0.1:{port}"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "ATLAS_LOG": "warn"})
+        try:
+            wait_for(port)
+            lua = os.path.join(tmp, "objects.lua")
+            with open(lua, "w") as f:
+                f.write(WRK_LUA.replace("{IDS}", "{" + ",".join(f'"{i}"' for i in ids) + "}")
+                        .replace("{TOKEN}", token).replace("{KIND}", "objects")
+                        .replace("{FROM}", DATE_FROM).replace("{TO}", DATE_TO))
+            wrk(port, lua, 1, 3)
+            return wrk(port, lua, 1, a.duration)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("data", nargs="?", default=os.path.join(ROOT, "..", "shared", "data", "fhir", "large", "smart-generated-sample-data-R4", "ndjson"))
@@ -231,26 +261,22 @@ def main():
         server.wait(timeout=30)
     # The same query with slice reads off: every request planned in
     # DataFusion over the same files (what the slice path saves).
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        conf = os.path.join(tmp, "planned.toml")
-        with open(conf, "w") as f:
-            f.write("slice_reads = false\n")
-        server = subprocess.Popen([a.atlas, "--quiet", "--lake", lake, "serve", "--dev-auth", "--config", conf, "--bind", f"127.0.0.1:{port}"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "ATLAS_LOG": "warn"})
-        try:
-            wait_for(port)
-            lua = os.path.join(tmp, "objects.lua")
-            with open(lua, "w") as f:
-                f.write(WRK_LUA.replace("{IDS}", "{" + ",".join(f'"{i}"' for i in ids) + "}")
-                        .replace("{TOKEN}", token).replace("{KIND}", "objects")
-                        .replace("{FROM}", DATE_FROM).replace("{TO}", DATE_TO))
-            wrk(port, lua, 1, 3)
-            results["planned"] = wrk(port, lua, 1, a.duration)
-            print(f"planned: {results['planned']}", flush=True)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
+    results["planned"] = measure_a(a, lake, ids, token, "slice_reads = false\n", None)
+    print(f"planned: {results['planned']}", flush=True)
+    # The same query under a policy file: an allow rule by subject that
+    # needs a purpose of use, a deny rule over five patients outside the
+    # requested set (a row predicate on every read) and a hidden field.
+    vips = sql_column(a.atlas, lake, "SELECT id FROM patient ORDER BY id DESC LIMIT 5")
+    vip_list = ", ".join(f'"{v}"' for v in vips if v not in ids)
+    policy = ("[[rule]]\nid = \"bench\"\neffect = \"allow\"\nsubjects = [\"bench\"]\npurpose = [\"TREAT\"]\n"
+              f"[[rule]]\nid = \"vip\"\neffect = \"deny\"\npatients = {{ ids = [{vip_list}] }}\n"
+              "[[rule]]\nid = \"no-contact\"\neffect = \"deny\"\nhide = [\"Patient.telecom\"]\n")
+    purposed = run([a.atlas, "--quiet", "--lake", lake, "token", "--sub", "bench", "--scope", "user/*.rs",
+                    "--purpose", "TREAT", "--ttl", "1d"]).strip()
+    # Without and with the policy, back to back in the same run.
+    results["nopolicy"] = measure_a(a, lake, ids, purposed, "", None)
+    results["policy"] = measure_a(a, lake, ids, purposed, "", policy)
+    print(f"policy: {results['policy']} (without: {results['nopolicy']})", flush=True)
     duck = duckdb_latency(lake, ids, 2000)
     print(f"duckdb: {duck}", flush=True)
     print()
@@ -266,6 +292,12 @@ def main():
     print(f"| B. GraphQL patient(id) {{ medicationRequests conditions }} (1 conn) | {r['p50']:.2f} | {r['p99']:.2f} | {r['rps']:.0f} | {r['errors']} |")
     r = results["soak200"]
     print(f"| C. A with 200 connections for {a.soak} s | {r['p50']:.2f} | {r['p99']:.2f} | {r['rps']:.0f} | {r['errors']} |")
+    r = results["nopolicy"]
+    print(f"| D. A, no policy file (SMART scopes only), same run as the next row | {r['p50']:.2f} | {r['p99']:.2f} | {r['rps']:.0f} | {r['errors']} |")
+    r = results["policy"]
+    print(f"| D. A under a policy file (allow by subject + purpose, deny 5 patients, hidden field) | {r['p50']:.2f} | {r['p99']:.2f} | {r['rps']:.0f} | {r['errors']} |")
+    print(f"\nPolicy overhead on A: p50 {100 * (results['policy']['p50'] / results['nopolicy']['p50'] - 1):+.1f}%, "
+          f"p99 {100 * (results['policy']['p99'] / results['nopolicy']['p99'] - 1):+.1f}%")
     if duck:
         print(f"\nA vs DuckDB: p50 {duck['p50'] / results['objects']['p50']:.2f}x, p99 {duck['p99'] / results['objects']['p99']:.2f}x (DuckDB time / Atlas time)")
 

@@ -6,6 +6,7 @@
 //! code paths a user does.
 
 mod flatten;
+mod policy;
 mod progress;
 mod view;
 mod views;
@@ -123,7 +124,7 @@ Write statements (INSERT, UPDATE, DELETE, CREATE, DROP, COPY, SET) are refused."
 
 Settings come from defaults, then --config (TOML: bind, default_page_size, max_page_size,
 page_token_ttl_secs, slice_reads, [auth] dev and [[auth.issuers]] issuer/audience/jwks_file or jwks_url, [graphql]
-max_depth/max_complexity/max_rows/introspection, [tls] cert/key), then
+max_depth/max_complexity/max_rows/introspection, [tls] cert/key, [policy] file/refresh_secs), then
 ATLAS_SERVE_BIND / ATLAS_SERVE_DEFAULT_PAGE_SIZE / ATLAS_SERVE_MAX_PAGE_SIZE, then flags.
 Every data endpoint needs a bearer JWT from a configured issuer (or, with --dev-auth, from
 `atlas token`). Ctrl-C or SIGTERM stops accepting and finishes the requests in flight.
@@ -151,6 +152,10 @@ Logs: ATLAS_LOG=info.")]
         #[arg(long, env = "ATLAS_IO_THREADS")]
         io_threads: Option<usize>,
     },
+    /// Test an access policy before deploying it: the decision, the rows,
+    /// the hidden fields and the rules behind them.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// Mint a bearer token from the lake's local dev issuer (accepted by
     /// `atlas serve --dev-auth` on the same lake).
     #[command(after_help = "Examples:
@@ -172,6 +177,13 @@ patient's compartment: it then sees only that patient's objects on every path.")
         /// Lifetime: seconds, or with a unit (90s, 15m, 1h, 1d).
         #[arg(long, default_value = "1h")]
         ttl: String,
+        /// A role for the token's `roles` claim (repeatable; policy rules
+        /// may name roles).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// The token's `purpose_of_use` claim (TREAT, HRESCH, ...).
+        #[arg(long)]
+        purpose: Option<String>,
     },
     /// Generate a small population, ingest it and show what to try next.
     #[command(after_help = "Example:
@@ -417,7 +429,24 @@ async fn run(cli: Cli) -> Result<()> {
             scope,
             patient,
             ttl,
-        } => token(&cli.lake, sub, scope, patient, &ttl).await,
+            roles,
+            purpose,
+        } => {
+            token(
+                &cli.lake,
+                atlas_serve::TokenRequest {
+                    subject: sub,
+                    scope,
+                    patient,
+                    roles,
+                    purpose,
+                    ttl_secs: 0,
+                },
+                &ttl,
+            )
+            .await
+        }
+        Command::Policy(cmd) => policy::run(cmd, &cli.lake).await,
     }
 }
 
@@ -467,21 +496,14 @@ async fn serve(
 
 async fn token(
     lake_location: &str,
-    subject: String,
-    scope: String,
-    patient: Option<String>,
+    mut request: atlas_serve::TokenRequest,
     ttl: &str,
 ) -> Result<()> {
-    let ttl_secs = parse_duration(ttl)
+    request.ttl_secs = parse_duration(ttl)
         .with_context(|| format!("--ttl {ttl:?}: give seconds or a number with s, m, h or d"))?;
     let lake = open_lake(lake_location)?;
     let issuer = atlas_serve::DevIssuer::open(&lake).await?;
-    let token = issuer.mint(&atlas_serve::TokenRequest {
-        subject,
-        scope,
-        patient,
-        ttl_secs,
-    })?;
+    let token = issuer.mint(&request)?;
     println!("{token}");
     Ok(())
 }

@@ -13,15 +13,22 @@
 //!   applies the scope to every table it reads, before filters, sorts,
 //!   counts and page tokens are evaluated.
 //!
-//! The rules today are the SMART ones: a resource type is readable when a
-//! scope grants read or search on it; a token with a `patient` claim (or
-//! only `patient/` scopes) sees only that patient's compartment. Row-level
-//! rules from a policy file, hidden fields and purpose of use build on the
-//! same [`Decision`].
+//! * [`Policy`] (module `rules`): the policy file (TOML): rules that allow
+//!   or deny by subject, role or client, resource type and action, over
+//!   patient sets (explicit ids, managing organization, general
+//!   practitioner, care-team membership, a FHIRPath criterion), hiding
+//!   fields by element path, and requiring a purpose of use. Deny wins;
+//!   no rule means no access.
+//!
+//! A decision intersects the SMART scopes (the types and actions a token
+//! may use; a `patient` claim narrows every type to that compartment) with
+//! the policy. Patient sets that need data are resolved by a
+//! [`PatientDirectory`] the caller provides.
 //!
 //! # What it may call
-//! Nothing but `std` and `thiserror`: no I/O, no query engine. Turning a
-//! [`RowScope`] into a predicate is the caller's job (it knows the columns).
+//! `std`, `serde`/`toml` (the policy file) and `thiserror`: no I/O, no query
+//! engine. Turning a [`RowScope`] into a predicate is the caller's job (it
+//! knows the columns); so is resolving patient sets (the directory).
 //!
 //! ```
 //! use atlas_policy::{Action, Decision, PolicyEngine, Principal};
@@ -30,13 +37,20 @@
 //!     .with_patient("42");
 //! let engine = PolicyEngine::default();
 //! match engine.decide(&alice, "Observation", Action::Search) {
-//!     Decision::Allow(scope) => assert_eq!(scope.patients(), Some(&["42".to_string()][..])),
+//!     Decision::Allow(grant) => assert_eq!(grant.rows.patients(), Some(&["42".to_string()][..])),
 //!     Decision::Deny(d) => panic!("{d}"),
 //! }
 //! assert!(matches!(engine.decide(&alice, "Condition", Action::Read), Decision::Deny(_)));
 //! ```
 
 use std::fmt;
+
+mod rules;
+
+pub use rules::{
+    Effect, NoDirectory, PatientDirectory, PatientSet, Policy, PolicyError, RoleMembers, Rule,
+    RuleTrace,
+};
 
 /// The launch context a SMART scope is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -50,7 +64,8 @@ pub enum ScopeContext {
 }
 
 /// What a request does with a resource type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Action {
     /// Read one object or resource by its key.
     Read,
@@ -154,6 +169,11 @@ pub struct Principal {
     /// The SMART `patient` launch context: when set, only this patient's
     /// compartment is visible, whatever the scopes say.
     pub patient: Option<String>,
+    /// Roles from the token's `roles` claim (the policy file adds more).
+    pub roles: Vec<String>,
+    /// The purpose of use the request states (`TREAT`, `HRESCH`, ...): the
+    /// `X-Purpose-Of-Use` header, else the token's `purpose_of_use` claim.
+    pub purpose: Option<String>,
 }
 
 impl Principal {
@@ -164,6 +184,8 @@ impl Principal {
             client_id: None,
             scopes: Vec::new(),
             patient: None,
+            roles: Vec::new(),
+            purpose: None,
         }
     }
 
@@ -176,6 +198,16 @@ impl Principal {
 
     pub fn with_patient(mut self, patient: impl Into<String>) -> Principal {
         self.patient = Some(patient.into());
+        self
+    }
+
+    pub fn with_roles<S: Into<String>>(mut self, roles: impl IntoIterator<Item = S>) -> Principal {
+        self.roles.extend(roles.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn with_purpose(mut self, purpose: impl Into<String>) -> Principal {
+        self.purpose = Some(purpose.into());
         self
     }
 
@@ -198,14 +230,18 @@ pub enum RowScope {
     All,
     /// Only rows in these patients' compartments (sorted, distinct).
     Patients(Vec<String>),
+    /// Every row except those in these patients' compartments (sorted,
+    /// distinct); rows that belong to no patient stay visible.
+    Except(Vec<String>),
 }
 
 impl RowScope {
-    /// The patients the scope is limited to; `None` for all rows.
+    /// The patients the scope is limited to; `None` for all rows or all
+    /// but some.
     pub fn patients(&self) -> Option<&[String]> {
         match self {
-            RowScope::All => None,
             RowScope::Patients(p) => Some(p),
+            RowScope::All | RowScope::Except(_) => None,
         }
     }
 
@@ -213,7 +249,28 @@ impl RowScope {
     pub fn admits(&self, patient: Option<&str>) -> bool {
         match self {
             RowScope::All => true,
-            RowScope::Patients(p) => patient.is_some_and(|x| p.iter().any(|y| y == x)),
+            RowScope::Patients(p) => {
+                patient.is_some_and(|x| p.binary_search_by(|y| y.as_str().cmp(x)).is_ok())
+            }
+            RowScope::Except(p) => {
+                patient.is_none_or(|x| p.binary_search_by(|y| y.as_str().cmp(x)).is_err())
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        fn list(p: &[String]) -> String {
+            if p.len() <= 5 {
+                p.join(", ")
+            } else {
+                format!("{}, ... ({} patients)", p[..5].join(", "), p.len())
+            }
+        }
+        match self {
+            RowScope::All => "every row".into(),
+            RowScope::Patients(p) if p.is_empty() => "no rows".into(),
+            RowScope::Patients(p) => format!("the compartments of {}", list(p)),
+            RowScope::Except(p) => format!("every row except the compartments of {}", list(p)),
         }
     }
 }
@@ -224,6 +281,9 @@ pub struct Denial {
     pub resource_type: String,
     pub action: Action,
     pub reason: String,
+    /// The rule that denied, when one did (`None`: no rule allowed it, or
+    /// the SMART scopes do not).
+    pub rule: Option<String>,
 }
 
 impl fmt::Display for Denial {
@@ -238,63 +298,319 @@ impl fmt::Display for Denial {
     }
 }
 
+/// What an allowed request may see.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Grant {
+    /// The rows.
+    pub rows: RowScope,
+    /// Element paths of the type (`telecom`, `address.line`), sorted and
+    /// distinct, removed from output and refused in filters and sorts.
+    pub hidden: Vec<String>,
+    /// The rules that made the decision (allowing, denying patients,
+    /// hiding), in policy order.
+    pub rules: Vec<String>,
+}
+
+impl Grant {
+    /// Every row, nothing hidden.
+    pub fn all(rule: &str) -> Grant {
+        Grant {
+            rows: RowScope::All,
+            hidden: Vec::new(),
+            rules: vec![rule.to_owned()],
+        }
+    }
+
+    /// Whether the element at `path` (`telecom`, `name.given`) is hidden:
+    /// it or an element containing it is.
+    pub fn hides(&self, path: &str) -> bool {
+        self.hidden.iter().any(|h| {
+            path == h
+                || (path.starts_with(h.as_str()) && path.as_bytes().get(h.len()) == Some(&b'.'))
+        })
+    }
+}
+
 /// The outcome of one access check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Allow(RowScope),
+    Allow(Grant),
     Deny(Denial),
 }
 
+impl Decision {
+    /// One line for logs, `atlas policy check` and audit records.
+    pub fn describe(&self) -> String {
+        match self {
+            Decision::Allow(g) => {
+                let mut s = format!(
+                    "ALLOW {} (rules: {})",
+                    g.rows.describe(),
+                    g.rules.join(", ")
+                );
+                if !g.hidden.is_empty() {
+                    s.push_str(&format!("; hidden: {}", g.hidden.join(", ")));
+                }
+                s
+            }
+            Decision::Deny(d) => match &d.rule {
+                Some(r) => format!("DENY {d} (rule {r})"),
+                None => format!("DENY {d}"),
+            },
+        }
+    }
+}
+
 /// Decides access. One instance serves every path of a server.
-#[derive(Debug, Clone, Default)]
-pub struct PolicyEngine {}
+#[derive(Debug, Clone)]
+pub struct PolicyEngine {
+    policy: Policy,
+}
+
+impl Default for PolicyEngine {
+    /// SMART scopes only (no policy file).
+    fn default() -> PolicyEngine {
+        PolicyEngine::new(Policy::scopes_only())
+    }
+}
 
 impl PolicyEngine {
-    /// May `who` do `action` on `resource_type`, and on which rows?
-    ///
-    /// * Some scope must grant the action on the type (`*` matches any type).
-    /// * A `patient` claim limits every type to that patient's compartment.
-    /// * Granted only by `patient/` scopes without a `patient` claim: denied
-    ///   (there is no patient in context to scope to).
+    pub fn new(policy: Policy) -> PolicyEngine {
+        PolicyEngine { policy }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// May `who` do `action` on `resource_type`, and on which rows, with
+    /// which fields hidden? Explicit patient ids only; see
+    /// [`PolicyEngine::decide_with`] for sets that need data.
     pub fn decide(&self, who: &Principal, resource_type: &str, action: Action) -> Decision {
+        self.decide_with(who, resource_type, action, &NoDirectory)
+    }
+
+    /// [`PolicyEngine::decide`] with patient sets resolved by `directory`.
+    ///
+    /// 1. Some SMART scope must grant the action on the type.
+    /// 2. The policy's applicable rules: a deny rule over every patient
+    ///    denies; otherwise the allow rules' patients, minus the deny
+    ///    rules' patients, are the rows. No allow rule: denied.
+    /// 3. A `patient` claim narrows the rows to that patient's compartment
+    ///    (nothing, if the policy does not admit that patient).
+    /// 4. Granted only by `patient/` scopes without a `patient` claim:
+    ///    denied (there is no patient in context to scope to).
+    pub fn decide_with(
+        &self,
+        who: &Principal,
+        resource_type: &str,
+        action: Action,
+        directory: &dyn PatientDirectory,
+    ) -> Decision {
+        self.decide_traced(who, resource_type, action, directory, &mut None)
+    }
+
+    /// [`PolicyEngine::decide_with`], noting how every rule fared.
+    pub fn explain(
+        &self,
+        who: &Principal,
+        resource_type: &str,
+        action: Action,
+        directory: &dyn PatientDirectory,
+    ) -> (Decision, Vec<RuleTrace>) {
+        let mut trace = Some(Vec::new());
+        let d = self.decide_traced(who, resource_type, action, directory, &mut trace);
+        (d, trace.unwrap_or_default())
+    }
+
+    fn decide_traced(
+        &self,
+        who: &Principal,
+        resource_type: &str,
+        action: Action,
+        directory: &dyn PatientDirectory,
+        trace: &mut Option<Vec<RuleTrace>>,
+    ) -> Decision {
+        let deny = |reason: String, rule: Option<&str>| {
+            Decision::Deny(Denial {
+                resource_type: resource_type.to_owned(),
+                action,
+                reason,
+                rule: rule.map(str::to_owned),
+            })
+        };
         let granting: Vec<&SmartScope> = who
             .scopes
             .iter()
             .filter(|s| s.grants(resource_type, action))
             .collect();
-        let deny = |reason: String| {
-            Decision::Deny(Denial {
-                resource_type: resource_type.to_owned(),
-                action,
-                reason,
-            })
-        };
         if granting.is_empty() {
             let held: Vec<&str> = who.scopes.iter().map(|s| s.text.as_str()).collect();
-            return deny(format!(
-                "no scope grants it (token scopes: {})",
-                if held.is_empty() {
-                    "none".to_owned()
-                } else {
-                    held.join(" ")
-                }
-            ));
-        }
-        if let Some(p) = &who.patient {
-            return Decision::Allow(RowScope::Patients(vec![p.clone()]));
-        }
-        if granting.iter().all(|s| s.context == ScopeContext::Patient) {
             return deny(
-                "only patient/ scopes grant it and the token has no patient in context".to_owned(),
+                format!(
+                    "no scope grants it (token scopes: {})",
+                    if held.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        held.join(" ")
+                    }
+                ),
+                None,
             );
         }
-        Decision::Allow(RowScope::All)
+        if who.patient.is_none() && granting.iter().all(|s| s.context == ScopeContext::Patient) {
+            return deny(
+                "only patient/ scopes grant it and the token has no patient in context".to_owned(),
+                None,
+            );
+        }
+
+        let mut purpose_missing = Vec::new();
+        let matched =
+            self.policy
+                .applicable(who, resource_type, action, trace, &mut purpose_missing);
+        let note = |trace: &mut Option<Vec<RuleTrace>>, rule: &str, applied: bool, note: String| {
+            if let Some(t) = trace.as_mut() {
+                t.push(RuleTrace {
+                    rule: rule.to_owned(),
+                    applied,
+                    note,
+                });
+            }
+        };
+        let mut rules = Vec::new();
+        let mut hidden = std::collections::BTreeSet::new();
+        let mut denied_patients = std::collections::BTreeSet::new();
+        let mut allowed: Option<std::collections::BTreeSet<String>> = Some(Default::default());
+        let mut any_allow = false;
+        for m in &matched {
+            let r = m.rule;
+            let resolved = match &r.patients {
+                None => None,
+                Some(set) => match directory.resolve(&set.for_principal(who)) {
+                    Ok(ids) => Some(ids),
+                    Err(e) => {
+                        // Fail closed: a set that cannot be resolved grants
+                        // nothing and denies everything.
+                        note(
+                            trace,
+                            &r.id,
+                            true,
+                            format!("patients could not be resolved: {e}"),
+                        );
+                        return deny(
+                            format!("rule {}'s patients could not be resolved: {e}", r.id),
+                            Some(&r.id),
+                        );
+                    }
+                },
+            };
+            for h in rules::hidden_for(r, resource_type) {
+                hidden.insert(h.to_owned());
+            }
+            match r.effect {
+                Effect::Deny if !r.hide.is_empty() => {
+                    note(trace, &r.id, true, format!("hides {}", r.hide.join(", ")));
+                    rules.push(r.id.clone());
+                }
+                Effect::Deny => match resolved {
+                    None => {
+                        note(trace, &r.id, true, "denies every row".into());
+                        return deny(
+                            if r.description.is_empty() {
+                                format!("denied by rule {}", r.id)
+                            } else {
+                                format!("denied by rule {}: {}", r.id, r.description)
+                            },
+                            Some(&r.id),
+                        );
+                    }
+                    Some(ids) => {
+                        note(
+                            trace,
+                            &r.id,
+                            true,
+                            format!(
+                                "removes {} ({} patients)",
+                                rules::describe_set(&r.patients),
+                                ids.len()
+                            ),
+                        );
+                        denied_patients.extend(ids.iter().cloned());
+                        rules.push(r.id.clone());
+                    }
+                },
+                Effect::Allow => {
+                    any_allow = true;
+                    rules.push(r.id.clone());
+                    match resolved {
+                        None => {
+                            note(trace, &r.id, true, "allows every row".into());
+                            allowed = None;
+                        }
+                        Some(ids) => {
+                            note(
+                                trace,
+                                &r.id,
+                                true,
+                                format!(
+                                    "allows {} ({} patients)",
+                                    rules::describe_set(&r.patients),
+                                    ids.len()
+                                ),
+                            );
+                            if let Some(a) = allowed.as_mut() {
+                                a.extend(ids.iter().cloned());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if !any_allow {
+            if let Some(r) = purpose_missing.iter().find(|r| r.effect == Effect::Allow) {
+                return deny(
+                    format!(
+                        "rule {} allows it only for purpose of use {} (request: {})",
+                        r.id,
+                        r.purpose.join(" or "),
+                        who.purpose.as_deref().unwrap_or("none stated")
+                    ),
+                    Some(&r.id),
+                );
+            }
+            return deny("no policy rule allows it".into(), None);
+        }
+        let mut rows = match allowed {
+            None if denied_patients.is_empty() => RowScope::All,
+            None => RowScope::Except(denied_patients.into_iter().collect()),
+            Some(a) => RowScope::Patients(a.difference(&denied_patients).cloned().collect()),
+        };
+        if let Some(p) = &who.patient {
+            rows = RowScope::Patients(if rows.admits(Some(p)) {
+                vec![p.clone()]
+            } else {
+                Vec::new()
+            });
+        }
+        Decision::Allow(Grant {
+            rows,
+            hidden: hidden.into_iter().collect(),
+            rules,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rows(e: &PolicyEngine, who: &Principal, t: &str, a: Action) -> Option<RowScope> {
+        match e.decide(who, t, a) {
+            Decision::Allow(g) => Some(g.rows),
+            Decision::Deny(_) => None,
+        }
+    }
 
     #[test]
     fn scopes_parse_in_v1_and_v2_syntax() {
@@ -329,23 +645,23 @@ mod tests {
         let e = PolicyEngine::default();
         let user = Principal::new("u", "i").with_scopes("user/*.rs");
         assert_eq!(
-            e.decide(&user, "Condition", Action::Search),
-            Decision::Allow(RowScope::All)
+            rows(&e, &user, "Condition", Action::Search),
+            Some(RowScope::All)
         );
         let bound = user.clone().with_patient("p1");
         assert_eq!(
-            e.decide(&bound, "Condition", Action::Read),
-            Decision::Allow(RowScope::Patients(vec!["p1".into()]))
+            rows(&e, &bound, "Condition", Action::Read),
+            Some(RowScope::Patients(vec!["p1".into()]))
         );
         let read_only = Principal::new("u", "i").with_scopes("user/Observation.r");
         assert!(matches!(
             e.decide(&read_only, "Observation", Action::Search),
             Decision::Deny(_)
         ));
-        assert!(matches!(
-            e.decide(&read_only, "Observation", Action::Read),
-            Decision::Allow(RowScope::All)
-        ));
+        assert_eq!(
+            rows(&e, &read_only, "Observation", Action::Read),
+            Some(RowScope::All)
+        );
         let nothing = Principal::new("u", "i").with_scopes("openid fhirUser");
         match e.decide(&nothing, "Patient", Action::Read) {
             Decision::Deny(d) => assert!(d.to_string().contains("token scopes: none"), "{d}"),
@@ -365,5 +681,7 @@ mod tests {
         assert!(!s.admits(Some("b")));
         assert!(!s.admits(None));
         assert!(RowScope::All.admits(None));
+        let s = RowScope::Except(vec!["a".into(), "c".into()]);
+        assert!(!s.admits(Some("a")) && s.admits(Some("b")) && s.admits(None));
     }
 }

@@ -457,6 +457,22 @@ pub(crate) async fn aggregate(
 
     let (_, providers) = snapshot(&state, &set, None).await?;
     let mut planner = Planner::new(&state, &who, Action::Search, &providers);
+    // Hidden properties may not be aggregated or grouped on.
+    for (list, items) in [
+        ("aggregation", &body.aggregation),
+        ("groupBy", &body.group_by),
+    ] {
+        for (i, v) in items.iter().enumerate() {
+            if let Some(f) = v.get("field").and_then(Json::as_str)
+                && t.property(f).is_some()
+            {
+                planner.property_column(t, f).map_err(|mut e| {
+                    e.parameter = at(i, list, "field");
+                    e
+                })?;
+            }
+        }
+    }
     let groups = body
         .group_by
         .iter()

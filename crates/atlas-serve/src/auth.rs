@@ -222,6 +222,13 @@ pub struct Claims {
     pub client_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub azp: Option<String>,
+    /// Roles the issuer asserts (policy rules may name them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<String>>,
+    /// The purpose of use the token was issued for (`TREAT`, ...); the
+    /// `X-Purpose-Of-Use` request header overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose_of_use: Option<String>,
 }
 
 fn family(alg: Algorithm) -> Option<&'static str> {
@@ -435,8 +442,18 @@ fn principal(c: Claims) -> Principal {
     if let Some(client) = c.client_id.or(c.azp) {
         p = p.with_client(client);
     }
+    if let Some(roles) = c.roles {
+        p = p.with_roles(roles);
+    }
+    if let Some(purpose) = c.purpose_of_use {
+        p = p.with_purpose(purpose);
+    }
     p
 }
+
+/// The header a request states its purpose of use in (HL7 v3
+/// PurposeOfUse codes: `TREAT`, `ETREAT`, `HPAYMT`, `HRESCH`, ...).
+pub const PURPOSE_HEADER: &str = "x-purpose-of-use";
 
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
@@ -458,7 +475,29 @@ impl FromRequestParts<AppState> for Principal {
                 "the Authorization header must be 'Bearer <token>'",
             ));
         };
-        state.auth.verify(token.trim())
+        let mut who = state.auth.verify(token.trim())?;
+        if let Some(v) = parts.headers.get(PURPOSE_HEADER) {
+            let purpose = v
+                .to_str()
+                .ok()
+                .filter(|p| {
+                    !p.is_empty()
+                        && p.len() <= 64
+                        && p.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                })
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "InvalidHeader",
+                        "X-Purpose-Of-Use",
+                        v.to_str().unwrap_or("…"),
+                        "a purpose of use is one code (TREAT, HPAYMT, HRESCH, ...)",
+                    )
+                })?;
+            who.purpose = Some(purpose.to_owned());
+        }
+        Ok(who)
     }
 }
 
@@ -509,6 +548,8 @@ impl DevIssuer {
             patient: request.patient.clone(),
             client_id: Some("atlas-cli".to_owned()),
             azp: None,
+            roles: (!request.roles.is_empty()).then(|| request.roles.clone()),
+            purpose_of_use: request.purpose.clone(),
         };
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(DEV_KID.to_owned());
@@ -518,12 +559,16 @@ impl DevIssuer {
 }
 
 /// What `atlas token` asks the dev issuer for.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct TokenRequest {
     pub subject: String,
     pub scope: String,
     pub patient: Option<String>,
     pub ttl_secs: u64,
+    /// The `roles` claim.
+    pub roles: Vec<String>,
+    /// The `purpose_of_use` claim.
+    pub purpose: Option<String>,
 }
 
 /// The bytes at `path` in the lake, written by `make` first if absent. The

@@ -28,6 +28,8 @@ pub struct ServeConfig {
     pub graphql: crate::graphql::GraphqlConfig,
     /// HTTPS certificate and key (`[tls]`); plain HTTP without.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// The policy file (`[policy]`); SMART scopes only without one.
+    pub policy: crate::policy::PolicyConfig,
 }
 
 impl Default for ServeConfig {
@@ -41,6 +43,7 @@ impl Default for ServeConfig {
             auth: crate::auth::AuthConfig::default(),
             graphql: crate::graphql::GraphqlConfig::default(),
             tls: None,
+            policy: crate::policy::PolicyConfig::default(),
         }
     }
 }

@@ -31,7 +31,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use atlas_ontology::ObjectType;
-use atlas_policy::{Action, Decision, Principal, RowScope};
+use atlas_policy::{Action, Decision, Grant, Principal, RowScope};
 
 use crate::query::{
     Planner, Providers, after_expr, allowed_rows, column, internal, key_json, write_str,
@@ -39,7 +39,7 @@ use crate::query::{
 use crate::token::digest;
 use crate::{ApiError, AppState};
 
-const STORE_DIR: &str = "tables/resources";
+pub(crate) const STORE_DIR: &str = "tables/resources";
 const STORE: &str = "resources";
 const DEFAULT_COUNT: usize = 50;
 
@@ -132,8 +132,8 @@ fn scoped_store(
     resource_type: &str,
     action: Action,
     providers: &Providers,
-) -> Result<LogicalPlanBuilder, ApiError> {
-    let scope = allowed_rows(
+) -> Result<(LogicalPlanBuilder, Grant), ApiError> {
+    let grant = allowed_rows(
         state,
         who,
         resource_type,
@@ -152,16 +152,46 @@ fn scoped_store(
                 .and(column("deleted").eq(lit(false))),
         )
         .map_err(internal)?;
-    scope_rows(b, &scope)
+    Ok((scope_rows(b, &grant.rows)?, grant))
 }
 
+/// The store's rows inside a row scope (every resource row carries its
+/// patient key, null for resources outside any compartment).
 fn scope_rows(b: LogicalPlanBuilder, scope: &RowScope) -> Result<LogicalPlanBuilder, ApiError> {
-    match scope {
-        RowScope::All => Ok(b),
-        RowScope::Patients(ps) => b
-            .filter(crate::query::in_patients("patient_id", ps))
-            .map_err(internal),
+    match crate::query::scope_predicate(Some("patient_id"), scope) {
+        Ok(None) => Ok(b),
+        Ok(Some(p)) => b.filter(p).map_err(internal),
+        Err(e) => Err(internal(e)),
     }
+}
+
+/// Hidden elements per resource type, removed from stored JSON on the way
+/// out; types with nothing hidden go out byte for byte.
+#[derive(Default, Clone)]
+struct Redactor(HashMap<String, Grant>);
+
+impl Redactor {
+    fn add(&mut self, resource_type: &str, grant: &Grant) {
+        if !grant.hidden.is_empty() {
+            self.0.insert(resource_type.to_owned(), grant.clone());
+        }
+    }
+
+    fn apply<'a>(&self, resource_type: &str, json: &'a str) -> std::borrow::Cow<'a, str> {
+        match self
+            .0
+            .get(resource_type)
+            .and_then(|g| crate::policy::strip_resource(json, g))
+        {
+            Some(s) => std::borrow::Cow::Owned(s),
+            None => std::borrow::Cow::Borrowed(json),
+        }
+    }
+}
+
+/// The resource store's current Delta version.
+pub(crate) async fn store_version(tables: &crate::Tables) -> Result<u64, ApiError> {
+    tables.latest_version(STORE_DIR).await
 }
 
 /// The store at the pinned or latest version, plus every view a search may
@@ -516,7 +546,7 @@ fn type_filters(
                         view_date_expr(&c, v)?
                     }
                 };
-                let pk = planner.property_column(t, &t.primary_key)?.to_owned();
+                let pk = planner.key_column(t, &t.primary_key)?.to_owned();
                 let sub = planner
                     .scan(t)?
                     .filter(inner_pred)
@@ -577,6 +607,7 @@ async fn stream_search(
     s: &Search,
     filtered: LogicalPlanBuilder,
     keys: &[(String, bool, DataType)],
+    redactor: Redactor,
 ) -> Result<Response, ApiError> {
     for (given, name) in [
         (s.page_token.is_some(), "_page_token"),
@@ -602,7 +633,7 @@ async fn stream_search(
             .map_err(internal)?
     };
     let plan = ordered
-        .project(vec![column("resource")])
+        .project(vec![column("resource"), column("resource_type")])
         .and_then(|b| b.build())
         .map_err(internal)?;
     let stream = state.tables.execute_stream(plan).await?;
@@ -612,11 +643,13 @@ async fn stream_search(
             return Ok(bytes::Bytes::new());
         };
         let res = utf8(b.column(0)).map_err(|e| std::io::Error::other(e.message))?;
+        let types = utf8(b.column(1)).map_err(|e| std::io::Error::other(e.message))?;
         let mut out = Vec::with_capacity(b.num_rows() * 1024);
         let mut n = 0u64;
         for row in 0..b.num_rows() {
             if let Some(r) = text(&res, row) {
-                out.extend_from_slice(r.as_bytes());
+                let t = text(&types, row).unwrap_or_default();
+                out.extend_from_slice(redactor.apply(t, r).as_bytes());
                 out.push(b'\n');
                 n += 1;
             }
@@ -650,7 +683,7 @@ fn with_sort_date(
         .ok_or_else(|| no_date(format!("{} has no time property", t.api_name)))?;
     let mut planner = Planner::new(state, who, Action::Search, providers);
     let time_col = planner.property_column(t, time)?.to_owned();
-    let pk = planner.property_column(t, &t.primary_key)?.to_owned();
+    let pk = planner.key_column(t, &t.primary_key)?.to_owned();
     let ty = planner.column_type(t, &time_col)?;
     let dates = planner
         .scan(t)?
@@ -703,9 +736,12 @@ async fn run_search(
     let (versions, providers) = open(state, token.as_ref().map(|t| &t.t), &views).await?;
 
     let mut date_type = DataType::Utf8;
+    let mut redactor = Redactor::default();
     let filtered = match &s.everything {
         None => {
-            let b = scoped_store(state, who, &s.resource_type, Action::Search, &providers)?;
+            let (b, grant) =
+                scoped_store(state, who, &s.resource_type, Action::Search, &providers)?;
+            redactor.add(&s.resource_type, &grant);
             let b = type_filters(state, who, s, &providers, b)?;
             if s.sort.iter().any(|(c, _)| c == SORT_DATE) {
                 let (b, ty) = with_sort_date(state, who, s, &providers, b)?;
@@ -715,7 +751,7 @@ async fn run_search(
                 b
             }
         }
-        Some(patient) => everything_plan(state, who, s, patient, &providers).await?,
+        Some(patient) => everything_plan(state, who, s, patient, &providers, &mut redactor).await?,
     };
 
     let mut keys: Vec<(String, bool, DataType)> = Vec::new();
@@ -735,7 +771,7 @@ async fn run_search(
     }
 
     if s.ndjson {
-        return stream_search(state, s, filtered, &keys).await;
+        return stream_search(state, s, filtered, &keys, redactor).await;
     }
     let total = if s.total {
         let plan = filtered.clone().build().map_err(internal)?;
@@ -797,7 +833,7 @@ async fn run_search(
             entries.extend_from_slice(b"{\"fullUrl\":");
             write_str(&mut entries, &format!("{base}/{t}/{i}"));
             entries.extend_from_slice(b",\"resource\":");
-            entries.extend_from_slice(r.as_bytes());
+            entries.extend_from_slice(redactor.apply(t, r).as_bytes());
             entries.extend_from_slice(b",\"search\":{\"mode\":\"match\"}}");
             n += 1;
             last = Some(
@@ -841,14 +877,14 @@ async fn run_search(
 }
 
 /// A text column as plain Utf8 (partition columns come dictionary-encoded).
-fn utf8(a: &arrow::array::ArrayRef) -> Result<arrow::array::ArrayRef, ApiError> {
+pub(crate) fn utf8(a: &arrow::array::ArrayRef) -> Result<arrow::array::ArrayRef, ApiError> {
     match a.data_type() {
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => Ok(a.clone()),
         _ => arrow::compute::cast(a, &DataType::Utf8).map_err(internal),
     }
 }
 
-fn text(a: &dyn Array, row: usize) -> Option<&str> {
+pub(crate) fn text(a: &dyn Array, row: usize) -> Option<&str> {
     if a.is_null(row) {
         return None;
     }
@@ -867,9 +903,11 @@ async fn everything_plan(
     s: &Search,
     patient: &str,
     providers: &Providers,
+    redactor: &mut Redactor,
 ) -> Result<LogicalPlanBuilder, ApiError> {
     // The patient must be visible to the caller, else it does not exist.
     let visible = scoped_store(state, who, "Patient", Action::Read, providers)?
+        .0
         .filter(column("id").eq(lit(patient)))
         .and_then(|b| b.limit(0, Some(1)))
         .and_then(|b| b.build())
@@ -944,9 +982,10 @@ async fn everything_plan(
             if types.as_ref().is_some_and(|ts| !ts.iter().any(|x| x == t)) {
                 continue;
             }
-            if let Decision::Allow(scope) = state.policy.decide(who, t, Action::Search)
-                && scope.admits(Some(patient))
+            if let Decision::Allow(grant) = state.decide(who, t, Action::Search)
+                && grant.rows.admits(Some(patient))
             {
+                redactor.add(t, &grant);
                 allowed.push(lit(t.to_owned()));
             }
         }
@@ -1013,7 +1052,7 @@ async fn read(
         );
     }
     let (_, providers) = open(&state, None, &[]).await?;
-    let scope = allowed_rows(
+    let grant = allowed_rows(
         &state,
         &who,
         &resource_type,
@@ -1033,7 +1072,7 @@ async fn read(
             )
         })
         .map_err(internal)?;
-    let plan = scope_rows(b, &scope)?
+    let plan = scope_rows(b, &grant.rows)?
         .project(vec![
             column("resource"),
             column("deleted"),
@@ -1069,7 +1108,9 @@ async fn read(
         return Err(not_found().into());
     };
     state.metrics.rows("fhirRead", 1);
-    let mut r = fhir_json(body.as_bytes().to_vec());
+    let mut redactor = Redactor::default();
+    redactor.add(&resource_type, &grant);
+    let mut r = fhir_json(redactor.apply(&resource_type, body).as_bytes().to_vec());
     if let Some(v) = text(b.column(2), 0)
         && let Ok(h) = format!("W/\"{v}\"").parse()
     {

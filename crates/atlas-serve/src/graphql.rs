@@ -678,16 +678,16 @@ impl LinkLoader {
                 .filter(column(c).eq(lit(code.as_str())))
                 .map_err(internal)?;
         }
-        let pk = planner.property_column(t, &t.primary_key)?.to_owned();
-        let title = planner.property_column(t, &t.title_property)?.to_owned();
+        let pk = planner.key_column(t, &t.primary_key)?.to_owned();
+        let title = planner.title_column(t)?.to_owned();
         let mut sort = vec![column(&target_col).sort(true, false)];
-        if let Some(tp) = t.time_property.as_deref() {
-            sort.push(column(planner.property_column(t, tp)?).sort(true, false));
+        if let Some(tc) = planner.time_sort_column(t)? {
+            sort.push(column(tc).sort(true, false));
         }
         sort.push(column(&pk).sort(true, false));
         let plan = b.sort(sort).and_then(|b| b.build()).map_err(internal)?;
         let batches = state.tables.collect(plan).await?;
-        let props: Vec<&atlas_ontology::Property> = t.properties.iter().collect();
+        let props = planner.output_properties(t, None)?;
         let mut out: HashMap<String, Vec<Map<String, Json>>> = HashMap::new();
         let mut buf = Vec::new();
         for batch in &batches {

@@ -26,6 +26,7 @@ mod metrics;
 mod objects;
 mod ontology;
 mod openapi;
+pub mod policy;
 mod query;
 mod slice;
 mod stream;
@@ -48,13 +49,13 @@ pub use auth::{AuthConfig, Authenticator, DevIssuer, IssuerConfig, TokenRequest}
 pub use config::{ConfigError, ServeConfig};
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use policy::{LakeDirectory, PolicyConfig, PolicyHandle, read_policy};
 pub use tables::Tables;
 pub use tls::TlsConfig;
 pub use token::PageTokens;
 
 use atlas_lake::Lake;
 use atlas_ontology::Ontology;
-use atlas_policy::PolicyEngine;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -63,8 +64,9 @@ pub struct AppState {
     pub ontology: Arc<Ontology>,
     pub config: Arc<ServeConfig>,
     pub metrics: Arc<Metrics>,
-    /// The access seam: every data path asks it before reading.
-    pub policy: Arc<PolicyEngine>,
+    /// The access seam: every data path asks it (`AppState::decide`)
+    /// before reading.
+    pub policy: Arc<PolicyHandle>,
     pub auth: Arc<Authenticator>,
     pub tables: Arc<Tables>,
     pub page_tokens: Arc<PageTokens>,
@@ -87,14 +89,20 @@ impl AppState {
         let graphql = graphql::schema(&ontology, &config)?;
         let auth = Arc::new(auth);
         auth.spawn_refresh(&config.auth);
+        let tables = Arc::new(Tables::new(lake.clone()));
+        let policy = Arc::new(PolicyHandle::open(&config.policy, &tables).await?);
+        policy.spawn_refresh(
+            tables.clone(),
+            std::time::Duration::from_secs(config.policy.refresh_secs),
+        );
         Ok(AppState {
             graphql: Arc::new(graphql),
-            tables: Arc::new(Tables::new(lake.clone())),
+            tables,
             lake,
             ontology: Arc::new(ontology),
             config: Arc::new(config),
             metrics: Arc::new(Metrics::default()),
-            policy: Arc::new(PolicyEngine::default()),
+            policy,
             auth,
             page_tokens: Arc::new(page_tokens),
         })

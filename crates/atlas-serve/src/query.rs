@@ -26,7 +26,7 @@ use serde_json::{Value as Json, json};
 
 use atlas_objectset::{CompareOp, ObjectSet, Value, Where};
 use atlas_ontology::{ObjectType, Ontology};
-use atlas_policy::{Action, Decision, Principal, RowScope};
+use atlas_policy::{Action, Decision, Grant, Principal, RowScope};
 
 use crate::token::digest;
 use crate::{ApiError, AppState};
@@ -134,18 +134,19 @@ fn types_of(set: &ObjectSet, out: &mut BTreeSet<String>) {
     }
 }
 
-/// The access decision as the API answers it: the rows `who` may read of
-/// `resource_type`, or a 403 naming `at` (the parameter and value the
-/// request used for the type) with the engine's reason.
+/// The access decision as the API answers it: what `who` may read of
+/// `resource_type` (rows, hidden fields), or a 403 naming `at` (the
+/// parameter and value the request used for the type) with the engine's
+/// reason.
 pub(crate) fn allowed_rows(
     state: &AppState,
     who: &Principal,
     resource_type: &str,
     action: Action,
     at: (&str, &str),
-) -> Result<RowScope, ApiError> {
-    match state.policy.decide(who, resource_type, action) {
-        Decision::Allow(scope) => Ok(scope),
+) -> Result<Grant, ApiError> {
+    match state.decide(who, resource_type, action) {
+        Decision::Allow(grant) => Ok(grant),
         Decision::Deny(d) => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "PermissionDenied",
@@ -157,12 +158,37 @@ pub(crate) fn allowed_rows(
 }
 
 /// The rows of a patient-bound scope: `col` (a patient key column) is one
-/// of `patients`. Every path turns `RowScope::Patients` into a predicate
-/// here (object sets, FHIR, view streams).
+/// of `patients`.
 pub(crate) fn in_patients(col: &str, patients: &[String]) -> Expr {
+    if patients.is_empty() {
+        return lit(false);
+    }
     let c = column(col);
     let list = patients.iter().map(|p| lit(p.as_str())).collect();
     c.clone().is_not_null().and(c.in_list(list, false))
+}
+
+/// A row scope as a predicate over `col` (a patient key column; `None`
+/// when the table has none): every path turns a [`RowScope`] into a filter
+/// here (object sets, FHIR, view streams). `Ok(None)`: every row. `Err`
+/// carries the patients of a scope the table cannot honour.
+pub(crate) fn scope_predicate(col: Option<&str>, scope: &RowScope) -> Result<Option<Expr>, String> {
+    match (scope, col) {
+        (RowScope::All, _) => Ok(None),
+        (RowScope::Patients(ps), Some(c)) => Ok(Some(in_patients(c, ps))),
+        (RowScope::Except(ps), Some(c)) => {
+            let cc = column(c);
+            let list = ps.iter().map(|p| lit(p.as_str())).collect();
+            Ok(Some(cc.clone().is_null().or(cc.in_list(list, true))))
+        }
+        (RowScope::Patients(ps), None) => Err(if ps.is_empty() {
+            "no patients".to_owned()
+        } else {
+            ps.join(", ")
+        }),
+        // Rows that belong to no patient are outside every patient set.
+        (RowScope::Except(_), None) => Ok(None),
+    }
 }
 
 /// Builds the plan of one query; every scan goes through the policy.
@@ -172,6 +198,8 @@ pub(crate) struct Planner<'a> {
     pub action: Action,
     pub providers: &'a Providers,
     aliases: usize,
+    /// The decision per object type, made once per request.
+    grants: std::sync::Mutex<HashMap<String, Grant>>,
 }
 
 impl<'a> Planner<'a> {
@@ -187,6 +215,7 @@ impl<'a> Planner<'a> {
             action,
             providers,
             aliases: 0,
+            grants: Default::default(),
         }
     }
 
@@ -204,40 +233,55 @@ impl<'a> Planner<'a> {
             .ok_or_else(|| internal(format!("view {} was not opened", t.backing_view)))
     }
 
-    /// The `PolicyEngine`'s decision for this principal on `t`: its row
-    /// scope, or a 403.
-    pub fn scope(&self, t: &ObjectType) -> Result<RowScope, ApiError> {
-        allowed_rows(
+    /// The `PolicyEngine`'s decision for this principal on `t`: its grant
+    /// (rows, hidden fields), or a 403. Asked once per type per request.
+    pub fn scope(&self, t: &ObjectType) -> Result<Grant, ApiError> {
+        if let Ok(g) = self.grants.lock()
+            && let Some(x) = g.get(&t.api_name)
+        {
+            return Ok(x.clone());
+        }
+        let grant = allowed_rows(
             self.state,
             self.who,
             &resource_type(t),
             self.action,
             ("objectType", &t.api_name),
-        )
+        )?;
+        if let Ok(mut g) = self.grants.lock() {
+            g.insert(t.api_name.clone(), grant.clone());
+        }
+        Ok(grant)
+    }
+
+    /// The properties of `t` this principal's grant hides.
+    pub fn hidden(&self, t: &ObjectType) -> Result<BTreeSet<String>, ApiError> {
+        Ok(crate::policy::hidden_properties(t, &self.scope(t)?))
     }
 
     /// The object type's rows this principal may read, as a predicate over
     /// the type's columns: the access seam. `scan` applies it to the scan;
     /// the one-patient slice path evaluates the same predicate.
     pub fn scope_expr(&self, t: &ObjectType) -> Result<Expr, ApiError> {
-        match self.scope(t)? {
-            RowScope::All => Ok(lit(true)),
-            RowScope::Patients(patients) => {
-                let Some(pp) = t.patient_property.as_deref().and_then(|p| t.property(p)) else {
-                    return Err(ApiError::new(
-                        StatusCode::FORBIDDEN,
-                        "PermissionDenied",
-                        "objectType",
-                        &t.api_name,
-                        format!(
-                            "{} objects belong to no patient compartment, and this token only sees patient {}",
-                            t.api_name,
-                            patients.join(", ")
-                        ),
-                    ));
-                };
-                Ok(in_patients(&pp.column, &patients))
-            }
+        let grant = self.scope(t)?;
+        let pcol = t
+            .patient_property
+            .as_deref()
+            .and_then(|p| t.property(p))
+            .map(|p| p.column.as_str());
+        match scope_predicate(pcol, &grant.rows) {
+            Ok(None) => Ok(lit(true)),
+            Ok(Some(e)) => Ok(e),
+            Err(patients) => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "PermissionDenied",
+                "objectType",
+                &t.api_name,
+                format!(
+                    "{} objects belong to no patient compartment, and this token only sees {patients}",
+                    t.api_name
+                ),
+            )),
         }
     }
 
@@ -268,7 +312,7 @@ impl<'a> Planner<'a> {
         Ok(match set {
             ObjectSet::Base { .. } | ObjectSet::Reference { .. } => lit(true),
             ObjectSet::Static { primary_keys, .. } => {
-                let pk = self.property_column(t, &t.primary_key)?;
+                let pk = self.key_column(t, &t.primary_key)?;
                 let keys = primary_keys.iter().map(|k| lit(k.as_str())).collect();
                 column(pk)
                     .is_not_null()
@@ -345,7 +389,76 @@ impl<'a> Planner<'a> {
         ))
     }
 
+    /// The column of a property a request names (in a filter, sort,
+    /// selection, narrowing or link): refused when the grant hides it.
     pub fn property_column(&self, t: &'a ObjectType, property: &str) -> Result<&'a str, ApiError> {
+        let grant = self.scope(t)?;
+        if !grant.hidden.is_empty()
+            && crate::policy::hidden_properties(t, &grant).contains(property)
+        {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "PropertyHidden",
+                "property",
+                property,
+                format!(
+                    "property '{property}' of {} is hidden from this principal by policy (hidden elements: {})",
+                    t.api_name,
+                    grant.hidden.join(", ")
+                ),
+            ));
+        }
+        self.key_column(t, property)
+    }
+
+    /// The properties a response carries: the selection (each checked
+    /// like a filter's field) or every property the grant does not hide.
+    pub fn output_properties(
+        &self,
+        t: &'a ObjectType,
+        select: Option<&[String]>,
+    ) -> Result<Vec<&'a atlas_ontology::Property>, ApiError> {
+        match select {
+            Some(sel) => {
+                let mut out = Vec::with_capacity(sel.len());
+                for p in sel {
+                    self.property_column(t, p)?;
+                    out.extend(t.property(p));
+                }
+                Ok(out)
+            }
+            None => {
+                let hidden = self.hidden(t)?;
+                Ok(t.properties
+                    .iter()
+                    .filter(|p| !hidden.contains(&p.api_name))
+                    .collect())
+            }
+        }
+    }
+
+    /// The time property's column for a default ordering, unless the grant
+    /// hides it (then the order must not depend on it).
+    pub fn time_sort_column(&self, t: &'a ObjectType) -> Result<Option<&'a str>, ApiError> {
+        match t.time_property.as_deref() {
+            Some(tp) if !self.hidden(t)?.contains(tp) => Ok(Some(self.key_column(t, tp)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The column shown as an object's title: the title property, or the
+    /// primary key when the grant hides the title.
+    pub fn title_column(&self, t: &'a ObjectType) -> Result<&'a str, ApiError> {
+        if self.hidden(t)?.contains(&t.title_property) {
+            self.key_column(t, &t.primary_key)
+        } else {
+            self.key_column(t, &t.title_property)
+        }
+    }
+
+    /// The column of a property the server itself uses (primary key,
+    /// title, patient key): not subject to hiding.
+    pub fn key_column(&self, t: &'a ObjectType, property: &str) -> Result<&'a str, ApiError> {
         t.property(property)
             .map(|p| p.column.as_str())
             .ok_or_else(|| {
@@ -495,7 +608,7 @@ impl<'a> Planner<'a> {
                     format!("{} objects do not belong to a patient", t.api_name),
                 ));
             };
-            let c = column(self.property_column(t, pp)?);
+            let c = column(self.key_column(t, pp)?);
             acc = acc.and(c.clone().is_not_null().and(c.eq(lit(p.as_str()))));
         }
         for (param, value, from) in [
@@ -710,7 +823,7 @@ pub(crate) async fn run(
         let c = planner.property_column(t, &o.property)?;
         keys.push((c.to_owned(), o.ascending, planner.column_type(t, c)?));
     }
-    let pk = planner.property_column(t, &t.primary_key)?.to_owned();
+    let pk = planner.key_column(t, &t.primary_key)?.to_owned();
     if !keys.iter().any(|k| k.0 == pk) {
         keys.push((pk.clone(), true, planner.column_type(t, &pk)?));
     }
@@ -726,12 +839,9 @@ pub(crate) async fn run(
         })?),
         None => None,
     };
-    let props: Vec<&atlas_ontology::Property> = match &q.select {
-        None => t.properties.iter().collect(),
-        Some(sel) => sel.iter().filter_map(|p| t.property(p)).collect(),
-    };
+    let props = planner.output_properties(t, q.select.as_deref())?;
     let mut cols: Vec<String> = props.iter().map(|p| p.column.clone()).collect();
-    let title = planner.property_column(t, &t.title_property)?.to_owned();
+    let title = planner.title_column(t)?.to_owned();
     for extra in keys.iter().map(|k| &k.0).chain([&pk, &title]) {
         if !cols.contains(extra) {
             cols.push(extra.clone());
@@ -860,7 +970,7 @@ fn slice_patient(
     if let Some(p) = &q.narrow.patient {
         return Ok(Some(p.clone()));
     }
-    Ok(match planner.scope(t)? {
+    Ok(match planner.scope(t)?.rows {
         RowScope::Patients(p) if p.len() == 1 => p.into_iter().next(),
         _ => None,
     })
@@ -883,7 +993,7 @@ async fn slice_rows(
     let Some(pp) = t.patient_property.as_deref() else {
         return Ok(None);
     };
-    let pcol = planner.property_column(t, pp)?;
+    let pcol = planner.key_column(t, pp)?;
     let index = state
         .tables
         .slice_index(&atlas_viewstore::view_table_dir(view), version)

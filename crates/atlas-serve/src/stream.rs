@@ -91,17 +91,18 @@ pub(crate) async fn stream_objects(
         for o in &q.order {
             sort.push(column(planner.property_column(&t, &o.property)?).sort(o.ascending, false));
         }
-        sort.push(column(planner.property_column(&t, &t.primary_key)?).sort(true, false));
+        sort.push(column(planner.key_column(&t, &t.primary_key)?).sort(true, false));
         b = b.sort(sort).map_err(internal)?;
     }
-    let props: Vec<Property> = match &q.select {
-        None => t.properties.clone(),
-        Some(sel) => sel.iter().filter_map(|p| t.property(p).cloned()).collect(),
-    };
+    let props: Vec<Property> = planner
+        .output_properties(&t, q.select.as_deref())?
+        .into_iter()
+        .cloned()
+        .collect();
     // Columns renamed to the properties' api names; the primary key and
     // title come along for NDJSON's `__primaryKey` and `__title`.
-    let pk = planner.property_column(&t, &t.primary_key)?.to_owned();
-    let title = planner.property_column(&t, &t.title_property)?.to_owned();
+    let pk = planner.key_column(&t, &t.primary_key)?.to_owned();
+    let title = planner.title_column(&t)?.to_owned();
     let mut exprs: Vec<datafusion::logical_expr::Expr> = props
         .iter()
         .map(|p| column(&p.column).alias(p.api_name.as_str()))
@@ -383,7 +384,7 @@ pub(crate) async fn view_rows(
         }
         Err(e) => return Err(internal(e)),
     };
-    let scope = crate::query::allowed_rows(
+    let grant = crate::query::allowed_rows(
         &state,
         &who,
         &entry.resource_type,
@@ -400,22 +401,18 @@ pub(crate) async fn view_rows(
     )
     .map_err(internal)?;
     let patient_col = entry.patient_column.clone();
-    if let atlas_policy::RowScope::Patients(patients) = scope {
-        let Some(pc) = &patient_col else {
+    match crate::query::scope_predicate(patient_col.as_deref(), &grant.rows) {
+        Ok(None) => {}
+        Ok(Some(p)) => b = b.filter(p).map_err(internal)?,
+        Err(patients) => {
             return Err(ApiError::new(
                 axum::http::StatusCode::FORBIDDEN,
                 "PermissionDenied",
                 "view",
                 &view,
-                format!(
-                    "view {view} has no patient column, and this token only sees patient {}",
-                    patients.join(", ")
-                ),
+                format!("view {view} has no patient column, and this token only sees {patients}"),
             ));
-        };
-        b = b
-            .filter(crate::query::in_patients(pc, &patients))
-            .map_err(internal)?;
+        }
     }
     if let Some(pid) = p.get("patientId") {
         let Some(pc) = &patient_col else {
@@ -433,6 +430,20 @@ pub(crate) async fn view_rows(
                     .and(column(pc).eq(lit(pid.as_str()))),
             )
             .map_err(internal)?;
+    }
+    // Columns reading hidden elements are left out (the key and patient
+    // columns cannot be hidden: the policy refuses such rules).
+    let hidden =
+        crate::policy::hidden_columns(&crate::policy::column_elements(&entry.definition), &grant);
+    if !hidden.is_empty() {
+        let keep: Vec<datafusion::logical_expr::Expr> = b
+            .schema()
+            .fields()
+            .iter()
+            .filter(|f| !hidden.contains(f.name()))
+            .map(|f| column(f.name()))
+            .collect();
+        b = b.project(keep).map_err(internal)?;
     }
     let plan = b.build().map_err(internal)?;
     let stream = state.tables.execute_stream(plan).await?;

@@ -239,3 +239,135 @@ fn serve_speaks_https_with_a_certificate() {
         "{text}"
     );
 }
+
+/// `atlas policy check` and `explain` decide over the lake's data like the
+/// server: an organization rule admits that organization's patients only;
+/// no rule and a missing purpose deny (exit status 1).
+#[test]
+fn policy_check_and_explain_name_the_decision_and_its_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    crate::run_ok(crate::atlas(&lake).args(["demo", "--patients", "8"]));
+    let sql = |q: &str| -> Vec<serde_json::Value> {
+        let out = crate::run_ok(crate::atlas(&lake).args(["sql", "--format", "json", q]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let org = sql("SELECT managing_organization AS o FROM patient ORDER BY id LIMIT 1")[0]["o"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let inside = sql(&format!(
+        "SELECT id FROM patient WHERE managing_organization = '{org}' ORDER BY id LIMIT 1"
+    ))[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let outside = sql(&format!(
+        "SELECT id FROM patient WHERE managing_organization <> '{org}' ORDER BY id LIMIT 1"
+    ))[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[roles.clinician]\nsubjects = [\"alice\"]\n\
+             [[rule]]\nid = \"org\"\neffect = \"allow\"\nroles = [\"clinician\"]\npatients = {{ organization = \"Organization/{org}\" }}\n\
+             [[rule]]\nid = \"research\"\neffect = \"allow\"\nroles = [\"researcher\"]\npurpose = [\"HRESCH\"]\n\
+             [[rule]]\nid = \"no-names\"\neffect = \"deny\"\nroles = [\"researcher\"]\nhide = [\"Patient.name\"]\n"
+        ),
+    )
+    .unwrap();
+    let check = |args: &[&str]| {
+        crate::atlas(&lake)
+            .args(["policy", "check", "--policy"])
+            .arg(&policy)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).into_owned();
+
+    let o = check(&[
+        "--as",
+        "alice",
+        "--path",
+        &format!("Observation?patient={inside}"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("decision: ALLOW") && text(&o).contains("rules: org"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains(&format!("patient {inside}: inside")),
+        "{}",
+        text(&o)
+    );
+    let o = check(&["--as", "alice", "--path", &format!("Patient/{outside}")]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("outside the allowed rows"),
+        "{}",
+        text(&o)
+    );
+    let o = check(&["--as", "mallory", "--path", "Condition"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("DENY") && text(&o).contains("no policy rule allows it"),
+        "{}",
+        text(&o)
+    );
+    let o = check(&["--as", "bob", "--role", "researcher", "--path", "Patient"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("(rule research)") && text(&o).contains("HRESCH"),
+        "{}",
+        text(&o)
+    );
+    let o = check(&[
+        "--as",
+        "bob",
+        "--role",
+        "researcher",
+        "--purpose",
+        "HRESCH",
+        "--path",
+        "Patient",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("hidden: name"), "{}", text(&o));
+
+    let o = crate::atlas(&lake)
+        .args(["policy", "explain", "--policy"])
+        .arg(&policy)
+        .args([
+            "--as",
+            "alice",
+            "--path",
+            &format!("Patient/{inside}/$everything"),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("applied org: allows organization"), "{t}");
+    assert!(
+        t.contains("skipped research: not for this subject, role or client"),
+        "{t}"
+    );
+    // A policy file with a mistake is refused with the rule named.
+    std::fs::write(&policy, "[[rule]]\nid = \"x\"\neffect = \"maybe\"\n").unwrap();
+    let o = check(&["--as", "alice", "--path", "Patient"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unknown variant"),
+        "{:?}",
+        o
+    );
+}

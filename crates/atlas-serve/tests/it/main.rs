@@ -8,6 +8,7 @@ use tower::ServiceExt;
 
 use atlas_serve::{AppState, ServeConfig, router};
 
+mod access;
 mod issuers;
 mod objects;
 

@@ -20,7 +20,7 @@ use atlas_viewstore::{RefreshOptions, ViewStore};
 
 const LOAD: &str = "/api/v2/ontologies/atlas/objectSets/loadObjects";
 
-fn synth(dir: &Path, patients: usize, seed: u64) -> PathBuf {
+pub(crate) fn synth(dir: &Path, patients: usize, seed: u64) -> PathBuf {
     let out = dir.join(format!("synth-{seed}"));
     let opts = atlas_synth::SynthOptions {
         patients,
@@ -31,7 +31,7 @@ fn synth(dir: &Path, patients: usize, seed: u64) -> PathBuf {
     out
 }
 
-async fn ingest_and_refresh(lake: &Lake, data: &Path) {
+pub(crate) async fn ingest_and_refresh(lake: &Lake, data: &Path) {
     let names = vec![data.display().to_string()];
     let set = collect_inputs(&names, &mut std::io::empty()).unwrap();
     let report = atlas_lake::ingest(
@@ -94,6 +94,7 @@ impl Fixture {
                 scope: scope.into(),
                 patient: patient.map(str::to_owned),
                 ttl_secs: 600,
+                ..Default::default()
             })
             .unwrap()
     }
@@ -692,6 +693,7 @@ async fn bad_requests_and_bad_tokens_are_4xx_naming_the_field() {
             scope: "user/*.rs".into(),
             patient: None,
             ttl_secs: 1,
+            ..Default::default()
         })
         .unwrap();
     let mut c: Json =
