@@ -5,6 +5,7 @@
 //! `atlas-lake`, `atlas-synth`), so the demo and the tests exercise the same
 //! code paths a user does.
 
+mod audit;
 mod flatten;
 mod policy;
 mod progress;
@@ -124,7 +125,7 @@ Write statements (INSERT, UPDATE, DELETE, CREATE, DROP, COPY, SET) are refused."
 
 Settings come from defaults, then --config (TOML: bind, default_page_size, max_page_size,
 page_token_ttl_secs, slice_reads, [auth] dev and [[auth.issuers]] issuer/audience/jwks_file or jwks_url, [graphql]
-max_depth/max_complexity/max_rows/introspection, [tls] cert/key, [policy] file/refresh_secs), then
+max_depth/max_complexity/max_rows/introspection, [tls] cert/key, [policy] file/refresh_secs, [audit] enabled), then
 ATLAS_SERVE_BIND / ATLAS_SERVE_DEFAULT_PAGE_SIZE / ATLAS_SERVE_MAX_PAGE_SIZE, then flags.
 Every data endpoint needs a bearer JWT from a configured issuer (or, with --dev-auth, from
 `atlas token`). Ctrl-C or SIGTERM stops accepting and finishes the requests in flight.
@@ -156,6 +157,10 @@ Logs: ATLAS_LOG=info.")]
     /// the hidden fields and the rules behind them.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// The audit trail `atlas serve` writes: verify its hash chain, export
+    /// it as FHIR AuditEvent.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Mint a bearer token from the lake's local dev issuer (accepted by
     /// `atlas serve --dev-auth` on the same lake).
     #[command(after_help = "Examples:
@@ -447,6 +452,7 @@ async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Command::Policy(cmd) => policy::run(cmd, &cli.lake).await,
+        Command::Audit(cmd) => audit::run(cmd, &cli.lake).await,
     }
 }
 

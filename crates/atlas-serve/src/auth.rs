@@ -497,6 +497,12 @@ impl FromRequestParts<AppState> for Principal {
                 })?;
             who.purpose = Some(purpose.to_owned());
         }
+        crate::audit::note(|f| {
+            f.subject = Some(who.subject.clone());
+            f.issuer = Some(who.issuer.clone());
+            f.client = who.client_id.clone();
+            f.purpose = who.purpose.clone();
+        });
         Ok(who)
     }
 }

@@ -30,6 +30,8 @@ pub struct ServeConfig {
     pub tls: Option<crate::tls::TlsConfig>,
     /// The policy file (`[policy]`); SMART scopes only without one.
     pub policy: crate::policy::PolicyConfig,
+    /// The audit trail (`[audit]`).
+    pub audit: crate::audit::AuditConfig,
 }
 
 impl Default for ServeConfig {
@@ -44,6 +46,7 @@ impl Default for ServeConfig {
             graphql: crate::graphql::GraphqlConfig::default(),
             tls: None,
             policy: crate::policy::PolicyConfig::default(),
+            audit: crate::audit::AuditConfig::default(),
         }
     }
 }

@@ -17,6 +17,7 @@
 //! the same router and state.
 
 mod aggregate;
+pub mod audit;
 pub mod auth;
 mod config;
 mod error;
@@ -72,6 +73,8 @@ pub struct AppState {
     pub page_tokens: Arc<PageTokens>,
     /// The GraphQL schema generated from the ontology.
     pub graphql: Arc<async_graphql::dynamic::Schema>,
+    /// The audit trail every request is written to (`[audit] enabled`).
+    pub audit: Option<Arc<atlas_audit::AuditLog>>,
 }
 
 impl AppState {
@@ -90,6 +93,11 @@ impl AppState {
         let auth = Arc::new(auth);
         auth.spawn_refresh(&config.auth);
         let tables = Arc::new(Tables::new(lake.clone()));
+        let audit = if config.audit.enabled {
+            Some(Arc::new(audit::open(&lake).await?))
+        } else {
+            None
+        };
         let policy = Arc::new(PolicyHandle::open(&config.policy, &tables).await?);
         policy.spawn_refresh(
             tables.clone(),
@@ -103,6 +111,7 @@ impl AppState {
             config: Arc::new(config),
             metrics: Arc::new(Metrics::default()),
             policy,
+            audit,
             auth,
             page_tokens: Arc::new(page_tokens),
         })
@@ -128,6 +137,10 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::audit,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }

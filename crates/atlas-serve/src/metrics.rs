@@ -67,6 +67,7 @@ impl Metrics {
 
     /// Records rows (objects) served by a route.
     pub fn rows(&self, route: &str, n: u64) {
+        crate::audit::note(|f| f.rows += n);
         if let Ok(mut m) = self.inner.lock() {
             *m.rows.entry(route.to_owned()).or_default() += n;
         }

@@ -181,8 +181,11 @@ impl AppState {
     /// The one access decision every path asks for.
     pub fn decide(&self, who: &Principal, resource_type: &str, action: Action) -> Decision {
         let s = self.policy.current();
-        s.engine
-            .decide_with(who, resource_type, action, &s.directory)
+        let d = s
+            .engine
+            .decide_with(who, resource_type, action, &s.directory);
+        crate::audit::note_decision(resource_type, &d);
+        d
     }
 }
 

@@ -371,3 +371,124 @@ fn policy_check_and_explain_name_the_decision_and_its_rules() {
         o
     );
 }
+
+/// A server killed (SIGKILL) while requests are in flight loses no audit
+/// record of a response it completed: every answered request is in the
+/// trail, and the trail verifies (a torn last line, never acknowledged, is
+/// reported as such and cut on the next start).
+#[test]
+fn a_killed_server_loses_no_audit_record_of_an_answered_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    crate::run_ok(crate::atlas(&lake).args(["demo", "--patients", "3"]));
+    let token = String::from_utf8(
+        crate::run_ok(crate::atlas(&lake).args(["token", "--sub", "crash", "--ttl", "10m"])).stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+    let start = || {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = crate::atlas(&lake)
+            .args([
+                "serve",
+                "--dev-auth",
+                "--bind",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while http_get(port, "/health").is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no answer on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (child, port)
+    };
+    let (mut child, port) = start();
+    // Four clients ask with unique markers until the server dies; a marker
+    // counts as answered only when its full 200 response arrived.
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let answered = answered.clone();
+            let token = token.clone();
+            std::thread::spawn(move || {
+                for i in 0.. {
+                    let marker = format!("m{c}x{i}");
+                    match http(
+                        port,
+                        "GET",
+                        &format!("/fhir/Patient?_id={marker}"),
+                        Some(&token),
+                        "",
+                    ) {
+                        Ok((status, body)) if status.contains("200") && body.ends_with("]}") => {
+                            answered.lock().unwrap().push(marker)
+                        }
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let answered = answered.lock().unwrap().clone();
+    assert!(
+        answered.len() > 20,
+        "too few requests before the kill: {}",
+        answered.len()
+    );
+
+    let verify = crate::atlas(&lake)
+        .args(["audit", "verify"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&verify.stdout).into_owned();
+    assert!(verify.status.success(), "{text}");
+    let export =
+        crate::run_ok(crate::atlas(&lake).args(["audit", "export", "--format", "records"]));
+    let trail = String::from_utf8_lossy(&export.stdout).into_owned();
+    for m in &answered {
+        assert!(
+            trail.contains(&format!("_id={m}\"")),
+            "answered request {m} has no audit record"
+        );
+    }
+    // A restart starts a second chain that witnesses the first.
+    let (mut child, port) = start();
+    let (status, _) = http(port, "GET", "/fhir/Patient?_id=after", Some(&token), "").unwrap();
+    assert!(status.contains("200"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let verify = crate::run_ok(crate::atlas(&lake).args(["audit", "verify"]));
+    let text = String::from_utf8_lossy(&verify.stdout).into_owned();
+    assert!(
+        text.contains("audit trail sound") && text.contains("2 chains"),
+        "{text}"
+    );
+    let events =
+        crate::run_ok(crate::atlas(&lake).args(["audit", "export", "--format", "auditevent"]));
+    let last: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&events.stdout)
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["resourceType"], "AuditEvent");
+    assert_eq!(last["agent"][0]["who"]["identifier"]["value"], "crash");
+}
