@@ -554,7 +554,15 @@ async fn chain_end(chain: &AuditStore) -> Result<(u64, String), AuditError> {
 
 /// The writer: chains entries and writes them before acknowledging.
 pub struct AuditLog {
-    tx: mpsc::Sender<Pending>,
+    tx: Writer,
+}
+
+/// Where entries go: a thread of its own for a local lake (appends and
+/// `fdatasync` without a hop through tokio's blocking pool), a task for an
+/// object store.
+enum Writer {
+    Thread(std::sync::mpsc::Sender<Pending>),
+    Task(mpsc::Sender<Pending>),
 }
 
 /// The chain's end.
@@ -637,8 +645,21 @@ impl AuditLog {
             seq: 0,
             hash: genesis_of(&bytes),
         };
-        let (tx, rx) = mpsc::channel::<Pending>(4096);
-        tokio::spawn(write_loop(chain, name, head, rx, every));
+        let tx = match chain.local.clone() {
+            Some(dir) => {
+                let (tx, rx) = std::sync::mpsc::channel::<Pending>();
+                std::thread::Builder::new()
+                    .name("atlas-audit".into())
+                    .spawn(move || local_loop(dir, name, head, rx, every))
+                    .map_err(|e| io_err(AUDIT_DIR, e))?;
+                Writer::Thread(tx)
+            }
+            None => {
+                let (tx, rx) = mpsc::channel::<Pending>(4096);
+                tokio::spawn(write_loop(chain, name, head, rx, every));
+                Writer::Task(tx)
+            }
+        };
         Ok(AuditLog { tx })
     }
 
@@ -646,10 +667,13 @@ impl AuditLog {
     /// durable.
     pub async fn record(&self, entry: AuditEntry) -> Result<u64, AuditError> {
         let (ack, done) = oneshot::channel();
-        self.tx
-            .send((entry, ack))
-            .await
-            .map_err(|_| AuditError::Stopped)?;
+        match &self.tx {
+            Writer::Thread(tx) => tx.send((entry, ack)).map_err(|_| AuditError::Stopped)?,
+            Writer::Task(tx) => tx
+                .send((entry, ack))
+                .await
+                .map_err(|_| AuditError::Stopped)?,
+        }
         match done.await {
             Ok(Ok(seq)) => Ok(seq),
             Ok(Err(message)) => Err(AuditError::Io {
@@ -661,11 +685,6 @@ impl AuditLog {
     }
 }
 
-/// The local segment this process appends to.
-struct Open {
-    file: std::fs::File,
-}
-
 async fn write_loop(
     store: AuditStore,
     chain: String,
@@ -673,7 +692,6 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Pending>,
     every: std::time::Duration,
 ) {
-    let mut open: Option<Open> = None;
     let mut checkpointed = head.seq;
     let mut last_checkpoint = std::time::Instant::now();
     loop {
@@ -700,27 +718,9 @@ async fn write_loop(
             }
         }
         let start = head.seq + 1;
-        let mut seq = head.seq;
-        let mut prev = head.hash.clone();
-        let mut bytes = Vec::with_capacity(group.len() * 512);
-        for (entry, _) in &group {
-            seq += 1;
-            let mut rec = AuditRecord {
-                chain: chain.clone(),
-                seq,
-                entry: entry.clone(),
-                prev_hash: prev.clone(),
-                hash: String::new(),
-            };
-            rec.hash = rec.compute_hash();
-            prev = rec.hash.clone();
-            if let Ok(line) = serde_json::to_vec(&rec) {
-                bytes.extend_from_slice(&line);
-                bytes.push(b'\n');
-            }
-        }
+        let (seq, prev, bytes) = chain_group(&chain, &head, &group);
         let written = match &store.local {
-            Some(dir) => write_local(dir, &mut open, start, bytes).await,
+            Some(_) => Err("local lakes are written by the audit thread".to_owned()),
             None => {
                 let path = store.prefix.clone().join(AuditStore::segment_name(start));
                 let opts = PutOptions {
@@ -751,10 +751,6 @@ async fn write_loop(
             }
             Err(e) => {
                 tracing::error!("audit records {start}..={seq} not written: {e}");
-                // A failed append may have left part of the group: start a
-                // new segment for the next one (verify reports the gap if a
-                // partial line remains).
-                open = None;
                 for (_, ack) in group {
                     let _ = ack.send(Err(e.clone()));
                 }
@@ -763,46 +759,124 @@ async fn write_loop(
     }
 }
 
-/// Appends a group to this process's segment (created at the first group,
-/// named by its first sequence number) and `fdatasync`s it.
-async fn write_local(
-    dir: &std::path::Path,
-    open: &mut Option<Open>,
-    start: u64,
-    bytes: Vec<u8>,
-) -> Result<(), String> {
-    use std::io::Write;
-    if open.is_none() {
-        let dir = dir.to_path_buf();
-        let file = tokio::task::spawn_blocking(move || -> Result<std::fs::File, String> {
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let path = dir.join(AuditStore::segment_name(start));
-            let f = std::fs::OpenOptions::new()
-                .create_new(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            // The new name must survive a crash too.
-            std::fs::File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
-            Ok(f)
-        })
-        .await
-        .map_err(|e| e.to_string())??;
-        *open = Some(Open { file });
+/// Chains a group after `head`: (last seq, last hash, the NDJSON lines).
+fn chain_group(chain: &str, head: &Head, group: &[Pending]) -> (u64, String, Vec<u8>) {
+    let mut seq = head.seq;
+    let mut prev = head.hash.clone();
+    let mut bytes = Vec::with_capacity(group.len() * 1024);
+    for (entry, _) in group {
+        seq += 1;
+        let mut rec = AuditRecord {
+            chain: chain.to_owned(),
+            seq,
+            entry: entry.clone(),
+            prev_hash: prev,
+            hash: String::new(),
+        };
+        rec.hash = rec.compute_hash();
+        if let Ok(line) = serde_json::to_vec(&rec) {
+            bytes.extend_from_slice(&line);
+            bytes.push(b'\n');
+        }
+        prev = rec.hash;
     }
-    let Some(o) = open.as_mut() else {
-        return Err("no open segment".into());
+    (seq, prev, bytes)
+}
+
+/// The local writer thread: appends each group to this process's segment
+/// (created at the first group, named by its first sequence number),
+/// `fdatasync`s it, then acknowledges; keeps the checkpoint current.
+fn local_loop(
+    dir: PathBuf,
+    chain: String,
+    mut head: Head,
+    rx: std::sync::mpsc::Receiver<Pending>,
+    every: std::time::Duration,
+) {
+    use std::io::Write;
+    use std::sync::mpsc::RecvTimeoutError;
+    let mut file: Option<std::fs::File> = None;
+    let mut checkpointed = head.seq;
+    let mut last_checkpoint = std::time::Instant::now();
+    let checkpoint = |head: &Head| -> std::io::Result<()> {
+        let c = Checkpoint {
+            seq: head.seq,
+            hash: head.hash.clone(),
+            time: now_rfc3339(),
+        };
+        let tmp = dir.join("checkpoint.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&c).unwrap_or_default())?;
+        std::fs::rename(&tmp, dir.join("checkpoint.json"))
     };
-    let mut file = o.file.try_clone().map_err(|e| e.to_string())?;
-    tokio::task::spawn_blocking(move || {
-        file.write_all(&bytes)
-            .and_then(|_| file.sync_data())
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())?
+    loop {
+        let first = match rx.recv_timeout(every.max(std::time::Duration::from_millis(10))) {
+            Ok(p) => p,
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                if checkpointed != head.seq {
+                    match checkpoint(&head) {
+                        Ok(()) => checkpointed = head.seq,
+                        Err(e) => tracing::warn!("audit checkpoint not written: {e}"),
+                    }
+                    last_checkpoint = std::time::Instant::now();
+                }
+                continue;
+            }
+        };
+        let mut group = vec![first];
+        while group.len() < 4096 {
+            match rx.try_recv() {
+                Ok(p) => group.push(p),
+                Err(_) => break,
+            }
+        }
+        let start = head.seq + 1;
+        let (seq, prev, bytes) = chain_group(&chain, &head, &group);
+        let written = (|| -> Result<(), String> {
+            if file.is_none() {
+                let path = dir.join(AuditStore::segment_name(start));
+                let f = std::fs::OpenOptions::new()
+                    .create_new(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                // The new name must survive a crash too.
+                std::fs::File::open(&dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| format!("{}: {e}", dir.display()))?;
+                file = Some(f);
+            }
+            let f = file.as_mut().ok_or("no open segment")?;
+            f.write_all(&bytes)
+                .and_then(|_| f.sync_data())
+                .map_err(|e| e.to_string())
+        })();
+        match written {
+            Ok(()) => {
+                head = Head { seq, hash: prev };
+                if last_checkpoint.elapsed() >= every {
+                    match checkpoint(&head) {
+                        Ok(()) => checkpointed = head.seq,
+                        Err(e) => tracing::warn!("audit checkpoint not written: {e}"),
+                    }
+                    last_checkpoint = std::time::Instant::now();
+                }
+                for (i, (_, ack)) in group.into_iter().enumerate() {
+                    let _ = ack.send(Ok(start + i as u64));
+                }
+            }
+            Err(e) => {
+                tracing::error!("audit records {start}..={seq} not written: {e}");
+                // A failed append may have left part of the group: the next
+                // group starts a new segment (a partial line left behind is
+                // reported by verify).
+                file = None;
+                for (_, ack) in group {
+                    let _ = ack.send(Err(e.clone()));
+                }
+            }
+        }
+    }
 }
 
 /// The record as a FHIR R4 AuditEvent (DICOM audit vocabulary, as the

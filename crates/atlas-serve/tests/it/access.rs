@@ -126,15 +126,7 @@ impl World {
     pub(crate) async fn server(&self, policy: &str) -> AppState {
         let file = self.dir.join(format!("policy-{}.toml", rand_suffix()));
         std::fs::write(&file, policy).unwrap();
-        let mut config = ServeConfig::default();
-        config.auth.issuers = vec![IssuerConfig {
-            issuer: ISS.into(),
-            audience: "atlas".into(),
-            jwks_file: Some(keys_dir().join("rsa-jwks.json")),
-            jwks_url: None,
-            jwks_refresh_secs: 900,
-        }];
-        config.policy.file = Some(file);
+        let config = test_config(file, 5);
         AppState::open(
             self.lake.clone(),
             atlas_ontology::Ontology::builtin(),
@@ -163,6 +155,22 @@ impl World {
             .map(|(id, _)| id.clone())
             .collect()
     }
+}
+
+/// A configuration trusting the test RS256 issuer, under the policy file
+/// `file`, checked for changes every `refresh_secs`.
+fn test_config(file: PathBuf, refresh_secs: u64) -> ServeConfig {
+    let mut config = ServeConfig::default();
+    config.auth.issuers = vec![IssuerConfig {
+        issuer: ISS.into(),
+        audience: "atlas".into(),
+        jwks_file: Some(keys_dir().join("rsa-jwks.json")),
+        jwks_url: None,
+        jwks_refresh_secs: 900,
+    }];
+    config.policy.file = Some(file);
+    config.policy.refresh_secs = refresh_secs;
+    config
 }
 
 fn rand_suffix() -> u64 {
@@ -1156,16 +1164,7 @@ async fn policy_file_reloads_and_a_broken_one_keeps_the_last_good() {
     let w = world(4, None).await;
     let file = w.dir.join("reloaded.toml");
     std::fs::write(&file, "[[rule]]\nid = \"everyone\"\neffect = \"allow\"\n").unwrap();
-    let mut config = ServeConfig::default();
-    config.auth.issuers = vec![IssuerConfig {
-        issuer: ISS.into(),
-        audience: "atlas".into(),
-        jwks_file: Some(keys_dir().join("rsa-jwks.json")),
-        jwks_url: None,
-        jwks_refresh_secs: 900,
-    }];
-    config.policy.file = Some(file.clone());
-    config.policy.refresh_secs = 1;
+    let config = test_config(file.clone(), 1);
     let state = AppState::open(w.lake.clone(), atlas_ontology::Ontology::builtin(), config)
         .await
         .unwrap();
@@ -1221,16 +1220,7 @@ async fn patient_sets_follow_the_store() {
         format!("[[rule]]\nid = \"org\"\neffect = \"allow\"\npatients = {{ organization = \"{org}\" }}\n"),
     )
     .unwrap();
-    let mut config = ServeConfig::default();
-    config.auth.issuers = vec![IssuerConfig {
-        issuer: ISS.into(),
-        audience: "atlas".into(),
-        jwks_file: Some(keys_dir().join("rsa-jwks.json")),
-        jwks_url: None,
-        jwks_refresh_secs: 900,
-    }];
-    config.policy.file = Some(file);
-    config.policy.refresh_secs = 1;
+    let config = test_config(file, 1);
     let state = AppState::open(w.lake.clone(), atlas_ontology::Ontology::builtin(), config)
         .await
         .unwrap();
