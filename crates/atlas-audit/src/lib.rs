@@ -36,7 +36,7 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// Where the segments live, relative to the lake root.
 pub const AUDIT_DIR: &str = "audit/log";
@@ -552,17 +552,11 @@ async fn chain_end(chain: &AuditStore) -> Result<(u64, String), AuditError> {
     Ok((0, String::new()))
 }
 
-/// The writer: chains entries and writes them before acknowledging.
+/// The writer: chains entries and writes them before acknowledging. The
+/// writing happens on a thread of its own (on a local lake the appends and
+/// `fdatasync`s then cost no hop through tokio's blocking pool).
 pub struct AuditLog {
-    tx: Writer,
-}
-
-/// Where entries go: a thread of its own for a local lake (appends and
-/// `fdatasync` without a hop through tokio's blocking pool), a task for an
-/// object store.
-enum Writer {
-    Thread(std::sync::mpsc::Sender<Pending>),
-    Task(mpsc::Sender<Pending>),
+    tx: std::sync::mpsc::Sender<Pending>,
 }
 
 /// The chain's end.
@@ -645,21 +639,18 @@ impl AuditLog {
             seq: 0,
             hash: genesis_of(&bytes),
         };
-        let tx = match chain.local.clone() {
-            Some(dir) => {
-                let (tx, rx) = std::sync::mpsc::channel::<Pending>();
-                std::thread::Builder::new()
-                    .name("atlas-audit".into())
-                    .spawn(move || local_loop(dir, name, head, rx, every))
-                    .map_err(|e| io_err(AUDIT_DIR, e))?;
-                Writer::Thread(tx)
-            }
-            None => {
-                let (tx, rx) = mpsc::channel::<Pending>(4096);
-                tokio::spawn(write_loop(chain, name, head, rx, every));
-                Writer::Task(tx)
-            }
+        let sink = match chain.local.clone() {
+            Some(dir) => Sink::Local { dir, file: None },
+            None => Sink::Objects {
+                chain,
+                runtime: tokio::runtime::Handle::current(),
+            },
         };
+        let (tx, rx) = std::sync::mpsc::channel::<Pending>();
+        std::thread::Builder::new()
+            .name("atlas-audit".into())
+            .spawn(move || write_loop(sink, name, head, rx, every))
+            .map_err(|e| io_err(AUDIT_DIR, e))?;
         Ok(AuditLog { tx })
     }
 
@@ -667,13 +658,9 @@ impl AuditLog {
     /// durable.
     pub async fn record(&self, entry: AuditEntry) -> Result<u64, AuditError> {
         let (ack, done) = oneshot::channel();
-        match &self.tx {
-            Writer::Thread(tx) => tx.send((entry, ack)).map_err(|_| AuditError::Stopped)?,
-            Writer::Task(tx) => tx
-                .send((entry, ack))
-                .await
-                .map_err(|_| AuditError::Stopped)?,
-        }
+        self.tx
+            .send((entry, ack))
+            .map_err(|_| AuditError::Stopped)?;
         match done.await {
             Ok(Ok(seq)) => Ok(seq),
             Ok(Err(message)) => Err(AuditError::Io {
@@ -681,80 +668,6 @@ impl AuditLog {
                 message,
             }),
             Err(_) => Err(AuditError::Stopped),
-        }
-    }
-}
-
-async fn write_loop(
-    store: AuditStore,
-    chain: String,
-    mut head: Head,
-    mut rx: mpsc::Receiver<Pending>,
-    every: std::time::Duration,
-) {
-    let mut checkpointed = head.seq;
-    let mut last_checkpoint = std::time::Instant::now();
-    loop {
-        let first = match tokio::time::timeout(every, rx.recv()).await {
-            Ok(Some(p)) => p,
-            Ok(None) => break,
-            Err(_) => {
-                // Idle: bring the checkpoint up to the chain's end.
-                if checkpointed != head.seq {
-                    match store.write_checkpoint(&head).await {
-                        Ok(()) => checkpointed = head.seq,
-                        Err(e) => tracing::warn!("audit checkpoint not written: {e}"),
-                    }
-                    last_checkpoint = std::time::Instant::now();
-                }
-                continue;
-            }
-        };
-        let mut group = vec![first];
-        while group.len() < 4096 {
-            match rx.try_recv() {
-                Ok(p) => group.push(p),
-                Err(_) => break,
-            }
-        }
-        let start = head.seq + 1;
-        let (seq, prev, bytes) = chain_group(&chain, &head, &group);
-        let written = match &store.local {
-            Some(_) => Err("local lakes are written by the audit thread".to_owned()),
-            None => {
-                let path = store.prefix.clone().join(AuditStore::segment_name(start));
-                let opts = PutOptions {
-                    mode: PutMode::Create,
-                    ..Default::default()
-                };
-                store
-                    .store
-                    .put_opts(&path, PutPayload::from(bytes), opts)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }
-        };
-        match written {
-            Ok(()) => {
-                head = Head { seq, hash: prev };
-                if last_checkpoint.elapsed() >= every {
-                    match store.write_checkpoint(&head).await {
-                        Ok(()) => checkpointed = head.seq,
-                        Err(e) => tracing::warn!("audit checkpoint not written: {e}"),
-                    }
-                    last_checkpoint = std::time::Instant::now();
-                }
-                for (i, (_, ack)) in group.into_iter().enumerate() {
-                    let _ = ack.send(Ok(start + i as u64));
-                }
-            }
-            Err(e) => {
-                tracing::error!("audit records {start}..={seq} not written: {e}");
-                for (_, ack) in group {
-                    let _ = ack.send(Err(e.clone()));
-                }
-            }
         }
     }
 }
@@ -783,41 +696,109 @@ fn chain_group(chain: &str, head: &Head, group: &[Pending]) -> (u64, String, Vec
     (seq, prev, bytes)
 }
 
-/// The local writer thread: appends each group to this process's segment
-/// (created at the first group, named by its first sequence number),
-/// `fdatasync`s it, then acknowledges; keeps the checkpoint current.
-fn local_loop(
-    dir: PathBuf,
+/// Where a chain's groups and checkpoints are written.
+enum Sink {
+    /// A local lake: this process's segment, appended and `fdatasync`ed.
+    Local {
+        dir: PathBuf,
+        file: Option<std::fs::File>,
+    },
+    /// An object store: one object per group.
+    Objects {
+        chain: AuditStore,
+        runtime: tokio::runtime::Handle,
+    },
+}
+
+impl Sink {
+    /// Writes a group durably; `start` is its first sequence number.
+    fn append(&mut self, start: u64, bytes: Vec<u8>) -> Result<(), String> {
+        use std::io::Write;
+        match self {
+            Sink::Local { dir, file } => {
+                if file.is_none() {
+                    let path = dir.join(AuditStore::segment_name(start));
+                    let f = std::fs::OpenOptions::new()
+                        .create_new(true)
+                        .append(true)
+                        .open(&path)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    // The new name must survive a crash too.
+                    std::fs::File::open(&*dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| format!("{}: {e}", dir.display()))?;
+                    *file = Some(f);
+                }
+                let f = file.as_mut().ok_or("no open segment")?;
+                let r = f
+                    .write_all(&bytes)
+                    .and_then(|_| f.sync_data())
+                    .map_err(|e| e.to_string());
+                if r.is_err() {
+                    // A failed append may have left part of the group: the
+                    // next group starts a new segment (a partial line left
+                    // behind is reported by verify).
+                    *file = None;
+                }
+                r
+            }
+            Sink::Objects { chain, runtime } => {
+                let path = chain.prefix.clone().join(AuditStore::segment_name(start));
+                let opts = PutOptions {
+                    mode: PutMode::Create,
+                    ..Default::default()
+                };
+                runtime
+                    .block_on(chain.store.put_opts(&path, PutPayload::from(bytes), opts))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    fn checkpoint(&mut self, head: &Head) -> Result<(), String> {
+        match self {
+            Sink::Local { dir, .. } => {
+                let c = Checkpoint {
+                    seq: head.seq,
+                    hash: head.hash.clone(),
+                    time: now_rfc3339(),
+                };
+                let tmp = dir.join("checkpoint.json.tmp");
+                std::fs::write(&tmp, serde_json::to_vec(&c).map_err(|e| e.to_string())?)
+                    .and_then(|_| std::fs::rename(&tmp, dir.join("checkpoint.json")))
+                    .map_err(|e| e.to_string())
+            }
+            Sink::Objects { chain, runtime } => runtime.block_on(chain.write_checkpoint(head)),
+        }
+    }
+}
+
+/// The writer thread: takes every entry waiting, chains them as a group,
+/// writes the group, then acknowledges; keeps the checkpoint current (after
+/// a group when `every` has passed, and when idle for `every`).
+fn write_loop(
+    mut sink: Sink,
     chain: String,
     mut head: Head,
     rx: std::sync::mpsc::Receiver<Pending>,
     every: std::time::Duration,
 ) {
-    use std::io::Write;
     use std::sync::mpsc::RecvTimeoutError;
-    let mut file: Option<std::fs::File> = None;
     let mut checkpointed = head.seq;
     let mut last_checkpoint = std::time::Instant::now();
-    let checkpoint = |head: &Head| -> std::io::Result<()> {
-        let c = Checkpoint {
-            seq: head.seq,
-            hash: head.hash.clone(),
-            time: now_rfc3339(),
+    let checkpoint =
+        |sink: &mut Sink, head: &Head, checkpointed: &mut u64| match sink.checkpoint(head) {
+            Ok(()) => *checkpointed = head.seq,
+            Err(e) => tracing::warn!("audit checkpoint not written: {e}"),
         };
-        let tmp = dir.join("checkpoint.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&c).unwrap_or_default())?;
-        std::fs::rename(&tmp, dir.join("checkpoint.json"))
-    };
     loop {
         let first = match rx.recv_timeout(every.max(std::time::Duration::from_millis(10))) {
             Ok(p) => p,
             Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {
                 if checkpointed != head.seq {
-                    match checkpoint(&head) {
-                        Ok(()) => checkpointed = head.seq,
-                        Err(e) => tracing::warn!("audit checkpoint not written: {e}"),
-                    }
+                    checkpoint(&mut sink, &head, &mut checkpointed);
                     last_checkpoint = std::time::Instant::now();
                 }
                 continue;
@@ -832,33 +813,11 @@ fn local_loop(
         }
         let start = head.seq + 1;
         let (seq, prev, bytes) = chain_group(&chain, &head, &group);
-        let written = (|| -> Result<(), String> {
-            if file.is_none() {
-                let path = dir.join(AuditStore::segment_name(start));
-                let f = std::fs::OpenOptions::new()
-                    .create_new(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-                // The new name must survive a crash too.
-                std::fs::File::open(&dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| format!("{}: {e}", dir.display()))?;
-                file = Some(f);
-            }
-            let f = file.as_mut().ok_or("no open segment")?;
-            f.write_all(&bytes)
-                .and_then(|_| f.sync_data())
-                .map_err(|e| e.to_string())
-        })();
-        match written {
+        match sink.append(start, bytes) {
             Ok(()) => {
                 head = Head { seq, hash: prev };
                 if last_checkpoint.elapsed() >= every {
-                    match checkpoint(&head) {
-                        Ok(()) => checkpointed = head.seq,
-                        Err(e) => tracing::warn!("audit checkpoint not written: {e}"),
-                    }
+                    checkpoint(&mut sink, &head, &mut checkpointed);
                     last_checkpoint = std::time::Instant::now();
                 }
                 for (i, (_, ack)) in group.into_iter().enumerate() {
@@ -867,15 +826,14 @@ fn local_loop(
             }
             Err(e) => {
                 tracing::error!("audit records {start}..={seq} not written: {e}");
-                // A failed append may have left part of the group: the next
-                // group starts a new segment (a partial line left behind is
-                // reported by verify).
-                file = None;
                 for (_, ack) in group {
                     let _ = ack.send(Err(e.clone()));
                 }
             }
         }
+    }
+    if checkpointed != head.seq {
+        checkpoint(&mut sink, &head, &mut checkpointed);
     }
 }
 
