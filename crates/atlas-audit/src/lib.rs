@@ -74,6 +74,12 @@ pub struct AuditEntry {
     /// Rows (objects, resources, view rows) in the answer; `None` for a
     /// stream, whose size is not known when its record is written.
     pub rows: Option<u64>,
+    /// The patients whose rows the answer holds, when there are at most 20
+    /// (else only `patient_count`).
+    pub patients: Vec<String>,
+    /// How many distinct patients the answer holds; `None` when not known
+    /// (streams, aggregates, more than 100,000).
+    pub patient_count: Option<u64>,
     /// Element paths hidden from the answer by policy (`Patient.telecom`).
     pub fields_removed: Vec<String>,
     /// Microseconds from the request's arrival to its record (an integer:
@@ -890,6 +896,20 @@ pub fn audit_event(r: &AuditRecord) -> serde_json::Value {
             ],
         }],
     });
+    if let Some(list) = event["entity"].as_array_mut() {
+        for p in &e.patients {
+            list.push(json!({
+                "what": {"reference": format!("Patient/{p}")},
+                "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1"},
+                "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"},
+            }));
+        }
+    }
+    if let Some(d) = event["entity"][0]["detail"].as_array_mut()
+        && let Some(n) = e.patient_count
+    {
+        d.push(json!({"type": "patient_count", "valueString": n.to_string()}));
+    }
     if !e.fields_removed.is_empty()
         && let Some(d) = event["entity"][0]["detail"].as_array_mut()
     {

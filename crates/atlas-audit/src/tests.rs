@@ -23,6 +23,8 @@ fn entry(i: usize) -> AuditEntry {
         rules: vec!["everyone".into()],
         resource_types: vec!["Observation".into()],
         rows: Some(1),
+        patients: vec![],
+        patient_count: Some(1),
         fields_removed: vec![],
         duration_us: 250 + i as u64,
     }
@@ -280,6 +282,8 @@ fn audit_events_carry_who_why_what_and_the_chain() {
     let mut e = entry(2);
     e.fields_removed = vec!["Patient.telecom".into()];
     e.query = "code=8867-4".into();
+    e.patients = vec!["p1".into()];
+    e.patient_count = Some(1);
     let mut r = AuditRecord {
         chain: "00000000000000000001-ab".into(),
         seq: 7,
@@ -298,6 +302,7 @@ fn audit_events_carry_who_why_what_and_the_chain() {
     );
     assert_eq!(ev["entity"][0]["query"], base64_encode(b"code=8867-4"));
     assert_eq!(base64_encode(b"code=8867-4"), "Y29kZT04ODY3LTQ=");
+    assert_eq!(ev["entity"][1]["what"]["reference"], "Patient/p1");
     let details = ev["entity"][0]["detail"].to_string();
     assert!(
         details.contains("Patient.telecom") && details.contains(&r.hash),

@@ -66,6 +66,44 @@ pub struct Facts {
     pub denied: bool,
     pub fields_removed: BTreeSet<String>,
     pub rows: u64,
+    /// The patients whose rows the answer holds (up to `MAX_PATIENTS`).
+    pub patients: BTreeSet<String>,
+    /// More distinct patients than `MAX_PATIENTS` were answered.
+    pub patients_overflow: bool,
+}
+
+/// Distinct patients remembered per request; beyond, the record says "at
+/// least this many".
+const MAX_PATIENTS: usize = 100_000;
+
+/// Patient ids listed in a record; above this only the count is written.
+const LISTED_PATIENTS: usize = 20;
+
+/// A patient whose row is in the answer.
+pub fn note_patient(p: &str) {
+    note(|f| {
+        if f.patients.len() < MAX_PATIENTS {
+            if !f.patients.contains(p) {
+                f.patients.insert(p.to_owned());
+            }
+        } else if !f.patients.contains(p) {
+            f.patients_overflow = true;
+        }
+    });
+}
+
+/// The current request's facts, to carry into work it spawns (GraphQL's
+/// batched link loads run in tasks of their own).
+pub fn current() -> Option<Arc<Mutex<Facts>>> {
+    FACTS.try_with(|f| f.clone()).ok()
+}
+
+/// Runs `fut` with `facts` as the current request's facts.
+pub async fn scoped<F: std::future::Future>(facts: Option<Arc<Mutex<Facts>>>, fut: F) -> F::Output {
+    match facts {
+        Some(f) => FACTS.scope(f, fut).await,
+        None => fut.await,
+    }
 }
 
 tokio::task_local! {
@@ -189,6 +227,12 @@ pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> R
         rules: f.rules.into_iter().collect(),
         resource_types: f.resource_types.into_iter().collect(),
         rows: (!streamed).then_some(f.rows),
+        patients: if f.patients.len() <= LISTED_PATIENTS {
+            f.patients.iter().cloned().collect()
+        } else {
+            Vec::new()
+        },
+        patient_count: (!streamed && !f.patients_overflow).then_some(f.patients.len() as u64),
         fields_removed: f.fields_removed.into_iter().collect(),
         duration_us: started.elapsed().as_micros() as u64,
     };

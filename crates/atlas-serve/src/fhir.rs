@@ -797,7 +797,12 @@ async fn run_search(
         })?;
         paged = paged.filter(after).map_err(internal)?;
     }
-    let mut cols: Vec<Expr> = vec![column("resource_type"), column("id"), column("resource")];
+    let mut cols: Vec<Expr> = vec![
+        column("resource_type"),
+        column("id"),
+        column("resource"),
+        column("patient_id"),
+    ];
     for k in &keys {
         if !["resource_type", "id"].contains(&k.0.as_str()) {
             cols.push(column(&k.0));
@@ -819,10 +824,14 @@ async fn run_search(
         let ty = &utf8(b.column(0))?;
         let id = &utf8(b.column(1))?;
         let res = &utf8(b.column(2))?;
+        let patients = &utf8(b.column(3))?;
         for row in 0..b.num_rows() {
             if n == s.count {
                 more = true;
                 break 'outer;
+            }
+            if let Some(p) = text(patients, row) {
+                crate::audit::note_patient(p);
             }
             let (Some(t), Some(i), Some(r)) = (text(ty, row), text(id, row), text(res, row)) else {
                 continue;
@@ -1077,6 +1086,7 @@ async fn read(
             column("resource"),
             column("deleted"),
             column("version_id"),
+            column("patient_id"),
         ])
         .and_then(|b| b.limit(0, Some(1)))
         .and_then(|b| b.build())
@@ -1108,6 +1118,9 @@ async fn read(
         return Err(not_found().into());
     };
     state.metrics.rows("fhirRead", 1);
+    if let Some(p) = text(&utf8(b.column(3))?, 0) {
+        crate::audit::note_patient(p);
+    }
     let mut redactor = Redactor::default();
     redactor.add(&resource_type, &grant);
     let mut r = fhir_json(redactor.apply(&resource_type, body).as_bytes().to_vec());

@@ -77,6 +77,9 @@ struct RequestCtx {
     state: AppState,
     who: Principal,
     rows: AtomicUsize,
+    /// The request's audit facts, for link loads that run in tasks of
+    /// their own.
+    audit: Option<Arc<std::sync::Mutex<crate::audit::Facts>>>,
 }
 
 impl RequestCtx {
@@ -618,7 +621,11 @@ impl Loader<LinkKey> for LinkLoader {
             let side = ks[0].side.clone();
             let args = ks[0].args.clone();
             let parents: Vec<String> = ks.iter().map(|k| k.parent.clone()).collect();
-            let mut by_parent = self.load_group(&side, &args, &parents).await?;
+            let mut by_parent = crate::audit::scoped(
+                self.ctx.audit.clone(),
+                self.load_group(&side, &args, &parents),
+            )
+            .await?;
             for k in ks {
                 let v = by_parent.remove(&k.parent).unwrap_or_default();
                 out.insert(k.clone(), Arc::new(v));
@@ -695,7 +702,17 @@ impl LinkLoader {
             let Some(keycol) = batch.column_by_name(&target_col) else {
                 continue;
             };
+            let pcol = t
+                .patient_property
+                .as_deref()
+                .and_then(|p| t.property(p))
+                .and_then(|p| batch.column_by_name(&p.column))
+                .map(crate::fhir::utf8)
+                .transpose()?;
             for row in 0..batch.num_rows() {
+                if let Some(p) = pcol.as_ref().and_then(|c| crate::fhir::text(c, row)) {
+                    crate::audit::note_patient(p);
+                }
                 let mut k = Vec::new();
                 crate::query::write_value(&mut k, keycol.as_ref(), row);
                 let key = match serde_json::from_slice::<Json>(&k) {
@@ -753,6 +770,7 @@ pub(crate) async fn handler(
         state: state.clone(),
         who,
         rows: AtomicUsize::new(0),
+        audit: crate::audit::current(),
     });
     let loader = DataLoader::new(LinkLoader { ctx: rc.clone() }, tokio::spawn);
     let resp = state.graphql.execute(req.data(rc).data(loader)).await;

@@ -842,7 +842,17 @@ pub(crate) async fn run(
     let props = planner.output_properties(t, q.select.as_deref())?;
     let mut cols: Vec<String> = props.iter().map(|p| p.column.clone()).collect();
     let title = planner.title_column(t)?.to_owned();
-    for extra in keys.iter().map(|k| &k.0).chain([&pk, &title]) {
+    // The patient key comes along for the audit record's patients.
+    let pcol = match t.patient_property.as_deref() {
+        Some(p) => Some(planner.key_column(t, p)?.to_owned()),
+        None => None,
+    };
+    for extra in keys
+        .iter()
+        .map(|k| &k.0)
+        .chain([&pk, &title])
+        .chain(pcol.as_ref())
+    {
         if !cols.contains(extra) {
             cols.push(extra.clone());
         }
@@ -906,10 +916,18 @@ pub(crate) async fn run(
     let mut more = false;
     'batches: for b in &batches {
         let writer = ObjectWriter::new(t, &props, &b.schema(), &pk, &title);
+        let patients = pcol
+            .as_deref()
+            .and_then(|c| b.column_by_name(c))
+            .map(crate::fhir::utf8)
+            .transpose()?;
         for row in 0..b.num_rows() {
             if rows == page.size {
                 more = true;
                 break 'batches;
+            }
+            if let Some(p) = patients.as_ref().and_then(|c| crate::fhir::text(c, row)) {
+                crate::audit::note_patient(p);
             }
             if rows > 0 {
                 out.push(b',');

@@ -1325,6 +1325,17 @@ async fn every_request_is_audited_in_a_verifiable_chain() {
     }
     let (s, _) = call(&state, "GET", "/fhir/Patient", "not-a-token", None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // GraphQL links load in tasks of their own; their decisions still count.
+    let (s, r) = call_json(
+        &state,
+        "POST",
+        "/graphql",
+        &token,
+        Some("TREAT"),
+        Some(&json!({"query": "{ PatientAll(first: 10) { nodes { id conditions { id } } } }"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
 
     let local = w.dir.join("lake");
     let store = atlas_audit::AuditStore::new(
@@ -1333,7 +1344,7 @@ async fn every_request_is_audited_in_a_verifiable_chain() {
         Some(local.clone()),
     );
     let recs = atlas_audit::records(&store).await.unwrap();
-    assert_eq!(recs.len(), requests.len() + 1, "{recs:#?}");
+    assert_eq!(recs.len(), requests.len() + 2, "{recs:#?}");
     let by_path = |i: usize| &recs[i].entry;
     let read = by_path(0);
     assert_eq!(read.subject.as_deref(), Some("auditee"));
@@ -1348,6 +1359,10 @@ async fn every_request_is_audited_in_a_verifiable_chain() {
         "{read:?}"
     );
     assert_eq!(read.fields_removed, ["Patient.name"]);
+    assert_eq!(
+        (read.patients.clone(), read.patient_count),
+        (vec![p.clone()], Some(1))
+    );
     assert_eq!(read.resource_types, ["Patient"]);
     assert_eq!(by_path(1).decision, "invalid");
     assert_eq!(
@@ -1360,12 +1375,25 @@ async fn every_request_is_audited_in_a_verifiable_chain() {
     );
     let load = by_path(4);
     assert_eq!(load.rows, Some(w.patients.len() as u64));
+    let mut all: Vec<String> = w.patients.keys().cloned().collect();
+    all.sort();
+    assert_eq!(
+        (load.patients.clone(), load.patient_count),
+        (all, Some(w.patients.len() as u64))
+    );
+    assert_eq!(
+        (by_path(2).patients.len(), by_path(2).patient_count),
+        (0, Some(0))
+    );
     assert!(load.query.starts_with("body=sha256:"), "{}", load.query);
     assert_eq!(by_path(5).rows, None, "streams record no row count");
     assert_eq!(
         (by_path(6).decision.as_str(), by_path(6).subject.clone()),
         ("unauthenticated", None)
     );
+    let gql = by_path(7);
+    assert_eq!(gql.resource_types, ["Condition", "Patient"], "{gql:?}");
+    assert_eq!(gql.patient_count, Some(w.patients.len() as u64), "{gql:?}");
     // Equal requests share a query hash; different ones do not.
     assert_ne!(recs[0].entry.query_hash, recs[3].entry.query_hash);
     let report = atlas_audit::verify(&store).await.unwrap().unwrap();
