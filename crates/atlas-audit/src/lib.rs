@@ -41,9 +41,6 @@ use tokio::sync::oneshot;
 /// Where the segments live, relative to the lake root.
 pub const AUDIT_DIR: &str = "audit/log";
 
-/// The hash before the first record.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
 /// What happened in one request.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -251,10 +248,6 @@ impl AuditStore {
         list.retain(|p| p.filename().is_some_and(|f| f.ends_with(".ndjson")));
         list.sort();
         Ok(list)
-    }
-
-    async fn store_read(&self, p: &ObjPath) -> Result<String, AuditError> {
-        self.read(p).await
     }
 
     async fn read(&self, p: &ObjPath) -> Result<String, AuditError> {
@@ -526,7 +519,7 @@ pub async fn records(root: &AuditStore) -> Result<Vec<AuditRecord>, AuditError> 
     for name in root.chains().await? {
         let chain = root.chain(&name);
         for seg in chain.segments().await? {
-            let text = chain.store_read(&seg).await?;
+            let text = chain.read(&seg).await?;
             for line in text.lines() {
                 match serde_json::from_str(line) {
                     Ok(r) => out.push(r),

@@ -288,7 +288,7 @@ fn audit_events_carry_who_why_what_and_the_chain() {
         chain: "00000000000000000001-ab".into(),
         seq: 7,
         entry: e,
-        prev_hash: GENESIS.into(),
+        prev_hash: "0".repeat(64),
         hash: String::new(),
     };
     r.hash = r.compute_hash();

@@ -483,8 +483,7 @@ impl PolicyEngine {
         let mut denied_patients = std::collections::BTreeSet::new();
         let mut allowed: Option<std::collections::BTreeSet<String>> = Some(Default::default());
         let mut any_allow = false;
-        for m in &matched {
-            let r = m.rule;
+        for r in matched {
             let resolved = match &r.patients {
                 None => None,
                 Some(set) => match directory.resolve(&set.for_principal(who)) {

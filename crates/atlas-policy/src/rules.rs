@@ -338,11 +338,6 @@ pub struct RuleTrace {
     pub note: String,
 }
 
-/// What a rule match needs to know about the rule and principal.
-pub(crate) struct Matched<'a> {
-    pub rule: &'a Rule,
-}
-
 impl Policy {
     /// The rules that apply to `who` doing `action` on `resource_type`;
     /// with `trace`, a note for every rule.
@@ -353,7 +348,7 @@ impl Policy {
         action: Action,
         trace: &mut Option<Vec<RuleTrace>>,
         purpose_missing: &mut Vec<&'a Rule>,
-    ) -> Vec<Matched<'a>> {
+    ) -> Vec<&'a Rule> {
         let roles = self.roles_of(who);
         let mut out = Vec::new();
         for r in &self.rules {
@@ -398,7 +393,7 @@ impl Policy {
                 });
             }
             if why_not.is_none() {
-                out.push(Matched { rule: r });
+                out.push(r);
             }
         }
         out

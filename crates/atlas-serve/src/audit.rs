@@ -164,10 +164,17 @@ pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> R
     let method = req.method().to_string();
     let mut query = normal_query(req.uri().query());
     let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, state.config.audit.max_body_bytes).await {
-        Ok(b) => b,
+    let facts = Arc::new(Mutex::new(Facts::default()));
+    // A body too large to hash is refused, and the refusal is recorded
+    // like any other answer.
+    let response = match axum::body::to_bytes(body, state.config.audit.max_body_bytes).await {
         Err(_) => {
-            return ApiError::new(
+            query.push_str(if query.is_empty() {
+                "body=too-large"
+            } else {
+                "&body=too-large"
+            });
+            ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "RequestTooLarge",
                 "body",
@@ -177,23 +184,24 @@ pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> R
                     state.config.audit.max_body_bytes
                 ),
             )
-            .into_response();
+            .into_response()
+        }
+        Ok(bytes) => {
+            if !bytes.is_empty() {
+                let digest = hex::encode(Sha256::digest(&bytes));
+                if !query.is_empty() {
+                    query.push('&');
+                }
+                query.push_str("body=sha256:");
+                query.push_str(&digest);
+            }
+            let req = Request::from_parts(parts, axum::body::Body::from(bytes));
+            FACTS.scope(facts.clone(), next.run(req)).await
         }
     };
-    if !bytes.is_empty() {
-        let digest = hex::encode(Sha256::digest(&bytes));
-        if !query.is_empty() {
-            query.push('&');
-        }
-        query.push_str("body=sha256:");
-        query.push_str(&digest);
-    }
     let query_hash = hex::encode(Sha256::digest(
         format!("{method} {path}?{query}").as_bytes(),
     ));
-    let req = Request::from_parts(parts, axum::body::Body::from(bytes));
-    let facts = Arc::new(Mutex::new(Facts::default()));
-    let response = FACTS.scope(facts.clone(), next.run(req)).await;
     let status = response.status().as_u16();
     let streamed = response
         .headers()

@@ -97,18 +97,6 @@ impl PolicyHandle {
         })
     }
 
-    /// A policy fixed for tests and `atlas policy check`.
-    pub fn fixed(policy: Policy, directory: LakeDirectory) -> PolicyHandle {
-        PolicyHandle {
-            current: RwLock::new(Arc::new(Snapshot {
-                engine: PolicyEngine::new(policy),
-                directory,
-            })),
-            file: None,
-            modified: RwLock::new(None),
-        }
-    }
-
     pub fn current(&self) -> Arc<Snapshot> {
         match self.current.read() {
             Ok(g) => g.clone(),

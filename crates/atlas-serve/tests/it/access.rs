@@ -1336,6 +1336,11 @@ async fn every_request_is_audited_in_a_verifiable_chain() {
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{r}");
+    // A body too large to hash is refused, and still recorded.
+    let huge =
+        json!({"objectSet": {"type": "base", "objectType": "Patient"}, "pad": "x".repeat(5 << 20)});
+    let (s, e) = call_json(&state, "POST", LOAD, &token, Some("TREAT"), Some(&huge)).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{e}");
 
     let local = w.dir.join("lake");
     let store = atlas_audit::AuditStore::new(
@@ -1344,7 +1349,7 @@ async fn every_request_is_audited_in_a_verifiable_chain() {
         Some(local.clone()),
     );
     let recs = atlas_audit::records(&store).await.unwrap();
-    assert_eq!(recs.len(), requests.len() + 2, "{recs:#?}");
+    assert_eq!(recs.len(), requests.len() + 3, "{recs:#?}");
     let by_path = |i: usize| &recs[i].entry;
     let read = by_path(0);
     assert_eq!(read.subject.as_deref(), Some("auditee"));
@@ -1394,6 +1399,12 @@ async fn every_request_is_audited_in_a_verifiable_chain() {
     let gql = by_path(7);
     assert_eq!(gql.resource_types, ["Condition", "Patient"], "{gql:?}");
     assert_eq!(gql.patient_count, Some(w.patients.len() as u64), "{gql:?}");
+    let refused = by_path(8);
+    assert_eq!(
+        (refused.status, refused.decision.as_str()),
+        (413, "invalid")
+    );
+    assert_eq!(refused.query, "body=too-large");
     // Equal requests share a query hash; different ones do not.
     assert_ne!(recs[0].entry.query_hash, recs[3].entry.query_hash);
     let report = atlas_audit::verify(&store).await.unwrap().unwrap();
