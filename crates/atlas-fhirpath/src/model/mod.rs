@@ -236,7 +236,8 @@ impl Model {
         None
     }
 
-    fn element_name(&self, key: &str, name: &str) -> Option<&'static str> {
+    /// The interned name of element `name` of type `key` (looking through base types).
+    pub fn element_name(&self, key: &str, name: &str) -> Option<&'static str> {
         let mut cur = Some(key);
         let mut guard = 0;
         while let Some(k) = cur {
