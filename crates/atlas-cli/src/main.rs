@@ -6,6 +6,7 @@
 //! code paths a user does.
 
 mod audit;
+mod deid;
 mod flatten;
 mod policy;
 mod progress;
@@ -63,6 +64,9 @@ enum Command {
 Every line ends up stored, unchanged, superseded, quarantined or skipped, and the run prints
 that these add up. Running the same inputs again changes nothing.")]
     Ingest(IngestArgs),
+    /// De-identify FHIR inputs into per-type NDJSON with a Microsoft FHIR
+    /// anonymizer configuration or the built-in safe-harbor-minimal profile.
+    Deid(deid::DeidArgs),
     /// Show what the lake holds: resources per type, quarantine reasons, batches.
     #[command(after_help = "Examples:
   atlas stats
@@ -272,6 +276,13 @@ struct IngestArgs {
     /// Print the batch manifest as JSON.
     #[arg(long)]
     json: bool,
+    /// De-identify before anything is landed or stored, with a built-in profile
+    /// (safe-harbor-minimal) or a Microsoft FHIR anonymizer configuration file:
+    /// the lake (a de-identified zone) never holds the identified bytes.
+    #[arg(long, value_name = "PROFILE|CONFIG")]
+    deid: Option<String>,
+    #[command(flatten)]
+    deid_source: deid::DeidSource,
 }
 
 #[derive(Args)]
@@ -399,6 +410,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Deid(args) => deid::run(args, show),
         Command::Stats { json } => {
             let lake = open_lake(&cli.lake)?;
             let s = stats(&lake).await?;
@@ -629,7 +641,39 @@ fn open_lake(location: &str) -> Result<Lake> {
 
 async fn run_ingest(lake: &Lake, args: &IngestArgs, show: bool) -> Result<atlas_lake::BatchReport> {
     let started = Instant::now();
-    let set = collect_inputs(&args.paths, &mut std::io::stdin().lock())?;
+    // With --deid the inputs are de-identified into a private staging folder
+    // first, and only that output is landed and stored.
+    let staging = match &args.deid {
+        Some(spec) => {
+            let engine = atlas_deid::Deidentifier::new(deid::load(spec, &args.deid_source)?);
+            let dir =
+                tempfile::tempdir().context("creating the de-identification staging folder")?;
+            let out = dir.path().join("deid");
+            deid::run_stream(&engine, &args.paths, &out, false, show)?;
+            Some((dir, out))
+        }
+        None => None,
+    };
+    let paths: Vec<String> = match &staging {
+        Some((_, out)) => {
+            let mut files: Vec<String> = std::fs::read_dir(out)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    name.ends_with(".ndjson")
+                        && !matches!(name, "quarantine.ndjson" | "changes.ndjson")
+                })
+                .map(|p| p.display().to_string())
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                bail!("de-identification wrote no resources; nothing to ingest");
+            }
+            files
+        }
+        None => args.paths.clone(),
+    };
+    let set = collect_inputs(&paths, &mut std::io::stdin().lock())?;
     let opts = IngestOptions {
         source: args.source.clone(),
         read: ReadOptions {
@@ -825,6 +869,8 @@ async fn demo(lake_location: &str, patients: usize, seed: u64, show: bool) -> Re
         max_line_bytes: 64 << 20,
         chunk_mb: 48,
         json: false,
+        deid: None,
+        deid_source: deid::DeidSource::default(),
     };
     run_ingest(&lake, &args, show).await?;
     eprintln!("3/4 what the lake holds now:\n");

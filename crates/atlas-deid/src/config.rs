@@ -194,7 +194,8 @@ impl DeidConfig {
                 .ok_or_else(|| err(format!("fhirPathRules[{i}] must be an object")))?;
             rules.push(parse_rule(i, o)?);
         }
-        if !parameters.encrypt_key.is_empty() && !matches!(parameters.encrypt_key.len(), 16 | 24 | 32)
+        if !parameters.encrypt_key.is_empty()
+            && !matches!(parameters.encrypt_key.len(), 16 | 24 | 32)
         {
             return Err(err(format!(
                 "encryptKey is {} bits; AES needs 128, 192 or 256 bits (16, 24 or 32 bytes)",

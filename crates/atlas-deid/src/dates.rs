@@ -94,8 +94,7 @@ pub(crate) fn over_89(p: &DateParts<'_>, today: NaiveDate) -> bool {
     };
     let month = p.month.unwrap_or(1);
     let day = p.day.unwrap_or(1);
-    let before_birthday =
-        (today.month() < month) || (today.month() == month && today.day() < day);
+    let before_birthday = (today.month() < month) || (today.month() == month && today.day() < day);
     let age = today.year() - year - i32::from(before_birthday);
     age > 89
 }
@@ -133,7 +132,11 @@ pub(crate) fn shift(p: &DateParts<'_>, days: i64) -> Option<String> {
             .find(|(_, c)| matches!(c, 'Z' | '+' | '-'))
             .map_or(time.len(), |(i, _)| i);
         out.push('T');
-        out.extend(time[1..zone_at].chars().map(|c| if c.is_ascii_digit() { '0' } else { c }));
+        out.extend(
+            time[1..zone_at]
+                .chars()
+                .map(|c| if c.is_ascii_digit() { '0' } else { c }),
+        );
         out.push_str(&time[zone_at..]);
     }
     Some(out)

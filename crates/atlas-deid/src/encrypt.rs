@@ -20,7 +20,12 @@ pub fn encrypt(plain: &[u8], key: &[u8]) -> Result<String, String> {
             .map(|c| c.encrypt_padded_vec_mut::<Pkcs7>(plain)),
         32 => cbc::Encryptor::<aes::Aes256>::new_from_slices(key, &iv)
             .map(|c| c.encrypt_padded_vec_mut::<Pkcs7>(plain)),
-        n => return Err(format!("encryptKey is {} bits; AES needs 128, 192 or 256", n * 8)),
+        n => {
+            return Err(format!(
+                "encryptKey is {} bits; AES needs 128, 192 or 256",
+                n * 8
+            ));
+        }
     }
     .map_err(|e| e.to_string())?;
     let mut out = Vec::with_capacity(IV + cipher.len());
@@ -54,9 +59,17 @@ pub fn decrypt(text: &str, key: &[u8]) -> Result<String, String> {
 mod tests {
     #[test]
     fn round_trip_with_every_key_size() {
-        for key in ["0123456789abcdef", "0123456789abcdef01234567", "0123456789abcdef0123456789abcdef"] {
+        for key in [
+            "0123456789abcdef",
+            "0123456789abcdef01234567",
+            "0123456789abcdef0123456789abcdef",
+        ] {
             let c = super::encrypt("Jane Doe".as_bytes(), key.as_bytes()).unwrap();
-            assert_ne!(c, super::encrypt("Jane Doe".as_bytes(), key.as_bytes()).unwrap(), "random IV");
+            assert_ne!(
+                c,
+                super::encrypt("Jane Doe".as_bytes(), key.as_bytes()).unwrap(),
+                "random IV"
+            );
             assert_eq!(super::decrypt(&c, key.as_bytes()).unwrap(), "Jane Doe");
         }
         assert!(super::encrypt(b"x", b"short").is_err());

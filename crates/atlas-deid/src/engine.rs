@@ -26,18 +26,21 @@ pub enum Operation {
     Abstract,
     CryptoHash,
     Encrypt,
-    /// Date shifts and perturbed numbers.
+    /// A date moved by the date-shift offset (labelled PERTURBED, as upstream does).
+    DateShift,
+    /// A number moved by random noise.
     Perturb,
     Substitute,
     Generalize,
 }
 
 impl Operation {
-    const ALL: [Operation; 7] = [
+    const ALL: [Operation; 8] = [
         Operation::Redact,
         Operation::Abstract,
         Operation::CryptoHash,
         Operation::Encrypt,
+        Operation::DateShift,
         Operation::Perturb,
         Operation::Substitute,
         Operation::Generalize,
@@ -53,6 +56,7 @@ impl Operation {
             Operation::Abstract => "abstract",
             Operation::CryptoHash => "cryptoHash",
             Operation::Encrypt => "encrypt",
+            Operation::DateShift => "dateShift",
             Operation::Perturb => "perturb",
             Operation::Substitute => "substitute",
             Operation::Generalize => "generalize",
@@ -66,8 +70,12 @@ impl Operation {
             Operation::Redact => (Some(V3), "REDACTED", "redacted"),
             Operation::Abstract => (Some(V3), "ABSTRED", "abstracted"),
             Operation::CryptoHash => (Some(V3), "CRYTOHASH", "cryptographic hash function"),
-            Operation::Encrypt => (None, "ENCRYPT", "exact value is transformed into ciphertext"),
-            Operation::Perturb => (
+            Operation::Encrypt => (
+                None,
+                "ENCRYPT",
+                "exact value is transformed into ciphertext",
+            ),
+            Operation::Perturb | Operation::DateShift => (
                 None,
                 "PERTURBED",
                 "exact value is replaced with another exact value",
@@ -294,7 +302,10 @@ fn empty_resource(resource_type: &str) -> Deidentified {
     coding.push("code", JsonValue::String(Cow::Borrowed(code)));
     coding.push("display", JsonValue::String(Cow::Borrowed(display)));
     let mut meta = atlas_fhirpath::json::JsonObject::new();
-    meta.push("security", JsonValue::Array(vec![JsonValue::Object(coding)]));
+    meta.push(
+        "security",
+        JsonValue::Array(vec![JsonValue::Object(coding)]),
+    );
     let mut root = atlas_fhirpath::json::JsonObject::new();
     root.push(
         "resourceType",
@@ -341,7 +352,8 @@ impl Run<'_, '_> {
 
     fn mark(&mut self, id: NodeId) {
         if self.visited.len() <= id {
-            self.visited.resize(self.tree.nodes.len().max(id + 1), false);
+            self.visited
+                .resize(self.tree.nodes.len().max(id + 1), false);
         }
         self.visited[id] = true;
     }
@@ -494,10 +506,11 @@ impl Run<'_, '_> {
                     if hit {
                         let json = self.tree.node_json(id);
                         let element = self.tree.element_json(id);
-                        let value = eval_on(&self.tree, id, &json, element.as_ref(), &case.value, |c| {
-                            Ok(c.iter().next().and_then(|v| v.to_fhirpath_string()))
-                        })
-                        .map_err(|e| self.fail(rule, id, format!("case value: {e}")))?;
+                        let value =
+                            eval_on(&self.tree, id, &json, element.as_ref(), &case.value, |c| {
+                                Ok(c.iter().next().and_then(|v| v.to_fhirpath_string()))
+                            })
+                            .map_err(|e| self.fail(rule, id, format!("case value: {e}")))?;
                         self.tree.set_text(id, value);
                         return Ok(self.record(id, Operation::Generalize, rule));
                     }
@@ -538,29 +551,28 @@ impl Run<'_, '_> {
                 }
                 self.record(id, Operation::Redact, rule)
             }
-            _ if self.tree.node(id).name == "postalCode" => {
-                if params.enable_partial_zip_codes_for_redact {
-                    let zeroed = |s: &str| -> String {
-                        s.chars().map(|c| if c.is_ascii_digit() { '0' } else { c }).collect()
-                    };
-                    let restricted = params
-                        .restricted_zip_code_tabulation_areas
-                        .iter()
-                        .any(|z| v.starts_with(z.as_str()));
-                    let new = if restricted {
-                        Some(zeroed(&v))
-                    } else if v.chars().count() >= 3 {
-                        let cut = v.char_indices().nth(3).map_or(v.len(), |(i, _)| i);
-                        Some(format!("{}{}", &v[..cut], zeroed(&v[cut..])))
-                    } else {
-                        Some(v.clone())
-                    };
-                    self.tree.node_mut(id).value = new.map(Prim::Str);
-                    self.record(id, Operation::Abstract, rule)
+            _ if self.tree.node(id).name == "postalCode"
+                && params.enable_partial_zip_codes_for_redact =>
+            {
+                let zeroed = |s: &str| -> String {
+                    s.chars()
+                        .map(|c| if c.is_ascii_digit() { '0' } else { c })
+                        .collect()
+                };
+                let restricted = params
+                    .restricted_zip_code_tabulation_areas
+                    .iter()
+                    .any(|z| v.starts_with(z.as_str()));
+                let new = if restricted {
+                    zeroed(&v)
+                } else if v.chars().count() >= 3 {
+                    let cut = v.char_indices().nth(3).map_or(v.len(), |(i, _)| i);
+                    format!("{}{}", &v[..cut], zeroed(&v[cut..]))
                 } else {
-                    self.tree.node_mut(id).value = None;
-                    self.record(id, Operation::Redact, rule)
-                }
+                    v.clone()
+                };
+                self.tree.node_mut(id).value = Some(Prim::Str(new));
+                self.record(id, Operation::Abstract, rule)
             }
             _ => {
                 self.tree.node_mut(id).value = None;
@@ -599,10 +611,11 @@ impl Run<'_, '_> {
         match parts {
             Some(p) if p.day.is_some() && !dates::over_89(&p, self.today) => {
                 let offset = self.offset(id);
-                let shifted = dates::shift(&p, offset)
-                    .ok_or_else(|| self.fail(rule, id, "the date does not exist on the calendar"))?;
+                let shifted = dates::shift(&p, offset).ok_or_else(|| {
+                    self.fail(rule, id, "the date does not exist on the calendar")
+                })?;
                 self.tree.node_mut(id).value = Some(Prim::Str(shifted));
-                Ok(self.record(id, Operation::Perturb, rule))
+                Ok(self.record(id, Operation::DateShift, rule))
             }
             _ => {
                 self.redact_date(id, &v, with_time);
@@ -772,7 +785,9 @@ impl Run<'_, '_> {
         }
         for name in &names {
             let children = self.tree.children_named(id, name);
-            let targets = rep.map(|r| from.children_named(r, name)).unwrap_or_default();
+            let targets = rep
+                .map(|r| from.children_named(r, name))
+                .unwrap_or_default();
             let mut i = 0;
             for child in children {
                 if self.is_visited(child) {
@@ -844,12 +859,24 @@ impl Run<'_, '_> {
                 .tree
                 .insert_child(meta, at, "security", "Coding", None, true);
             if let Some(s) = system {
-                self.tree
-                    .insert_child(coding, 0, "system", "uri", Some(Prim::Str(s.into())), false);
+                self.tree.insert_child(
+                    coding,
+                    0,
+                    "system",
+                    "uri",
+                    Some(Prim::Str(s.into())),
+                    false,
+                );
             }
             let n = self.tree.node(coding).children.len();
-            self.tree
-                .insert_child(coding, n, "code", "code", Some(Prim::Str(code.into())), false);
+            self.tree.insert_child(
+                coding,
+                n,
+                "code",
+                "code",
+                Some(Prim::Str(code.into())),
+                false,
+            );
             self.tree.insert_child(
                 coding,
                 n + 1,

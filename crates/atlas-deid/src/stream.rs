@@ -168,7 +168,9 @@ pub fn run(
     let mut writers: BTreeMap<String, BufWriter<File>> = BTreeMap::new();
     let mut quarantine = BufWriter::new(File::create(staging.join("quarantine.ndjson"))?);
     let mut changes = if opts.write_changes {
-        Some(BufWriter::new(File::create(staging.join("changes.ndjson"))?))
+        Some(BufWriter::new(File::create(
+            staging.join("changes.ndjson"),
+        )?))
     } else {
         None
     };

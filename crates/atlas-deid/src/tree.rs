@@ -182,13 +182,31 @@ impl Tree {
                         "a '_' property belongs only to primitive elements",
                     ));
                 }
-                self.read_primitive(owner, name, elem_ty, choice, repeats, None, Some(value), path)?;
+                self.read_primitive(
+                    owner,
+                    name,
+                    elem_ty,
+                    choice,
+                    repeats,
+                    None,
+                    Some(value),
+                    path,
+                )?;
                 continue;
             }
             let (name, elem_ty, choice, repeats) = resolve_element(model, ty, key, path)?;
             let underscore = obj.get(&format!("_{key}"));
             if model.is_primitive(elem_ty) {
-                self.read_primitive(owner, name, elem_ty, choice, repeats, Some(value), underscore, path)?;
+                self.read_primitive(
+                    owner,
+                    name,
+                    elem_ty,
+                    choice,
+                    repeats,
+                    Some(value),
+                    underscore,
+                    path,
+                )?;
             } else {
                 let child_path = format!("{path}.{key}");
                 let items: Vec<&JsonValue<'_>> = match value {
@@ -469,18 +487,17 @@ impl Tree {
         let n = &self.nodes[id];
         let mut out = JsonObject::with_capacity(n.children.len() + 1);
         if n.resource {
-            out.push("resourceType", JsonValue::String(Cow::Owned(n.ty.to_string())));
+            out.push(
+                "resourceType",
+                JsonValue::String(Cow::Owned(n.ty.to_string())),
+            );
         }
         // Group children by JSON key, keeping the order keys first appear in.
         let mut keys: Vec<(String, Vec<NodeId>)> = Vec::new();
         for c in &n.children {
             let cn = &self.nodes[*c];
             let key = if cn.choice {
-                format!(
-                    "{}{}",
-                    cn.name,
-                    capitalize(model.type_name(cn.ty))
-                )
+                format!("{}{}", cn.name, capitalize(model.type_name(cn.ty)))
             } else {
                 cn.name.clone()
             };
@@ -574,9 +591,6 @@ fn resolve_element(
     }
     Err(invalid(
         &format!("{path}.{key}"),
-        format!(
-            "unknown element '{key}' on {}",
-            model.type_name(ty)
-        ),
+        format!("unknown element '{key}' on {}", model.type_name(ty)),
     ))
 }

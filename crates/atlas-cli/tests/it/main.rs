@@ -3,6 +3,7 @@
 //! present (CI always has it; elsewhere the tests say it is missing).
 
 mod crash;
+mod deid;
 mod e2e;
 mod serve;
 mod shared_data;

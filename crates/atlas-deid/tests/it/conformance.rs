@@ -83,11 +83,13 @@ fn upstream_functional_pairs() {
             }
             "error" => {
                 let want = case["expectedError"]["type"].as_str().unwrap();
-                let ok = match (&result, want) {
-                    (Err(DeidError::Processing { .. }), "AnonymizerProcessingException") => true,
-                    (Err(DeidError::Invalid(_)), "InvalidInputException") => true,
-                    _ => false,
-                };
+                let ok = matches!(
+                    (&result, want),
+                    (
+                        Err(DeidError::Processing { .. }),
+                        "AnonymizerProcessingException"
+                    ) | (Err(DeidError::Invalid(_)), "InvalidInputException")
+                );
                 if ok {
                     errors += 1;
                 } else {
@@ -101,6 +103,11 @@ fn upstream_functional_pairs() {
         "anonymizer pairs: {matched} matched, {errors} error cases, {} left out (6 STU3, 1 MedicinalProduct)",
         left_out.len()
     );
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
     assert_eq!((matched, errors, left_out.len()), (27, 10, 7));
 }
