@@ -148,6 +148,11 @@ impl Deidentified {
     pub fn to_json_string(&self) -> String {
         self.json.to_json_string()
     }
+
+    /// The resource `processingErrors: skip` leaves: only a REDACTED label.
+    pub fn emptied(resource_type: &str) -> Deidentified {
+        empty_resource(resource_type)
+    }
 }
 
 /// A configured de-identifier; cheap to share across threads.

@@ -309,6 +309,11 @@ pub struct Grant {
     /// The rules that made the decision (allowing, denying patients,
     /// hiding), in policy order.
     pub rules: Vec<String>,
+    /// Resources leave de-identified with this profile or configuration
+    /// (`safe-harbor-minimal`, or a Microsoft anonymizer config file): set
+    /// when any allow rule that applies asks for it, so a rule that grants
+    /// identified access cannot widen one that grants de-identified access.
+    pub deid: Option<String>,
 }
 
 impl Grant {
@@ -318,6 +323,7 @@ impl Grant {
             rows: RowScope::All,
             hidden: Vec::new(),
             rules: vec![rule.to_owned()],
+            deid: None,
         }
     }
 
@@ -350,6 +356,11 @@ impl Decision {
                 );
                 if !g.hidden.is_empty() {
                     s.push_str(&format!("; hidden: {}", g.hidden.join(", ")));
+                }
+                if let Some(d) = &g.deid {
+                    s.push_str(&format!(
+                        "; de-identified with {d} (FHIR search by code or status only)"
+                    ));
                 }
                 s
             }
@@ -483,6 +494,7 @@ impl PolicyEngine {
         let mut denied_patients = std::collections::BTreeSet::new();
         let mut allowed: Option<std::collections::BTreeSet<String>> = Some(Default::default());
         let mut any_allow = false;
+        let mut deid: Option<String> = None;
         for r in matched {
             let resolved = match &r.patients {
                 None => None,
@@ -542,6 +554,10 @@ impl PolicyEngine {
                 Effect::Allow => {
                     any_allow = true;
                     rules.push(r.id.clone());
+                    if let (None, Some(d)) = (&deid, &r.deid) {
+                        note(trace, &r.id, true, format!("de-identifies with {d}"));
+                        deid = Some(d.clone());
+                    }
                     match resolved {
                         None => {
                             note(trace, &r.id, true, "allows every row".into());
@@ -596,6 +612,7 @@ impl PolicyEngine {
             rows,
             hidden: hidden.into_iter().collect(),
             rules,
+            deid,
         })
     }
 }

@@ -165,6 +165,12 @@ pub struct Rule {
     /// only to requests that state one of them.
     #[serde(default)]
     pub purpose: Vec<String>,
+    /// An allow rule's resources leave de-identified: a built-in profile
+    /// (`safe-harbor-minimal`) or the path of a Microsoft FHIR anonymizer
+    /// configuration (relative to the policy file). Such a grant reads FHIR
+    /// resources only; row paths (object sets, GraphQL, views) refuse it.
+    #[serde(default)]
+    pub deid: Option<String>,
 }
 
 fn every_type() -> Vec<String> {
@@ -212,6 +218,7 @@ impl Policy {
                 patients: None,
                 hide: vec![],
                 purpose: vec![],
+                deid: None,
             }],
         }
     }
@@ -258,6 +265,16 @@ impl Policy {
                     return Err(bad(format!(
                         "hide entry '{h}': keys and patient references cannot be hidden (de-identify them instead)"
                     )));
+                }
+            }
+            if let Some(d) = &r.deid {
+                if r.effect == Effect::Deny {
+                    return Err(bad("deid belongs on allow rules".into()));
+                }
+                if d.trim().is_empty() {
+                    return Err(bad(
+                        "deid is empty (safe-harbor-minimal or a config file)".into()
+                    ));
                 }
             }
             if r.effect == Effect::Deny && !r.hide.is_empty() && r.patients.is_some() {
@@ -544,6 +561,46 @@ subjects = ["root"]
         // root: everything but the vip.
         let g = allowed(decide(&user("root"), "Patient", Action::Read));
         assert_eq!(g.rows, RowScope::Except(vec!["p2".into()]));
+    }
+
+    #[test]
+    fn a_deid_rule_marks_the_grant_and_an_identified_rule_cannot_widen_it() {
+        let text = r#"
+[[rule]]
+id = "registry"
+effect = "allow"
+roles = ["registry"]
+deid = "safe-harbor-minimal"
+
+[[rule]]
+id = "own"
+effect = "allow"
+roles = ["registry"]
+patients = { ids = ["p1"] }
+"#;
+        let e = PolicyEngine::new(Policy::parse(text).expect("parses"));
+        let who = user("r").with_roles(["registry"]);
+        let g = allowed(e.decide_with(&who, "Observation", Action::Search, &Fixture));
+        assert_eq!(g.deid.as_deref(), Some("safe-harbor-minimal"));
+        assert_eq!(g.rows, RowScope::All);
+        let d = e.decide_with(&who, "Observation", Action::Search, &Fixture);
+        assert!(
+            d.describe()
+                .contains("de-identified with safe-harbor-minimal")
+        );
+        // Without the deid rule's role: identified, own patient only.
+        let other = PolicyEngine::new(
+            Policy::parse(&text.replace("roles = [\"registry\"]\ndeid", "roles = [\"x\"]\ndeid"))
+                .expect("parses"),
+        );
+        let g = allowed(other.decide_with(&who, "Observation", Action::Search, &Fixture));
+        assert_eq!(g.deid, None);
+        for bad in [
+            "[[rule]]\nid = \"d\"\neffect = \"deny\"\ndeid = \"safe-harbor-minimal\"\n",
+            "[[rule]]\nid = \"d\"\neffect = \"allow\"\ndeid = \" \"\n",
+        ] {
+            assert!(Policy::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

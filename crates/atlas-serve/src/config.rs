@@ -32,6 +32,8 @@ pub struct ServeConfig {
     pub policy: crate::policy::PolicyConfig,
     /// The audit trail (`[audit]`).
     pub audit: crate::audit::AuditConfig,
+    /// De-identification at egress (`[deid]`): the key for rules with `deid`.
+    pub deid: crate::deid::DeidConfigSection,
 }
 
 impl Default for ServeConfig {
@@ -47,6 +49,7 @@ impl Default for ServeConfig {
             tls: None,
             policy: crate::policy::PolicyConfig::default(),
             audit: crate::audit::AuditConfig::default(),
+            deid: crate::deid::DeidConfigSection::default(),
         }
     }
 }

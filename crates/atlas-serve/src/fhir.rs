@@ -133,7 +133,7 @@ fn scoped_store(
     action: Action,
     providers: &Providers,
 ) -> Result<(LogicalPlanBuilder, Grant), ApiError> {
-    let grant = allowed_rows(
+    let grant = crate::query::allowed_resources(
         state,
         who,
         resource_type,
@@ -165,26 +165,52 @@ fn scope_rows(b: LogicalPlanBuilder, scope: &RowScope) -> Result<LogicalPlanBuil
     }
 }
 
-/// Hidden elements per resource type, removed from stored JSON on the way
-/// out; types with nothing hidden go out byte for byte.
+/// Per resource type, what leaves differently from the stored JSON: hidden
+/// elements removed, and, for a de-identifying grant, the resource
+/// de-identified. Types with neither go out byte for byte.
 #[derive(Default, Clone)]
-struct Redactor(HashMap<String, Grant>);
+struct Redactor(HashMap<String, (Grant, Option<std::sync::Arc<atlas_deid::Deidentifier>>)>);
 
 impl Redactor {
-    fn add(&mut self, resource_type: &str, grant: &Grant) {
-        if !grant.hidden.is_empty() {
-            self.0.insert(resource_type.to_owned(), grant.clone());
+    fn add(
+        &mut self,
+        state: &AppState,
+        resource_type: &str,
+        grant: &Grant,
+    ) -> Result<(), ApiError> {
+        let engine = match &grant.deid {
+            Some(spec) => Some(state.deid.get(spec)?),
+            None => None,
+        };
+        if !grant.hidden.is_empty() || engine.is_some() {
+            self.0
+                .insert(resource_type.to_owned(), (grant.clone(), engine));
         }
+        Ok(())
     }
 
-    fn apply<'a>(&self, resource_type: &str, json: &'a str) -> std::borrow::Cow<'a, str> {
-        match self
-            .0
-            .get(resource_type)
-            .and_then(|g| crate::policy::strip_resource(json, g))
-        {
-            Some(s) => std::borrow::Cow::Owned(s),
-            None => std::borrow::Cow::Borrowed(json),
+    /// The JSON to send, and the id it goes out under (hashed when de-identified).
+    fn apply<'a>(
+        &self,
+        resource_type: &str,
+        id: &'a str,
+        json: &'a str,
+        patient: Option<&str>,
+    ) -> (std::borrow::Cow<'a, str>, Option<std::borrow::Cow<'a, str>>) {
+        use std::borrow::Cow;
+        let Some((grant, engine)) = self.0.get(resource_type) else {
+            return (Cow::Borrowed(json), Some(Cow::Borrowed(id)));
+        };
+        let base = match crate::policy::strip_resource(json, grant) {
+            Some(s) => Cow::Owned(s),
+            None => Cow::Borrowed(json),
+        };
+        match engine {
+            Some(e) => {
+                let (out, new_id) = crate::deid::apply(e, resource_type, &base, patient);
+                (Cow::Owned(out), new_id.map(Cow::Owned))
+            }
+            None => (base, Some(Cow::Borrowed(id))),
         }
     }
 }
@@ -503,7 +529,8 @@ fn type_filters(
                         format!("{} has no view to search '{k}' on", s.resource_type),
                     ));
                 };
-                let mut planner = Planner::new(state, who, Action::Search, providers);
+                let mut planner =
+                    Planner::new(state, who, Action::Search, providers).for_resource_filters();
                 let inner_pred = match k.as_str() {
                     "code" => {
                         let prop = first_property(t, &["code", "medication_code", "type_code"])
@@ -633,7 +660,12 @@ async fn stream_search(
             .map_err(internal)?
     };
     let plan = ordered
-        .project(vec![column("resource"), column("resource_type")])
+        .project(vec![
+            column("resource"),
+            column("resource_type"),
+            column("id"),
+            column("patient_id"),
+        ])
         .and_then(|b| b.build())
         .map_err(internal)?;
     let stream = state.tables.execute_stream(plan).await?;
@@ -644,12 +676,16 @@ async fn stream_search(
         };
         let res = utf8(b.column(0)).map_err(|e| std::io::Error::other(e.message))?;
         let types = utf8(b.column(1)).map_err(|e| std::io::Error::other(e.message))?;
+        let ids = utf8(b.column(2)).map_err(|e| std::io::Error::other(e.message))?;
+        let patients = utf8(b.column(3)).map_err(|e| std::io::Error::other(e.message))?;
         let mut out = Vec::with_capacity(b.num_rows() * 1024);
         let mut n = 0u64;
         for row in 0..b.num_rows() {
             if let Some(r) = text(&res, row) {
                 let t = text(&types, row).unwrap_or_default();
-                out.extend_from_slice(redactor.apply(t, r).as_bytes());
+                let id = text(&ids, row).unwrap_or_default();
+                let (json, _) = redactor.apply(t, id, r, text(&patients, row));
+                out.extend_from_slice(json.as_bytes());
                 out.push(b'\n');
                 n += 1;
             }
@@ -741,7 +777,27 @@ async fn run_search(
         None => {
             let (b, grant) =
                 scoped_store(state, who, &s.resource_type, Action::Search, &providers)?;
-            redactor.add(&s.resource_type, &grant);
+            redactor.add(state, &s.resource_type, &grant)?;
+            if grant.deid.is_some() {
+                if let Some((k, v)) = s
+                    .filters
+                    .iter()
+                    .find(|(k, _)| !crate::deid::ALLOWED_PARAMS.contains(&k.as_str()))
+                {
+                    return Err(crate::deid::refused(
+                        k,
+                        v,
+                        "this parameter compares identified values (ids, dates); use code or status",
+                    ));
+                }
+                if let Some((c, _)) = s.sort.first() {
+                    return Err(crate::deid::refused(
+                        "_sort",
+                        c,
+                        "sorting by identified values reveals their order",
+                    ));
+                }
+            }
             let b = type_filters(state, who, s, &providers, b)?;
             if s.sort.iter().any(|(c, _)| c == SORT_DATE) {
                 let (b, ty) = with_sort_date(state, who, s, &providers, b)?;
@@ -839,10 +895,15 @@ async fn run_search(
             if n > 0 {
                 entries.push(b',');
             }
-            entries.extend_from_slice(b"{\"fullUrl\":");
-            write_str(&mut entries, &format!("{base}/{t}/{i}"));
-            entries.extend_from_slice(b",\"resource\":");
-            entries.extend_from_slice(redactor.apply(t, r).as_bytes());
+            let (json, out_id) = redactor.apply(t, i, r, text(patients, row));
+            entries.push(b'{');
+            if let Some(out_id) = out_id {
+                entries.extend_from_slice(b"\"fullUrl\":");
+                write_str(&mut entries, &format!("{base}/{t}/{out_id}"));
+                entries.push(b',');
+            }
+            entries.extend_from_slice(b"\"resource\":");
+            entries.extend_from_slice(json.as_bytes());
             entries.extend_from_slice(b",\"search\":{\"mode\":\"match\"}}");
             n += 1;
             last = Some(
@@ -915,8 +976,15 @@ async fn everything_plan(
     redactor: &mut Redactor,
 ) -> Result<LogicalPlanBuilder, ApiError> {
     // The patient must be visible to the caller, else it does not exist.
-    let visible = scoped_store(state, who, "Patient", Action::Read, providers)?
-        .0
+    let (visible, patient_grant) = scoped_store(state, who, "Patient", Action::Read, providers)?;
+    if patient_grant.deid.is_some() {
+        return Err(crate::deid::refused(
+            "id",
+            patient,
+            "$everything takes a real patient id",
+        ));
+    }
+    let visible = visible
         .filter(column("id").eq(lit(patient)))
         .and_then(|b| b.limit(0, Some(1)))
         .and_then(|b| b.build())
@@ -994,7 +1062,7 @@ async fn everything_plan(
             if let Decision::Allow(grant) = state.decide(who, t, Action::Search)
                 && grant.rows.admits(Some(patient))
             {
-                redactor.add(t, &grant);
+                redactor.add(state, t, &grant)?;
                 allowed.push(lit(t.to_owned()));
             }
         }
@@ -1122,8 +1190,10 @@ async fn read(
         crate::audit::note_patient(p);
     }
     let mut redactor = Redactor::default();
-    redactor.add(&resource_type, &grant);
-    let mut r = fhir_json(redactor.apply(&resource_type, body).as_bytes().to_vec());
+    redactor.add(&state, &resource_type, &grant)?;
+    let patient = text(&utf8(b.column(3))?, 0).map(str::to_owned);
+    let (json, _) = redactor.apply(&resource_type, &id, body, patient.as_deref());
+    let mut r = fhir_json(json.as_bytes().to_vec());
     if let Some(v) = text(b.column(2), 0)
         && let Ok(h) = format!("W/\"{v}\"").parse()
     {

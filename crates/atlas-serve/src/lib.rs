@@ -20,6 +20,7 @@ mod aggregate;
 pub mod audit;
 pub mod auth;
 mod config;
+pub mod deid;
 mod error;
 mod fhir;
 pub mod graphql;
@@ -75,6 +76,8 @@ pub struct AppState {
     pub graphql: Arc<async_graphql::dynamic::Schema>,
     /// The audit trail every request is written to (`[audit] enabled`).
     pub audit: Option<Arc<atlas_audit::AuditLog>>,
+    /// De-identifiers for grants whose rule says `deid`.
+    pub deid: Arc<deid::Engines>,
 }
 
 impl AppState {
@@ -99,6 +102,10 @@ impl AppState {
             None
         };
         let policy = Arc::new(PolicyHandle::open(&config.policy, &tables).await?);
+        let deid = Arc::new(deid::Engines::new(
+            &config.deid,
+            config.policy.file.as_deref(),
+        )?);
         policy.spawn_refresh(
             tables.clone(),
             std::time::Duration::from_secs(config.policy.refresh_secs),
@@ -112,6 +119,7 @@ impl AppState {
             metrics: Arc::new(Metrics::default()),
             policy,
             audit,
+            deid,
             auth,
             page_tokens: Arc::new(page_tokens),
         })

@@ -543,6 +543,7 @@ mod tests {
             rows: atlas_policy::RowScope::All,
             hidden: hidden.iter().map(|s| s.to_string()).collect(),
             rules: vec![],
+            deid: None,
         }
     }
 

@@ -145,6 +145,29 @@ pub(crate) fn allowed_rows(
     action: Action,
     at: (&str, &str),
 ) -> Result<Grant, ApiError> {
+    let grant = allowed_resources(state, who, resource_type, action, at)?;
+    if grant.deid.is_some() {
+        // Rows carry identified columns (names, dates, ids): a grant that
+        // reads de-identified data reads FHIR search results only.
+        return Err(crate::deid::refused(
+            at.0,
+            at.1,
+            "this path returns identified values; use FHIR search (/fhir/{type}?code=…)",
+        ));
+    }
+    Ok(grant)
+}
+
+/// [`allowed_rows`] for the paths that send whole FHIR resources through
+/// the de-identifier (FHIR search and its NDJSON stream): de-identifying
+/// grants pass.
+pub(crate) fn allowed_resources(
+    state: &AppState,
+    who: &Principal,
+    resource_type: &str,
+    action: Action,
+    at: (&str, &str),
+) -> Result<Grant, ApiError> {
     match state.decide(who, resource_type, action) {
         Decision::Allow(grant) => Ok(grant),
         Decision::Deny(d) => Err(ApiError::new(
@@ -200,6 +223,9 @@ pub(crate) struct Planner<'a> {
     aliases: usize,
     /// The decision per object type, made once per request.
     grants: std::sync::Mutex<HashMap<String, Grant>>,
+    /// The plan only selects which FHIR resources a search returns (its
+    /// view values never leave): de-identifying grants may use it.
+    selects_resources: bool,
 }
 
 impl<'a> Planner<'a> {
@@ -216,7 +242,16 @@ impl<'a> Planner<'a> {
             providers,
             aliases: 0,
             grants: Default::default(),
+            selects_resources: false,
         }
+    }
+
+    /// A planner for FHIR search filters (`code`, `status`, `date`): its
+    /// scans pick resources whose stored JSON is what leaves (de-identified
+    /// when the grant says so), so a de-identifying grant is not refused.
+    pub fn for_resource_filters(mut self) -> Planner<'a> {
+        self.selects_resources = true;
+        self
     }
 
     fn ontology(&self) -> &'a Ontology {
@@ -241,7 +276,12 @@ impl<'a> Planner<'a> {
         {
             return Ok(x.clone());
         }
-        let grant = allowed_rows(
+        let check = if self.selects_resources {
+            allowed_resources
+        } else {
+            allowed_rows
+        };
+        let grant = check(
             self.state,
             self.who,
             &resource_type(t),

@@ -1414,3 +1414,172 @@ async fn every_request_is_audited_in_a_verifiable_chain() {
     assert_eq!(ev["outcome"], "4");
     assert_eq!(ev["agent"][0]["who"]["identifier"]["value"], "auditee");
 }
+
+/// A grant whose rule says `deid`: FHIR search and NDJSON answer
+/// de-identified resources; every path that would take or give identified
+/// values is a 403 `DeidentifiedOnly`; without a key, 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deid_grants_read_deidentified_fhir_only() {
+    const KEY: &str = "egress-test-key";
+    let w = world(6, None).await;
+    let policy = w.dir.join("policy-deid.toml");
+    std::fs::write(
+        &policy,
+        "[[rule]]\nid = \"registry\"\neffect = \"allow\"\ndeid = \"safe-harbor-minimal\"\n",
+    )
+    .unwrap();
+    let key_file = w.dir.join("deid.key");
+    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+    let mut config = test_config(policy.clone(), 5);
+    config.deid.key_file = Some(key_file);
+    let state = AppState::open(w.lake.clone(), atlas_ontology::Ontology::builtin(), config)
+        .await
+        .unwrap();
+    let engine = atlas_deid::Deidentifier::new(
+        atlas_deid::profile::by_name("safe-harbor-minimal", KEY).unwrap(),
+    );
+    let token = jwt(json!({}));
+    let hashed: BTreeMap<String, String> = w
+        .patients
+        .keys()
+        .map(|p| (engine.hash(p), p.clone()))
+        .collect();
+
+    // Search: every patient, de-identified, under hashed ids and fullUrls.
+    let (s, b) = call_json(
+        &state,
+        "GET",
+        "/fhir/Patient?_count=100",
+        &token,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let entries = b["entry"].as_array().unwrap();
+    assert_eq!(entries.len(), w.patients.len());
+    for e in entries {
+        let r = &e["resource"];
+        let id = r["id"].as_str().unwrap();
+        let original = &w.patients[hashed.get(id).unwrap_or_else(|| panic!("{id} is no hash"))];
+        assert!(
+            e["fullUrl"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("/Patient/{id}"))
+        );
+        for gone in ["name", "telecom"] {
+            assert!(r.get(gone).is_none(), "{gone} in {r}");
+        }
+        for i in r["identifier"].as_array().into_iter().flatten() {
+            assert!(i.get("value").is_none(), "identifier value in {r}");
+        }
+        let family = original["name"][0]["family"].as_str().unwrap();
+        assert!(!r.to_string().contains(family), "{family} in {r}");
+        if let (Some(a), Some(b)) = (r["birthDate"].as_str(), original["birthDate"].as_str()) {
+            assert_ne!(a, b, "birthDate kept");
+        }
+        let labels: Vec<&str> = r["meta"]["security"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["code"].as_str().unwrap())
+            .collect();
+        assert!(
+            labels.contains(&"REDACTED") && labels.contains(&"CRYTOHASH"),
+            "{labels:?}"
+        );
+    }
+    // NDJSON: every observation, its subject a hashed patient.
+    let (s, body) = call(
+        &state,
+        "GET",
+        "/fhir/Observation?_format=ndjson",
+        &token,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let lines: Vec<Json> = String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), w.observations.len());
+    for o in &lines {
+        let subject = o["subject"]["reference"].as_str().unwrap();
+        assert!(
+            hashed.contains_key(subject.trim_start_matches("Patient/")),
+            "{subject}"
+        );
+    }
+    let code = lines[0]["code"]["coding"][0]["code"].as_str().unwrap();
+    let (s, _) = call(
+        &state,
+        "GET",
+        &format!("/fhir/Observation?code={code}"),
+        &token,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "code is an allowed parameter");
+
+    // Everything that takes or returns identified values: 403 DeidentifiedOnly.
+    let p = w.patients.keys().next().unwrap();
+    let o = w.observations.keys().next().unwrap();
+    for uri in [
+        format!("/fhir/Patient/{p}"),
+        format!("/fhir/Observation/{o}"),
+        format!("/fhir/Patient/{p}/$everything"),
+        format!("/fhir/Observation?patient={p}"),
+        format!("/fhir/Observation?_id={o}"),
+        "/fhir/Observation?date=ge2000-01-01".to_string(),
+        "/fhir/Observation?_sort=date".to_string(),
+        "/api/v2/views/observation/rows".to_string(),
+    ] {
+        let (s, e) = call_json(&state, "GET", &uri, &token, None, None).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{uri}: {e}");
+        assert!(e.to_string().contains("DeidentifiedOnly"), "{uri}: {e}");
+    }
+    for (uri, body) in [
+        (
+            LOAD,
+            json!({"objectSet": {"type": "base", "objectType": "Patient"}}),
+        ),
+        (
+            AGG,
+            json!({"objectSet": {"type": "base", "objectType": "Observation"},
+                     "aggregation": [{"type": "count", "name": "n"}]}),
+        ),
+    ] {
+        let (s, e) = call_json(&state, "POST", uri, &token, None, Some(&body)).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{uri}: {e}");
+        assert!(e.to_string().contains("DeidentifiedOnly"), "{uri}: {e}");
+    }
+    let (s, r) = call_json(
+        &state,
+        "POST",
+        "/graphql",
+        &token,
+        None,
+        Some(&json!({"query": "{ PatientAll(first: 5) { nodes { id } } }"})),
+    )
+    .await;
+    assert_ne!(s, StatusCode::OK, "{r}");
+    assert!(r.to_string().contains("DeidentifiedOnly"), "{r}");
+
+    // No key: the grant fails closed.
+    if std::env::var("ATLAS_DEID_KEY").is_err() {
+        let state = AppState::open(
+            w.lake.clone(),
+            atlas_ontology::Ontology::builtin(),
+            test_config(policy, 5),
+        )
+        .await
+        .unwrap();
+        let (s, e) = call_json(&state, "GET", "/fhir/Patient", &token, None, None).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{e}");
+    }
+}
