@@ -173,7 +173,7 @@ pub fn run(args: DeidArgs, show: bool) -> Result<()> {
         return Ok(());
     }
     let config = load(&spec, &args.source)?;
-    let engine = Deidentifier::new(config);
+    let engine = Deidentifier::new(config).with_change_records(args.changes);
     let Some(out) = &args.out else {
         bail!("--out is required");
     };

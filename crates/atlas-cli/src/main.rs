@@ -645,7 +645,8 @@ async fn run_ingest(lake: &Lake, args: &IngestArgs, show: bool) -> Result<atlas_
     // first, and only that output is landed and stored.
     let staging = match &args.deid {
         Some(spec) => {
-            let engine = atlas_deid::Deidentifier::new(deid::load(spec, &args.deid_source)?);
+            let engine = atlas_deid::Deidentifier::new(deid::load(spec, &args.deid_source)?)
+                .with_change_records(false);
             let dir =
                 tempfile::tempdir().context("creating the de-identification staging folder")?;
             let out = dir.path().join("deid");

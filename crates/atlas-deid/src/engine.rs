@@ -10,7 +10,7 @@
 
 use crate::config::{DateShiftScope, DeidConfig, Method, ProcessingErrors};
 use crate::dates;
-use crate::select::{criterion, eval_on};
+use crate::select::{TypeIndex, criterion, eval_on};
 use crate::tree::{InvalidInput, Node, NodeId, Prim, Tree};
 use atlas_fhirpath::json::JsonValue;
 use atlas_fhirpath::model::Model;
@@ -160,6 +160,7 @@ pub struct Deidentifier {
     config: DeidConfig,
     hash_key: ring::hmac::Key,
     shift_key: ring::hmac::Key,
+    record_changes: bool,
 }
 
 fn reference_regex() -> &'static regex::Regex {
@@ -205,7 +206,15 @@ impl Deidentifier {
             config,
             hash_key,
             shift_key,
+            record_changes: true,
         }
+    }
+
+    /// Whether [`Deidentified::changes`] lists each changed element (on by
+    /// default; off saves building a path per change when nobody reads them).
+    pub fn with_change_records(mut self, on: bool) -> Deidentifier {
+        self.record_changes = on;
+        self
     }
 
     pub fn config(&self) -> &DeidConfig {
@@ -214,10 +223,12 @@ impl Deidentifier {
 
     /// HMAC-SHA256 of `input` under `cryptoHashKey`, lower-case hex (as upstream).
     pub fn hash(&self, input: &str) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let tag = ring::hmac::sign(&self.hash_key, input.as_bytes());
         let mut out = String::with_capacity(64);
         for b in tag.as_ref() {
-            out.push_str(&format!("{b:02x}"));
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
         }
         out
     }
@@ -230,6 +241,17 @@ impl Deidentifier {
         }
         if let Some(local) = reference.strip_prefix('#') {
             return format!("#{}", self.hash(local));
+        }
+        // The common relative form `Type/id` without the regex.
+        if let Some((ty, id)) = reference.split_once('/')
+            && !id.is_empty()
+            && id.len() <= 64
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            && atlas_fhir::is_resource_type(ty)
+        {
+            return format!("{ty}/{}", self.hash(id));
         }
         for re in [reference_regex(), oid_regex(), uuid_regex()] {
             if let Some(c) = re.captures(reference) {
@@ -273,6 +295,8 @@ impl Deidentifier {
             tree,
             changes: Vec::new(),
             today: chrono::Utc::now().date_naive(),
+            index: None,
+            patient_offset: None,
         };
         match run.visit(0) {
             Ok(_) => {
@@ -337,6 +361,11 @@ struct Run<'e, 'c> {
     visited: Vec<bool>,
     changes: Vec<Change>,
     today: NaiveDate,
+    /// The current resource's nodes by type; dropped when a substitution
+    /// changes the tree.
+    index: Option<TypeIndex>,
+    /// The patient-scope date offset, computed once per call.
+    patient_offset: Option<i64>,
 }
 
 const QUANTITY_TYPES: &[&str] = &[
@@ -380,6 +409,9 @@ impl Run<'_, '_> {
     }
 
     fn record(&mut self, id: NodeId, op: Operation, rule: usize) -> u8 {
+        if !self.engine.record_changes {
+            return op.bit();
+        }
         self.changes.push(Change {
             path: self.tree.location(id),
             operation: op,
@@ -413,15 +445,20 @@ impl Run<'_, '_> {
         let rtype = self.tree.node(res).ty;
         let engine = self.engine;
         let mut ops = 0;
+        self.index = None;
         for (ri, rule) in engine.config.rules.iter().enumerate() {
             if !rule.applies_to(rtype) {
                 continue;
             }
             let matches = match &rule.selector {
                 None => vec![res],
-                Some(sel) => sel
-                    .select(&self.tree, res)
-                    .map_err(|e| self.fail(ri, res, e.to_string()))?,
+                Some(sel) => {
+                    if self.index.is_none() {
+                        self.index = Some(TypeIndex::build(&self.tree, res));
+                    }
+                    sel.select(&self.tree, res, self.index.as_ref())
+                        .map_err(|e| self.fail(ri, res, e.to_string()))?
+                }
             };
             for m in matches {
                 ops |= self.process_recursive(m, ri)?;
@@ -629,7 +666,18 @@ impl Run<'_, '_> {
         }
     }
 
-    fn offset(&self, id: NodeId) -> i64 {
+    fn offset(&mut self, id: NodeId) -> i64 {
+        if let Some(o) = self.patient_offset {
+            return o;
+        }
+        let o = self.compute_offset(id);
+        if self.engine.config.parameters.date_shift_scope == DateShiftScope::Patient {
+            self.patient_offset = Some(o);
+        }
+        o
+    }
+
+    fn compute_offset(&self, id: NodeId) -> i64 {
         let params = &self.engine.config.parameters;
         let upstream = |prefix: &str| dates::upstream_offset(prefix, &params.date_shift_key);
         let resource_prefix = || self.tree.resource_id(self.tree.top(id));
@@ -719,7 +767,7 @@ impl Run<'_, '_> {
         replace_with: Option<&JsonValue<'static>>,
     ) -> Result<u8, DeidError> {
         let ty = self.tree.node(id).ty;
-        let name = self.tree.node(id).name.clone();
+        let name = self.tree.node(id).name;
         let replacement = if Model::r4().is_primitive(ty) {
             let text = match replace_with {
                 None => None,
@@ -738,6 +786,7 @@ impl Run<'_, '_> {
             t.nodes.push(Node {
                 name,
                 ty,
+                tname: self.tree.node(id).tname,
                 choice: false,
                 value: None,
                 children: Vec::new(),
@@ -750,12 +799,13 @@ impl Run<'_, '_> {
         } else {
             let empty = JsonValue::Object(atlas_fhirpath::json::JsonObject::new());
             let obj = replace_with.unwrap_or(&empty);
-            Tree::fragment(ty, &name, obj).map_err(|e| self.fail(rule, id, e.to_string()))?
+            Tree::fragment(ty, name, obj).map_err(|e| self.fail(rule, id, e.to_string()))?
         };
         let mut keep = vec![false; self.tree.nodes.len()];
         self.keep_set(id, &mut keep);
         self.substitute_node(id, &replacement, Some(0), &keep);
         self.mark_subtree(id);
+        self.index = None;
         Ok(self.record(id, Operation::Substitute, rule))
     }
 
@@ -779,12 +829,12 @@ impl Run<'_, '_> {
             return;
         }
         let kept = |n: NodeId| keep.get(n).copied().unwrap_or(false);
-        let mut names: Vec<String> = Vec::new();
+        let mut names: Vec<&'static str> = Vec::new();
         if let Some(r) = rep {
             for c in &from.node(r).children {
-                let n = &from.node(*c).name;
-                if !names.contains(n) {
-                    names.push(n.clone());
+                let n = from.node(*c).name;
+                if !names.contains(&n) {
+                    names.push(n);
                 }
             }
         }

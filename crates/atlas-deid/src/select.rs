@@ -30,6 +30,29 @@ pub(crate) struct Selector {
     steps: Vec<Step>,
 }
 
+/// The nodes of one resource by type, in document order (nested resources
+/// excluded), built once per resource so that the many `nodesByType`
+/// rules of a profile do not each walk the whole tree.
+pub(crate) struct TypeIndex {
+    root: NodeId,
+    by_type: std::collections::HashMap<&'static str, Vec<NodeId>>,
+}
+
+impl TypeIndex {
+    pub(crate) fn build(tree: &Tree, root: NodeId) -> TypeIndex {
+        let mut by_type: std::collections::HashMap<&'static str, Vec<NodeId>> =
+            std::collections::HashMap::new();
+        self_and_descendants(tree, root, &mut |id| {
+            let n = tree.node(id);
+            by_type.entry(n.tname).or_default().push(id);
+            if n.ty != n.tname {
+                by_type.entry(n.ty).or_default().push(id);
+            }
+        });
+        TypeIndex { root, by_type }
+    }
+}
+
 /// Splits at top-level `sep` (outside quotes, parentheses and brackets).
 fn split_top(s: &str, sep: char) -> Result<Vec<&str>, String> {
     let mut parts = Vec::new();
@@ -145,10 +168,21 @@ impl Selector {
     }
 
     /// The nodes the path selects from `start`.
-    pub(crate) fn select(&self, tree: &Tree, start: NodeId) -> Result<Vec<NodeId>, EvalError> {
+    pub(crate) fn select(
+        &self,
+        tree: &Tree,
+        start: NodeId,
+        index: Option<&TypeIndex>,
+    ) -> Result<Vec<NodeId>, EvalError> {
         let mut cur = vec![start];
-        for step in &self.steps {
+        for (i, step) in self.steps.iter().enumerate() {
             let mut next = Vec::new();
+            if let (0, Step::NodesByType(t), Some(ix)) = (i, step, index)
+                && ix.root == start
+            {
+                cur = ix.by_type.get(t.as_str()).cloned().unwrap_or_default();
+                continue;
+            }
             match step {
                 Step::Member(name) => {
                     for n in &cur {
@@ -158,7 +192,8 @@ impl Selector {
                 Step::NodesByType(t) => {
                     for n in &cur {
                         self_and_descendants(tree, *n, &mut |id| {
-                            if tree.type_name(id) == t || tree.node(id).ty == t {
+                            let node = tree.node(id);
+                            if node.tname == t || node.ty == t {
                                 next.push(id);
                             }
                         });

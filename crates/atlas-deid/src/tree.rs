@@ -39,9 +39,11 @@ impl Prim {
 #[derive(Debug, Clone)]
 pub(crate) struct Node {
     /// The element name (the choice element's base name: `value` for `valueQuantity`).
-    pub name: String,
+    pub name: &'static str,
     /// The model type key (`HumanName`, `date`, `Patient.contact`, `Patient`).
     pub ty: &'static str,
+    /// The FHIR type name (`BackboneElement` for backbone keys), looked up once.
+    pub tname: &'static str,
     pub choice: bool,
     pub value: Option<Prim>,
     pub children: Vec<NodeId>,
@@ -111,7 +113,7 @@ impl Tree {
         &mut self,
         obj: &JsonObject<'_>,
         parent: Option<NodeId>,
-        name: &str,
+        name: &'static str,
         array: bool,
         path: &str,
     ) -> Result<NodeId, InvalidInput> {
@@ -134,12 +136,9 @@ impl Tree {
                 invalid(path_or(path, "$"), why)
             })?;
         let id = self.push(Node {
-            name: if parent.is_none() {
-                rt.to_string()
-            } else {
-                name.to_string()
-            },
+            name: if parent.is_none() { ty } else { name },
             ty,
+            tname: model.type_name(ty),
             choice: false,
             value: None,
             children: Vec::new(),
@@ -228,8 +227,9 @@ impl Tree {
                         self.read_resource(o, Some(owner), name, array, &item_path)?;
                     } else {
                         let id = self.push(Node {
-                            name: name.to_string(),
+                            name,
                             ty: elem_ty,
+                            tname: model.type_name(elem_ty),
                             choice,
                             value: None,
                             children: Vec::new(),
@@ -291,8 +291,9 @@ impl Tree {
                 }
             };
             let id = self.push(Node {
-                name: name.to_string(),
+                name,
                 ty,
+                tname: Model::r4().type_name(ty),
                 choice,
                 value: prim,
                 children: Vec::new(),
@@ -317,7 +318,7 @@ impl Tree {
     /// Reads `obj` as a value of type `ty` (a substitute rule's replacement).
     pub(crate) fn fragment(
         ty: &'static str,
-        name: &str,
+        name: &'static str,
         obj: &JsonValue<'_>,
     ) -> Result<Tree, InvalidInput> {
         let o = obj
@@ -325,8 +326,9 @@ impl Tree {
             .ok_or_else(|| invalid(name, format!("expected an object of type {ty}")))?;
         let mut tree = Tree::default();
         tree.nodes.push(Node {
-            name: name.to_string(),
+            name,
             ty,
+            tname: Model::r4().type_name(ty),
             choice: false,
             value: None,
             children: Vec::new(),
@@ -343,15 +345,16 @@ impl Tree {
         &mut self,
         parent: NodeId,
         at: usize,
-        name: &str,
+        name: &'static str,
         ty: &'static str,
         value: Option<Prim>,
         array: bool,
     ) -> NodeId {
         let id = self.nodes.len();
         self.nodes.push(Node {
-            name: name.to_string(),
+            name,
             ty,
+            tname: Model::r4().type_name(ty),
             choice: false,
             value,
             children: Vec::new(),
@@ -411,7 +414,7 @@ impl Tree {
 
     /// The FHIR type name of a node (`BackboneElement` for backbone elements).
     pub(crate) fn type_name(&self, id: NodeId) -> &'static str {
-        Model::r4().type_name(self.nodes[id].ty)
+        self.nodes[id].tname
     }
 
     /// A FHIRPath-like location: `Patient.name[0].given[1]`.
@@ -429,11 +432,11 @@ impl Tree {
                     .unwrap_or(0);
                 parts.push(format!("{}[{idx}]", n.name));
             } else {
-                parts.push(n.name.clone());
+                parts.push(n.name.to_string());
             }
             cur = p;
         }
-        parts.push(self.nodes[cur].name.clone());
+        parts.push(self.nodes[cur].name.to_string());
         parts.reverse();
         parts.join(".")
     }
@@ -497,9 +500,9 @@ impl Tree {
         for c in &n.children {
             let cn = &self.nodes[*c];
             let key = if cn.choice {
-                format!("{}{}", cn.name, capitalize(model.type_name(cn.ty)))
+                format!("{}{}", cn.name, capitalize(cn.tname))
             } else {
-                cn.name.clone()
+                cn.name.to_string()
             };
             match keys.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, v)) => v.push(*c),

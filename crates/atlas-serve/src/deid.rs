@@ -102,7 +102,7 @@ impl Engines {
                 .map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
             DeidConfig::from_json(&text).map_err(|e| unavailable(e.to_string()))?
         };
-        let engine = Arc::new(Deidentifier::new(config));
+        let engine = Arc::new(Deidentifier::new(config).with_change_records(false));
         if let Ok(mut c) = self.cache.lock() {
             c.insert(spec.to_string(), engine.clone());
         }

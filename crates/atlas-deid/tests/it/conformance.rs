@@ -111,3 +111,118 @@ fn upstream_functional_pairs() {
     );
     assert_eq!((matched, errors, left_out.len()), (27, 10, 7));
 }
+
+/// `cryptoHash` on a reference hashes only its id, in every literal form.
+#[test]
+fn reference_hashing_keeps_the_shape() {
+    let cfg = r#"{"fhirPathRules": [], "parameters": {"cryptoHashKey": "123"}}"#;
+    let e = Deidentifier::new(DeidConfig::from_json(cfg).unwrap());
+    let h = |s: &str| e.hash(s);
+    let cases = [
+        ("Patient/123", format!("Patient/{}", h("123"))),
+        (
+            "http://example.org/fhir/Patient/123/_history/2",
+            format!("http://example.org/fhir/Patient/{}/_history/2", h("123")),
+        ),
+        (
+            "urn:uuid:0b9c8f2e-3f3a-4a8e-9f0e-2b1c9d4e5f60",
+            format!("urn:uuid:{}", h("0b9c8f2e-3f3a-4a8e-9f0e-2b1c9d4e5f60")),
+        ),
+        ("urn:oid:1.2.36.146", format!("urn:oid:{}", h("1.2.36.146"))),
+        ("#contained-1", format!("#{}", h("contained-1"))),
+        ("NotAType/1", h("NotAType/1")),
+        ("Patient?identifier=x|1", h("Patient?identifier=x|1")),
+    ];
+    for (input, want) in cases {
+        assert_eq!(e.hash_reference(input), want, "{input}");
+    }
+    assert_eq!(h("").len(), 64);
+    assert_eq!(e.hash_reference(""), "");
+}
+
+/// `perturb` stays within its span and rounding; `encrypt` round-trips with
+/// the key; both label the resource. (No upstream pair: their output is random.)
+#[test]
+fn perturb_and_encrypt_within_their_contracts() {
+    let cfg = r#"{"fhirPathRules": [
+        {"path": "Observation.value", "method": "perturb", "span": 10, "roundTo": 1},
+        {"path": "Observation.component.value", "method": "perturb", "span": 0.5, "rangeType": "proportional"},
+        {"path": "Observation.note.text", "method": "encrypt"}
+      ], "parameters": {"encryptKey": "0123456789abcdef"}}"#;
+    let e = Deidentifier::new(DeidConfig::from_json(cfg).unwrap());
+    let input = r#"{"resourceType": "Observation", "id": "o1", "status": "final",
+        "code": {"text": "x"},
+        "valueQuantity": {"value": 100.04, "unit": "mg"},
+        "component": [{"code": {"text": "y"}, "valueInteger": 40}],
+        "note": [{"text": "Jane Doe called"}]}"#;
+    for _ in 0..200 {
+        let d = e
+            .deidentify_str(input, &ResourceContext::default())
+            .unwrap();
+        let v: Value = serde_json::from_str(&d.to_json_string()).unwrap();
+        let q = v["valueQuantity"]["value"].as_f64().unwrap();
+        assert!((95.04..=105.04).contains(&q), "{q}");
+        assert!(
+            (q * 10.0 - (q * 10.0).round()).abs() < 1e-6,
+            "rounded to 1 place: {q}"
+        );
+        assert_eq!(v["valueQuantity"]["unit"], "mg");
+        let i = &v["component"][0]["valueInteger"];
+        assert!(
+            i.is_i64() && (30..=50).contains(&i.as_i64().unwrap()),
+            "{i}"
+        );
+        let note = v["note"][0]["text"].as_str().unwrap();
+        assert_ne!(note, "Jane Doe called");
+        assert_eq!(
+            atlas_deid::encrypt::decrypt(note, b"0123456789abcdef").unwrap(),
+            "Jane Doe called"
+        );
+        let labels: Vec<&str> = v["meta"]["security"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["code"].as_str().unwrap())
+            .collect();
+        assert_eq!(labels, ["ENCRYPT", "PERTURBED"]);
+    }
+    // A key of the wrong size is refused when the configuration is read.
+    let bad = r#"{"fhirPathRules": [], "parameters": {"encryptKey": "short"}}"#;
+    assert!(DeidConfig::from_json(bad).unwrap_err().0.contains("bits"));
+}
+
+/// Configurations that cannot work are refused up front, naming the rule.
+#[test]
+fn bad_configurations_name_the_rule() {
+    for (cfg, needle) in [
+        (
+            r#"{"fhirPathRules": [{"path": "Patient.name", "method": "scramble"}]}"#,
+            "scramble",
+        ),
+        (
+            r#"{"fhirPathRules": [{"path": "Patient.name", "method": "substitute"}]}"#,
+            "replaceWith",
+        ),
+        (
+            r#"{"fhirPathRules": [{"path": "Patient.x", "method": "perturb"}]}"#,
+            "span",
+        ),
+        (
+            r#"{"fhirPathRules": [{"path": "Patient.name.select(x)", "method": "redact"}]}"#,
+            "not supported",
+        ),
+        (
+            r#"{"fhirPathRules": [{"path": "Patient.birthDate", "method": "generalize", "cases": {"$this >": "1"}}]}"#,
+            "case condition",
+        ),
+        (r#"{"fhirVersion": "Stu3", "fhirPathRules": []}"#, "Stu3"),
+        (r#"{"parameters": {}}"#, "fhirPathRules"),
+        (
+            r#"{"fhirPathRules": [], "parameters": {"dateShiftScope": "galaxy"}}"#,
+            "dateShiftScope",
+        ),
+    ] {
+        let e = DeidConfig::from_json(cfg).unwrap_err();
+        assert!(e.0.contains(needle), "{cfg}: {e}");
+    }
+}
