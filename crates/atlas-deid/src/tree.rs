@@ -105,8 +105,20 @@ impl Tree {
         let obj = v
             .as_object()
             .ok_or_else(|| invalid("$", "a resource must be a JSON object"))?;
-        tree.read_resource(obj, None, "resource", false, "")?;
+        tree.read_resource(obj, None, "resource", false)?;
         Ok(tree)
+    }
+
+    /// Where an error at `key` (item `i` of an array) below `owner` is.
+    fn at(&self, owner: Option<NodeId>, key: &str, i: Option<usize>) -> String {
+        let mut p = match owner {
+            Some(o) => format!("{}.{key}", self.location(o)),
+            None => "$".to_string(),
+        };
+        if let Some(i) = i {
+            p.push_str(&format!("[{i}]"));
+        }
+        p
     }
 
     fn read_resource(
@@ -115,13 +127,12 @@ impl Tree {
         parent: Option<NodeId>,
         name: &'static str,
         array: bool,
-        path: &str,
     ) -> Result<NodeId, InvalidInput> {
         let model = Model::r4();
         let rt = obj
             .get("resourceType")
             .and_then(JsonValue::as_str)
-            .ok_or_else(|| invalid(path_or(path, "$"), "resourceType is missing"))?;
+            .ok_or_else(|| invalid(&self.at(parent, name, None), "resourceType is missing"))?;
         let ty = model
             .type_key(rt)
             .filter(|k| model.is_resource(k))
@@ -133,7 +144,7 @@ impl Tree {
                 } else {
                     format!("'{rt}' is not a FHIR R4 resource type")
                 };
-                invalid(path_or(path, "$"), why)
+                invalid(&self.at(parent, name, None), why)
             })?;
         let id = self.push(Node {
             name: if parent.is_none() { ty } else { name },
@@ -146,25 +157,21 @@ impl Tree {
             array,
             resource: true,
         });
-        let here = if path.is_empty() {
-            rt.to_string()
-        } else {
-            path.to_string()
-        };
-        self.read_members(id, ty, obj, &here, true)?;
+        self.read_members(id, ty, obj, true)?;
         Ok(id)
     }
 
     /// Reads the members of a complex value (or a primitive's `_x` part) into `owner`.
+    /// Paths are built only for errors: this runs for every element of every resource.
     fn read_members(
         &mut self,
         owner: NodeId,
         ty: &'static str,
         obj: &JsonObject<'_>,
-        path: &str,
         is_resource: bool,
     ) -> Result<(), InvalidInput> {
         let model = Model::r4();
+        let mut underscore_key = String::new();
         for (key, value) in obj.iter() {
             if is_resource && key == "resourceType" {
                 continue;
@@ -174,28 +181,24 @@ impl Tree {
                 if obj.contains_key(base) {
                     continue;
                 }
-                let (name, elem_ty, choice, repeats) = resolve_element(model, ty, base, path)?;
+                let (name, elem_ty, choice, repeats) = resolve_element(model, ty, base)
+                    .map_err(|m| invalid(&self.at(Some(owner), key, None), m))?;
                 if !model.is_primitive(elem_ty) {
                     return Err(invalid(
-                        &format!("{path}.{key}"),
+                        &self.at(Some(owner), key, None),
                         "a '_' property belongs only to primitive elements",
                     ));
                 }
-                self.read_primitive(
-                    owner,
-                    name,
-                    elem_ty,
-                    choice,
-                    repeats,
-                    None,
-                    Some(value),
-                    path,
-                )?;
+                self.read_primitive(owner, name, elem_ty, choice, repeats, None, Some(value))?;
                 continue;
             }
-            let (name, elem_ty, choice, repeats) = resolve_element(model, ty, key, path)?;
-            let underscore = obj.get(&format!("_{key}"));
+            let (name, elem_ty, choice, repeats) = resolve_element(model, ty, key)
+                .map_err(|m| invalid(&self.at(Some(owner), key, None), m))?;
             if model.is_primitive(elem_ty) {
+                underscore_key.clear();
+                underscore_key.push('_');
+                underscore_key.push_str(key);
+                let underscore = obj.get(&underscore_key);
                 self.read_primitive(
                     owner,
                     name,
@@ -204,27 +207,23 @@ impl Tree {
                     repeats,
                     Some(value),
                     underscore,
-                    path,
                 )?;
             } else {
-                let child_path = format!("{path}.{key}");
                 let items: Vec<&JsonValue<'_>> = match value {
                     JsonValue::Array(items) => items.iter().collect(),
                     other => vec![other],
                 };
                 let array = matches!(value, JsonValue::Array(_)) || repeats;
+                let kind = model.type_def(elem_ty).map(|t| t.kind);
                 for (i, item) in items.into_iter().enumerate() {
-                    let item_path = if array {
-                        format!("{child_path}[{i}]")
-                    } else {
-                        child_path.clone()
-                    };
                     let o = item.as_object().ok_or_else(|| {
-                        invalid(&item_path, format!("expected an object of type {elem_ty}"))
+                        invalid(
+                            &self.at(Some(owner), key, array.then_some(i)),
+                            format!("expected an object of type {elem_ty}"),
+                        )
                     })?;
-                    let kind = model.type_def(elem_ty).map(|t| t.kind);
                     if elem_ty == "Resource" || kind == Some(TypeKind::Resource) {
-                        self.read_resource(o, Some(owner), name, array, &item_path)?;
+                        self.read_resource(o, Some(owner), name, array)?;
                     } else {
                         let id = self.push(Node {
                             name,
@@ -237,7 +236,7 @@ impl Tree {
                             array,
                             resource: false,
                         });
-                        self.read_members(id, elem_ty, o, &item_path, false)?;
+                        self.read_members(id, elem_ty, o, false)?;
                     }
                 }
             }
@@ -255,37 +254,35 @@ impl Tree {
         repeats: bool,
         value: Option<&JsonValue<'_>>,
         element: Option<&JsonValue<'_>>,
-        path: &str,
     ) -> Result<(), InvalidInput> {
-        let child_path = format!("{path}.{name}");
         let array = matches!(value, Some(JsonValue::Array(_)))
             || matches!(element, Some(JsonValue::Array(_)))
             || repeats;
-        let values: Vec<Option<&JsonValue<'_>>> = match value {
-            Some(JsonValue::Array(items)) => items.iter().map(Some).collect(),
-            Some(v) => vec![Some(v)],
-            None => Vec::new(),
+        let one = |v: Option<&JsonValue<'_>>| -> usize {
+            match v {
+                Some(JsonValue::Array(items)) => items.len(),
+                Some(_) => 1,
+                None => 0,
+            }
         };
-        let elements: Vec<Option<&JsonValue<'_>>> = match element {
-            Some(JsonValue::Array(items)) => items.iter().map(Some).collect(),
-            Some(v) => vec![Some(v)],
-            None => Vec::new(),
-        };
-        let n = values.len().max(elements.len());
+        fn nth<'v, 'j>(v: Option<&'v JsonValue<'j>>, i: usize) -> Option<&'v JsonValue<'j>> {
+            match v {
+                Some(JsonValue::Array(items)) => items.get(i),
+                Some(x) if i == 0 => Some(x),
+                _ => None,
+            }
+        }
+        let tname = Model::r4().type_name(ty);
+        let n = one(value).max(one(element));
         for i in 0..n {
-            let item_path = if array {
-                format!("{child_path}[{i}]")
-            } else {
-                child_path.clone()
-            };
-            let prim = match values.get(i).copied().flatten() {
+            let prim = match nth(value, i) {
                 None | Some(JsonValue::Null) => None,
                 Some(JsonValue::String(s)) => Some(Prim::Str(s.to_string())),
                 Some(JsonValue::Number(t)) => Some(Prim::Num(t.to_string())),
                 Some(JsonValue::Bool(b)) => Some(Prim::Bool(*b)),
                 Some(_) => {
                     return Err(invalid(
-                        &item_path,
+                        &self.at(Some(owner), name, array.then_some(i)),
                         format!("expected a primitive value of type {ty}"),
                     ));
                 }
@@ -293,7 +290,7 @@ impl Tree {
             let id = self.push(Node {
                 name,
                 ty,
-                tname: Model::r4().type_name(ty),
+                tname,
                 choice,
                 value: prim,
                 children: Vec::new(),
@@ -301,12 +298,12 @@ impl Tree {
                 array,
                 resource: false,
             });
-            match elements.get(i).copied().flatten() {
+            match nth(element, i) {
                 None | Some(JsonValue::Null) => {}
-                Some(JsonValue::Object(o)) => self.read_members(id, ty, o, &item_path, false)?,
+                Some(JsonValue::Object(o)) => self.read_members(id, ty, o, false)?,
                 Some(_) => {
                     return Err(invalid(
-                        &item_path,
+                        &self.at(Some(owner), name, array.then_some(i)),
                         "the '_' part of a primitive must be an object",
                     ));
                 }
@@ -336,7 +333,7 @@ impl Tree {
             array: false,
             resource: false,
         });
-        tree.read_members(0, ty, o, name, false)?;
+        tree.read_members(0, ty, o, false)?;
         Ok(tree)
     }
 
@@ -490,19 +487,16 @@ impl Tree {
         let n = &self.nodes[id];
         let mut out = JsonObject::with_capacity(n.children.len() + 1);
         if n.resource {
-            out.push(
-                "resourceType",
-                JsonValue::String(Cow::Owned(n.ty.to_string())),
-            );
+            out.push("resourceType", JsonValue::String(Cow::Borrowed(n.ty)));
         }
         // Group children by JSON key, keeping the order keys first appear in.
-        let mut keys: Vec<(String, Vec<NodeId>)> = Vec::new();
+        let mut keys: Vec<(Cow<'static, str>, Vec<NodeId>)> = Vec::new();
         for c in &n.children {
             let cn = &self.nodes[*c];
-            let key = if cn.choice {
-                format!("{}{}", cn.name, capitalize(cn.tname))
+            let key: Cow<'static, str> = if cn.choice {
+                Cow::Owned(format!("{}{}", cn.name, capitalize(cn.tname)))
             } else {
-                cn.name.to_string()
+                Cow::Borrowed(cn.name)
             };
             match keys.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, v)) => v.push(*c),
@@ -527,11 +521,15 @@ impl Tree {
                     .iter()
                     .map(|c| self.element_json(*c).unwrap_or(JsonValue::Null))
                     .collect();
-                if values.iter().any(|v| !v.is_null()) {
-                    out.push(key.clone(), wrap(values, array));
-                }
                 if elements.iter().any(|v| !v.is_null()) {
+                    if values.iter().any(|v| !v.is_null()) {
+                        out.push(key.clone(), wrap(values, array));
+                    }
                     out.push(format!("_{key}"), wrap(elements, array));
+                    continue;
+                }
+                if values.iter().any(|v| !v.is_null()) {
+                    out.push(key, wrap(values, array));
                 }
             } else {
                 let items: Vec<JsonValue<'static>> = ids
@@ -562,10 +560,6 @@ fn prim_json(p: Option<&Prim>) -> JsonValue<'static> {
     }
 }
 
-fn path_or<'a>(path: &'a str, fallback: &'a str) -> &'a str {
-    if path.is_empty() { fallback } else { path }
-}
-
 pub(crate) fn capitalize(s: &str) -> String {
     let mut c = s.chars();
     match c.next() {
@@ -579,8 +573,7 @@ fn resolve_element(
     model: &Model,
     ty: &'static str,
     key: &str,
-    path: &str,
-) -> Result<(&'static str, &'static str, bool, bool), InvalidInput> {
+) -> Result<(&'static str, &'static str, bool, bool), String> {
     if let Some(def) = model.element(ty, key)
         && !def.choice
     {
@@ -592,8 +585,8 @@ fn resolve_element(
         let repeats = model.element(ty, base).is_some_and(|d| d.repeats);
         return Ok((base, choice_ty, true, repeats));
     }
-    Err(invalid(
-        &format!("{path}.{key}"),
-        format!("unknown element '{key}' on {}", model.type_name(ty)),
+    Err(format!(
+        "unknown element '{key}' on {}",
+        model.type_name(ty)
     ))
 }

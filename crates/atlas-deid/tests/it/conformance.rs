@@ -226,3 +226,37 @@ fn bad_configurations_name_the_rule() {
         assert!(e.0.contains(needle), "{cfg}: {e}");
     }
 }
+
+/// Input that is not FHIR R4 is refused naming where, never half-processed.
+#[test]
+fn invalid_resources_name_the_element() {
+    let e = Deidentifier::new(DeidConfig::from_json(r#"{"fhirPathRules": []}"#).unwrap());
+    for (input, path) in [
+        (
+            r#"{"resourceType": "Patient", "name": [{"given": ["a"]}, {"foo": 1}]}"#,
+            "Patient.name[1].foo",
+        ),
+        (
+            r#"{"resourceType": "Patient", "birthDate": {"x": 1}}"#,
+            "Patient.birthDate",
+        ),
+        (
+            r#"{"resourceType": "Patient", "_name": {}}"#,
+            "Patient._name",
+        ),
+        (r#"{"resourceType": "Nope"}"#, "$"),
+        (
+            r#"{"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient", "bogus": true}}]}"#,
+            "Bundle.entry[0].resource.bogus",
+        ),
+    ] {
+        match e.deidentify_str(input, &ResourceContext::default()) {
+            Err(DeidError::Invalid(i)) => assert_eq!(i.path, path, "{input}: {i}"),
+            other => panic!("{input}: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        e.deidentify_str("{not json", &ResourceContext::default()),
+        Err(DeidError::NotJson(_))
+    ));
+}
