@@ -23,25 +23,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-ATLAS = os.path.join(TARGET, "release", "atlas")
-KEY = "bench-deid-key"
+from ingest import ATLAS, ROOT, rss_of as run  # bench/ingest.py, next to this file
 
-
-def run(cmd):
-    t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env={**os.environ, "ATLAS_DEID_KEY": KEY})
-    out = p.stdout.read()
-    err = p.stderr.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    secs = time.perf_counter() - t
-    if status != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{err.decode()}")
-    return secs, usage.ru_maxrss / 1024, out.decode(), err.decode()
+# The profile's secret, for the child processes.
+os.environ["ATLAS_DEID_KEY"] = "bench-deid-key"
 
 
 def input_size(data):

@@ -11,7 +11,7 @@
 use crate::config::{DateShiftScope, DeidConfig, Method, ProcessingErrors};
 use crate::dates;
 use crate::select::{TypeIndex, criterion, eval_on};
-use crate::tree::{InvalidInput, Node, NodeId, Prim, Tree};
+use crate::tree::{InvalidInput, NodeId, Prim, Tree};
 use atlas_fhirpath::json::JsonValue;
 use atlas_fhirpath::model::Model;
 use chrono::NaiveDate;
@@ -782,18 +782,7 @@ impl Run<'_, '_> {
                     ));
                 }
             };
-            let mut t = Tree::default();
-            t.nodes.push(Node {
-                name,
-                ty,
-                tname: self.tree.node(id).tname,
-                choice: false,
-                value: None,
-                children: Vec::new(),
-                parent: None,
-                array: false,
-                resource: false,
-            });
+            let mut t = Tree::single(name, ty);
             t.set_text(0, text);
             t
         } else {

@@ -312,6 +312,23 @@ impl Tree {
         Ok(())
     }
 
+    /// A tree of one empty node (the root of a replacement value).
+    pub(crate) fn single(name: &'static str, ty: &'static str) -> Tree {
+        Tree {
+            nodes: vec![Node {
+                name,
+                ty,
+                tname: Model::r4().type_name(ty),
+                choice: false,
+                value: None,
+                children: Vec::new(),
+                parent: None,
+                array: false,
+                resource: false,
+            }],
+        }
+    }
+
     /// Reads `obj` as a value of type `ty` (a substitute rule's replacement).
     pub(crate) fn fragment(
         ty: &'static str,
@@ -321,18 +338,7 @@ impl Tree {
         let o = obj
             .as_object()
             .ok_or_else(|| invalid(name, format!("expected an object of type {ty}")))?;
-        let mut tree = Tree::default();
-        tree.nodes.push(Node {
-            name,
-            ty,
-            tname: Model::r4().type_name(ty),
-            choice: false,
-            value: None,
-            children: Vec::new(),
-            parent: None,
-            array: false,
-            resource: false,
-        });
+        let mut tree = Tree::single(name, ty);
         tree.read_members(0, ty, o, false)?;
         Ok(tree)
     }
