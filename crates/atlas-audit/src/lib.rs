@@ -68,14 +68,15 @@ pub struct AuditEntry {
     pub rules: Vec<String>,
     /// The resource types the request was decided for.
     pub resource_types: Vec<String>,
-    /// Rows (objects, resources, view rows) in the answer; `None` for a
-    /// stream, whose size is not known when its record is written.
+    /// Rows (objects, resources, view rows) in the answer; `None` in a
+    /// stream's first record, written before its rows are known (its
+    /// second record, decision `stream complete` or `stream aborted`, has them).
     pub rows: Option<u64>,
     /// The patients whose rows the answer holds, when there are at most 20
     /// (else only `patient_count`).
     pub patients: Vec<String>,
     /// How many distinct patients the answer holds; `None` when not known
-    /// (streams, aggregates, more than 100,000).
+    /// (a stream's first record, aggregates, more than 100,000).
     pub patient_count: Option<u64>,
     /// Element paths hidden from the answer by policy (`Patient.telecom`).
     pub fields_removed: Vec<String>,

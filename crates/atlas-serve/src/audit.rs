@@ -9,10 +9,21 @@
 //! via `Metrics::rows`), then chains and writes the record. If the record
 //! cannot be written the client gets a 503 instead of the answer: no data
 //! leaves without its record.
+//!
+//! A streamed answer (NDJSON, Arrow, Parquet) gets a second record when its
+//! body ends: `decision` "stream complete" with the rows and patients it
+//! held, written before the body's last chunk (a failed write cuts the
+//! stream short, so the client sees an incomplete answer), or "stream
+//! aborted" with what was sent when the client goes away first.
 
 use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Instant;
+
+use futures::Stream;
 
 use atlas_audit::{AuditEntry, AuditLog, AuditStore};
 use axum::extract::{Request, State};
@@ -244,8 +255,24 @@ pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> R
         fields_removed: f.fields_removed.into_iter().collect(),
         duration_us: started.elapsed().as_micros() as u64,
     };
+    let template = streamed.then(|| entry.clone());
     match log.record(entry).await {
-        Ok(_) => response,
+        Ok(_) => match template {
+            Some(t) => {
+                let (parts, body) = response.into_parts();
+                let body = StreamAudit {
+                    inner: body.into_data_stream(),
+                    facts,
+                    log,
+                    template: Some(t),
+                    started,
+                    finishing: None,
+                    done: false,
+                };
+                Response::from_parts(parts, axum::body::Body::from_stream(body))
+            }
+            None => response,
+        },
         Err(e) => {
             tracing::error!("audit record not written, answer withheld: {e}");
             ApiError::new(
@@ -256,6 +283,103 @@ pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> R
                 "the request's audit record could not be written, so its answer is withheld",
             )
             .into_response()
+        }
+    }
+}
+
+type Finishing = Pin<Box<dyn Future<Output = Result<u64, atlas_audit::AuditError>> + Send>>;
+
+/// A streamed body that counts what it sends (its polls run with the
+/// request's [`Facts`]) and writes the completion record at its end.
+struct StreamAudit {
+    inner: axum::body::BodyDataStream,
+    facts: Arc<Mutex<Facts>>,
+    log: Arc<AuditLog>,
+    template: Option<AuditEntry>,
+    started: Instant,
+    finishing: Option<Finishing>,
+    done: bool,
+}
+
+impl StreamAudit {
+    /// The completion record: the first record's request, what was sent.
+    fn completion(&mut self, decision: &str) -> Option<AuditEntry> {
+        let mut e = self.template.take()?;
+        let f = match self.facts.lock() {
+            Ok(mut g) => std::mem::take(&mut *g),
+            Err(_) => Facts::default(),
+        };
+        e.time = atlas_audit::now_rfc3339();
+        e.decision = decision.to_owned();
+        e.rows = Some(f.rows);
+        e.patients = if f.patients.len() <= LISTED_PATIENTS {
+            f.patients.iter().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        e.patient_count = (!f.patients_overflow).then_some(f.patients.len() as u64);
+        e.duration_us = self.started.elapsed().as_micros() as u64;
+        Some(e)
+    }
+}
+
+impl Stream for StreamAudit {
+    type Item = Result<bytes::Bytes, axum::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(fut) = this.finishing.as_mut() {
+                let r = std::task::ready!(fut.as_mut().poll(cx));
+                this.finishing = None;
+                this.done = true;
+                return Poll::Ready(match r {
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::error!("stream's completion record not written: {e}");
+                        Some(Err(axum::Error::new(e)))
+                    }
+                });
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let facts = this.facts.clone();
+            let inner = &mut this.inner;
+            let next = FACTS.sync_scope(facts, || Pin::new(inner).poll_next(cx));
+            match next {
+                Poll::Ready(None) => match this.completion("stream complete") {
+                    Some(entry) => {
+                        let log = this.log.clone();
+                        this.finishing = Some(Box::pin(async move { log.record(entry).await }));
+                    }
+                    None => this.done = true,
+                },
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Drop for StreamAudit {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // The client went away (or the server is stopping): record what was sent.
+        let pending = match self.finishing.take() {
+            Some(f) => Some(f),
+            None => self.completion("stream aborted").map(|entry| {
+                let log = self.log.clone();
+                Box::pin(async move { log.record(entry).await }) as Finishing
+            }),
+        };
+        if let (Some(f), Ok(rt)) = (pending, tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                if let Err(e) = f.await {
+                    tracing::error!("aborted stream's record not written: {e}");
+                }
+            });
         }
     }
 }

@@ -684,7 +684,11 @@ async fn stream_search(
             if let Some(r) = text(&res, row) {
                 let t = text(&types, row).unwrap_or_default();
                 let id = text(&ids, row).unwrap_or_default();
-                let (json, _) = redactor.apply(t, id, r, text(&patients, row));
+                let patient = text(&patients, row);
+                if let Some(p) = patient {
+                    crate::audit::note_patient(p);
+                }
+                let (json, _) = redactor.apply(t, id, r, patient);
                 out.extend_from_slice(json.as_bytes());
                 out.push(b'\n');
                 n += 1;

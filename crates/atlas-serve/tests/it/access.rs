@@ -1349,7 +1349,8 @@ async fn every_request_is_audited_in_a_verifiable_chain() {
         Some(local.clone()),
     );
     let recs = atlas_audit::records(&store).await.unwrap();
-    assert_eq!(recs.len(), requests.len() + 3, "{recs:#?}");
+    // + the unauthenticated, GraphQL and too-large requests, + the stream's completion.
+    assert_eq!(recs.len(), requests.len() + 4, "{recs:#?}");
     let by_path = |i: usize| &recs[i].entry;
     let read = by_path(0);
     assert_eq!(read.subject.as_deref(), Some("auditee"));
@@ -1391,15 +1392,28 @@ async fn every_request_is_audited_in_a_verifiable_chain() {
         (0, Some(0))
     );
     assert!(load.query.starts_with("body=sha256:"), "{}", load.query);
-    assert_eq!(by_path(5).rows, None, "streams record no row count");
+    // A stream: one record before its first byte (rows not known yet), one
+    // when its body has ended, with what it held.
+    assert_eq!(by_path(5).rows, None, "the first record precedes the rows");
+    let done = by_path(6);
     assert_eq!(
-        (by_path(6).decision.as_str(), by_path(6).subject.clone()),
+        (done.decision.as_str(), done.path.as_str(), done.rows),
+        (
+            "stream complete",
+            "/fhir/Patient",
+            Some(w.patients.len() as u64)
+        )
+    );
+    assert_eq!(done.patient_count, Some(w.patients.len() as u64));
+    assert_eq!(done.query_hash, by_path(5).query_hash);
+    assert_eq!(
+        (by_path(7).decision.as_str(), by_path(7).subject.clone()),
         ("unauthenticated", None)
     );
-    let gql = by_path(7);
+    let gql = by_path(8);
     assert_eq!(gql.resource_types, ["Condition", "Patient"], "{gql:?}");
     assert_eq!(gql.patient_count, Some(w.patients.len() as u64), "{gql:?}");
-    let refused = by_path(8);
+    let refused = by_path(9);
     assert_eq!(
         (refused.status, refused.decision.as_str()),
         (413, "invalid")
@@ -1413,6 +1427,33 @@ async fn every_request_is_audited_in_a_verifiable_chain() {
     let ev = atlas_audit::audit_event(&recs[2]);
     assert_eq!(ev["outcome"], "4");
     assert_eq!(ev["agent"][0]["who"]["identifier"]["value"], "auditee");
+
+    // A client that goes away mid-stream still leaves a record of what was sent.
+    let req = Request::builder()
+        .uri("/fhir/Patient?_format=ndjson&_sort=_id")
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-purpose-of-use", "TREAT")
+        .body(Body::empty())
+        .unwrap();
+    let response = router(state.clone()).oneshot(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body().into_data_stream();
+    let first = futures::StreamExt::next(&mut body).await;
+    assert!(matches!(first, Some(Ok(_))));
+    drop(body);
+    let mut aborted = None;
+    for _ in 0..50 {
+        let recs = atlas_audit::records(&store).await.unwrap();
+        if let Some(r) = recs.last().filter(|r| r.entry.decision == "stream aborted") {
+            aborted = Some(r.entry.clone());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let aborted = aborted.expect("an aborted stream is recorded");
+    assert_eq!(aborted.path, "/fhir/Patient");
+    assert!(aborted.rows.is_some_and(|n| n > 0), "{aborted:?}");
+    assert!(atlas_audit::verify(&store).await.unwrap().is_ok());
 }
 
 /// A grant whose rule says `deid`: FHIR search and NDJSON answer
