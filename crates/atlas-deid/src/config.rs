@@ -45,6 +45,11 @@ pub enum ProcessingErrors {
 pub struct Parameters {
     pub date_shift_key: String,
     pub date_shift_scope: DateShiftScope,
+    /// Atlas: days added to every date-shift offset (default 0). A large
+    /// value moves shifted dates out of the range real records use, so no
+    /// shifted date can equal a real one; `safe-harbor-minimal` uses about
+    /// −200 years.
+    pub date_shift_base_days: i64,
     pub crypto_hash_key: String,
     pub encrypt_key: String,
     pub enable_partial_ages_for_redact: bool,
@@ -237,6 +242,12 @@ fn parse_parameters(p: &JsonObject<'_>) -> Result<Parameters, ConfigError> {
     };
     Ok(Parameters {
         date_shift_key: get_str(p, "dateShiftKey").unwrap_or_default().to_string(),
+        date_shift_base_days: match p.get("dateShiftBaseDays") {
+            None | Some(JsonValue::Null) => 0,
+            Some(v) => v.as_i64().filter(|d| d.abs() <= 366_000).ok_or_else(|| {
+                err("dateShiftBaseDays must be a whole number of days within 1,000 years")
+            })?,
+        },
         date_shift_scope: scope,
         crypto_hash_key: get_str(p, "cryptoHashKey").unwrap_or_default().to_string(),
         encrypt_key: get_str(p, "encryptKey").unwrap_or_default().to_string(),

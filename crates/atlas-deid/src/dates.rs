@@ -142,6 +142,17 @@ pub(crate) fn shift(p: &DateParts<'_>, days: i64) -> Option<String> {
     Some(out)
 }
 
+/// Shifts a year or year-month by `days` from its first day, keeping its precision.
+pub(crate) fn shift_partial(p: &DateParts<'_>, days: i64) -> Option<String> {
+    let month = p.month.unwrap_or(1);
+    let date = NaiveDate::from_ymd_opt(p.year.parse().ok()?, month, 1)?;
+    let shifted = date.checked_add_signed(Duration::days(days))?;
+    Some(match p.month {
+        Some(_) => shifted.format("%Y-%m").to_string(),
+        None => shifted.format("%Y").to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +170,14 @@ mod tests {
         assert_eq!(parse("2002", false).unwrap().month, None);
         assert!(shift(&parse("2015-02-30", false).unwrap(), 1).is_none());
         assert_eq!(upstream_offset("example", "123"), 41);
+        assert_eq!(
+            shift_partial(&parse("2014", false).unwrap(), -73052).unwrap(),
+            "1813"
+        );
+        assert_eq!(
+            shift_partial(&parse("2014-03", false).unwrap(), -40).unwrap(),
+            "2014-01"
+        );
     }
 
     #[test]

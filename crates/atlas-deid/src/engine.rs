@@ -264,9 +264,11 @@ impl Deidentifier {
         self.hash(reference)
     }
 
-    /// The patient-scope date offset in days (for tests and audits of the profile).
+    /// The patient-scope date offset in days, base included (for tests and
+    /// audits of the profile).
     pub fn patient_date_offset(&self, patient_id: &str) -> i64 {
-        dates::patient_offset(patient_id, &self.shift_key)
+        self.config.parameters.date_shift_base_days
+            + dates::patient_offset(patient_id, &self.shift_key)
     }
 
     /// De-identifies one resource given as JSON text.
@@ -650,12 +652,24 @@ impl Run<'_, '_> {
         };
         let with_time = ty != "date";
         let parts = dates::parse(&v, with_time);
+        let patient_scope =
+            self.engine.config.parameters.date_shift_scope == DateShiftScope::Patient;
         match parts {
             Some(p) if p.day.is_some() && !dates::over_89(&p, self.today) => {
                 let offset = self.offset(id);
                 let shifted = dates::shift(&p, offset).ok_or_else(|| {
                     self.fail(rule, id, "the date does not exist on the calendar")
                 })?;
+                self.tree.node_mut(id).value = Some(Prim::Str(shifted));
+                Ok(self.record(id, Operation::DateShift, rule))
+            }
+            // Atlas's patient scope moves a year or year-month too (its first
+            // day, kept at its precision), so it stays on the patient's timeline.
+            Some(p) if patient_scope && !dates::over_89(&p, self.today) => {
+                let offset = self.offset(id);
+                let Some(shifted) = dates::shift_partial(&p, offset) else {
+                    return Err(self.fail(rule, id, "the date does not exist on the calendar"));
+                };
                 self.tree.node_mut(id).value = Some(Prim::Str(shifted));
                 Ok(self.record(id, Operation::DateShift, rule))
             }
@@ -678,6 +692,10 @@ impl Run<'_, '_> {
     }
 
     fn compute_offset(&self, id: NodeId) -> i64 {
+        self.engine.config.parameters.date_shift_base_days + self.scope_offset(id)
+    }
+
+    fn scope_offset(&self, id: NodeId) -> i64 {
         let params = &self.engine.config.parameters;
         let upstream = |prefix: &str| dates::upstream_offset(prefix, &params.date_shift_key);
         let resource_prefix = || self.tree.resource_id(self.tree.top(id));

@@ -7,10 +7,13 @@
 //! and can be copied as a starting point. Rules apply in order; the first
 //! rule to reach an element decides its fate:
 //!
-//! 1. Dates (`date`, `dateTime`, `instant`) shift by one keyed offset per
-//!    patient (30–365 days, either way), so intervals within a patient's
-//!    record stay exact; dates more than 89 years ago are removed
-//!    (ages over 89); dates with only a year or month keep the year.
+//! 1. Dates (`date`, `dateTime`, `instant`) shift by one offset per
+//!    patient: 200 years back (`dateShiftBaseDays: -73052`, whole weeks)
+//!    plus a keyed 30–365 days either way. Intervals within a patient's
+//!    record stay exact, and every shifted date lands far from any real
+//!    record, so no real date (and no real year) can reappear by
+//!    coincidence. Dates more than 89 years ago are removed (ages over 89);
+//!    a year or year-month moves with the patient at its precision.
 //! 2. Resource ids, references and Bundle `fullUrl`s are replaced by a keyed
 //!    HMAC-SHA256 of the id, so references still resolve.
 //! 3. Codes and measurements stay: `Coding`, `CodeableConcept`, quantities,
@@ -109,7 +112,7 @@ pub fn safe_harbor_minimal_json(secret: &str) -> String {
         .collect();
     let zips: Vec<String> = RESTRICTED_ZIP3.iter().map(|z| format!("\"{z}\"")).collect();
     format!(
-        "{{\n  \"fhirVersion\": \"R4\",\n  \"processingErrors\": \"raise\",\n  \"fhirPathRules\": [\n{}\n  ],\n  \"parameters\": {{\n    \"dateShiftKey\": {key},\n    \"dateShiftScope\": \"patient\",\n    \"cryptoHashKey\": {key},\n    \"enablePartialAgesForRedact\": true,\n    \"enablePartialDatesForRedact\": true,\n    \"enablePartialZipCodesForRedact\": true,\n    \"restrictedZipCodeTabulationAreas\": [{}]\n  }}\n}}\n",
+        "{{\n  \"fhirVersion\": \"R4\",\n  \"processingErrors\": \"raise\",\n  \"fhirPathRules\": [\n{}\n  ],\n  \"parameters\": {{\n    \"dateShiftKey\": {key},\n    \"dateShiftScope\": \"patient\",\n    \"dateShiftBaseDays\": -73052,\n    \"cryptoHashKey\": {key},\n    \"enablePartialAgesForRedact\": true,\n    \"enablePartialDatesForRedact\": true,\n    \"enablePartialZipCodesForRedact\": true,\n    \"restrictedZipCodeTabulationAreas\": [{}]\n  }}\n}}\n",
         rules.join(",\n"),
         zips.join(", "),
         key = json_string(secret),

@@ -95,6 +95,12 @@ fn codings(v: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// The `YYYY-MM-DD` a date or dateTime value starts with.
+fn full_date(s: &str) -> Option<String> {
+    let d = s.get(..10)?;
+    (s.as_bytes()[4] == b'-' && day_number(d).is_some()).then(|| d.to_string())
+}
+
 fn day_number(s: &str) -> Option<i64> {
     let d = chrono::NaiveDate::parse_from_str(s.get(..10)?, "%Y-%m-%d").ok()?;
     Some(
@@ -168,6 +174,8 @@ fn safe_harbor_minimal_on_615_patients() {
     let mut birth_dates = HashMap::new();
     let mut vocab = HashSet::new();
     let mut kept_values = HashSet::new();
+    // Every full date (YYYY-MM-DD, alone or starting a dateTime) in the source.
+    let mut source_days: HashSet<String> = HashSet::new();
     for f in &files {
         for (n, line) in read_gz_lines(f).into_iter().enumerate() {
             let origin = Origin {
@@ -184,6 +192,9 @@ fn safe_harbor_minimal_on_615_patients() {
             };
             let v: Value = serde_json::from_str(&line).unwrap();
             vocabulary(&v, &mut vocab, &mut kept_values);
+            let mut all = Vec::new();
+            strings(&v, &mut all);
+            source_days.extend(all.into_iter().filter_map(full_date));
             if let Some(s) = v.get("valueString").and_then(Value::as_str) {
                 vocab.extend(tokens(s).map(str::to_string));
             }
@@ -284,6 +295,7 @@ fn safe_harbor_minimal_on_615_patients() {
     // Output: no identifier survives anywhere; codes and values are unchanged.
     let mut out_tokens: HashSet<String> = HashSet::new();
     let mut out_strings: HashSet<String> = HashSet::new();
+    let mut out_days: HashSet<String> = HashSet::new();
     let mut shifts_by_patient: BTreeMap<String, HashSet<i64>> = BTreeMap::new();
     let (mut compared_dates, mut source_dates) = (0usize, 0usize);
     let mut outputs = 0;
@@ -308,6 +320,9 @@ fn safe_harbor_minimal_on_615_patients() {
             for t in s {
                 out_tokens.extend(tokens(t).map(str::to_string));
                 out_strings.insert(t.to_string());
+                if let Some(d) = full_date(t) {
+                    out_days.insert(d);
+                }
             }
             let rt = o["resourceType"].as_str().unwrap().to_string();
             let id = o["id"].as_str().unwrap().to_string();
@@ -339,7 +354,8 @@ fn safe_harbor_minimal_on_615_patients() {
             compared_dates += shifts.len();
             if let Some(pid) = patient {
                 let want = engine.patient_date_offset(pid);
-                assert!((30..=365).contains(&want.abs()));
+                // About 200 years back, then 30 to 365 days either way per patient.
+                assert!((30..=365).contains(&(want + 73_052).abs()), "{want}");
                 for d in &shifts {
                     assert_eq!(
                         *d, want,
@@ -379,6 +395,15 @@ fn safe_harbor_minimal_on_615_patients() {
         "{compared_dates} of {source_dates} dates kept"
     );
     assert_eq!(shifts_by_patient.len(), 615);
+    // No full date of the source appears anywhere in the output: shifted
+    // timelines sit about 200 years before any real record.
+    let leaked_days: Vec<&String> = source_days.intersection(&out_days).take(10).collect();
+    assert!(
+        leaked_days.is_empty(),
+        "{} source dates in the output, e.g. {leaked_days:?}",
+        source_days.intersection(&out_days).count()
+    );
+    assert!(source_days.len() > 10_000 && out_days.len() > 10_000);
     assert!(shifts_by_patient.values().all(|s| s.len() == 1));
 
     // The change records name what changed, per resource.
@@ -396,9 +421,11 @@ fn safe_harbor_minimal_on_615_patients() {
         assert!(ops.contains(op), "{op} missing from {first}");
     }
     println!(
-        "safe-harbor-minimal: {} resources, {} names/cities and {} identifiers checked absent, {compared_dates}/{source_dates} dates shifted by their patient's offset",
+        "safe-harbor-minimal: {} resources, {} names/cities and {} identifiers checked absent, {compared_dates}/{source_dates} dates shifted by their patient's offset, none of {} distinct source dates among {} output dates",
         outputs,
         names.len(),
-        exact.len()
+        exact.len(),
+        source_days.len(),
+        out_days.len()
     );
 }
