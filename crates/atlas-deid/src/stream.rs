@@ -147,6 +147,20 @@ pub fn run(
     opts: &StreamOptions,
     progress: &Progress,
 ) -> std::io::Result<Summary> {
+    // The output replaces `out` at the end; never a folder this did not write.
+    if out.exists()
+        && !out.join("summary.json").exists()
+        && std::fs::read_dir(out)?.next().is_some()
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not an earlier de-identification output (no summary.json); \
+                 refusing to replace it: name a new or empty folder",
+                out.display()
+            ),
+        ));
+    }
     let staging = staging_dir(out);
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;

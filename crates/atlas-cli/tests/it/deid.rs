@@ -119,6 +119,23 @@ fn deid_profile_is_deterministic_reconciled_and_atomic() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("ATLAS_DEID_KEY"));
     assert!(!tmp.path().join("nokey").exists());
 
+    // A folder it did not write is never replaced.
+    let foreign = tmp.path().join("documents");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("thesis.txt"), "keep me").unwrap();
+    let o = deid("key-one")
+        .args(["--profile", "safe-harbor-minimal", "--out"])
+        .arg(&foreign)
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("refusing to replace"));
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("thesis.txt")).unwrap(),
+        "keep me"
+    );
+
     // --print-config prints rules that load back as a configuration.
     let o = run_ok(deid("key-one").args(["--profile", "safe-harbor-minimal", "--print-config"]));
     let cfg = tmp.path().join("profile.json");
