@@ -38,6 +38,7 @@ use atlas_objectset::{Decoder, ObjectSet};
 use atlas_ontology::{Cardinality, Link, ObjectType, Ontology};
 use atlas_policy::{Action, Principal};
 
+use crate::graphql_limits::{DocumentLimits, scan_text};
 use crate::query::{Narrow, PageRequest, Planner, Query, bad, column, internal, snapshot};
 use crate::{ApiError, AppState};
 
@@ -53,6 +54,21 @@ pub struct GraphqlConfig {
     pub default_link_size: usize,
     /// Schema introspection; unset means on exactly when dev auth is on.
     pub introspection: Option<bool>,
+    /// The largest query text accepted (bytes).
+    pub max_query_bytes: usize,
+    /// How deep `{`, `[` and `(` may nest in the query text.
+    pub max_nesting: usize,
+    /// Fragment spreads per document, as written.
+    pub max_fragment_spreads: usize,
+    /// Aliases per document, as written.
+    pub max_aliases: usize,
+    /// Root fields of the operation, fragments expanded.
+    pub max_root_fields: usize,
+    /// Fields of the operation with every fragment expanded (computed once
+    /// per fragment, so a chain of doubling fragments costs its length).
+    pub max_fields: usize,
+    /// Batched link queries one request may run.
+    pub max_link_queries: usize,
 }
 
 impl Default for GraphqlConfig {
@@ -63,6 +79,13 @@ impl Default for GraphqlConfig {
             max_rows: 100_000,
             default_link_size: 1_000,
             introspection: None,
+            max_query_bytes: 64 << 10,
+            max_nesting: 64,
+            max_fragment_spreads: 256,
+            max_aliases: 128,
+            max_root_fields: 16,
+            max_fields: 5_000,
+            max_link_queries: 256,
         }
     }
 }
@@ -77,6 +100,7 @@ struct RequestCtx {
     state: AppState,
     who: Principal,
     rows: AtomicUsize,
+    link_queries: AtomicUsize,
     /// The request's audit facts, for link loads that run in tasks of
     /// their own.
     audit: Option<Arc<std::sync::Mutex<crate::audit::Facts>>>,
@@ -87,6 +111,8 @@ impl RequestCtx {
         let max = self.state.config.graphql.max_rows;
         let total = self.rows.fetch_add(n, Ordering::Relaxed) + n;
         if total > max {
+            // Not answered: the count stays what the response holds.
+            self.rows.fetch_sub(n, Ordering::Relaxed);
             return Err(async_graphql::Error::new(format!(
                 "the result is larger than {max} objects; ask for fewer (first:) or narrow the query"
             ))
@@ -643,6 +669,17 @@ impl LinkLoader {
         parents: &[String],
     ) -> Result<HashMap<String, Vec<Map<String, Json>>>, ApiError> {
         let state = &self.ctx.state;
+        let max = state.config.graphql.max_link_queries;
+        if self.ctx.link_queries.fetch_add(1, Ordering::Relaxed) >= max {
+            return Err(bad(
+                "QueryTooComplex",
+                "query",
+                "",
+                format!(
+                    "the query needs more than {max} link queries; select fewer links or fewer argument sets"
+                ),
+            ));
+        }
         state.metrics.link_query();
         let t = crate::ontology::object_type(&state.ontology, side.target())?;
         let mut set = ObjectSet::Base {
@@ -759,21 +796,25 @@ pub(crate) async fn handler(
             ),
         )
     })?;
-    let mut req = async_graphql::Request::new(body.query);
-    if let Some(v) = body.variables {
-        req = req.variables(async_graphql::Variables::from_json(v));
-    }
-    if let Some(op) = body.operation_name {
-        req = req.operation_name(op);
-    }
+    let req = match bounded_request(&state, body).await? {
+        Ok(req) => req,
+        Err(refused) => return Ok(refused),
+    };
     let rc = Arc::new(RequestCtx {
         state: state.clone(),
         who,
         rows: AtomicUsize::new(0),
+        link_queries: AtomicUsize::new(0),
         audit: crate::audit::current(),
     });
     let loader = DataLoader::new(LinkLoader { ctx: rc.clone() }, tokio::spawn);
-    let resp = state.graphql.execute(req.data(rc).data(loader)).await;
+    let resp = state
+        .graphql
+        .execute(req.data(rc.clone()).data(loader))
+        .await;
+    state
+        .metrics
+        .rows("graphql", rc.rows.load(Ordering::Relaxed) as u64);
     let rows = resp.data.clone();
     // A request that produced no data at all (parse, validation, limits) is
     // the client's error: 400. Field errors next to data stay 200.
@@ -784,4 +825,66 @@ pub(crate) async fn handler(
     };
     let bytes = serde_json::to_vec(&resp).map_err(internal)?;
     Ok((status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response())
+}
+
+/// Parses the request and checks it against [`DocumentLimits`] on the
+/// blocking pool (the work is linear in the text, but it is CPU work).
+/// A document that breaks a limit or does not parse is answered with a
+/// 400 GraphQL error response, without ever reaching the executor.
+async fn bounded_request(
+    state: &AppState,
+    body: GraphqlBody,
+) -> Result<Result<async_graphql::Request, Response>, ApiError> {
+    let g = &state.config.graphql;
+    let limits = DocumentLimits {
+        max_query_bytes: g.max_query_bytes,
+        max_nesting: g.max_nesting,
+        max_fragment_spreads: g.max_fragment_spreads,
+        max_aliases: g.max_aliases,
+        max_root_fields: g.max_root_fields,
+        max_fields: g.max_fields,
+        max_rows: g.max_rows,
+        default_page_size: state.config.default_page_size,
+    };
+    let checked = tokio::task::spawn_blocking(move || {
+        scan_text(&body.query, &limits).map_err(|e| limit_error(&e.0, "QueryTooLarge"))?;
+        let mut req = async_graphql::Request::new(body.query);
+        if let Some(v) = body.variables {
+            req = req.variables(async_graphql::Variables::from_json(v));
+        }
+        if let Some(op) = &body.operation_name {
+            req = req.operation_name(op.clone());
+        }
+        let vars = req.variables.clone();
+        let doc = req
+            .parsed_query()
+            .map_err(|e| Box::new(async_graphql::Response::from_errors(vec![e])))?;
+        limits
+            .check(doc, body.operation_name.as_deref(), &vars)
+            .map_err(|e| limit_error(&e.0, "QueryTooComplex"))?;
+        Ok::<_, Box<async_graphql::Response>>(req)
+    })
+    .await
+    .map_err(internal)?;
+    Ok(checked.map_err(|resp| {
+        let bytes = serde_json::to_vec(&resp).unwrap_or_default();
+        (
+            StatusCode::BAD_REQUEST,
+            [(header::CONTENT_TYPE, "application/json")],
+            bytes,
+        )
+            .into_response()
+    }))
+}
+
+fn limit_error(message: &str, name: &'static str) -> Box<async_graphql::Response> {
+    let e = async_graphql::ServerError::new(message, None);
+    let mut ext = async_graphql::ErrorExtensionValues::default();
+    ext.set("errorName", name);
+    Box::new(async_graphql::Response::from_errors(vec![
+        async_graphql::ServerError {
+            extensions: Some(ext),
+            ..e
+        },
+    ]))
 }

@@ -24,6 +24,8 @@ pub mod deid;
 mod error;
 mod fhir;
 pub mod graphql;
+mod graphql_limits;
+pub mod limits;
 mod metrics;
 mod objects;
 mod ontology;
@@ -78,6 +80,8 @@ pub struct AppState {
     pub audit: Option<Arc<atlas_audit::AuditLog>>,
     /// De-identifiers for grants whose rule says `deid`.
     pub deid: Arc<deid::Engines>,
+    /// Deadlines, turns per principal and the shutdown cut (`[limits]`).
+    pub limiter: Arc<limits::Limiter>,
 }
 
 impl AppState {
@@ -122,6 +126,7 @@ impl AppState {
             deid,
             auth,
             page_tokens: Arc::new(page_tokens),
+            limiter: Arc::new(limits::Limiter::default()),
         })
     }
 }
@@ -145,6 +150,11 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Inside the audit: a request cut at its deadline is recorded as such.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::guard,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             audit::audit,
@@ -210,38 +220,46 @@ async fn method_not_allowed(req: Request) -> ApiError {
 #[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, description = "Alive and the lake readable"), (status = 503, description = "The lake cannot be read")))]
 /// Liveness and lake readability: 200 with the store's Delta version when
 /// the lake opens (a lake with no data yet is readable), 503 when it does
-/// not.
-async fn health(State(state): State<AppState>) -> Response {
+/// not. Where the lake is, and why it cannot be read, only with a valid
+/// bearer token (and in the server log).
+async fn health(
+    State(state): State<AppState>,
+    who: Result<atlas_policy::Principal, ApiError>,
+) -> Response {
+    let trusted = who.is_ok();
+    let trusted = trusted || crate::auth::mutated("health"); // MUTATION-CHECK
     match state.lake.table(atlas_lake::lake::RESOURCES).await {
         Ok(table) => {
             let version = table.as_ref().and_then(|t| t.version());
-            axum::Json(serde_json::json!({
-                "status": "ok",
-                "lake": {
-                    "location": state.lake.root().to_string(),
-                    "readable": true,
-                    "resourcesVersion": version,
-                }
-            }))
-            .into_response()
+            let mut lake = serde_json::json!({
+                "readable": true,
+                "resourcesVersion": version,
+            });
+            if trusted {
+                lake["location"] = serde_json::json!(state.lake.root().to_string());
+            }
+            axum::Json(serde_json::json!({"status": "ok", "lake": lake})).into_response()
         }
-        Err(e) => (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({
-                "status": "unavailable",
-                "lake": {
-                    "location": state.lake.root().to_string(),
-                    "readable": false,
-                    "error": e.to_string(),
-                }
-            })),
-        )
-            .into_response(),
+        Err(e) => {
+            tracing::error!(lake = %state.lake.root(), error = %e, "health: the lake cannot be read");
+            let mut lake = serde_json::json!({"readable": false});
+            if trusted {
+                lake["location"] = serde_json::json!(state.lake.root().to_string());
+                lake["error"] = serde_json::json!(e.to_string());
+            }
+            (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(serde_json::json!({"status": "unavailable", "lake": lake})),
+            )
+                .into_response()
+        }
     }
 }
 
 /// Serves `router(state)` on the configured address until `shutdown`
-/// resolves, then finishes the requests in flight.
+/// resolves, then lets the requests in flight finish for
+/// `[limits] shutdown_timeout_ms` and cuts the rest (each audited as cut):
+/// shutdown always ends.
 pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -254,14 +272,32 @@ pub async fn serve(
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(%addr, scheme, lake = %state.lake.root(), "atlas serve listening");
-    let app = router(state);
-    match tls {
-        Some(config) => tls::serve_tls(listener, config, app, shutdown).await,
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
+    let (soft_tx, soft_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        soft_tx.send_replace(true);
+    });
+    let graceful = {
+        let mut rx = soft_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
         }
+    };
+    let hard = limits::hard_stop(state.clone(), soft_rx);
+    let app = router(state);
+    let server = async move {
+        match tls {
+            Some(config) => tls::serve_tls(listener, config, app, graceful).await,
+            None => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(graceful)
+                    .await
+            }
+        }
+    };
+    tokio::select! {
+        r = server => r,
+        _ = hard => Ok(()),
     }
 }
 

@@ -10,6 +10,7 @@ use atlas_serve::{AppState, ServeConfig, router};
 
 mod access;
 mod issuers;
+mod limits;
 mod objects;
 
 async fn state(dir: &std::path::Path) -> AppState {

@@ -1,0 +1,425 @@
+//! Bounds a GraphQL document before anything walks it.
+//!
+//! async-graphql's own depth and complexity checks expand every fragment
+//! spread where it is used, without memoization: a chain of fragments that
+//! each spread the next one twice costs 2^n, so 30 levels kept a core busy
+//! for minutes before it said "too complex". Everything here is linear in
+//! the size of the text:
+//!
+//! 1. [`scan_text`]: size and bracket nesting, counted over the raw text
+//!    (the pest grammar recurses per nesting level before the parser's own
+//!    depth limit applies);
+//! 2. [`DocumentLimits::check`] on the parsed document: fragment spreads,
+//!    aliases and root fields counted as written; the expanded field count
+//!    (what the executor would visit) computed once per fragment and
+//!    reused, with cycles refused; and every root field's `first` reserved
+//!    against the request's row budget before any of them runs.
+//!
+//! Only a document that passes reaches async-graphql's validation, whose
+//! cost is then bounded by `max_fields`.
+
+use std::collections::HashMap;
+
+use async_graphql::Variables;
+use async_graphql::parser::types::{
+    ExecutableDocument, FragmentDefinition, OperationDefinition, Selection, SelectionSet,
+};
+use async_graphql::{Name, Positioned, Value};
+
+/// The limits one GraphQL document must keep (from `[graphql]`).
+#[derive(Debug, Clone)]
+pub struct DocumentLimits {
+    pub max_query_bytes: usize,
+    pub max_nesting: usize,
+    pub max_fragment_spreads: usize,
+    pub max_aliases: usize,
+    pub max_root_fields: usize,
+    /// Fields the executor would visit with every fragment expanded.
+    pub max_fields: usize,
+    /// Objects one request may return in total.
+    pub max_rows: usize,
+    /// What a root connection returns when `first` is not given.
+    pub default_page_size: usize,
+}
+
+/// Why a document was refused: a short message for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitError(pub String);
+
+impl std::fmt::Display for LimitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn refuse(msg: impl Into<String>) -> Result<(), LimitError> {
+    Err(LimitError(msg.into()))
+}
+
+/// Checks the raw text: its size, and how deep `{`, `[` and `(` nest
+/// (strings, block strings and comments skipped).
+pub fn scan_text(query: &str, limits: &DocumentLimits) -> Result<(), LimitError> {
+    if query.len() > limits.max_query_bytes {
+        return refuse(format!(
+            "the query is {} bytes; at most {} are accepted",
+            query.len(),
+            limits.max_query_bytes
+        ));
+    }
+    let b = query.as_bytes();
+    let (mut i, mut depth, mut deepest) = (0usize, 0usize, 0usize);
+    while i < b.len() {
+        match b[i] {
+            b'#' => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'"' if b[i..].starts_with(b"\"\"\"") => {
+                i += 3;
+                while i < b.len() && !b[i..].starts_with(b"\"\"\"") {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 2;
+            }
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' && b[i] != b'\n' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'{' | b'[' | b'(' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+                if deepest > limits.max_nesting {
+                    return refuse(format!(
+                        "the query nests deeper than {} levels",
+                        limits.max_nesting
+                    ));
+                }
+            }
+            b'}' | b']' | b')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// The counts of one document, as written and as expanded.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DocumentSize {
+    pub fragment_spreads: usize,
+    pub aliases: usize,
+    pub root_fields: usize,
+    pub fields: usize,
+    /// Rows the root fields may return, reserved before any runs.
+    pub reserved_rows: usize,
+}
+
+impl DocumentLimits {
+    /// Checks a parsed document for the operation that will run.
+    pub fn check(
+        &self,
+        doc: &ExecutableDocument,
+        operation: Option<&str>,
+        variables: &Variables,
+    ) -> Result<DocumentSize, LimitError> {
+        let mut size = DocumentSize::default();
+        let sets = doc
+            .operations
+            .iter()
+            .map(|(_, op)| &op.node.selection_set.node)
+            .chain(doc.fragments.values().map(|f| &f.node.selection_set.node));
+        for set in sets {
+            count_written(set, &mut size);
+        }
+        if size.fragment_spreads > self.max_fragment_spreads {
+            refuse(format!(
+                "the query spreads fragments {} times; at most {} are accepted",
+                size.fragment_spreads, self.max_fragment_spreads
+            ))?;
+        }
+        if size.aliases > self.max_aliases {
+            refuse(format!(
+                "the query has {} aliases; at most {} are accepted",
+                size.aliases, self.max_aliases
+            ))?;
+        }
+        let Some(op) = pick_operation(doc, operation) else {
+            // async-graphql names the missing or ambiguous operation.
+            return Ok(size);
+        };
+        let mut expand = Expander {
+            fragments: &doc.fragments,
+            memo: HashMap::new(),
+            cap: self.max_fields,
+        };
+        size.fields = expand.set(&op.selection_set.node)?;
+        if size.fields > self.max_fields {
+            refuse(format!(
+                "the query selects {} fields once its fragments are expanded; at most {} are accepted",
+                size.fields, self.max_fields
+            ))?;
+        }
+        let mut roots = Vec::new();
+        expand.roots(&op.selection_set.node, &mut roots);
+        size.root_fields = roots.len();
+        if size.root_fields > self.max_root_fields {
+            refuse(format!(
+                "the query has {} root fields; at most {} are accepted",
+                size.root_fields, self.max_root_fields
+            ))?;
+        }
+        for f in roots {
+            size.reserved_rows = size
+                .reserved_rows
+                .saturating_add(self.root_rows(f, variables));
+        }
+        if size.reserved_rows > self.max_rows {
+            refuse(format!(
+                "the root fields ask for up to {} objects together; at most {} are answered per request (ask for fewer with first:)",
+                size.reserved_rows, self.max_rows
+            ))?;
+        }
+        Ok(size)
+    }
+
+    /// Rows one root field may return: a lookup by id one, a connection
+    /// its `first` (or the default page size), introspection nothing.
+    fn root_rows(&self, f: &async_graphql::parser::types::Field, variables: &Variables) -> usize {
+        let name = f.name.node.as_str();
+        if name.starts_with("__") {
+            return 0;
+        }
+        let first = f
+            .arguments
+            .iter()
+            .find(|(n, _)| n.node.as_str() == "first")
+            .map(|(_, v)| {
+                v.node
+                    .clone()
+                    .into_const_with(|var| {
+                        Ok::<_, ()>(variables.get(&var).cloned().unwrap_or(Value::Null))
+                    })
+                    .unwrap_or(Value::Null)
+            });
+        let is_connection = name.chars().next().is_some_and(char::is_uppercase);
+        match first {
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+            _ if is_connection => self.default_page_size,
+            _ => 1,
+        }
+    }
+}
+
+fn pick_operation<'a>(
+    doc: &'a ExecutableDocument,
+    name: Option<&str>,
+) -> Option<&'a OperationDefinition> {
+    let mut ops = doc.operations.iter();
+    match name {
+        Some(n) => ops
+            .find(|(op_name, _)| op_name.is_some_and(|o| o.as_str() == n))
+            .map(|(_, op)| &op.node),
+        None => {
+            let first = ops.next()?;
+            ops.next().is_none().then_some(&first.1.node)
+        }
+    }
+}
+
+/// Spreads and aliases as written (each selection set visited once).
+fn count_written(set: &SelectionSet, size: &mut DocumentSize) {
+    for item in &set.items {
+        match &item.node {
+            Selection::Field(f) => {
+                if f.node.alias.is_some() {
+                    size.aliases += 1;
+                }
+                count_written(&f.node.selection_set.node, size);
+            }
+            Selection::FragmentSpread(_) => size.fragment_spreads += 1,
+            Selection::InlineFragment(i) => count_written(&i.node.selection_set.node, size),
+        }
+    }
+}
+
+/// Counts expanded fields, each fragment once.
+struct Expander<'a> {
+    fragments: &'a HashMap<Name, Positioned<FragmentDefinition>>,
+    /// `None` while a fragment is being expanded: seeing it again is a cycle.
+    memo: HashMap<&'a str, Option<usize>>,
+    cap: usize,
+}
+
+impl<'a> Expander<'a> {
+    fn set(&mut self, set: &'a SelectionSet) -> Result<usize, LimitError> {
+        let mut n = 0usize;
+        for item in &set.items {
+            let add = match &item.node {
+                Selection::Field(f) => 1usize.saturating_add(self.set(&f.node.selection_set.node)?),
+                Selection::InlineFragment(i) => self.set(&i.node.selection_set.node)?,
+                Selection::FragmentSpread(s) => {
+                    self.fragment(s.node.fragment_name.node.as_str())?
+                }
+            };
+            n = n.saturating_add(add);
+            // Past the cap the exact number no longer matters.
+            if n > self.cap {
+                return Ok(n);
+            }
+        }
+        Ok(n)
+    }
+
+    fn fragment(&mut self, name: &'a str) -> Result<usize, LimitError> {
+        match self.memo.get(name) {
+            Some(Some(n)) => return Ok(*n),
+            Some(None) => {
+                return Err(LimitError(format!(
+                    "fragment {name} spreads itself (directly or through others)"
+                )));
+            }
+            None => {}
+        }
+        let Some(def) = self.fragments.get(name) else {
+            return Err(LimitError(format!("unknown fragment {name}")));
+        };
+        self.memo.insert(name, None);
+        let n = self.set(&def.node.selection_set.node)?;
+        self.memo.insert(name, Some(n));
+        Ok(n)
+    }
+
+    /// The root fields with fragments expanded. Only called once `set`
+    /// passed: every fragment is in `memo`, none is cyclic, and those
+    /// that add no field are skipped, so each step yields a field and
+    /// the walk stops past the cap.
+    fn roots(&self, set: &'a SelectionSet, out: &mut Vec<&'a async_graphql::parser::types::Field>) {
+        for item in &set.items {
+            if out.len() > self.cap {
+                return;
+            }
+            match &item.node {
+                Selection::Field(f) => out.push(&f.node),
+                Selection::InlineFragment(i) => self.roots(&i.node.selection_set.node, out),
+                Selection::FragmentSpread(s) => {
+                    let name = s.node.fragment_name.node.as_str();
+                    if matches!(self.memo.get(name), Some(Some(n)) if *n > 0)
+                        && let Some(def) = self.fragments.get(name)
+                    {
+                        self.roots(&def.node.selection_set.node, out);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> DocumentLimits {
+        DocumentLimits {
+            max_query_bytes: 64 << 10,
+            max_nesting: 32,
+            max_fragment_spreads: 100,
+            max_aliases: 64,
+            max_root_fields: 16,
+            max_fields: 5_000,
+            max_rows: 100_000,
+            default_page_size: 250,
+        }
+    }
+
+    fn check(q: &str) -> Result<DocumentSize, LimitError> {
+        let l = limits();
+        scan_text(q, &l)?;
+        let doc = async_graphql::parser::parse_query(q).map_err(|e| LimitError(e.to_string()))?;
+        l.check(&doc, None, &Variables::default())
+    }
+
+    fn chain(levels: usize) -> String {
+        let mut q = String::from("{ patient(id: \"x\") { ...F0 } }\n");
+        for i in 0..levels {
+            q.push_str(&format!(
+                "fragment F{i} on Patient {{ id ...F{n} ...F{n} }}\n",
+                n = i + 1
+            ));
+        }
+        q.push_str(&format!("fragment F{levels} on Patient {{ id }}\n"));
+        q
+    }
+
+    #[test]
+    fn a_doubling_fragment_chain_is_counted_in_linear_time() {
+        let started = std::time::Instant::now();
+        let e = check(&chain(40)).unwrap_err();
+        assert!(
+            e.0.contains("fields once its fragments are expanded"),
+            "{e}"
+        );
+        assert!(
+            started.elapsed().as_millis() < 100,
+            "{:?}",
+            started.elapsed()
+        );
+        // 8 levels: 2^9 - 1 ids plus `patient` = 512 fields, accepted.
+        let size = check(&chain(8)).unwrap();
+        assert_eq!(size.fields, 512);
+        assert_eq!(size.fragment_spreads, 17);
+    }
+
+    #[test]
+    fn cycles_aliases_roots_and_nesting_are_refused() {
+        let e = check("{ patient(id: \"x\") { ...A } } fragment A on Patient { ...B } fragment B on Patient { ...A }").unwrap_err();
+        assert!(e.0.contains("spreads itself"), "{e}");
+        let many: String = (0..1000)
+            .map(|i| format!("a{i}: ObservationAll(first: 10000) {{ nodes {{ id }} }} "))
+            .collect();
+        let e = check(&format!("{{ {many} }}")).unwrap_err();
+        assert!(e.0.contains("aliases"), "{e}");
+        let roots: String = (0..17)
+            .map(|i| format!("p{i}: patient(id: \"{i}\") {{ id }} "))
+            .collect();
+        let e = check(&format!("{{ {roots} }}")).unwrap_err();
+        assert!(e.0.contains("17 root fields"), "{e}");
+        let deep = format!("{{ {}x{} }}", "a { ".repeat(40), " }".repeat(40));
+        let e = check(&deep).unwrap_err();
+        assert!(e.0.contains("nests deeper"), "{e}");
+        // Brackets inside strings and comments do not count.
+        let s = format!(
+            "# {}\n{{ patient(id: \"{}\") {{ id }} }}",
+            "{".repeat(99),
+            "[".repeat(99)
+        );
+        assert!(check(&s).is_ok());
+    }
+
+    #[test]
+    fn root_fields_reserve_their_rows_before_running() {
+        let q = "{ a: ObservationAll(first: 10000) { nodes { id } } b: ObservationAll(first: 10000) { nodes { id } } }";
+        assert_eq!(check(q).unwrap().reserved_rows, 20_000);
+        let q: String = (0..11)
+            .map(|i| format!("a{i}: ObservationAll(first: 10000) {{ nodes {{ id }} }} "))
+            .collect();
+        let e = check(&format!("{{ {q} }}")).unwrap_err();
+        assert!(e.0.contains("110000"), "{e}");
+        // Variables are resolved; a lookup reserves one row, a bare
+        // connection the default page size.
+        let l = limits();
+        let doc = async_graphql::parser::parse_query(
+            "query($n: Int) { ObservationAll(first: $n) { nodes { id } } PatientAll { nodes { id } } patient(id: \"p\") { id } }",
+        )
+        .unwrap();
+        let vars = Variables::from_json(serde_json::json!({"n": 7}));
+        assert_eq!(
+            l.check(&doc, None, &vars).unwrap().reserved_rows,
+            7 + 250 + 1
+        );
+    }
+}
