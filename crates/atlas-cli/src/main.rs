@@ -47,6 +47,11 @@ struct Cli {
     /// No progress bars.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// Commands that write the lake (ingest, views refresh/create/drop,
+    /// demo) hold its writer lease: one writer at a time. When another
+    /// writer holds it, wait (showing who) instead of failing at once.
+    #[arg(long, global = true)]
+    wait: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,9 +65,17 @@ enum Command {
   atlas ingest --source ehr-east exports/2026-11-01/
   cat bundle.json | atlas ingest -
   atlas ingest --json bundles.tar.gz > report.json
+  atlas ingest --wait exports/2026-11-02/    # another writer is busy: wait for it
 
-Every line ends up stored, unchanged, superseded, quarantined or skipped, and the run prints
-that these add up. Running the same inputs again changes nothing.")]
+Every line ends up stored, unchanged, older than stored, quarantined or skipped, and the run
+prints that these add up. Running the same inputs again changes nothing.
+
+Which copy of a resource wins: the higher meta.versionId, then meta.lastUpdated; when those
+are equal or missing, the later batch (and within a batch, the later line). A copy older than
+the stored one is kept out and counted as `older than stored`.
+
+One writer at a time: a second `atlas ingest` (or `views refresh`) on the same lake fails at
+once naming the running one, or with --wait waits for it.")]
     Ingest(IngestArgs),
     /// De-identify FHIR inputs into per-type NDJSON with a Microsoft FHIR
     /// anonymizer configuration or the built-in safe-harbor-minimal profile.
@@ -74,8 +87,8 @@ that these add up. Running the same inputs again changes nothing.")]
 
 JSON shape (stable): {\"resources\": {\"<Type>\": {\"live\": n, \"deleted\": n}},
 \"quarantine\": {\"<reason>\": n}, \"batches\": [{\"batch_id\", \"source\", \"started_at\",
-\"finished_at\", \"lines_read\", \"stored\", \"unchanged\", \"superseded\", \"quarantined\",
-\"skipped\", \"deleted\", \"outcome\"}]}")]
+\"finished_at\", \"lines_read\", \"stored\", \"unchanged\", \"older_than_stored\", \"quarantined\",
+\"skipped\", \"deleted\", \"outcome\", \"superseded\"}]} (superseded: deprecated, = older_than_stored)")]
     Stats {
         /// Print the stable JSON document instead of a table.
         #[arg(long)]
@@ -404,7 +417,11 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Ingest(args) => {
             let lake = open_lake(&cli.lake)?;
-            let report = run_ingest(&lake, &args, show).await?;
+            let lease = progress::take_lease(&lake, cli.wait, show).await?;
+            let result = run_ingest(&lake, &args, show, &lease).await;
+            let released = lease.release().await;
+            let report = result?;
+            released.context("releasing the lake's writer lease")?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             }
@@ -424,10 +441,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Synth(args) => run_synth(args, show),
         Command::Fhirpath(cmd) => run_fhirpath(cmd),
         Command::View(cmd) => view::run(cmd, &cli.lake).await,
-        Command::Views(cmd) => views::run_views(cmd, &cli.lake, show).await,
+        Command::Views(cmd) => views::run_views(cmd, &cli.lake, show, cli.wait).await,
         Command::Ontology(cmd) => views::run_ontology(cmd),
         Command::Sql { query, format, out } => views::run_sql(&cli.lake, &query, format, out).await,
-        Command::Demo { patients, seed } => demo(&cli.lake, patients, seed, show).await,
+        Command::Demo { patients, seed } => demo(&cli.lake, patients, seed, show, cli.wait).await,
         Command::Serve {
             config,
             bind,
@@ -639,7 +656,14 @@ fn open_lake(location: &str) -> Result<Lake> {
         .with_context(|| format!("opening the lake at {location}"))
 }
 
-async fn run_ingest(lake: &Lake, args: &IngestArgs, show: bool) -> Result<atlas_lake::BatchReport> {
+/// Ingests under `lease`, the lake's writer lease (taken before the inputs
+/// are even de-identified, so a second writer fails before doing any work).
+async fn run_ingest(
+    lake: &Lake,
+    args: &IngestArgs,
+    show: bool,
+    lease: &atlas_lake::WriterLease,
+) -> Result<atlas_lake::BatchReport> {
     let started = Instant::now();
     // With --deid the inputs are de-identified into a private staging folder
     // first, and only that output is landed and stored.
@@ -685,6 +709,7 @@ async fn run_ingest(lake: &Lake, args: &IngestArgs, show: bool) -> Result<atlas_
             ..ReadOptions::default()
         },
         chunk_bytes: args.chunk_mb.max(1) << 20,
+        lease: Some(lease.clone()),
     };
     let progress = Arc::new(Progress::default());
     let bar = progress::IngestBar::start(progress.clone(), show);
@@ -701,12 +726,12 @@ async fn run_ingest(lake: &Lake, args: &IngestArgs, show: bool) -> Result<atlas_
         return Ok(report);
     }
     eprintln!(
-        "batch {}: {} lines read = {} stored + {} unchanged + {} superseded + {} quarantined + {} skipped{}",
+        "batch {}: {} lines read = {} stored + {} unchanged + {} older than stored + {} quarantined + {} skipped{}",
         report.batch_id,
         o.lines_read,
         o.stored,
         o.unchanged,
-        o.superseded,
+        o.older_than_stored,
         o.quarantined,
         o.skipped,
         if o.reconciles() {
@@ -725,6 +750,12 @@ async fn run_ingest(lake: &Lake, args: &IngestArgs, show: bool) -> Result<atlas_
         o.unresolved_references,
         report.raw_path
     );
+    if o.older_than_stored > 0 {
+        eprintln!(
+            "  {} resource(s) NOT applied: older than the stored copy (lower meta.versionId or meta.lastUpdated)",
+            o.older_than_stored
+        );
+    }
     if !report.quarantine_by_reason.is_empty() {
         let parts: Vec<String> = report
             .quarantine_by_reason
@@ -760,14 +791,14 @@ fn print_stats(s: &atlas_lake::Stats) {
     println!("\n{} batches", s.batches.len());
     for b in &s.batches {
         println!(
-            "  {} {} {}: read {} stored {} unchanged {} superseded {} quarantined {} skipped {}",
+            "  {} {} {}: read {} stored {} unchanged {} older than stored {} quarantined {} skipped {}",
             b.batch_id,
             b.source,
             b.started_at,
             b.lines_read,
             b.stored,
             b.unchanged,
-            b.superseded,
+            b.older_than_stored,
             b.quarantined,
             b.skipped
         );
@@ -839,15 +870,55 @@ fn dir_size(p: &Path) -> u64 {
     }
 }
 
-async fn demo(lake_location: &str, patients: usize, seed: u64, show: bool) -> Result<()> {
+async fn demo(
+    lake_location: &str,
+    patients: usize,
+    seed: u64,
+    show: bool,
+    wait: bool,
+) -> Result<()> {
     let started = Instant::now();
     let lake = open_lake(lake_location)?;
-    let data = PathBuf::from(format!("{}-demo-data", lake_location.trim_end_matches('/')));
-    let data = if lake.is_local() {
-        data
+    let lease = progress::take_lease(&lake, wait, show).await?;
+    let result = demo_leased(&lake, lake_location, patients, seed, show, &lease).await;
+    let released = lease.release().await;
+    result?;
+    released.context("releasing the lake's writer lease")?;
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "\nDemo done in {elapsed:.1} s. Try next:
+  atlas --lake {lake_location} stats --json
+  atlas --lake {lake_location} views status
+  atlas --lake {lake_location} ontology show
+  atlas --lake {lake_location} sql \"SELECT code_display, count(*) FROM condition GROUP BY 1 ORDER BY 2 DESC LIMIT 10\"
+  atlas --lake {lake_location} ingest {}      # again: nothing changes
+  atlas --lake {lake_location} serve --dev-auth &
+  TOKEN=$(atlas --lake {lake_location} token --sub me --scope 'user/*.rs')
+  curl -s -H \"Authorization: Bearer $TOKEN\" 'localhost:8080/api/v2/ontologies/atlas/objects/Patient?pageSize=3'
+  duckdb -c \"INSTALL delta; LOAD delta; SELECT resource_type, count(*) FROM delta_scan('{}tables/resources') GROUP BY 1\"",
+        demo_data(&lake, lake_location).display(),
+        lake.root().to_file_path().map(|p| format!("{}/", p.display().to_string().trim_end_matches('/'))).unwrap_or_else(|_| lake.root().to_string()),
+    );
+    Ok(())
+}
+
+fn demo_data(lake: &Lake, lake_location: &str) -> PathBuf {
+    if lake.is_local() {
+        PathBuf::from(format!("{}-demo-data", lake_location.trim_end_matches('/')))
     } else {
         std::env::temp_dir().join("atlas-demo-data")
-    };
+    }
+}
+
+async fn demo_leased(
+    lake: &Lake,
+    lake_location: &str,
+    patients: usize,
+    seed: u64,
+    show: bool,
+    lease: &atlas_lake::WriterLease,
+) -> Result<()> {
+    let data = demo_data(lake, lake_location);
     eprintln!(
         "1/4 generating {patients} synthetic patients (seed {seed}) into {}",
         data.display()
@@ -873,32 +944,17 @@ async fn demo(lake_location: &str, patients: usize, seed: u64, show: bool) -> Re
         deid: None,
         deid_source: deid::DeidSource::default(),
     };
-    run_ingest(&lake, &args, show).await?;
+    run_ingest(lake, &args, show, lease).await?;
     eprintln!("3/4 what the lake holds now:\n");
-    print_stats(&stats(&lake).await?);
+    print_stats(&stats(lake).await?);
     eprintln!(
         "\n4/4 building the views behind the ontology (patient, encounter, observation, ...)\n"
     );
     let store = atlas_viewstore::ViewStore::new(lake.clone());
-    let reports = views::refresh(&store, &[], false, show).await?;
+    let reports = views::refresh(&store, &[], false, show, Some(lease.clone())).await?;
     views::print_refresh(&reports);
     let sample = "SELECT p.gender, count(DISTINCT p.id) AS patients, count(o.id) AS heart_rates, round(avg(o.value_quantity), 1) AS mean_bpm FROM patient p JOIN observation o ON o.patient_id = p.id WHERE o.code = '8867-4' GROUP BY p.gender ORDER BY p.gender";
     println!("\nA sample query across views (heart rate by gender):\n  atlas sql \"{sample}\"\n");
     views::run_sql(lake_location, sample, views::SqlFormat::Table, None).await?;
-    let elapsed = started.elapsed().as_secs_f64();
-    println!(
-        "\nDemo done in {elapsed:.1} s. Try next:
-  atlas --lake {lake_location} stats --json
-  atlas --lake {lake_location} views status
-  atlas --lake {lake_location} ontology show
-  atlas --lake {lake_location} sql \"SELECT code_display, count(*) FROM condition GROUP BY 1 ORDER BY 2 DESC LIMIT 10\"
-  atlas --lake {lake_location} ingest {}      # again: nothing changes
-  atlas --lake {lake_location} serve --dev-auth &
-  TOKEN=$(atlas --lake {lake_location} token --sub me --scope 'user/*.rs')
-  curl -s -H \"Authorization: Bearer $TOKEN\" 'localhost:8080/api/v2/ontologies/atlas/objects/Patient?pageSize=3'
-  duckdb -c \"INSTALL delta; LOAD delta; SELECT resource_type, count(*) FROM delta_scan('{}tables/resources') GROUP BY 1\"",
-        data.display(),
-        lake.root().to_file_path().map(|p| format!("{}/", p.display().to_string().trim_end_matches('/'))).unwrap_or_else(|_| lake.root().to_string()),
-    );
     Ok(())
 }

@@ -98,3 +98,72 @@ impl CountBar {
         Ticker::spawn(b, move |b| b.set_position(done.load(Ordering::Relaxed)))
     }
 }
+
+/// Takes the lake's writer lease for `command`. When another writer holds
+/// it: fails at once naming the holder, or with `wait` waits, showing a
+/// spinner line naming the holder (one line per holder when stderr is not
+/// a terminal).
+pub async fn take_lease(
+    lake: &atlas_lake::Lake,
+    wait: bool,
+    show: bool,
+) -> anyhow::Result<atlas_lake::WriterLease> {
+    use std::sync::Mutex;
+    let command: String = {
+        let args: Vec<String> = std::env::args().collect();
+        let mut c = args.join(" ");
+        if c.len() > 300 {
+            let mut end = 300;
+            while !c.is_char_boundary(end) {
+                end -= 1;
+            }
+            c.truncate(end);
+            c.push('…');
+        }
+        c
+    };
+    let spinner = ProgressBar::with_draw_target(
+        None,
+        if show {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {elapsed} {msg}") {
+        spinner.set_style(style);
+    }
+    let last_holder = Arc::new(Mutex::new(None::<u64>));
+    let waited = Arc::new(AtomicBool::new(false));
+    let (s, w, last) = (spinner.clone(), waited.clone(), last_holder.clone());
+    let root = lake.root().to_string();
+    let opts = atlas_lake::LeaseOptions {
+        command,
+        wait,
+        on_wait: Some(Arc::new(move |h: &atlas_lake::LeaseHolder| {
+            w.store(true, Ordering::Relaxed);
+            let msg = format!("waiting for the writer lease of {root}, held by {h}");
+            s.set_message(msg.clone());
+            s.tick();
+            if !show
+                && let Ok(mut last) = last.lock()
+                && *last != Some(h.generation)
+            {
+                *last = Some(h.generation);
+                eprintln!("{msg}");
+            }
+        })),
+        ..atlas_lake::LeaseOptions::default()
+    };
+    let started = std::time::Instant::now();
+    let lease = atlas_lake::WriterLease::acquire(lake, &opts).await;
+    spinner.finish_and_clear();
+    let lease = lease?;
+    if waited.load(Ordering::Relaxed) {
+        eprintln!(
+            "got the writer lease after waiting {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(lease)
+}

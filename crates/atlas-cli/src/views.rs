@@ -50,7 +50,11 @@ pub enum ViewsCommand {
     #[command(after_help = "Examples:
   atlas views refresh                  # every view
   atlas views refresh patient observation
-  atlas views refresh --full --json    # rebuild from scratch, print the reports")]
+  atlas views refresh --full --json    # rebuild from scratch, print the reports
+  atlas views refresh --wait           # an ingest is running: wait for it, then refresh
+
+Refreshing writes the lake: it holds the lake's writer lease, so it fails at once naming
+a running `atlas ingest` (or refresh), or with --wait waits for it.")]
     Refresh {
         /// Views to refresh (default: all).
         names: Vec<String>,
@@ -117,7 +121,7 @@ fn open(lake: &str) -> Result<Lake> {
         .with_context(|| format!("opening the lake at {lake}"))
 }
 
-pub async fn run_views(cmd: ViewsCommand, lake: &str, show: bool) -> Result<()> {
+pub async fn run_views(cmd: ViewsCommand, lake: &str, show: bool, wait: bool) -> Result<()> {
     if let ViewsCommand::Flatten {
         inputs,
         out,
@@ -128,8 +132,31 @@ pub async fn run_views(cmd: ViewsCommand, lake: &str, show: bool) -> Result<()> 
         return run_flatten(&inputs, &out, &views, json, show);
     }
     let store = ViewStore::new(open(lake)?);
+    // Commands that write the lake hold its writer lease.
+    let lease = match cmd {
+        ViewsCommand::Create { .. } | ViewsCommand::Refresh { .. } | ViewsCommand::Drop { .. } => {
+            Some(crate::progress::take_lease(store.lake(), wait, show).await?)
+        }
+        _ => None,
+    };
+    let result = run_store_command(cmd, &store, show, lease.clone()).await;
+    if let Some(lease) = lease {
+        let released = lease.release().await;
+        result?;
+        released.context("releasing the lake's writer lease")?;
+        return Ok(());
+    }
+    result
+}
+
+async fn run_store_command(
+    cmd: ViewsCommand,
+    store: &ViewStore,
+    show: bool,
+    lease: Option<atlas_lake::WriterLease>,
+) -> Result<()> {
     match cmd {
-        ViewsCommand::Flatten { .. } => unreachable!("handled above"),
+        ViewsCommand::Flatten { .. } => bail!("views flatten does not use the lake"),
         ViewsCommand::List { json } => {
             let views = store.list().await?;
             if json {
@@ -203,7 +230,7 @@ pub async fn run_views(cmd: ViewsCommand, lake: &str, show: bool) -> Result<()> 
             );
         }
         ViewsCommand::Refresh { names, full, json } => {
-            let reports = refresh(&store, &names, full, show).await?;
+            let reports = refresh(store, &names, full, show, lease).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reports)?);
             } else {
@@ -222,12 +249,14 @@ pub async fn run_views(cmd: ViewsCommand, lake: &str, show: bool) -> Result<()> 
     Ok(())
 }
 
-/// Refreshes with a progress bar; shared with `atlas demo`.
+/// Refreshes with a progress bar under `lease` (the lake's writer lease;
+/// taken by the view store when `None`); shared with `atlas demo`.
 pub async fn refresh(
     store: &ViewStore,
     names: &[String],
     full: bool,
     show: bool,
+    lease: Option<atlas_lake::WriterLease>,
 ) -> Result<Vec<RefreshReport>> {
     let bar = ProgressBar::with_draw_target(
         Some(0),
@@ -253,6 +282,7 @@ pub async fn refresh(
             }
             b.set_position(done);
         })),
+        lease,
         ..RefreshOptions::default()
     };
     let reports = store.refresh(names, &opts).await;

@@ -16,7 +16,7 @@ pub mod version;
 pub use instant::{InstantError, is_fhir_date, parse_instant_micros};
 pub use references::{ReferenceTarget, RewriteError, rewrite_references};
 pub use resource_types::{R4_RESOURCE_TYPES, is_resource_type};
-pub use version::{VersionStamp, content_hash};
+pub use version::{Decision, VersionStamp, content_hash};
 
 /// The FHIR version every stored row carries today (`fhir_version` column).
 pub const FHIR_VERSION_R4: &str = "R4";

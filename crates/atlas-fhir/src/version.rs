@@ -1,10 +1,15 @@
 //! Which copy of a resource wins when two arrive with the same `(type, id)`.
 //!
 //! The order is `meta.versionId` (numeric when both are integers, else text),
-//! then `meta.lastUpdated` (as an instant), then the content hash; a missing
-//! value sorts below a present one. The order is total (a key comparison), and the last
-//! step makes the order total, so the winner never depends on arrival order:
-//! ingesting A then B converges to the same store as B then A.
+//! then `meta.lastUpdated` (as an instant); a missing value sorts below a
+//! present one. When neither decides (equal, or missing on both sides, as in
+//! Synthea NDJSON and most flat extracts), the copy that arrived later wins:
+//! a later batch over an earlier one, and within a batch the later line.
+//! The content never decides: a content hash as the last tie-break made the
+//! winner of a correction arbitrary (issue 18, part 6).
+//!
+//! Replaying the same batches in the same order therefore gives the same
+//! store; replaying them in another order may not, when versions tie.
 
 use std::cmp::Ordering;
 
@@ -15,6 +20,19 @@ pub struct VersionStamp {
     /// `meta.lastUpdated` in UTC microseconds.
     pub last_updated: Option<i64>,
     pub content_hash: u128,
+}
+
+/// What to do with an incoming copy of a resource the store already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// The incoming copy replaces the stored one.
+    Replace,
+    /// The same bytes are already stored.
+    Unchanged,
+    /// The stored copy is newer (higher `versionId` or `lastUpdated`, or,
+    /// when those tie, it arrived later): the incoming copy is kept out and
+    /// counted as `older_than_stored`.
+    OlderThanStored,
 }
 
 /// A stable 128-bit hash of a resource's stored bytes.
@@ -30,17 +48,33 @@ fn cmp_version_ids(a: &str, b: &str) -> Ordering {
 }
 
 impl VersionStamp {
-    /// Orders two copies: `Greater` means `self` is the newer one.
+    /// Orders two copies by `meta.versionId`, then `meta.lastUpdated`:
+    /// `Greater` means `self` is the newer one, `Equal` that the version
+    /// metadata does not decide (the later arrival then wins, see
+    /// [`VersionStamp::decide`]).
     pub fn newer_than(&self, other: &Self) -> Ordering {
         let by_version = match (&self.version_id, &other.version_id) {
             (Some(a), Some(b)) => cmp_version_ids(a, b),
             (a, b) => a.is_some().cmp(&b.is_some()),
         };
         // Option's order puts a missing value below any present one.
-        let by_time = self.last_updated.cmp(&other.last_updated);
-        by_version
-            .then(by_time)
-            .then(self.content_hash.cmp(&other.content_hash))
+        by_version.then(self.last_updated.cmp(&other.last_updated))
+    }
+
+    /// Decides between `self`, an incoming copy, and `stored`.
+    /// `arrived_later` says whether `self` comes from a later batch than
+    /// `stored` (or a later line of the same batch); it decides only when
+    /// the version metadata ties.
+    pub fn decide(&self, stored: &Self, arrived_later: bool) -> Decision {
+        if self.content_hash == stored.content_hash {
+            return Decision::Unchanged;
+        }
+        match self.newer_than(stored) {
+            Ordering::Greater => Decision::Replace,
+            Ordering::Less => Decision::OlderThanStored,
+            Ordering::Equal if arrived_later => Decision::Replace,
+            Ordering::Equal => Decision::OlderThanStored,
+        }
     }
 }
 
@@ -58,7 +92,7 @@ mod tests {
     }
 
     #[test]
-    fn version_then_time_then_hash() {
+    fn version_then_time() {
         assert_eq!(
             stamp(Some("10"), Some(0), 0).newer_than(&stamp(Some("9"), Some(5), 9)),
             Ordering::Greater
@@ -76,16 +110,46 @@ mod tests {
             Ordering::Greater
         );
         assert_eq!(
-            stamp(None, None, 3).newer_than(&stamp(None, None, 2)),
-            Ordering::Greater
-        );
-        assert_eq!(
             stamp(Some("b"), None, 0).newer_than(&stamp(Some("a"), None, 1)),
             Ordering::Greater
         );
+        // The content hash no longer decides anything.
         assert_eq!(
-            stamp(None, None, 2).newer_than(&stamp(None, None, 2)),
+            stamp(None, None, 3).newer_than(&stamp(None, None, 2)),
             Ordering::Equal
+        );
+        assert_eq!(
+            stamp(Some("4"), Some(7), 1).newer_than(&stamp(Some("4"), Some(7), 2)),
+            Ordering::Equal
+        );
+    }
+
+    /// Issue 18 part 6: a correction without version metadata used to lose
+    /// whenever its content hash happened to be lower.
+    #[test]
+    fn ties_go_to_the_later_arrival_whatever_the_hashes() {
+        for (old, new) in [(1u128, 2u128), (2, 1)] {
+            let stored = stamp(None, None, old);
+            let incoming = stamp(None, None, new);
+            assert_eq!(incoming.decide(&stored, true), Decision::Replace);
+            assert_eq!(incoming.decide(&stored, false), Decision::OlderThanStored);
+            let stored = stamp(Some("3"), Some(10), old);
+            let incoming = stamp(Some("3"), Some(10), new);
+            assert_eq!(incoming.decide(&stored, true), Decision::Replace);
+        }
+        // Same bytes: unchanged, whichever came first.
+        assert_eq!(
+            stamp(None, None, 5).decide(&stamp(None, None, 5), true),
+            Decision::Unchanged
+        );
+        // A lower versionId never wins, even arriving later.
+        assert_eq!(
+            stamp(Some("1"), Some(99), 1).decide(&stamp(Some("2"), Some(0), 2), true),
+            Decision::OlderThanStored
+        );
+        assert_eq!(
+            stamp(Some("2"), None, 1).decide(&stamp(Some("1"), None, 2), false),
+            Decision::Replace
         );
     }
 
@@ -98,10 +162,11 @@ mod tests {
             proptest::option::of(0i64..5),
             0u128..4,
         )
+            // The same bytes always carry the same metadata.
             .prop_map(|(v, t, h)| VersionStamp {
+                content_hash: content_hash(format!("{v:?}{t:?}{h}").as_bytes()),
                 version_id: v,
                 last_updated: t,
-                content_hash: h,
             })
     }
 
@@ -111,18 +176,22 @@ mod tests {
             prop_assert_eq!(a.newer_than(&b), b.newer_than(&a).reverse());
         }
 
+        /// Folding arrivals in order, as ingest does: the kept copy has the
+        /// highest (versionId, lastUpdated), and among copies tied on those,
+        /// the bytes of the last one to arrive.
         #[test]
-        fn winner_is_independent_of_arrival_order(mut v in proptest::collection::vec(arb_stamp(), 1..8)) {
-            // Fold left-to-right keeping the newer copy, as ingest does; then reversed.
-            let fold = |xs: &[VersionStamp]| {
-                xs.iter().skip(1).fold(xs[0].clone(), |best, x| {
-                    if x.newer_than(&best) == Ordering::Greater { x.clone() } else { best }
-                })
-            };
-            let forward = fold(&v);
-            v.reverse();
-            let backward = fold(&v);
-            prop_assert_eq!(forward.newer_than(&backward), Ordering::Equal);
+        fn newest_version_wins_and_ties_go_to_the_last_arrival(v in proptest::collection::vec(arb_stamp(), 1..8)) {
+            let kept = v.iter().skip(1).fold(v[0].clone(), |stored, x| {
+                match x.decide(&stored, true) {
+                    Decision::Replace => x.clone(),
+                    Decision::Unchanged | Decision::OlderThanStored => stored,
+                }
+            });
+            for x in &v {
+                prop_assert_ne!(x.newer_than(&kept), Ordering::Greater);
+            }
+            let last_tied = v.iter().rev().find(|x| x.newer_than(&kept) == Ordering::Equal);
+            prop_assert_eq!(last_tied.map(|x| x.content_hash), Some(kept.content_hash));
         }
     }
 }

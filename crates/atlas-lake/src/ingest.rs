@@ -14,6 +14,18 @@
 //! * The `batches` row is the last commit: a batch is complete when it exists.
 //!   Parquet files from a killed write are never referenced by the log, so
 //!   readers never see them.
+//!
+//! One writer at a time: a run holds the lake's writer lease
+//! ([`crate::lease`]) from start to end, checks it before each commit, and
+//! every commit to `resources` carries the lease's generation as a Delta
+//! `txn` (`atlas-writer`) and is built on the table as this run last saw
+//! it, so a commit racing another Atlas writer fails in Delta's conflict
+//! check instead of adding a second live row for a key.
+//!
+//! Which copy wins ([`atlas_fhir::VersionStamp::decide`]): the higher
+//! `meta.versionId`, then `meta.lastUpdated`; when those tie or are missing,
+//! the later batch (by start instant, kept across re-runs) and within a
+//! batch the later line.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -24,7 +36,7 @@ use arrow::array::{
     TimestampMicrosecondBuilder,
 };
 use arrow::record_batch::RecordBatch;
-use atlas_fhir::{FHIR_VERSION_R4, VersionStamp};
+use atlas_fhir::{Decision, FHIR_VERSION_R4, VersionStamp};
 use atlas_ingest::{
     Event, IdentifierIndex, Input, ParsedResource, ReadOptions, Reason, Rejection,
     prescan_identifiers, read_events,
@@ -43,10 +55,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::lake::{BATCHES, Lake, LakeError, QUARANTINE, RESOURCES};
+use crate::lease::{LeaseOptions, WRITER_APP_ID, WriterLease};
 use crate::schema;
 
 /// What happened to the lines of a batch. `lines_read` always equals
-/// `stored + unchanged + superseded + quarantined + skipped`.
+/// `stored + unchanged + older_than_stored + quarantined + skipped`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcomes {
     pub lines_read: i64,
@@ -54,8 +67,12 @@ pub struct Outcomes {
     pub stored: i64,
     /// Identical to what the store already had (or to an earlier line of the batch).
     pub unchanged: i64,
-    /// Older than what the store already had: counted and kept out.
-    pub superseded: i64,
+    /// Older than the stored copy (a lower `meta.versionId` or
+    /// `meta.lastUpdated`, or from an earlier batch when those tie): counted
+    /// and kept out. Called `superseded` before; old manifests and the
+    /// `batches` table's column keep that name.
+    #[serde(alias = "superseded")]
+    pub older_than_stored: i64,
     pub quarantined: i64,
     /// Empty or whitespace-only lines.
     pub skipped: i64,
@@ -72,7 +89,7 @@ impl Outcomes {
         self.lines_read += o.lines_read;
         self.stored += o.stored;
         self.unchanged += o.unchanged;
-        self.superseded += o.superseded;
+        self.older_than_stored += o.older_than_stored;
         self.quarantined += o.quarantined;
         self.skipped += o.skipped;
         self.deleted += o.deleted;
@@ -83,7 +100,11 @@ impl Outcomes {
     /// True when every line has exactly one outcome.
     pub fn reconciles(&self) -> bool {
         self.lines_read
-            == self.stored + self.unchanged + self.superseded + self.quarantined + self.skipped
+            == self.stored
+                + self.unchanged
+                + self.older_than_stored
+                + self.quarantined
+                + self.skipped
     }
 }
 
@@ -107,6 +128,11 @@ pub struct IngestOptions {
     pub read: ReadOptions,
     /// Stored bytes per commit; bounds memory.
     pub chunk_bytes: usize,
+    /// The lake's writer lease, when the caller holds it already (e.g. to
+    /// wait for it, or to ingest and refresh views under one lease). Without
+    /// it, `ingest` takes the lease itself and fails at once if another
+    /// writer holds it.
+    pub lease: Option<WriterLease>,
 }
 
 impl Default for IngestOptions {
@@ -115,6 +141,7 @@ impl Default for IngestOptions {
             source: "files".into(),
             read: ReadOptions::default(),
             chunk_bytes: 48 << 20,
+            lease: None,
         }
     }
 }
@@ -237,6 +264,7 @@ struct Batch<'a> {
     /// in the store (all of them when the store had rows before the run).
     written: KeyFilter,
     store_had_rows: bool,
+    lease: WriterLease,
 }
 
 /// A fixed-size Bloom filter over (type, id) key hashes. Memory stays fixed
@@ -297,15 +325,48 @@ struct ChunkWrite {
     /// same chunk must not claim the chunk before the append lands, but view
     /// refresh still needs to know which batch wrote the MERGE's files.
     merge_props: CommitProperties,
+    /// Checked before each commit.
+    lease: WriterLease,
 }
 
-/// Ingests `inputs` into the lake as one batch.
+/// Ingests `inputs` into the lake as one batch, under the lake's writer
+/// lease (`opts.lease`, or one taken here that fails at once when another
+/// writer holds it).
 pub async fn ingest(
     lake: &Lake,
     inputs: &[Input],
     opts: &IngestOptions,
     progress: &Progress,
 ) -> Result<BatchReport, LakeError> {
+    if let Some(lease) = &opts.lease {
+        return ingest_leased(lake, inputs, opts, progress, lease).await;
+    }
+    let lease = WriterLease::acquire(
+        lake,
+        &LeaseOptions {
+            command: format!(
+                "ingest ({})",
+                std::env::args().collect::<Vec<_>>().join(" ")
+            ),
+            ..LeaseOptions::default()
+        },
+    )
+    .await?;
+    let result = ingest_leased(lake, inputs, opts, progress, &lease).await;
+    let released = lease.release().await;
+    let report = result?;
+    released?;
+    Ok(report)
+}
+
+async fn ingest_leased(
+    lake: &Lake,
+    inputs: &[Input],
+    opts: &IngestOptions,
+    progress: &Progress,
+    lease: &WriterLease,
+) -> Result<BatchReport, LakeError> {
+    lease.check()?;
     // Without Bundles (whose conditional references need a prescan first),
     // the reader starts at once: it decompresses and classifies while the
     // inputs are hashed for the batch id and landed. Nothing is committed
@@ -396,6 +457,7 @@ pub async fn ingest(
         quarantine_txn,
         written: KeyFilter::new(),
         store_had_rows,
+        lease: lease.clone(),
     };
 
     progress.phase.store(2, Ordering::Relaxed);
@@ -415,9 +477,11 @@ pub async fn ingest(
     // Commits run one at a time and in chunk order, each on a task, so the
     // next chunk is prepared while the previous one is encoded and committed.
     let mut chunk_no = 0i64;
-    // The resources table as of the last commit: loading it again for every
-    // chunk re-reads the whole log.
-    let resources_cache = Arc::new(tokio::sync::Mutex::new(None));
+    // The resources table as of this run's start, then as of its last
+    // commit: every commit is built on it, so a commit of another writer in
+    // between is checked for conflicts (and refused: see `commit_props`),
+    // and loading the table again for every chunk would re-read the log.
+    let resources_cache = Arc::new(tokio::sync::Mutex::new(resources_table));
     let mut in_flight: Option<tokio::task::JoinHandle<Result<(), LakeError>>> = None;
     while let Ok(chunk) = tokio::task::block_in_place(|| chunks.recv()) {
         let write = batch.prepare_chunk(chunk_no, chunk, &mut in_flight).await?;
@@ -433,6 +497,7 @@ pub async fn ingest(
     }
     finish(&mut in_flight).await?;
     crash_point("before_batch_commit");
+    lease.check()?;
 
     let finished = now_micros();
     let report = BatchReport {
@@ -716,6 +781,8 @@ struct Existing {
     batch_id: String,
     file: String,
     line: i64,
+    /// The start instant of the batch that stored it: the batch order.
+    ingested_at: i64,
 }
 
 /// A 128-bit content hash as 32 lowercase hex digits, without a `String`
@@ -915,15 +982,18 @@ impl Batch<'_> {
                         late_duplicates.push(rej);
                         true
                     } else {
-                        match r.version.newer_than(&ex.version) {
-                            std::cmp::Ordering::Greater => true,
-                            std::cmp::Ordering::Equal if ex.deleted => true,
-                            std::cmp::Ordering::Equal => {
+                        // When versionId and lastUpdated tie, the later batch
+                        // wins; a re-run keeps its batch's first start instant.
+                        let later = self.started_at >= ex.ingested_at;
+                        match r.version.decide(&ex.version, later) {
+                            Decision::Replace => true,
+                            Decision::Unchanged if ex.deleted => true,
+                            Decision::Unchanged => {
                                 rec.outcomes.unchanged += 1;
                                 false
                             }
-                            std::cmp::Ordering::Less => {
-                                rec.outcomes.superseded += 1;
+                            Decision::OlderThanStored => {
+                                rec.outcomes.older_than_stored += 1;
                                 false
                             }
                         }
@@ -992,9 +1062,14 @@ impl Batch<'_> {
             quarantine,
             replaces,
             appends,
-            props: self.commit_props(chunk_no),
+            props: self
+                .commit_props(chunk_no)
+                .with_application_transaction(self.fence()),
             quarantine_props: self.commit_props(chunk_no),
-            merge_props: CommitProperties::default().with_metadata(self.commit_metadata(chunk_no)),
+            merge_props: CommitProperties::default()
+                .with_metadata(self.commit_metadata(chunk_no))
+                .with_application_transaction(self.fence()),
+            lease: self.lease.clone(),
         }))
     }
 
@@ -1027,6 +1102,13 @@ impl Batch<'_> {
             .with_application_transaction(Transaction::new(&self.app_id, chunk_no))
             .with_metadata(self.commit_metadata(chunk_no))
     }
+
+    /// The writer fence every `resources` commit carries: Delta refuses a
+    /// commit when a commit it has not seen carries the same app id, so two
+    /// Atlas writers racing on the store conflict instead of both appending.
+    fn fence(&self) -> Transaction {
+        Transaction::new(WRITER_APP_ID, self.lease.generation() as i64)
+    }
 }
 
 /// Commits one prepared chunk: quarantine, then MERGE, then append. The last
@@ -1039,6 +1121,7 @@ async fn write_chunk(
 ) -> Result<(), LakeError> {
     let started = std::time::Instant::now();
     if let Some(batch) = w.quarantine {
+        w.lease.check()?;
         let table = lake.table_handle(QUARANTINE).await?;
         table
             .write(vec![batch])
@@ -1059,17 +1142,29 @@ async fn write_chunk(
     // the table from one chunk's commit to the next.
     let mut resources = resources.lock().await;
     if let Some(batch) = w.replaces {
-        // MERGE loads its own view of the table; the cached one is stale after.
-        *resources = None;
-        let table = lake.table_handle(RESOURCES).await?;
+        // The MERGE is built on the table as this run last saw it, and its
+        // result is the table for the next commit.
+        let table = match resources.take() {
+            Some(t) => t,
+            // There was no store when this run started and it has not
+            // created one yet, so the rows it found were another writer's.
+            None => {
+                return Err(LakeError::Other(format!(
+                    "another writer created tables/{RESOURCES} during this run (batch {}); this run committed nothing to it, run it again",
+                    w.batch_id
+                )));
+            }
+        };
         let p = if w.appends.is_none() {
             props.take()
         } else {
             Some(w.merge_props)
         };
-        merge(table, batch, p).await?;
+        w.lease.check()?;
+        *resources = Some(merge(table, batch, p).await?);
     }
     if let Some(batches) = w.appends {
+        w.lease.check()?;
         append_files(
             &lake,
             &mut resources,
@@ -1146,7 +1241,7 @@ async fn append_files(
         schema: &schema::RESOURCES,
         partition_by: &["resource_type"],
     };
-    commit_adds(lake, &table, cached, adds, props).await
+    commit_adds(lake, &table, cached, false, adds, props).await
 }
 
 /// Writes one data file of a lake table and returns its Add action. The
@@ -1185,18 +1280,21 @@ struct NewTable<'a> {
 
 /// Commits `adds` to a lake table as one append (creating the table with
 /// its schema on first use); `cached` is the table as of the last commit
-/// and is updated to the new version.
+/// and is updated to the new version. With `load`, a missing `cached` is
+/// loaded first; without, `None` means the table must not exist yet (the
+/// writer saw none), so creating it fails if another writer created it.
 async fn commit_adds(
     lake: &Lake,
     t: &NewTable<'_>,
     cached: &mut Option<DeltaTable>,
+    load: bool,
     adds: Vec<Action>,
     props: Option<CommitProperties>,
 ) -> Result<(), LakeError> {
     let name = t.name;
     let props = props.unwrap_or_default();
     let partition_by: Vec<String> = t.partition_by.iter().map(|c| (*c).to_owned()).collect();
-    if cached.is_none() {
+    if load && cached.is_none() {
         *cached = lake.table(name).await?;
     }
     match cached {
@@ -1214,7 +1312,7 @@ async fn commit_adds(
                     },
                 )
                 .await
-                .map_err(delta_err(name))?;
+                .map_err(commit_err(name))?;
             table.state = Some(done.snapshot());
         }
         None => {
@@ -1233,7 +1331,7 @@ async fn commit_adds(
                 .with_actions(adds)
                 .with_commit_properties(props)
                 .await
-                .map_err(delta_err(name))?;
+                .map_err(commit_err(name))?;
             *cached = Some(table);
         }
     }
@@ -1406,7 +1504,7 @@ async fn merge(
     table: DeltaTable,
     batch: RecordBatch,
     props: Option<CommitProperties>,
-) -> Result<(), LakeError> {
+) -> Result<DeltaTable, LakeError> {
     let ctx = SessionContext::new();
     let types: Vec<_> = {
         let col = batch
@@ -1438,7 +1536,7 @@ async fn merge(
     if let Some(props) = props {
         merge = merge.with_commit_properties(props);
     }
-    merge
+    let (table, _metrics) = merge
         .when_matched_update(move |mut u| {
             for n in &upd_names {
                 u = u.update(n.as_str(), col(format!("source.{n}")));
@@ -1454,8 +1552,24 @@ async fn merge(
         })
         .map_err(delta_err(RESOURCES))?
         .await
-        .map_err(delta_err(RESOURCES))?;
-    Ok(())
+        .map_err(commit_err(RESOURCES))?;
+    Ok(table)
+}
+
+/// A commit's error; a conflict with another writer's commit is told apart.
+fn commit_err(table: &str) -> impl FnOnce(deltalake::DeltaTableError) -> LakeError + '_ {
+    move |source| match source {
+        deltalake::DeltaTableError::Transaction {
+            source: deltalake::kernel::transaction::TransactionError::CommitConflict(_),
+        } => LakeError::ConcurrentWriter {
+            table: format!("tables/{table}"),
+            source,
+        },
+        source => LakeError::Delta {
+            table: table.into(),
+            source,
+        },
+    }
 }
 
 impl Batch<'_> {
@@ -1507,7 +1621,7 @@ impl Batch<'_> {
             .collect::<Vec<_>>()
             .join(",");
         let sql = format!(
-            "SELECT r.resource_type, r.id, r.version_id, r.last_updated, r.content_hash, r.deleted, r.batch_id, r.file, r.line \
+            "SELECT r.resource_type, r.id, r.version_id, r.last_updated, r.content_hash, r.deleted, r.batch_id, r.file, r.line, r.ingested_at \
              FROM resources r JOIN chunk_keys k ON r.resource_type = k.k_type AND r.id = k.k_id \
              WHERE r.resource_type IN ({list})"
         );
@@ -1528,8 +1642,15 @@ impl Batch<'_> {
                 .downcast_ref::<TimestampMicrosecondArray>();
             let del = b.column(5).as_any().downcast_ref::<BooleanArray>();
             let line = b.column(8).as_any().downcast_ref::<Int64Array>();
-            let (Some(lu), Some(del), Some(line)) = (lu, del, line) else {
-                return Err(LakeError::Other("unexpected resources schema".into()));
+            let at = b
+                .column(9)
+                .as_any()
+                .downcast_ref::<TimestampMicrosecondArray>();
+            let (Some(lu), Some(del), Some(line), Some(at)) = (lu, del, line, at) else {
+                return Err(LakeError::Other(
+                    "tables/resources: unexpected column types (last_updated, deleted, line, ingested_at)"
+                        .into(),
+                ));
             };
             for r in 0..b.num_rows() {
                 if !wanted.contains(&(ty.value(r), id.value(r))) {
@@ -1547,6 +1668,7 @@ impl Batch<'_> {
                         batch_id: bid.value(r).to_owned(),
                         file: file.value(r).to_owned(),
                         line: line.value(r),
+                        ingested_at: at.value(r),
                     },
                 );
             }
@@ -1858,7 +1980,8 @@ async fn write_batch_row(
         i(o.lines_read),
         i(o.stored),
         i(o.unchanged),
-        i(o.superseded),
+        // The column keeps its old name `superseded` (readers of old lakes).
+        i(o.older_than_stored),
         i(o.quarantined),
         i(o.skipped),
         i(o.deleted),
@@ -1881,7 +2004,7 @@ async fn write_batch_row(
         schema: &schema::BATCHES,
         partition_by: &[],
     };
-    commit_adds(lake, &table, &mut None, vec![add], Some(commit)).await
+    commit_adds(lake, &table, &mut None, true, vec![add], Some(commit)).await
 }
 
 #[cfg(test)]

@@ -30,6 +30,24 @@ pub enum LakeError {
         table: String,
         source: datafusion::error::DataFusionError,
     },
+    #[error(
+        "the lake at {lake} is being written by {holder}; run again with --wait to wait for it, or later"
+    )]
+    Busy {
+        lake: String,
+        holder: Box<crate::lease::LeaseHolder>,
+    },
+    #[error(
+        "lost the writer lease {generation} of the lake at {lake} (it expired and another writer took it over); nothing more was committed, run again to resume"
+    )]
+    LeaseLost { lake: String, generation: u64 },
+    #[error(
+        "another writer committed to Delta table {table} during this run ({source}); this run committed nothing more, run it again to resume"
+    )]
+    ConcurrentWriter {
+        table: String,
+        source: deltalake::DeltaTableError,
+    },
     #[error("{0}")]
     Other(String),
 }

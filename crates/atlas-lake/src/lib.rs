@@ -16,13 +16,16 @@
 //! tables/resources/   Delta, partitioned by resource_type
 //! tables/quarantine/  Delta
 //! tables/batches/     Delta, one row per completed batch
+//! _locks/writer/      the writer lease (one writer per lake at a time)
 //! ```
 
 pub mod ingest;
 pub mod lake;
+pub mod lease;
 pub mod schema;
 pub mod stats;
 
 pub use ingest::{BatchReport, IngestOptions, Outcomes, Progress, ingest};
 pub use lake::{Lake, LakeError};
+pub use lease::{LeaseHolder, LeaseOptions, WriterLease};
 pub use stats::{Stats, stats};

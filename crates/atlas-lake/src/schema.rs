@@ -67,6 +67,9 @@ pub static BATCHES: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("lines_read", DataType::Int64, false),
         Field::new("stored", DataType::Int64, false),
         Field::new("unchanged", DataType::Int64, false),
+        // Lines older than the stored copy (`older_than_stored` in reports
+        // and `stats`); the column keeps its first name so that every lake,
+        // old or new, has one schema.
         Field::new("superseded", DataType::Int64, false),
         Field::new("quarantined", DataType::Int64, false),
         Field::new("skipped", DataType::Int64, false),

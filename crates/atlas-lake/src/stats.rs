@@ -23,11 +23,16 @@ pub struct BatchSummary {
     pub lines_read: i64,
     pub stored: i64,
     pub unchanged: i64,
-    pub superseded: i64,
+    /// Lines older than the stored copy, kept out (the `batches` table's
+    /// `superseded` column).
+    pub older_than_stored: i64,
     pub quarantined: i64,
     pub skipped: i64,
     pub deleted: i64,
     pub outcome: String,
+    /// Deprecated: the same number as `older_than_stored`, under its old
+    /// name, for scripts written against earlier versions.
+    pub superseded: i64,
 }
 
 /// The `atlas stats --json` document.
@@ -102,6 +107,7 @@ pub async fn stats(lake: &Lake) -> Result<Stats, LakeError> {
                     lines_read: n(4)?,
                     stored: n(5)?,
                     unchanged: n(6)?,
+                    older_than_stored: n(7)?,
                     superseded: n(7)?,
                     quarantined: n(8)?,
                     skipped: n(9)?,

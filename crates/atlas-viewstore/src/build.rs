@@ -83,6 +83,11 @@ pub struct RefreshOptions {
     /// Store rows per evaluation task.
     pub batch_rows: usize,
     pub progress: Option<ProgressFn>,
+    /// The lake's writer lease, when the caller holds it already (to wait
+    /// for it, or to ingest and refresh under one lease). Without it,
+    /// `refresh` takes the lease itself and fails at once when another
+    /// writer holds it.
+    pub lease: Option<atlas_lake::WriterLease>,
 }
 
 impl Default for RefreshOptions {
@@ -92,6 +97,7 @@ impl Default for RefreshOptions {
             file_rows: 1 << 20,
             batch_rows: 4096,
             progress: None,
+            lease: None,
         }
     }
 }
@@ -118,12 +124,41 @@ const MAX_ERRORS_KEPT: usize = 5;
 impl ViewStore {
     /// Refreshes the named views (all when `names` is empty): incrementally
     /// where the view has a key column and reflects an earlier store version
-    /// for its current definition, in full otherwise.
+    /// for its current definition, in full otherwise. Runs under the lake's
+    /// writer lease (`opts.lease`, or one taken here).
     pub async fn refresh(
         &self,
         names: &[String],
         opts: &RefreshOptions,
     ) -> Result<Vec<RefreshReport>, ViewStoreError> {
+        if let Some(lease) = &opts.lease {
+            return self.refresh_leased(names, opts, lease).await;
+        }
+        let lease = atlas_lake::WriterLease::acquire(
+            &self.lake,
+            &atlas_lake::LeaseOptions {
+                command: format!(
+                    "views refresh ({})",
+                    std::env::args().collect::<Vec<_>>().join(" ")
+                ),
+                ..atlas_lake::LeaseOptions::default()
+            },
+        )
+        .await?;
+        let result = self.refresh_leased(names, opts, &lease).await;
+        let released = lease.release().await;
+        let reports = result?;
+        released?;
+        Ok(reports)
+    }
+
+    async fn refresh_leased(
+        &self,
+        names: &[String],
+        opts: &RefreshOptions,
+        lease: &atlas_lake::WriterLease,
+    ) -> Result<Vec<RefreshReport>, ViewStoreError> {
+        lease.check()?;
         let all = self.list().await?;
         for n in names {
             if !all.iter().any(|v| &v.name == n) {
@@ -197,6 +232,7 @@ impl ViewStore {
         let tables = &tables;
         let mut runs = futures::stream::iter(incremental.into_iter().map(
             |((ty, since), group)| async move {
+                lease.check()?;
                 let done = self
                     .refresh_incremental(
                         store,
@@ -222,6 +258,7 @@ impl ViewStore {
         }
         drop(runs);
         for (ty, group) in full {
+            lease.check()?;
             reports.extend(
                 self.build_full(store, &ty, &group, store_version, opts)
                     .await?,

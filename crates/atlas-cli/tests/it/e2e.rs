@@ -68,6 +68,7 @@ fn ingest_twice_changes_nothing_and_stats_shape_is_stable() {
             "lines_read",
             "stored",
             "unchanged",
+            "older_than_stored",
             "superseded",
             "quarantined",
             "skipped",

@@ -2,6 +2,7 @@
 //! generated data always and on the real Synthea data in `../shared` when
 //! present (CI always has it; elsewhere the tests say it is missing).
 
+mod concurrent;
 mod crash;
 mod deid;
 mod e2e;

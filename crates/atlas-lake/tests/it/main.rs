@@ -2,6 +2,7 @@
 //! temporary folder (and on S3 through a local moto server when available).
 
 mod ingest;
+mod lease;
 mod s3;
 
 use std::path::{Path, PathBuf};
