@@ -84,6 +84,37 @@ pub struct AuditEntry {
     /// the record must serialise identically after a round trip, and JSON
     /// floats need not).
     pub duration_us: u64,
+    // Fields added later are optional and left out when empty, so records
+    // written before them re-serialise (and hash) exactly as written.
+    /// One id per request: a slow request's `started` record and its final
+    /// record share it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The token's `purpose_of_use` claim, as a list; `None` when the token
+    /// has no such claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose_claim: Option<Vec<String>>,
+    /// The `X-Purpose-Of-Use` header as the request sent it (`purpose` is
+    /// the one in force).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose_header: Option<String>,
+    /// The token's SMART `patient` claim: the patient it is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient_binding: Option<String>,
+    /// The token's scopes, as it stated them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// The roles the token's `roles` claim asserts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+    /// Why the request was refused (the token check, the policy's denial),
+    /// in full; the client's answer says less.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// A read by key of a resource outside the principal's rows: answered
+    /// like a missing id (404), marked here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub out_of_scope: bool,
 }
 
 /// An entry in the chain.
@@ -908,6 +939,33 @@ pub fn audit_event(r: &AuditRecord) -> serde_json::Value {
         && let Some(d) = event["entity"][0]["detail"].as_array_mut()
     {
         d.push(json!({"type": "fields_removed", "valueString": e.fields_removed.join(", ")}));
+    }
+    if let Some(d) = event["entity"][0]["detail"].as_array_mut() {
+        let mut extra = |k: &str, v: String| d.push(json!({"type": k, "valueString": v}));
+        if let Some(v) = &e.reason {
+            extra("reason", v.clone());
+        }
+        if let Some(v) = &e.purpose_header {
+            extra("purpose_header", v.clone());
+        }
+        if let Some(v) = &e.purpose_claim {
+            extra("purpose_claim", v.join(" "));
+        }
+        if let Some(v) = &e.patient_binding {
+            extra("patient_binding", v.clone());
+        }
+        if !e.scopes.is_empty() {
+            extra("scopes", e.scopes.join(" "));
+        }
+        if !e.roles.is_empty() {
+            extra("roles", e.roles.join(" "));
+        }
+        if e.out_of_scope {
+            extra("out_of_scope", "true".into());
+        }
+        if let Some(v) = &e.request_id {
+            extra("request_id", v.clone());
+        }
     }
     event
 }

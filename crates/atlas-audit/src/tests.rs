@@ -27,6 +27,7 @@ fn entry(i: usize) -> AuditEntry {
         patient_count: Some(1),
         fields_removed: vec![],
         duration_us: 250 + i as u64,
+        ..Default::default()
     }
 }
 
@@ -308,4 +309,45 @@ fn audit_events_carry_who_why_what_and_the_chain() {
         details.contains("Patient.telecom") && details.contains(&r.hash),
         "{details}"
     );
+}
+
+/// Records written before the optional fields existed parse and hash as
+/// written; new records carry the fields and round-trip.
+#[test]
+fn optional_fields_keep_older_records_verifiable() {
+    let mut r = AuditRecord {
+        chain: "00000000000000000001-ab".into(),
+        seq: 1,
+        entry: entry(1),
+        prev_hash: "0".repeat(64),
+        hash: String::new(),
+    };
+    r.hash = r.compute_hash();
+    let old = serde_json::to_string(&r).unwrap();
+    for field in [
+        "request_id",
+        "purpose_claim",
+        "reason",
+        "out_of_scope",
+        "scopes",
+    ] {
+        assert!(!old.contains(field), "{old}");
+    }
+    let back: AuditRecord = serde_json::from_str(&old).unwrap();
+    assert_eq!(back.compute_hash(), r.hash);
+    let mut n = r.clone();
+    n.entry.request_id = Some("r1".into());
+    n.entry.purpose_claim = Some(vec!["HRESCH".into()]);
+    n.entry.purpose_header = Some("TREAT".into());
+    n.entry.patient_binding = Some("p1".into());
+    n.entry.scopes = vec!["patient/*.rs".into()];
+    n.entry.roles = vec!["clinician".into()];
+    n.entry.reason = Some("expired".into());
+    n.entry.out_of_scope = true;
+    n.hash = n.compute_hash();
+    let text = serde_json::to_string(&n).unwrap();
+    let back: AuditRecord = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, n);
+    assert_eq!(back.compute_hash(), n.hash);
+    assert_ne!(n.hash, r.hash);
 }

@@ -141,11 +141,15 @@ Write statements (INSERT, UPDATE, DELETE, CREATE, DROP, COPY, SET) are refused."
   curl -s localhost:8080/health; curl -s localhost:8080/metrics
 
 Settings come from defaults, then --config (TOML: bind, default_page_size, max_page_size,
-page_token_ttl_secs, slice_reads, [auth] dev and [[auth.issuers]] issuer/audience/jwks_file or jwks_url, [graphql]
-max_depth/max_complexity/max_rows/introspection, [tls] cert/key, [policy] file/refresh_secs, [audit] enabled), then
+page_token_ttl_secs, slice_reads, public_base_url, [auth] dev/leeway_secs/purpose_header_without_claim and
+[[auth.issuers]] issuer/audience/jwks_file or jwks_url, [graphql] max_depth/max_complexity/max_rows/introspection/
+max_query_bytes/max_nesting/max_fragment_spreads/max_aliases/max_root_fields/max_fields/max_link_queries,
+[limits] request_timeout_ms/stream_timeout_secs/max_concurrent_per_principal/shutdown_timeout_ms,
+[tls] cert/key, [policy] file/refresh_secs, [audit] enabled/start_record_after_ms), then
 ATLAS_SERVE_BIND / ATLAS_SERVE_DEFAULT_PAGE_SIZE / ATLAS_SERVE_MAX_PAGE_SIZE, then flags.
 Every data endpoint needs a bearer JWT from a configured issuer (or, with --dev-auth, from
-`atlas token`). Ctrl-C or SIGTERM stops accepting and finishes the requests in flight.
+`atlas token`). Ctrl-C or SIGTERM stops accepting, lets the requests in flight finish for
+[limits] shutdown_timeout_ms (10 s), then cuts the rest (each audited as cut) and exits.
 Logs: ATLAS_LOG=info.")]
     Serve {
         /// A TOML configuration file.
@@ -155,9 +159,16 @@ Logs: ATLAS_LOG=info.")]
         #[arg(long)]
         bind: Option<std::net::SocketAddr>,
         /// Accept tokens from the lake's local dev issuer (`atlas token`).
-        /// For development only: anyone who can read the lake can mint them.
+        /// For development only: anyone who can read the lake can mint them,
+        /// so it is refused on a non-loopback address without
+        /// --allow-remote-dev-auth.
         #[arg(long)]
         dev_auth: bool,
+        /// Allow dev auth (--dev-auth or [auth] dev) on an address other
+        /// machines can reach. Anyone who can read the lake can then mint
+        /// tokens this server accepts.
+        #[arg(long)]
+        allow_remote_dev_auth: bool,
         /// Serve HTTPS with this PEM certificate chain (with --tls-key).
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -203,7 +214,10 @@ patient's compartment: it then sees only that patient's objects on every path.")
         /// may name roles).
         #[arg(long = "role")]
         roles: Vec<String>,
-        /// The token's `purpose_of_use` claim (TREAT, HRESCH, ...).
+        /// The token's `purpose_of_use` claim (TREAT, HRESCH, ...); several,
+        /// comma-separated (TREAT,HRESCH), let a request pick one with the
+        /// X-Purpose-Of-Use header. Without a claim the header is refused
+        /// unless the server sets [auth] purpose_header_without_claim.
         #[arg(long)]
         purpose: Option<String>,
     },
@@ -397,7 +411,11 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Work still running on the blocking pool (a request `atlas serve`
+    // cut at shutdown) must not keep the process alive.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    if let Err(e) = result {
         // `atlas ... | head` closing the pipe early is not an error.
         let broken_pipe = e.chain().any(|c| {
             c.downcast_ref::<std::io::Error>()
@@ -449,6 +467,7 @@ async fn run(cli: Cli) -> Result<()> {
             config,
             bind,
             dev_auth,
+            allow_remote_dev_auth,
             tls_cert,
             tls_key,
             io_threads: _,
@@ -456,7 +475,14 @@ async fn run(cli: Cli) -> Result<()> {
             let tls = tls_cert
                 .zip(tls_key)
                 .map(|(cert, key)| atlas_serve::TlsConfig { cert, key });
-            serve(&cli.lake, config, bind, dev_auth, tls).await
+            serve(
+                &cli.lake,
+                config,
+                bind,
+                (dev_auth, allow_remote_dev_auth),
+                tls,
+            )
+            .await
         }
         Command::Token {
             sub,
@@ -489,7 +515,7 @@ async fn serve(
     lake_location: &str,
     config: Option<PathBuf>,
     bind: Option<std::net::SocketAddr>,
-    dev_auth: bool,
+    (dev_auth, allow_remote_dev_auth): (bool, bool),
     tls: Option<atlas_serve::TlsConfig>,
 ) -> Result<()> {
     let mut settings = match &config {
@@ -506,10 +532,21 @@ async fn serve(
     if tls.is_some() {
         settings.tls = tls;
     }
+    atlas_serve::auth::check_dev_auth_bind(&settings.auth, settings.bind, allow_remote_dev_auth)
+        .map_err(|e| anyhow::anyhow!("atlas serve: {e}"))?;
+    if settings.auth.dev && !settings.bind.ip().is_loopback() {
+        eprintln!(
+            "atlas serve: WARNING: dev auth on {}: anyone who can read the lake can mint accepted tokens",
+            settings.bind
+        );
+    }
     let lake = open_lake(lake_location)?;
     let state = atlas_serve::AppState::open(lake, atlas_ontology::Ontology::builtin(), settings)
         .await
         .map_err(|e| anyhow::anyhow!("atlas serve: {e}"))?;
+    for w in atlas_serve::auth::exposed_key_files(&state.lake) {
+        eprintln!("atlas serve: WARNING: {w}");
+    }
     if !state.auth.has_issuers() {
         eprintln!(
             "atlas serve: no token issuer is configured, so every data request will get 401; \

@@ -597,5 +597,8 @@ pub(crate) async fn aggregate(
     }
     out.extend_from_slice(b"]}");
     state.metrics.rows("aggregate", total as u64);
+    // Groups and metrics hold no patient's rows as such: the record says
+    // the patients are not counted (null), not that there were none.
+    crate::audit::note(|f| f.patients_unknown = true);
     Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
 }

@@ -15,6 +15,18 @@
 //! held, written before the body's last chunk (a failed write cuts the
 //! stream short, so the client sees an incomplete answer), or "stream
 //! aborted" with what was sent when the client goes away first.
+//!
+//! A request still running after `[audit] start_record_after_ms` gets a
+//! record first, `decision` "started" and status 0, so a request in flight
+//! when the server dies is still in the trail; its final record shares the
+//! `request_id`.
+//!
+//! Nothing recorded holds a credential: `access_token` and other credential
+//! parameters, and anything shaped like a JWT, are replaced by
+//! `[redacted]` in the path, the query and the reasons ([`redact`]).
+//!
+//! Every answer that passes here carries `Cache-Control: no-store` and
+//! `X-Content-Type-Options: nosniff`.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -44,6 +56,9 @@ pub struct AuditConfig {
     pub enabled: bool,
     /// The largest request body buffered to hash it (bytes).
     pub max_body_bytes: usize,
+    /// A request still running this long (milliseconds) gets a "started"
+    /// record before its final one; 0: every request does.
+    pub start_record_after_ms: u64,
 }
 
 impl Default for AuditConfig {
@@ -51,6 +66,7 @@ impl Default for AuditConfig {
         AuditConfig {
             enabled: true,
             max_body_bytes: 4 << 20,
+            start_record_after_ms: 100,
         }
     }
 }
@@ -66,12 +82,27 @@ pub async fn open(lake: &atlas_lake::Lake) -> Result<AuditLog, String> {
 }
 
 /// What the handler learned while answering, for the record.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Facts {
     pub subject: Option<String>,
     pub issuer: Option<String>,
     pub client: Option<String>,
     pub purpose: Option<String>,
+    /// The token's `purpose_of_use` claim (`None`: no claim).
+    pub purpose_claim: Option<Vec<String>>,
+    /// The `X-Purpose-Of-Use` header as sent.
+    pub purpose_header: Option<String>,
+    /// The token's `patient` claim.
+    pub patient_binding: Option<String>,
+    pub scopes: Vec<String>,
+    pub roles: Vec<String>,
+    /// Why the request was refused, in full.
+    pub reason: Option<String>,
+    /// A read by key that found the row outside the principal's scope.
+    pub out_of_scope: bool,
+    /// The answer's patients are not counted (aggregates): the record
+    /// says `null`, not 0.
+    pub patients_unknown: bool,
     pub resource_types: BTreeSet<String>,
     pub rules: BTreeSet<String>,
     pub denied: bool,
@@ -81,6 +112,8 @@ pub struct Facts {
     pub patients: BTreeSet<String>,
     /// More distinct patients than `MAX_PATIENTS` were answered.
     pub patients_overflow: bool,
+    /// The server ended the request itself (deadline, shutdown): why.
+    pub cut: Option<&'static str>,
 }
 
 /// Distinct patients remembered per request; beyond, the record says "at
@@ -144,16 +177,80 @@ pub fn note_decision(resource_type: &str, d: &atlas_policy::Decision) {
             atlas_policy::Decision::Deny(x) => {
                 f.denied = true;
                 f.rules.extend(x.rule.iter().cloned());
+                if f.reason.is_none() {
+                    f.reason = Some(redact(&x.to_string()));
+                }
             }
         }
     });
 }
 
+/// Query parameters whose values are credentials, never recorded.
+const SECRET_PARAMS: &[&str] = &[
+    "access_token",
+    "id_token",
+    "refresh_token",
+    "authorization",
+    "client_secret",
+    "password",
+    "api_key",
+    "apikey",
+];
+
+/// `text` with every JWT-shaped run (`eyJ…` base64url, a dot, more
+/// base64url: a JWS or JWE, signed or not) replaced by `[redacted]`.
+pub fn redact(text: &str) -> String {
+    let b = text.as_bytes();
+    let is_b64 = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    let mut copied = 0;
+    while let Some(at) = text[i..].find("eyJ").map(|k| i + k) {
+        // A token starts at a boundary, not inside a longer word.
+        if at > 0 && is_b64(b[at - 1]) {
+            i = at + 3;
+            continue;
+        }
+        let mut j = at;
+        let mut segments = 0;
+        loop {
+            let start = j;
+            while j < b.len() && is_b64(b[j]) {
+                j += 1;
+            }
+            if j > start {
+                segments += 1;
+            }
+            if j < b.len() && b[j] == b'.' && segments > 0 {
+                j += 1;
+            } else {
+                break;
+            }
+        }
+        if segments >= 2 {
+            out.push_str(&text[copied..at]);
+            out.push_str("[redacted]");
+            copied = j;
+        }
+        i = j.max(at + 3);
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
 /// The path and query parameters, sorted, so equal requests normalise
-/// equally.
+/// equally; credentials redacted.
 fn normal_query(q: Option<&str>) -> String {
     let mut pairs: Vec<(String, String)> = url::form_urlencoded::parse(q.unwrap_or("").as_bytes())
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .map(|(k, v)| {
+            let secret = SECRET_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s));
+            let v = if secret {
+                "[redacted]".to_owned()
+            } else {
+                redact(&v)
+            };
+            (redact(&k), v)
+        })
         .collect();
     pairs.sort();
     url::form_urlencoded::Serializer::new(String::new())
@@ -161,8 +258,97 @@ fn normal_query(q: Option<&str>) -> String {
         .finish()
 }
 
+/// The headers every answer that passes the audit layer carries: nothing
+/// holding patient data may be stored by a cache or sniffed into another
+/// content type.
+fn protect(response: &mut Response) {
+    let h = response.headers_mut();
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+}
+
 /// The middleware.
 pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let mut response = audited(state, req, next).await;
+    protect(&mut response);
+    response
+}
+
+/// A random id for one request's records.
+fn request_id() -> String {
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    hex::encode(b)
+}
+
+/// The record of a request from what is known of it so far.
+struct Request0 {
+    time: String,
+    method: String,
+    path: String,
+    query: String,
+    query_hash: String,
+    request_id: String,
+    started: Instant,
+}
+
+impl Request0 {
+    fn entry(&self, f: Facts, status: u16, decision: &str, streamed: bool) -> AuditEntry {
+        AuditEntry {
+            time: self.time.clone(),
+            subject: f.subject,
+            issuer: f.issuer,
+            client: f.client,
+            purpose: f.purpose,
+            method: self.method.clone(),
+            path: self.path.clone(),
+            query: self.query.clone(),
+            query_hash: self.query_hash.clone(),
+            status,
+            decision: decision.to_owned(),
+            rules: f.rules.into_iter().collect(),
+            resource_types: f.resource_types.into_iter().collect(),
+            rows: (!streamed).then_some(f.rows),
+            patients: if f.patients_unknown || f.patients.len() > LISTED_PATIENTS {
+                Vec::new()
+            } else {
+                f.patients.iter().cloned().collect()
+            },
+            patient_count: (!streamed && !f.patients_overflow && !f.patients_unknown)
+                .then_some(f.patients.len() as u64),
+            fields_removed: f.fields_removed.into_iter().collect(),
+            duration_us: self.started.elapsed().as_micros() as u64,
+            request_id: Some(self.request_id.clone()),
+            purpose_claim: f.purpose_claim,
+            purpose_header: f.purpose_header,
+            patient_binding: f.patient_binding,
+            scopes: f.scopes,
+            roles: f.roles,
+            reason: f.reason,
+            out_of_scope: f.out_of_scope,
+        }
+    }
+}
+
+fn withheld(e: impl std::fmt::Display) -> Response {
+    tracing::error!("audit record not written, answer withheld: {e}");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "AuditUnavailable",
+        "audit",
+        "",
+        "the request's audit record could not be written, so its answer is withheld",
+    )
+    .into_response()
+}
+
+async fn audited(state: AppState, req: Request, next: Next) -> Response {
     let Some(log) = state.audit.clone() else {
         return next.run(req).await;
     };
@@ -173,13 +359,39 @@ pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> R
     let started = Instant::now();
     let time = atlas_audit::now_rfc3339();
     let method = req.method().to_string();
+    let path = redact(&path);
     let mut query = normal_query(req.uri().query());
     let (parts, body) = req.into_parts();
     let facts = Arc::new(Mutex::new(Facts::default()));
+    let snapshot = |facts: &Arc<Mutex<Facts>>| match facts.lock() {
+        Ok(g) => g.clone(),
+        Err(_) => Facts::default(),
+    };
+    let request_id = request_id();
     // A body too large to hash is refused, and the refusal is recorded
     // like any other answer.
-    let response = match axum::body::to_bytes(body, state.config.audit.max_body_bytes).await {
+    // Reading the body is part of the request's deadline: a client that
+    // stalls its upload is cut, and recorded, like a slow handler.
+    let deadline = std::time::Duration::from_millis(state.config.limits.request_timeout_ms);
+    let read = tokio::time::timeout(
+        deadline,
+        axum::body::to_bytes(body, state.config.audit.max_body_bytes),
+    )
+    .await;
+    let response = match read {
         Err(_) => {
+            let mut r = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeout",
+                "body",
+                "…",
+                "the request body did not arrive within the request deadline",
+            )
+            .into_response();
+            r.extensions_mut().insert(crate::limits::DEADLINE);
+            r
+        }
+        Ok(Err(_)) => {
             query.push_str(if query.is_empty() {
                 "body=too-large"
             } else {
@@ -197,7 +409,7 @@ pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> R
             )
             .into_response()
         }
-        Ok(bytes) => {
+        Ok(Ok(bytes)) => {
             if !bytes.is_empty() {
                 let digest = hex::encode(Sha256::digest(&bytes));
                 if !query.is_empty() {
@@ -207,12 +419,55 @@ pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> R
                 query.push_str(&digest);
             }
             let req = Request::from_parts(parts, axum::body::Body::from(bytes));
-            FACTS.scope(facts.clone(), next.run(req)).await
+            let run = FACTS.scope(facts.clone(), next.run(req));
+            let mut run = std::pin::pin!(run);
+            let after = std::time::Duration::from_millis(state.config.audit.start_record_after_ms);
+            // The "started" record, built when first polled: after the
+            // handler's first poll, so it names who asked when it can.
+            let start = |query: String| {
+                let facts = facts.clone();
+                let log = log.clone();
+                let r0 = Request0 {
+                    time: time.clone(),
+                    method: method.clone(),
+                    path: path.clone(),
+                    query_hash: query_hash(&method, &path, &query),
+                    query,
+                    request_id: request_id.clone(),
+                    started,
+                };
+                async move {
+                    let mut f = snapshot(&facts);
+                    // Nothing was answered yet.
+                    f.rows = 0;
+                    f.patients.clear();
+                    f.patients_unknown = true;
+                    let mut e = r0.entry(f, 0, "started", false);
+                    e.rows = None;
+                    log.record(e).await
+                }
+            };
+            let early = if after.is_zero() {
+                None
+            } else {
+                tokio::select! {
+                    r = &mut run => Some(r),
+                    _ = tokio::time::sleep(after) => None,
+                }
+            };
+            match early {
+                Some(r) => r,
+                None => {
+                    let (r, written) = tokio::join!(run, start(query.clone()));
+                    match written {
+                        Ok(_) => r,
+                        Err(e) => return withheld(e),
+                    }
+                }
+            }
         }
     };
-    let query_hash = hex::encode(Sha256::digest(
-        format!("{method} {path}?{query}").as_bytes(),
-    ));
+    let query_hash = query_hash(&method, &path, &query);
     let status = response.status().as_u16();
     let streamed = response
         .headers()
@@ -223,7 +478,13 @@ pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> R
         Ok(mut g) => std::mem::take(&mut *g),
         Err(_) => Facts::default(),
     };
+    let cut = response
+        .extensions()
+        .get::<crate::limits::Cut>()
+        .map(|c| c.0);
     let decision = match status {
+        _ if cut.is_some() => cut.unwrap_or_default(),
+        _ if f.out_of_scope => "deny (out of scope)",
         401 => "unauthenticated",
         403 => "deny",
         200..=399 if f.denied => "allow (some types denied)",
@@ -231,30 +492,16 @@ pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> R
         400..=499 => "invalid",
         _ => "error",
     };
-    let entry = AuditEntry {
+    let r0 = Request0 {
         time,
-        subject: f.subject,
-        issuer: f.issuer,
-        client: f.client,
-        purpose: f.purpose,
         method,
         path,
         query,
         query_hash,
-        status,
-        decision: decision.to_owned(),
-        rules: f.rules.into_iter().collect(),
-        resource_types: f.resource_types.into_iter().collect(),
-        rows: (!streamed).then_some(f.rows),
-        patients: if f.patients.len() <= LISTED_PATIENTS {
-            f.patients.iter().cloned().collect()
-        } else {
-            Vec::new()
-        },
-        patient_count: (!streamed && !f.patients_overflow).then_some(f.patients.len() as u64),
-        fields_removed: f.fields_removed.into_iter().collect(),
-        duration_us: started.elapsed().as_micros() as u64,
+        request_id,
+        started,
     };
+    let entry = r0.entry(f, status, decision, streamed);
     let template = streamed.then(|| entry.clone());
     match log.record(entry).await {
         Ok(_) => match template {
@@ -273,18 +520,14 @@ pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> R
             }
             None => response,
         },
-        Err(e) => {
-            tracing::error!("audit record not written, answer withheld: {e}");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "AuditUnavailable",
-                "audit",
-                "",
-                "the request's audit record could not be written, so its answer is withheld",
-            )
-            .into_response()
-        }
+        Err(e) => withheld(e),
     }
+}
+
+fn query_hash(method: &str, path: &str, query: &str) -> String {
+    hex::encode(Sha256::digest(
+        format!("{method} {path}?{query}").as_bytes(),
+    ))
 }
 
 type Finishing = Pin<Box<dyn Future<Output = Result<u64, atlas_audit::AuditError>> + Send>>;
@@ -310,7 +553,7 @@ impl StreamAudit {
             Err(_) => Facts::default(),
         };
         e.time = atlas_audit::now_rfc3339();
-        e.decision = decision.to_owned();
+        e.decision = f.cut.unwrap_or(decision).to_owned();
         e.rows = Some(f.rows);
         e.patients = if f.patients.len() <= LISTED_PATIENTS {
             f.patients.iter().cloned().collect()
@@ -318,6 +561,10 @@ impl StreamAudit {
             Vec::new()
         };
         e.patient_count = (!f.patients_overflow).then_some(f.patients.len() as u64);
+        if f.patients_unknown {
+            e.patients = Vec::new();
+            e.patient_count = None;
+        }
         e.duration_us = self.started.elapsed().as_micros() as u64;
         Some(e)
     }
@@ -381,5 +628,37 @@ impl Drop for StreamAudit {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{normal_query, redact};
+
+    const JWT: &str = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJl";
+
+    #[test]
+    fn credentials_never_reach_the_record() {
+        assert_eq!(redact(JWT), "[redacted]");
+        assert_eq!(redact(&format!("Bearer {JWT} x")), "Bearer [redacted] x");
+        // Unsigned (alg none) and two-part shapes are tokens too.
+        assert_eq!(redact("eyJhbGciOiJub25lIn0.eyJzdWIiOiJhIn0."), "[redacted]");
+        assert_eq!(
+            redact("/fhir/Patient/eyJhIjoxfQ.eyJiIjoyfQ"),
+            "/fhir/Patient/[redacted]"
+        );
+        // Not a token: kept.
+        for keep in ["eyJ", "keyJar.x", "eyJhbGci", "Patient/123", "a.b.c"] {
+            assert_eq!(redact(keep), keep);
+        }
+        let q = normal_query(Some(&format!(
+            "access_token={JWT}&code=8867-4&x={JWT}&ACCESS_TOKEN=abc&password=p"
+        )));
+        assert!(
+            !q.contains("eyJ") && !q.contains("abc") && !q.contains("=p"),
+            "{q}"
+        );
+        assert!(q.contains("code=8867-4"), "{q}");
+        assert_eq!(q.matches("%5Bredacted%5D").count(), 4, "{q}");
     }
 }

@@ -6,8 +6,15 @@
 //! Accepted algorithms are RS256, RS384, ES256 and ES384 only: `none`, HMAC
 //! (which a public key would turn into a forgery) and anything else are
 //! refused before a key is looked at. `iss`, `aud`, `exp` and `nbf` are
-//! required and checked (60 s leeway); the key is chosen by `kid` within the
-//! token's issuer, and must be of the header's algorithm family.
+//! required and checked (`[auth] leeway_secs`, 30 s by default and at
+//! most); the key is chosen by `kid` within the token's issuer (a `kid` is
+//! required when the issuer has more than one key), and must be of the
+//! header's algorithm family. A `crit` header is refused (no extension is
+//! understood), and so is an ECDSA signature whose `s` is in the upper half
+//! of the curve order (the malleable twin of a valid signature).
+//!
+//! 401 answers are short and the same for every refused token; the reason
+//! goes to the server log and the request's audit record.
 //!
 //! The dev issuer keeps an ES256 key in the lake
 //! (`_atlas/auth/dev-issuer-es256.pk8`, created on first use), so `atlas
@@ -36,7 +43,8 @@ pub const DEV_ISSUER: &str = "urn:atlas:dev-issuer";
 pub const DEFAULT_AUDIENCE: &str = "atlas";
 const DEV_KEY_PATH: &str = "_atlas/auth/dev-issuer-es256.pk8";
 const DEV_KID: &str = "atlas-dev-1";
-const LEEWAY_SECS: u64 = 60;
+/// The default and largest clock leeway for `exp` and `nbf`.
+pub const MAX_LEEWAY_SECS: u64 = 30;
 
 /// One trusted token issuer.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -155,12 +163,44 @@ fn default_audience() -> String {
 }
 
 /// `[auth]` in `atlas.toml`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Accept tokens from the lake's dev issuer (`atlas token`).
     pub dev: bool,
     pub issuers: Vec<IssuerConfig>,
+    /// Clock leeway when checking `exp` and `nbf`, in seconds: 30 by
+    /// default, and no more than 30.
+    pub leeway_secs: u64,
+    /// Whether a token with no `purpose_of_use` claim may state a purpose
+    /// with the `X-Purpose-Of-Use` header (default: no, such a request is
+    /// refused). A token with the claim may always narrow it with the
+    /// header to one of the purposes it lists, never to another.
+    pub purpose_header_without_claim: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            dev: false,
+            issuers: Vec::new(),
+            leeway_secs: MAX_LEEWAY_SECS,
+            purpose_header_without_claim: false,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Refuses a leeway above [`MAX_LEEWAY_SECS`].
+    pub fn check(&self) -> Result<(), String> {
+        if self.leeway_secs > MAX_LEEWAY_SECS {
+            return Err(format!(
+                "[auth] leeway_secs = {} is more than the {MAX_LEEWAY_SECS} s allowed",
+                self.leeway_secs
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Why a token was refused (the message goes back in the 401).
@@ -183,15 +223,26 @@ struct TrustedIssuer {
     keys: Vec<TrustedKey>,
 }
 
+/// What a verified token said besides the principal, for the audit trail
+/// and the purpose-of-use check.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenInfo {
+    /// The scopes as the token states them (`scope` and `scp`).
+    pub scopes: Vec<String>,
+    /// The purposes of use the token was issued for; `None`: no claim.
+    pub purposes: Option<Vec<String>>,
+}
+
 /// Checks bearer tokens.
 pub struct Authenticator {
     issuers: std::sync::RwLock<HashMap<String, TrustedIssuer>>,
+    leeway: u64,
     /// Tokens already verified, with their principal and expiry: a client
     /// sends the same bearer token on every request, and checking an ECDSA
     /// or RSA signature costs more than the rest of a one-patient read.
     /// Keyed by the whole token, so a token differing in any byte is
     /// verified afresh; an entry is used only until the token's `exp`.
-    verified: std::sync::Mutex<HashMap<String, (Principal, u64)>>,
+    verified: std::sync::Mutex<HashMap<String, (Principal, TokenInfo, u64)>>,
 }
 
 /// Verified tokens remembered before the cache is emptied.
@@ -225,10 +276,33 @@ pub struct Claims {
     /// Roles the issuer asserts (policy rules may name them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub roles: Option<Vec<String>>,
-    /// The purpose of use the token was issued for (`TREAT`, ...); the
-    /// `X-Purpose-Of-Use` request header overrides it.
+    /// The purposes of use the token was issued for (`TREAT`, or a list:
+    /// `["TREAT", "HRESCH"]` or `"TREAT HRESCH"`); the `X-Purpose-Of-Use`
+    /// request header may pick one of them, never another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub purpose_of_use: Option<String>,
+    pub purpose_of_use: Option<PurposeClaim>,
+}
+
+/// The `purpose_of_use` claim: one code, or several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PurposeClaim {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl PurposeClaim {
+    /// The codes listed (a string may list several, space or comma separated).
+    pub fn codes(&self) -> Vec<String> {
+        match self {
+            PurposeClaim::One(s) => s
+                .split([' ', ','])
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            PurposeClaim::Many(v) => v.clone(),
+        }
+    }
 }
 
 fn family(alg: Algorithm) -> Option<&'static str> {
@@ -239,6 +313,8 @@ fn family(alg: Algorithm) -> Option<&'static str> {
     }
 }
 
+/// A refused token, with the reason (for the log and the audit record;
+/// the client gets [`refused`]'s generic answer).
 fn unauthorized(message: impl Into<String>) -> ApiError {
     ApiError::new(
         StatusCode::UNAUTHORIZED,
@@ -247,6 +323,48 @@ fn unauthorized(message: impl Into<String>) -> ApiError {
         "Bearer …",
         message,
     )
+}
+
+/// The realm named in `WWW-Authenticate`.
+const REALM: &str = "atlas";
+
+/// What the client is told when its credentials are refused: the same
+/// short answer whatever the reason (RFC 6750 error codes: none when no
+/// credentials came, `invalid_request` for credentials in the wrong place
+/// or shape, `invalid_token` for a token that does not verify). The
+/// reason is noted for the audit record and logged.
+fn refused(kind: Refusal, reason: &str) -> ApiError {
+    let reason = crate::audit::redact(reason);
+    match kind {
+        // No credentials at all: health probes and first tries, not news.
+        Refusal::Missing => tracing::debug!(reason = %reason, "request refused: 401"),
+        _ => tracing::info!(reason = %reason, "request refused: 401"),
+    }
+    crate::audit::note(|f| f.reason = Some(reason.clone()));
+    let (message, challenge) = match kind {
+        Refusal::Missing => (
+            "this endpoint needs 'Authorization: Bearer <token>'",
+            format!("Bearer realm=\"{REALM}\""),
+        ),
+        Refusal::Request => (
+            "send the bearer token in the Authorization header, and only there",
+            format!("Bearer realm=\"{REALM}\", error=\"invalid_request\""),
+        ),
+        Refusal::Token => (
+            "the bearer token was not accepted",
+            format!("Bearer realm=\"{REALM}\", error=\"invalid_token\""),
+        ),
+    };
+    let mut e = unauthorized(message);
+    e.challenge = Some(challenge);
+    e
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    Missing,
+    Request,
+    Token,
 }
 
 impl Authenticator {
@@ -278,8 +396,10 @@ impl Authenticator {
                 },
             );
         }
+        auth.check().map_err(AuthError::Config)?;
         Ok(Authenticator {
             issuers: std::sync::RwLock::new(issuers),
+            leeway: auth.leeway_secs,
             verified: Default::default(),
         })
     }
@@ -327,30 +447,37 @@ impl Authenticator {
         }
     }
 
-    /// Verifies a compact JWS and reads the principal from its claims.
+    /// Verifies a compact JWS and reads the principal from its claims. The
+    /// error's message names the reason (for logs and tests, not clients).
     pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+        self.verify_info(token).map(|(p, _)| p)
+    }
+
+    /// [`Authenticator::verify`], with what else the token said.
+    pub fn verify_info(&self, token: &str) -> Result<(Principal, TokenInfo), ApiError> {
         let now = jsonwebtoken::get_current_timestamp();
-        if let Some((p, exp)) = self
+        if let Some((p, info, exp)) = self
             .verified
             .lock()
             .ok()
             .and_then(|m| m.get(token).cloned())
-            && now <= exp + LEEWAY_SECS
+            && now <= exp + self.leeway
         {
-            return Ok(p);
+            return Ok((p, info));
         }
-        let (p, exp) = self.verify_signed(token)?;
+        let (p, info, exp) = self.verify_signed(token)?;
         if let Ok(mut m) = self.verified.lock() {
             if m.len() >= MAX_VERIFIED {
                 m.clear();
             }
-            m.insert(token.to_owned(), (p.clone(), exp));
+            m.insert(token.to_owned(), (p.clone(), info.clone(), exp));
         }
-        Ok(p)
+        Ok((p, info))
     }
 
     /// The full check: header, issuer, key, signature and claims.
-    fn verify_signed(&self, token: &str) -> Result<(Principal, u64), ApiError> {
+    fn verify_signed(&self, token: &str) -> Result<(Principal, TokenInfo, u64), ApiError> {
+        check_raw_header(token)?;
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| unauthorized(format!("the bearer token is not a JWT: {e}")))?;
         let Some(fam) = family(header.alg) else {
@@ -378,6 +505,16 @@ impl Authenticator {
                 unverified.iss
             )));
         };
+        if header.kid.is_none() && issuer.keys.len() > 1 {
+            return Err(unauthorized(format!(
+                "token has no kid, and issuer '{}' has {} keys",
+                unverified.iss,
+                issuer.keys.len()
+            )));
+        }
+        if fam == "EC" {
+            check_low_s(token, header.alg)?;
+        }
         let candidates: Vec<&TrustedKey> = issuer
             .keys
             .iter()
@@ -395,7 +532,7 @@ impl Authenticator {
             )));
         }
         let mut validation = Validation::new(header.alg);
-        validation.leeway = LEEWAY_SECS;
+        validation.leeway = self.leeway;
         validation.validate_nbf = true;
         validation.set_issuer(&[unverified.iss.as_str()]);
         validation.set_audience(&[issuer.audience.as_str()]);
@@ -405,7 +542,17 @@ impl Authenticator {
             match jsonwebtoken::decode::<Claims>(token, &k.key, &validation) {
                 Ok(data) => {
                     let exp = data.claims.exp;
-                    return Ok((principal(data.claims), exp));
+                    let info = TokenInfo {
+                        scopes: data
+                            .claims
+                            .scope
+                            .iter()
+                            .flat_map(|s| s.split_whitespace().map(str::to_owned))
+                            .chain(data.claims.scp.iter().flatten().cloned())
+                            .collect(),
+                        purposes: data.claims.purpose_of_use.as_ref().map(PurposeClaim::codes),
+                    };
+                    return Ok((principal(data.claims), info, exp));
                 }
                 Err(e) => last = Some(e),
             }
@@ -445,10 +592,132 @@ fn principal(c: Claims) -> Principal {
     if let Some(roles) = c.roles {
         p = p.with_roles(roles);
     }
-    if let Some(purpose) = c.purpose_of_use {
+    // One purpose in the claim is the request's purpose; several leave the
+    // choice to the header (none chosen: no purpose stated).
+    if let Some(mut codes) = c.purpose_of_use.as_ref().map(PurposeClaim::codes)
+        && codes.len() == 1
+        && let Some(purpose) = codes.pop()
+    {
         p = p.with_purpose(purpose);
     }
     p
+}
+
+/// The base64url-decoded JSON of a compact JWS's header, checked for what
+/// `jsonwebtoken`'s `Header` does not carry: a `crit` header (RFC 7515
+/// 4.1.11) lists extensions the recipient must understand, and this
+/// server understands none, so any `crit` is refused.
+fn check_raw_header(token: &str) -> Result<(), ApiError> {
+    use base64::Engine;
+    let not_jwt = || unauthorized("the bearer token is not a compact JWS (three base64url parts)");
+    let mut parts = token.split('.');
+    let (Some(head), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(not_jwt());
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head)
+        .map_err(|_| not_jwt())?;
+    let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| not_jwt())?;
+    let Some(obj) = json.as_object() else {
+        return Err(not_jwt());
+    };
+    if let Some(crit) = obj.get("crit") {
+        return Err(unauthorized(format!(
+            "token header crit {crit} names extensions this server does not understand"
+        )));
+    }
+    Ok(())
+}
+
+/// The order of P-256 and P-384 (big-endian).
+const P256_N: &str = "ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551";
+const P384_N: &str = "ffffffffffffffffffffffffffffffffffffffffffffffffc7634d81f4372ddf581a0db248b0a77aecec196accc52973";
+
+/// Refuses an ECDSA signature whose `s` is above half the curve order.
+/// `(r, s)` and `(r, n − s)` both verify; accepting only the low one
+/// makes the signature (and so the token's bytes) unique, so a token
+/// cannot be re-signed into a different string that still verifies.
+fn check_low_s(token: &str, alg: Algorithm) -> Result<(), ApiError> {
+    let Some((n, len)) = curve_order(alg) else {
+        return Ok(());
+    };
+    let sig = signature_bytes(token)
+        .filter(|s| s.len() == 2 * len)
+        .ok_or_else(|| unauthorized("the ECDSA signature is not r || s of the curve's size"))?;
+    if is_high(&sig[len..], &n) {
+        return Err(unauthorized(
+            "the ECDSA signature's s is in the upper half of the curve order (high-S)",
+        ));
+    }
+    Ok(())
+}
+
+/// The curve order (big-endian) and scalar size of an ECDSA algorithm.
+fn curve_order(alg: Algorithm) -> Option<(Vec<u8>, usize)> {
+    let (n_hex, len) = match alg {
+        Algorithm::ES256 => (P256_N, 32),
+        Algorithm::ES384 => (P384_N, 48),
+        _ => return None,
+    };
+    hex::decode(n_hex).ok().map(|n| (n, len))
+}
+
+fn signature_bytes(token: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let sig = token.rsplit('.').next()?;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(sig)
+        .ok()
+}
+
+/// Whether big-endian `s` (as long as `n`) is above floor(n / 2).
+fn is_high(s: &[u8], n: &[u8]) -> bool {
+    // half = floor(n / 2): shift the big-endian bytes right by one bit.
+    let mut half = vec![0u8; n.len()];
+    let mut carry = 0u8;
+    for (i, b) in n.iter().enumerate() {
+        half[i] = (b >> 1) | (carry << 7);
+        carry = b & 1;
+    }
+    s > &half[..]
+}
+
+/// A signed ES256/ES384 token with a high `s` turned into its low twin
+/// (`n − s`, equally valid), so the server accepts it; other tokens are
+/// returned as they are. ECDSA signers are not bound to produce low-S
+/// (ring, OpenSSL and RustCrypto's P-256 do not), so the dev issuer
+/// normalises what it mints, and other issuers must too.
+pub fn to_low_s(token: &str) -> String {
+    use base64::Engine;
+    let Some((n, len)) = jsonwebtoken::decode_header(token)
+        .ok()
+        .and_then(|h| curve_order(h.alg))
+    else {
+        return token.to_owned();
+    };
+    let Some(mut sig) = signature_bytes(token).filter(|s| s.len() == 2 * len) else {
+        return token.to_owned();
+    };
+    if !is_high(&sig[len..], &n) {
+        return token.to_owned();
+    }
+    // s := n - s, big-endian with borrow.
+    let mut borrow = 0i16;
+    for i in (0..len).rev() {
+        let mut d = i16::from(n[i]) - i16::from(sig[len + i]) - borrow;
+        borrow = i16::from(d < 0);
+        if d < 0 {
+            d += 256;
+        }
+        sig[len + i] = d as u8;
+    }
+    let signed = token.rsplit_once('.').map_or(token, |(m, _)| m);
+    format!(
+        "{signed}.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig)
+    )
 }
 
 /// The header a request states its purpose of use in (HL7 v3
@@ -459,52 +728,136 @@ impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // A token in the URL ends up in logs, proxies and browser history:
+        // refused even next to a good header (RFC 6750 2.3 is optional).
+        let in_query = parts.uri.query().is_some_and(|q| {
+            url::form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "access_token")
+        });
+        if in_query {
+            return Err(refused(
+                Refusal::Request,
+                "an access_token query parameter was sent (tokens are taken from the Authorization header only)",
+            ));
+        }
         let Some(value) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
-            return Err(unauthorized(
-                "this endpoint needs 'Authorization: Bearer <token>' (atlas token mints one for a dev lake)",
+            return Err(refused(Refusal::Missing, "no Authorization header"));
+        };
+        let Ok(text) = value.to_str() else {
+            return Err(refused(
+                Refusal::Request,
+                "the Authorization header is not text",
             ));
         };
-        let text = value
-            .to_str()
-            .map_err(|_| unauthorized("the Authorization header is not text"))?;
         let Some(token) = text
             .strip_prefix("Bearer ")
             .or_else(|| text.strip_prefix("bearer "))
         else {
-            return Err(unauthorized(
-                "the Authorization header must be 'Bearer <token>'",
+            return Err(refused(
+                Refusal::Request,
+                "the Authorization header is not 'Bearer <token>'",
             ));
         };
-        let mut who = state.auth.verify(token.trim())?;
-        if let Some(v) = parts.headers.get(PURPOSE_HEADER) {
-            let purpose = v
-                .to_str()
-                .ok()
-                .filter(|p| {
-                    !p.is_empty()
-                        && p.len() <= 64
-                        && p.bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                })
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "InvalidHeader",
-                        "X-Purpose-Of-Use",
-                        v.to_str().unwrap_or("…"),
-                        "a purpose of use is one code (TREAT, HPAYMT, HRESCH, ...)",
-                    )
-                })?;
-            who.purpose = Some(purpose.to_owned());
-        }
+        let (mut who, info) = state
+            .auth
+            .verify_info(token.trim())
+            .map_err(|e| refused(Refusal::Token, &e.message))?;
+        let header = match parts.headers.get(PURPOSE_HEADER) {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .filter(|p| {
+                        !p.is_empty()
+                            && p.len() <= 64
+                            && p.bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    })
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "InvalidHeader",
+                            "X-Purpose-Of-Use",
+                            "…",
+                            "a purpose of use is one code (TREAT, HPAYMT, HRESCH, ...)",
+                        )
+                    })?
+                    .to_owned(),
+            ),
+        };
         crate::audit::note(|f| {
             f.subject = Some(who.subject.clone());
             f.issuer = Some(who.issuer.clone());
             f.client = who.client_id.clone();
             f.purpose = who.purpose.clone();
+            f.purpose_claim = info.purposes.clone();
+            f.purpose_header = header.clone();
+            f.patient_binding = who.patient.clone();
+            f.scopes = info.scopes.clone();
+            f.roles = who.roles.clone();
         });
+        if let Some(h) = header {
+            purpose_from_header(&h, info.purposes.as_deref(), &state.config.auth)?;
+            who.purpose = Some(h);
+            crate::audit::note(|f| f.purpose = who.purpose.clone());
+        }
+        // The principal's turn (`[limits] max_concurrent_per_principal`).
+        crate::limits::admit(parts, state, &who).await;
         Ok(who)
     }
+}
+
+/// Whether a request may state `header` as its purpose of use: the header
+/// narrows the token's claim to one of the purposes it lists and never
+/// names another; a token with no claim may use it only when the
+/// deployment says so (`[auth] purpose_header_without_claim`).
+fn purpose_from_header(
+    header: &str,
+    claim: Option<&[String]>,
+    config: &AuthConfig,
+) -> Result<(), ApiError> {
+    let reason = match claim {
+        Some(list) if list.iter().any(|c| c == header) => return Ok(()),
+        None if config.purpose_header_without_claim => return Ok(()),
+        Some(list) => format!(
+            "X-Purpose-Of-Use {header} is not among the token's purpose_of_use claim ({})",
+            if list.is_empty() {
+                "empty".to_owned()
+            } else {
+                list.join(" ")
+            }
+        ),
+        None => format!(
+            "X-Purpose-Of-Use {header} sent with a token that has no purpose_of_use claim \
+             ([auth] purpose_header_without_claim is off)"
+        ),
+    };
+    tracing::info!(reason = %reason, "request refused: 403");
+    crate::audit::note(|f| f.reason = Some(reason));
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "PurposeNotPermitted",
+        "X-Purpose-Of-Use",
+        header,
+        "this purpose of use is not permitted for this token",
+    ))
+}
+
+/// Refuses the dev issuer on an address other machines can reach unless
+/// `allow_remote` says so: anyone who can read the lake can mint its
+/// tokens, so a dev-auth server is for one machine.
+pub fn check_dev_auth_bind(
+    auth: &AuthConfig,
+    bind: std::net::SocketAddr,
+    allow_remote: bool,
+) -> Result<(), String> {
+    if auth.dev && !bind.ip().is_loopback() && !allow_remote {
+        return Err(format!(
+            "dev auth (--dev-auth or [auth] dev) trusts tokens anyone who can read the lake can mint; \
+             it is refused on {bind}, which is not a loopback address. Bind 127.0.0.1, or pass \
+             --allow-remote-dev-auth if you really mean it"
+        ));
+    }
+    Ok(())
 }
 
 /// The lake's local token issuer, for development and tests.
@@ -555,11 +908,18 @@ impl DevIssuer {
             client_id: Some("atlas-cli".to_owned()),
             azp: None,
             roles: (!request.roles.is_empty()).then(|| request.roles.clone()),
-            purpose_of_use: request.purpose.clone(),
+            purpose_of_use: request.purpose.as_ref().map(|p| {
+                let codes = PurposeClaim::One(p.clone()).codes();
+                match <[String; 1]>::try_from(codes) {
+                    Ok([one]) => PurposeClaim::One(one),
+                    Err(many) => PurposeClaim::Many(many),
+                }
+            }),
         };
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(DEV_KID.to_owned());
         jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ec_der(&self.pkcs8))
+            .map(|t| to_low_s(&t))
             .map_err(|e| AuthError::DevKey(e.to_string()))
     }
 }
@@ -573,18 +933,116 @@ pub struct TokenRequest {
     pub ttl_secs: u64,
     /// The `roles` claim.
     pub roles: Vec<String>,
-    /// The `purpose_of_use` claim.
+    /// The `purpose_of_use` claim: one code, or several separated by
+    /// commas (`TREAT,HRESCH`: the request header then picks one).
     pub purpose: Option<String>,
+}
+
+/// The key files a lake holds (the dev issuer's signing key, the
+/// page-token key).
+pub const KEY_FILES: &[&str] = &[DEV_KEY_PATH, crate::token::KEY_PATH];
+
+/// The path of `path` on disk, for a lake on the local file system.
+fn local_file(lake: &Lake, path: &str) -> Option<PathBuf> {
+    if !lake.is_local() {
+        return None;
+    }
+    lake.root().to_file_path().ok().map(|root| root.join(path))
+}
+
+/// The lake's key files that others than their owner may read (group or
+/// world permission bits), with their mode: `atlas serve` warns about each.
+pub fn exposed_key_files(lake: &Lake) -> Vec<String> {
+    KEY_FILES
+        .iter()
+        .filter_map(|k| {
+            let file = local_file(lake, k)?;
+            let mode = file_mode(&file)?;
+            (mode & 0o077 != 0).then(|| {
+                format!(
+                    "{} is readable by others (mode {mode:o}); chmod 600 it",
+                    file.display()
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(unix)]
+fn file_mode(file: &std::path::Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(file)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o777)
+}
+
+#[cfg(not(unix))]
+fn file_mode(_: &std::path::Path) -> Option<u32> {
+    None
+}
+
+/// [`read_or_create`] on a local disk: the key is written to a private
+/// (0600) temporary file, then linked into place create-only, so a racing
+/// process either wins or reads the winner's whole key, and the key is
+/// never readable by others, not even for a moment.
+fn local_read_or_create(
+    file: &std::path::Path,
+    path: &str,
+    make: impl FnOnce() -> Result<Vec<u8>, String>,
+) -> Result<Vec<u8>, String> {
+    use std::io::Write;
+    let err = |e: std::io::Error| format!("{path}: {e}");
+    match std::fs::read(file) {
+        Ok(b) => {
+            if file_mode(file).is_some_and(|m| m & 0o077 != 0) {
+                tracing::warn!(file = %file.display(), "key file is readable by others; chmod 600 it");
+            }
+            return Ok(b);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let fresh = make()?;
+    let dir = file
+        .parent()
+        .ok_or_else(|| format!("{path}: no parent directory"))?;
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let mut suffix = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut suffix)
+        .map_err(|e| format!("{path}: {e}"))?;
+    let tmp = dir.join(format!(".key-{}.tmp", hex::encode(suffix)));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let written = opts.open(&tmp).and_then(|mut f| {
+        f.write_all(&fresh)?;
+        f.sync_all()
+    });
+    let linked = written.and_then(|_| std::fs::hard_link(&tmp, file));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(fresh),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read(file).map_err(err),
+        Err(e) => Err(err(e)),
+    }
 }
 
 /// The bytes at `path` in the lake, written by `make` first if absent. The
 /// write is create-only, so two processes racing agree on the one that won.
+/// On a local lake the file is private to its owner (0600).
 pub(crate) async fn read_or_create(
     lake: &Lake,
     path: &str,
     make: impl FnOnce() -> Result<Vec<u8>, String>,
 ) -> Result<Vec<u8>, String> {
     use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+    if let Some(file) = local_file(lake, path) {
+        return local_read_or_create(&file, path, make);
+    }
     let store = lake.object_store();
     let at = lake.path(path);
     let read = || async {

@@ -34,6 +34,15 @@ pub struct ServeConfig {
     pub audit: crate::audit::AuditConfig,
     /// De-identification at egress (`[deid]`): the key for rules with `deid`.
     pub deid: crate::deid::DeidConfigSection,
+
+    // --- Links (issue 18, part 4) ---
+    /// The server's public base URL (`https://fhir.example.org`, no query):
+    /// every link the server writes (FHIR Bundle `self`, `next`, `fullUrl`,
+    /// the CapabilityStatement's `implementation.url`) starts with it. The
+    /// request's `Host` header is never used. Unset: `http(s)://<bind>`.
+    pub public_base_url: Option<String>,
+    /// Request deadlines, turns per principal, shutdown deadline (`[limits]`).
+    pub limits: crate::limits::LimitsConfig,
 }
 
 impl Default for ServeConfig {
@@ -50,6 +59,8 @@ impl Default for ServeConfig {
             policy: crate::policy::PolicyConfig::default(),
             audit: crate::audit::AuditConfig::default(),
             deid: crate::deid::DeidConfigSection::default(),
+            public_base_url: None,
+            limits: crate::limits::LimitsConfig::default(),
         }
     }
 }
@@ -120,8 +131,37 @@ impl ServeConfig {
         Ok(self)
     }
 
+    /// The base every link is built from (no trailing slash): the
+    /// configured `public_base_url`, else the bind address.
+    pub fn public_base(&self) -> String {
+        match &self.public_base_url {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None => {
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                format!("{scheme}://{}", self.bind)
+            }
+        }
+    }
+
     /// Refuses settings that cannot work together.
     pub fn check(&self) -> Result<(), ConfigError> {
+        if let Some(u) = &self.public_base_url {
+            let ok = url::Url::parse(u).is_ok_and(|p| {
+                matches!(p.scheme(), "http" | "https")
+                    && p.host().is_some()
+                    && p.query().is_none()
+                    && p.fragment().is_none()
+                    && p.username().is_empty()
+                    && p.password().is_none()
+            });
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "public_base_url {u:?} must be an http(s) URL with a host and no query, like https://fhir.example.org"
+                )));
+            }
+        }
+        self.auth.check().map_err(ConfigError::Invalid)?;
+        self.limits.check().map_err(ConfigError::Invalid)?;
         if self.max_page_size == 0 || self.default_page_size == 0 {
             return Err(ConfigError::Invalid(
                 "default_page_size and max_page_size must be at least 1".into(),

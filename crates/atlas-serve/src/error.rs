@@ -16,6 +16,8 @@ pub struct ApiError {
     /// The offending value, as received.
     pub value: String,
     pub message: String,
+    /// The `WWW-Authenticate` challenge of a 401.
+    pub challenge: Option<String>,
 }
 
 /// The error name, left on the response for the metrics layer.
@@ -36,6 +38,7 @@ impl ApiError {
             parameter: parameter.into(),
             value: value.into(),
             message: message.into(),
+            challenge: None,
         }
     }
 
@@ -62,6 +65,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let challenge = self.challenge.clone();
         let body = serde_json::json!({
             "errorCode": self.code(),
             "errorName": self.name,
@@ -70,6 +74,18 @@ impl IntoResponse for ApiError {
         });
         let mut response = (self.status, axum::Json(body)).into_response();
         response.extensions_mut().insert(ErrorKind(self.name));
+        add_challenge(challenge.as_deref(), &mut response);
         response
+    }
+}
+
+/// Puts a 401's `WWW-Authenticate` challenge on its response.
+pub(crate) fn add_challenge(challenge: Option<&str>, response: &mut Response) {
+    if let Some(c) = challenge
+        && let Ok(v) = axum::http::HeaderValue::from_str(c)
+    {
+        response
+            .headers_mut()
+            .insert(axum::http::header::WWW_AUTHENTICATE, v);
     }
 }

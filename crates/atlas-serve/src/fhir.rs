@@ -88,6 +88,7 @@ impl IntoResponse for Outcome {
         )
             .into_response();
         r.extensions_mut().insert(crate::error::ErrorKind(e.name));
+        crate::error::add_challenge(e.challenge.as_deref(), &mut r);
         r
     }
 }
@@ -601,13 +602,10 @@ fn urls(base: &str, path: &str, raw: Option<&str>, pairs: &[(String, String)]) -
     (self_url, format!("{base}/{path}?{without_token}"))
 }
 
-fn base_url(headers: &HeaderMap) -> String {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| h.bytes().all(|b| b.is_ascii_graphic()))
-        .unwrap_or("localhost");
-    format!("http://{host}/fhir")
+/// The FHIR base of every link: the configured public base URL, never the
+/// request's `Host` (a forged one must not steer links elsewhere).
+fn base_url(state: &AppState) -> String {
+    format!("{}/fhir", state.config.public_base())
 }
 
 /// Runs a search (or `$everything`) and writes the searchset Bundle.
@@ -998,6 +996,14 @@ async fn everything_plan(
         .await
         .map_err(internal)?;
     if found == 0 {
+        if let Some(store) = providers.get(STORE) {
+            let key = column("resource_type")
+                .eq(lit("Patient"))
+                .and(column("id").eq(lit(patient)))
+                .and(column("deleted").eq(lit(false)));
+            let what = format!("Patient/{patient}");
+            crate::query::note_if_out_of_scope(state, store, key, &what).await;
+        }
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "ResourceNotFound",
@@ -1115,7 +1121,7 @@ async fn search(
     let pairs = pairs(raw.clone());
     let mut s = parse_search(&resource_type, pairs.clone(), &state, SEARCH_PARAMS)?;
     s.ndjson |= accepts_ndjson(&headers, &pairs);
-    let base = base_url(&headers);
+    let base = base_url(&state);
     let (self_url, next_base) = urls(&base, &resource_type, raw.as_deref(), &pairs);
     Ok(run_search(&state, &who, &s, &self_url, &next_base, &base).await?)
 }
@@ -1174,6 +1180,11 @@ async fn read(
         )
     };
     let Some(b) = batches.iter().find(|b| b.num_rows() > 0) else {
+        let key = column("resource_type")
+            .eq(lit(resource_type.as_str()))
+            .and(column("id").eq(lit(id.as_str())));
+        let what = format!("{resource_type}/{id}");
+        crate::query::note_if_out_of_scope(&state, provider, key, &what).await;
         return Err(not_found().into());
     };
     if b.column(1).as_boolean().value(0) {
@@ -1236,7 +1247,7 @@ async fn operation(
         .iter()
         .find(|(k, _)| k == "_count")
         .map_or(state.config.default_page_size, |_| s.count);
-    let base = base_url(&headers);
+    let base = base_url(&state);
     let path = format!("Patient/{id}/$everything");
     let (self_url, next_base) = urls(&base, &path, raw.as_deref(), &pairs);
     Ok(run_search(&state, &who, &s, &self_url, &next_base, &base).await?)
@@ -1284,7 +1295,7 @@ async fn metadata(State(state): State<AppState>) -> Response {
         "fhirVersion": "4.0.1",
         "format": ["json", "application/fhir+ndjson"],
         "software": {"name": "Atlas", "version": env!("CARGO_PKG_VERSION")},
-        "implementation": {"description": "Atlas FHIR REST (read-only) over the lake's resource store"},
+        "implementation": {"description": "Atlas FHIR REST (read-only) over the lake's resource store", "url": base_url(&state)},
         "rest": [{
             "mode": "server",
             "security": {

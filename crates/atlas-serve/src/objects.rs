@@ -157,13 +157,18 @@ pub(crate) fn narrow(p: &HashMap<String, String>) -> Result<Narrow, ApiError> {
     })
 }
 
+/// `YYYY`, `YYYY-MM` or `YYYY-MM-DD`, and a real date (`2020-13-45` and
+/// `2021-02-29` are not).
 fn is_date_prefix(s: &str) -> bool {
     let b = s.as_bytes();
     let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    let real = |ymd: &str| chrono::NaiveDate::parse_from_str(ymd, "%Y-%m-%d").is_ok();
     match b.len() {
         4 => digits(0..4),
-        7 => digits(0..4) && b[4] == b'-' && digits(5..7),
-        10 => digits(0..4) && b[4] == b'-' && digits(5..7) && b[7] == b'-' && digits(8..10),
+        7 => digits(0..4) && b[4] == b'-' && digits(5..7) && real(&format!("{s}-01")),
+        10 => {
+            digits(0..4) && b[4] == b'-' && digits(5..7) && b[7] == b'-' && digits(8..10) && real(s)
+        }
         _ => false,
     }
 }
@@ -478,6 +483,14 @@ async fn get_object(
     };
     let result = run(&state, &who, &q, &page).await?;
     if result.rows == 0 {
+        if let Ok((_, providers)) = crate::query::snapshot(&state, &q.set, None).await
+            && let Some(view) = providers.get(&t.backing_view)
+            && let Some(pk_col) = t.property(&t.primary_key).map(|p| p.column.clone())
+        {
+            let key = crate::query::column(&pk_col).eq(datafusion::logical_expr::lit(pk.as_str()));
+            let what = format!("{} object '{pk}'", t.api_name);
+            crate::query::note_if_out_of_scope(&state, view, key, &what).await;
+        }
         // The same answer whether the object does not exist or lies outside
         // the caller's scope: a 404 reveals nothing about other patients.
         return Err(ApiError::new(
@@ -531,4 +544,28 @@ async fn list_linked_objects(
     };
     let result = run(&state, &who, &q, &page_params(&p, &state)?).await?;
     Ok(page_response(result, &state, "listLinkedObjects"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_date_prefix;
+
+    #[test]
+    fn date_prefixes_must_be_real_dates() {
+        for ok in ["2020", "2020-12", "2020-02-29", "1999-01-31"] {
+            assert!(is_date_prefix(ok), "{ok}");
+        }
+        for bad in [
+            "2020-13-45",
+            "2020-13",
+            "2020-00",
+            "2021-02-29",
+            "2020-04-31",
+            "2020-1-1",
+            "20201",
+            "2020-12-00",
+        ] {
+            assert!(!is_date_prefix(bad), "{bad}");
+        }
+    }
 }

@@ -170,13 +170,19 @@ pub(crate) fn allowed_resources(
 ) -> Result<Grant, ApiError> {
     match state.decide(who, resource_type, action) {
         Decision::Allow(grant) => Ok(grant),
-        Decision::Deny(d) => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "PermissionDenied",
-            at.0,
-            at.1,
-            d.to_string(),
-        )),
+        // The client learns that it was refused, not which rule refused it
+        // or what would pass: the reason goes to the log and the audit
+        // record (noted by `decide`); `atlas policy explain` explains.
+        Decision::Deny(d) => {
+            tracing::info!(reason = %crate::audit::redact(&d.to_string()), "request refused: 403");
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "PermissionDenied",
+                at.0,
+                at.1,
+                format!("this request may not read {resource_type}"),
+            ))
+        }
     }
 }
 
@@ -841,6 +847,35 @@ pub(crate) async fn snapshot(
 }
 
 pub(crate) type Providers = HashMap<String, Arc<dyn TableProvider>>;
+
+/// A lookup by key that found nothing within the caller's rows: when a row
+/// with that key exists all the same (`table` scanned with `key`, no
+/// scope), the audit record marks it as out of scope. The answer does not
+/// change (the same 404 as for a missing key); only the record says more.
+pub(crate) async fn note_if_out_of_scope(
+    state: &AppState,
+    table: &Arc<dyn TableProvider>,
+    key: Expr,
+    what: &str,
+) {
+    let plan = LogicalPlanBuilder::scan("unscoped", provider_as_source(table.clone()), None)
+        .and_then(|b| b.filter(key))
+        .and_then(|b| b.limit(0, Some(1)))
+        .and_then(|b| b.build());
+    let Ok(plan) = plan else { return };
+    let found = DataFrame::new(state.tables.session().state(), plan)
+        .count()
+        .await
+        .unwrap_or(0);
+    if found > 0 {
+        crate::audit::note(|f| {
+            f.out_of_scope = true;
+            f.reason = Some(format!(
+                "{what} exists outside the caller's rows (answered 404)"
+            ));
+        });
+    }
+}
 
 /// Runs one page of a query for `who`.
 pub(crate) async fn run(

@@ -111,9 +111,18 @@ pub(crate) async fn stream_objects(
         exprs.push(column(&pk).alias("__pk"));
         exprs.push(column(&title).alias("__title"));
     }
+    // The patient key comes along for the audit record's patients, and is
+    // taken out before encoding.
+    if let Some(pp) = t.patient_property.as_deref() {
+        exprs.push(column(planner.key_column(&t, pp)?).alias(PATIENT));
+    }
     let plan = b.project(exprs).and_then(|b| b.build()).map_err(internal)?;
     let stream = state.tables.execute_stream(plan).await?;
-    let schema = stream.schema();
+    let full = stream.schema();
+    let keep: Vec<usize> = (0..full.fields().len())
+        .filter(|&i| full.field(i).name() != PATIENT)
+        .collect();
+    let schema = Arc::new(full.project(&keep).map_err(internal)?);
     let metrics = state.metrics.clone();
     let rows_route = match format {
         Format::Ndjson => "stream.ndjson",
@@ -126,6 +135,13 @@ pub(crate) async fn stream_objects(
             rows_route,
             batch.as_ref().map_or(0, |b| b.num_rows() as u64),
         );
+        let batch = match batch {
+            Some(b) => {
+                note_patients(&b, PATIENT);
+                Some(b.project(&keep).map_err(std::io::Error::other)?)
+            }
+            None => None,
+        };
         encoder.encode(batch)
     });
     Ok((
@@ -133,6 +149,22 @@ pub(crate) async fn stream_objects(
         Body::from_stream(body_stream),
     )
         .into_response())
+}
+
+/// The column alias carrying a streamed object's patient key.
+const PATIENT: &str = "__patient";
+
+/// Notes, for the audit record, the patients of column `col` of `b`.
+fn note_patients(b: &RecordBatch, col: &str) {
+    let Some(a) = b.column_by_name(col) else {
+        return;
+    };
+    let Ok(a) = crate::fhir::utf8(a) else { return };
+    for row in 0..b.num_rows() {
+        if let Some(p) = crate::fhir::text(a.as_ref(), row) {
+            crate::audit::note_patient(p);
+        }
+    }
 }
 
 /// Maps each batch (then one final `None`) to bytes, lazily.
@@ -455,6 +487,9 @@ pub(crate) async fn view_rows(
             "view.rows",
             batch.as_ref().map_or(0, |b| b.num_rows() as u64),
         );
+        if let (Some(b), Some(c)) = (&batch, &patient_col) {
+            note_patients(b, c);
+        }
         encoder.encode(batch)
     });
     Ok((

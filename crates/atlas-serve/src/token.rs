@@ -29,7 +29,7 @@ use atlas_lake::Lake;
 
 use crate::ApiError;
 
-const KEY_PATH: &str = "_atlas/serve/page-token.key";
+pub(crate) const KEY_PATH: &str = "_atlas/serve/page-token.key";
 
 /// What a page token carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

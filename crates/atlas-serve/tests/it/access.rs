@@ -124,9 +124,19 @@ pub(crate) async fn world(patients: usize, keep: Option<&BTreeSet<String>>) -> W
 impl World {
     /// A server on this lake trusting the test RS256 issuer, under `policy`.
     pub(crate) async fn server(&self, policy: &str) -> AppState {
+        self.server_with(policy, |_| {}).await
+    }
+
+    /// [`World::server`], with `tune` applied to the configuration.
+    pub(crate) async fn server_with(
+        &self,
+        policy: &str,
+        tune: impl FnOnce(&mut ServeConfig),
+    ) -> AppState {
         let file = self.dir.join(format!("policy-{}.toml", rand_suffix()));
         std::fs::write(&file, policy).unwrap();
-        let config = test_config(file, 5);
+        let mut config = test_config(file, 5);
+        tune(&mut config);
         AppState::open(
             self.lake.clone(),
             atlas_ontology::Ontology::builtin(),
@@ -623,9 +633,9 @@ async fn access_matrix_every_path_every_policy_case() {
             expect: Expect::Status(403),
         },
         Case {
-            name: "purpose of use stated (header)",
+            name: "purpose of use picked by header among the claim's",
             policy: "[[rule]]\nid = \"treat\"\neffect = \"allow\"\npurpose = [\"TREAT\"]\n".into(),
-            claims: json!({}),
+            claims: json!({"purpose_of_use": ["HRESCH", "TREAT"]}),
             purpose: Some("TREAT"),
             expect: Expect::Patients(all.clone()),
         },
@@ -682,7 +692,8 @@ async fn denied_types_and_hidden_fields_on_every_path() {
     let obs = json!({"objectSet": {"type": "base", "objectType": "Observation"}});
     let (s, e) = call_json(&state, "POST", LOAD, &token, None, Some(&obs)).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{e}");
-    assert!(e["message"].as_str().unwrap().contains("no-obs"), "{e}");
+    // The rule is named in the audit record and the log, not to the client.
+    assert!(!e.to_string().contains("no-obs"), "{e}");
     for uri in [
         "/fhir/Observation",
         "/fhir/Observation?_format=ndjson",
@@ -1283,7 +1294,9 @@ async fn every_request_is_audited_in_a_verifiable_chain() {
              [[rule]]\nid = \"no-names\"\neffect = \"deny\"\nhide = [\"Patient.name\"]\n",
         )
         .await;
-    let token = jwt(json!({"sub": "auditee", "client_id": "notebook"}));
+    // Issued for treatment and research: the header picks one.
+    let token = jwt(json!({"sub": "auditee", "client_id": "notebook",
+        "purpose_of_use": ["TREAT", "HRESCH"]}));
     let p = w.patients.keys().next().unwrap().clone();
     // (method, uri, purpose header, body, expected status)
     type Req<'a> = (&'a str, String, Option<&'a str>, Option<Json>, u16);
@@ -1348,7 +1361,14 @@ async fn every_request_is_audited_in_a_verifiable_chain() {
         &w.lake.path(""),
         Some(local.clone()),
     );
-    let recs = atlas_audit::records(&store).await.unwrap();
+    let trail = atlas_audit::records(&store).await.unwrap();
+    // A request slower than `start_record_after_ms` has a "started"
+    // record too (checked in `audit_records_hold_the_facts_and_no_credentials`).
+    let recs: Vec<atlas_audit::AuditRecord> = trail
+        .iter()
+        .filter(|r| r.entry.decision != "started")
+        .cloned()
+        .collect();
     // + the unauthenticated, GraphQL and too-large requests, + the stream's completion.
     assert_eq!(recs.len(), requests.len() + 4, "{recs:#?}");
     let by_path = |i: usize| &recs[i].entry;
@@ -1422,7 +1442,7 @@ async fn every_request_is_audited_in_a_verifiable_chain() {
     // Equal requests share a query hash; different ones do not.
     assert_ne!(recs[0].entry.query_hash, recs[3].entry.query_hash);
     let report = atlas_audit::verify(&store).await.unwrap().unwrap();
-    assert_eq!(report.records, recs.len() as u64);
+    assert_eq!(report.records, trail.len() as u64);
     // AuditEvent export carries the agent and outcome.
     let ev = atlas_audit::audit_event(&recs[2]);
     assert_eq!(ev["outcome"], "4");
@@ -1623,4 +1643,653 @@ async fn deid_grants_read_deidentified_fhir_only() {
         let (s, e) = call_json(&state, "GET", "/fhir/Patient", &token, None, None).await;
         assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{e}");
     }
+}
+
+/// A request with any headers: (status, response headers, body).
+async fn raw(
+    state: &AppState,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Json>,
+) -> (StatusCode, axum::http::HeaderMap, String) {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let body = body.map_or_else(Body::empty, |b| Body::from(b.to_string()));
+    let response = router(state.clone())
+        .oneshot(req.body(body).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 28)
+        .await
+        .unwrap();
+    (
+        status,
+        headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+/// Every audit record in the lake, from every server's chain.
+async fn audit_records(w: &World) -> Vec<atlas_audit::AuditRecord> {
+    let store = atlas_audit::AuditStore::new(
+        w.lake.object_store().clone(),
+        &w.lake.path(""),
+        Some(w.dir.join("lake")),
+    );
+    atlas_audit::records(&store).await.unwrap()
+}
+
+/// The final records (not "started", not stream completions) of `sub`'s
+/// requests, in order.
+async fn records_of(w: &World, sub: &str) -> Vec<atlas_audit::AuditEntry> {
+    let mut out: Vec<atlas_audit::AuditRecord> = audit_records(w)
+        .await
+        .into_iter()
+        .filter(|r| r.entry.subject.as_deref() == Some(sub))
+        .filter(|r| r.entry.decision != "started" && !r.entry.decision.starts_with("stream "))
+        .collect();
+    out.sort_by(|a, b| a.entry.time.cmp(&b.entry.time));
+    out.into_iter().map(|r| r.entry).collect()
+}
+
+/// Issue 18, part 2: the `X-Purpose-Of-Use` header may narrow the
+/// token's `purpose_of_use` claim to one of the purposes it lists, never
+/// replace it; a token with no claim may use the header only where the
+/// deployment allows it. Both values are in the audit record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purpose_header_narrows_the_claim_and_never_replaces_it() {
+    let w = world(4, None).await;
+    let policy = "[[rule]]\nid = \"treat-only\"\neffect = \"allow\"\npurpose = [\"TREAT\"]\n";
+    let state = w.server(policy).await;
+    let body = json!({"objectSet": {"type": "base", "objectType": "Patient"}});
+    let load = |sub: &str, claim: Json, header: Option<&'static str>| {
+        let token = jwt(json!({"sub": sub, "purpose_of_use": claim}));
+        let state = state.clone();
+        let body = body.clone();
+        async move { call_json(&state, "POST", LOAD, &token, header, Some(&body)).await }
+    };
+    // The attack: a research token claims treatment by header.
+    let (s, e) = load("research-1", json!("HRESCH"), Some("TREAT")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{e}");
+    let text = e.to_string();
+    assert!(
+        !text.contains("treat-only") && !text.contains("HRESCH"),
+        "{e}"
+    );
+    let (s, _) = load("research-2", json!("HRESCH"), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // A token issued for both may pick one; without a pick it states none.
+    let (s, e) = load("both-1", json!(["TREAT", "HRESCH"]), Some("TREAT")).await;
+    assert_eq!(s, StatusCode::OK, "{e}");
+    let (s, _) = load("both-2", json!("TREAT HRESCH"), Some("TREAT")).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = load("both-3", json!(["TREAT", "HRESCH"]), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = load("both-4", json!(["TREAT", "HRESCH"]), Some("ETREAT")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // One purpose: the claim alone, or the header repeating it.
+    let (s, _) = load("treat-1", json!("TREAT"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = load("treat-2", json!("TREAT"), Some("TREAT")).await;
+    assert_eq!(s, StatusCode::OK);
+    // No claim: the header is refused by default...
+    let token = jwt(json!({"sub": "no-claim"}));
+    let (s, _) = call_json(&state, "POST", LOAD, &token, Some("TREAT"), Some(&body)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // ...and taken where the deployment says so.
+    let open = w
+        .server_with(policy, |c| c.auth.purpose_header_without_claim = true)
+        .await;
+    let token = jwt(json!({"sub": "no-claim-allowed"}));
+    let (s, e) = call_json(&open, "POST", LOAD, &token, Some("TREAT"), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{e}");
+    // Even there a claim binds: the header cannot step outside it.
+    let token = jwt(json!({"sub": "research-3", "purpose_of_use": "HRESCH"}));
+    let (s, _) = call_json(&open, "POST", LOAD, &token, Some("TREAT"), Some(&body)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    // The trail holds both values and the purpose in force.
+    let r = &records_of(&w, "research-1").await[0];
+    assert_eq!(r.purpose_claim, Some(vec!["HRESCH".to_owned()]), "{r:?}");
+    assert_eq!(r.purpose_header.as_deref(), Some("TREAT"));
+    assert_eq!(r.purpose.as_deref(), Some("HRESCH"), "{r:?}");
+    assert_eq!(r.decision, "deny");
+    assert!(
+        r.reason.as_deref().is_some_and(|x| x.contains("TREAT")),
+        "{r:?}"
+    );
+    let r = &records_of(&w, "both-1").await[0];
+    assert_eq!(
+        r.purpose_claim,
+        Some(vec!["TREAT".to_owned(), "HRESCH".to_owned()])
+    );
+    assert_eq!(
+        (r.purpose.as_deref(), r.purpose_header.as_deref()),
+        (Some("TREAT"), Some("TREAT"))
+    );
+    let r = &records_of(&w, "no-claim").await[0];
+    assert_eq!((r.purpose_claim.clone(), r.status), (None, 403), "{r:?}");
+    assert_eq!(r.purpose_header.as_deref(), Some("TREAT"));
+    let r = &records_of(&w, "treat-1").await[0];
+    assert_eq!(
+        (r.purpose.as_deref(), r.purpose_header.as_deref()),
+        (Some("TREAT"), None)
+    );
+}
+
+/// Issue 18, part 3: the audit trail holds no credential and holds the
+/// facts: the token's patient binding, scopes and roles, why a 401 was
+/// refused, out-of-scope lookups (still answered like a missing id),
+/// patients of object and view streams, `null` patients for aggregates,
+/// and a "started" record for requests still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_records_hold_the_facts_and_no_credentials() {
+    let w = world(4, None).await;
+    let state = w
+        .server("[[rule]]\nid = \"everyone\"\neffect = \"allow\"\n")
+        .await;
+    let mut ids: Vec<String> = w.patients.keys().cloned().collect();
+    ids.sort();
+    let (p1, p2) = (ids[0].clone(), ids[1].clone());
+
+    // A live token in the URL: refused, and written nowhere.
+    let live = jwt(json!({"sub": "url-token"}));
+    let (s, h, _) = raw(
+        &state,
+        "GET",
+        &format!("/fhir/Patient?access_token={live}"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let challenge = h["www-authenticate"].to_str().unwrap();
+    assert!(challenge.contains("invalid_request"), "{challenge}");
+    // JWT-shaped values anywhere else in the request are not kept either.
+    let other = jwt(json!({"sub": "elsewhere"}));
+    let auth = format!("Bearer {}", jwt(json!({"sub": "carrier"})));
+    for uri in [
+        format!("/fhir/Patient?_id={other}"),
+        format!("/fhir/Patient/{other}"),
+    ] {
+        raw(&state, "GET", &uri, &[("authorization", &auth)], None).await;
+    }
+    let mut trail = String::new();
+    for e in walk(&w.dir.join("lake/audit")) {
+        trail.push_str(&std::fs::read_to_string(e).unwrap_or_default());
+    }
+    assert!(!trail.is_empty());
+    for secret in [&live, &other] {
+        let sig = secret.rsplit('.').next().unwrap();
+        assert!(!trail.contains(sig), "a token is in the audit trail");
+    }
+    assert!(trail.contains("redacted"), "{trail}");
+    let url = audit_records(&w)
+        .await
+        .into_iter()
+        .find(|r| r.entry.query.contains("access_token"))
+        .unwrap()
+        .entry;
+    assert_eq!(url.decision, "unauthenticated");
+    assert!(
+        url.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("access_token")),
+        "{url:?}"
+    );
+
+    // Why a token was refused.
+    let now = jsonwebtoken::get_current_timestamp() as i64;
+    let expired = jwt(json!({"sub": "late", "exp": now - 3600}));
+    let (s, _) = call(&state, "GET", "/fhir/Patient", &expired, None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let refused = audit_records(&w)
+        .await
+        .into_iter()
+        .find(|r| r.entry.status == 401 && r.entry.query.is_empty())
+        .unwrap()
+        .entry;
+    assert!(
+        refused
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("expired")),
+        "{refused:?}"
+    );
+
+    // The token's binding, scopes and roles; an out-of-scope lookup.
+    let bound = jwt(
+        json!({"sub": "bound", "patient": p1, "scope": "patient/*.rs launch",
+        "roles": ["nurse"]}),
+    );
+    let (s, _) = call(
+        &state,
+        "GET",
+        &format!("/fhir/Patient/{p1}"),
+        &bound,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, outside) = call(
+        &state,
+        "GET",
+        &format!("/fhir/Patient/{p2}"),
+        &bound,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, missing) = call(
+        &state,
+        "GET",
+        "/fhir/Patient/no-such-id",
+        &bound,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // The client cannot tell the two apart.
+    assert_eq!(
+        String::from_utf8(outside).unwrap().replace(&p2, "ID"),
+        String::from_utf8(missing)
+            .unwrap()
+            .replace("no-such-id", "ID")
+    );
+    let objects = format!("/api/v2/ontologies/atlas/objects/Patient/{p2}");
+    let (s, _) = call(&state, "GET", &objects, &bound, None, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let everything = format!("/fhir/Patient/{p2}/$everything");
+    let (s, _) = call(&state, "GET", &everything, &bound, None, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let recs = records_of(&w, "bound").await;
+    assert_eq!(recs.len(), 5, "{recs:#?}");
+    let own = &recs[0];
+    assert_eq!(own.patient_binding.as_deref(), Some(p1.as_str()));
+    assert_eq!(own.scopes, ["patient/*.rs", "launch"]);
+    assert_eq!(own.roles, ["nurse"]);
+    assert!(!own.out_of_scope);
+    for r in [&recs[1], &recs[3], &recs[4]] {
+        assert!(r.out_of_scope, "{r:?}");
+        assert_eq!(
+            (r.status, r.decision.as_str()),
+            (404, "deny (out of scope)")
+        );
+    }
+    assert!(!recs[2].out_of_scope, "a missing id is not out of scope");
+    assert_eq!(recs[2].decision, "invalid");
+
+    // Streams count their patients; aggregates do not count them (null).
+    let admin = jwt(json!({"sub": "streamer"}));
+    let obs = json!({"objectSet": {"type": "base", "objectType": "Observation"}});
+    let with_obs: BTreeSet<&String> = w.observations.values().collect();
+    let (s, _) = call(
+        &state,
+        "POST",
+        &format!("{LOAD}?format=ndjson"),
+        &admin,
+        None,
+        Some(&obs),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = call(
+        &state,
+        "POST",
+        &format!("{LOAD}?format=arrow"),
+        &admin,
+        None,
+        Some(&obs),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = call(
+        &state,
+        "GET",
+        "/api/v2/views/observation/rows",
+        &admin,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let agg =
+        json!({"objectSet": obs["objectSet"], "aggregation": [{"type": "count", "name": "n"}]});
+    let (s, _) = call(&state, "POST", AGG, &admin, None, Some(&agg)).await;
+    assert_eq!(s, StatusCode::OK);
+    let all = audit_records(&w).await;
+    let done: Vec<&atlas_audit::AuditEntry> = all
+        .iter()
+        .map(|r| &r.entry)
+        .filter(|e| e.subject.as_deref() == Some("streamer") && e.decision == "stream complete")
+        .collect();
+    assert_eq!(done.len(), 3, "{done:#?}");
+    for e in &done {
+        assert_eq!(e.rows, Some(w.observations.len() as u64), "{e:?}");
+        assert_eq!(
+            e.patient_count,
+            Some(with_obs.len() as u64),
+            "{} {}: {e:?}",
+            e.path,
+            e.query
+        );
+    }
+    let agg = records_of(&w, "streamer").await.pop().unwrap();
+    assert_eq!(agg.path, AGG);
+    assert_eq!(
+        (agg.patient_count, agg.patients.len()),
+        (None, 0),
+        "{agg:?}"
+    );
+
+    // A request still running leaves a "started" record first (every
+    // request here, with the threshold at 0), paired by request id.
+    let eager = w
+        .server_with("[[rule]]\nid = \"everyone\"\neffect = \"allow\"\n", |c| {
+            c.audit.start_record_after_ms = 0
+        })
+        .await;
+    let token = jwt(json!({"sub": "starter"}));
+    let (s, _) = call(
+        &eager,
+        "GET",
+        &format!("/fhir/Patient/{p1}"),
+        &token,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let all = audit_records(&w).await;
+    let id = all
+        .iter()
+        .find(|r| r.entry.subject.as_deref() == Some("starter") && r.entry.status == 200)
+        .and_then(|r| r.entry.request_id.clone())
+        .expect("the final record has a request id");
+    let mine: Vec<&atlas_audit::AuditRecord> = all
+        .iter()
+        .filter(|r| r.entry.request_id.as_deref() == Some(id.as_str()))
+        .collect();
+    assert_eq!(mine.len(), 2, "{mine:#?}");
+    let (start, end) = (&mine[0].entry, &mine[1].entry);
+    assert!(mine[0].seq < mine[1].seq);
+    assert_eq!(
+        (start.decision.as_str(), start.status, start.rows),
+        ("started", 0, None)
+    );
+    assert_eq!((end.decision.as_str(), end.status), ("allow", 200));
+    assert!(start.request_id.is_some());
+    assert_eq!(start.request_id, end.request_id);
+    assert_eq!(start.path, end.path);
+    let store = atlas_audit::AuditStore::new(
+        w.lake.object_store().clone(),
+        &w.lake.path(""),
+        Some(w.dir.join("lake")),
+    );
+    assert!(atlas_audit::verify(&store).await.unwrap().is_ok());
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Issue 18, part 4: answers with patient data are not cacheable or
+/// sniffable; refusals are short and generic (401 with a Bearer
+/// challenge, 403 without rule ids or purposes); links come from the
+/// configured base URL, whatever `Host` says; `/health` keeps the lake's
+/// location to token holders; impossible dates are a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_private_refusals_generic_and_links_configured() {
+    let w = world(4, None).await;
+    let policy = "[[rule]]\nid = \"everyone\"\neffect = \"allow\"\ntypes = [\"Patient\", \"Encounter\", \"Observation\"]\n\
+                  [[rule]]\nid = \"secret-obs-rule\"\neffect = \"deny\"\ntypes = [\"Observation\"]\n\
+                  [[rule]]\nid = \"research-only\"\neffect = \"allow\"\ntypes = [\"Condition\"]\npurpose = [\"HRESCH\"]\n";
+    let state = w
+        .server_with(policy, |c| {
+            c.public_base_url = Some("https://fhir.example.org/".into())
+        })
+        .await;
+    let token = jwt(json!({}));
+    let auth = format!("Bearer {token}");
+    let p = w.patients.keys().next().unwrap().clone();
+
+    // Patient data: no-store, nosniff.
+    for uri in [
+        format!("/fhir/Patient/{p}"),
+        "/fhir/Patient".to_owned(),
+        "/fhir/Patient?_format=ndjson".to_owned(),
+        "/api/v2/ontologies/atlas/objects/Patient".to_owned(),
+    ] {
+        let (s, h, _) = raw(&state, "GET", &uri, &[("authorization", &auth)], None).await;
+        assert_eq!(s, StatusCode::OK, "{uri}");
+        assert_eq!(h["cache-control"], "no-store", "{uri}");
+        assert_eq!(h["x-content-type-options"], "nosniff", "{uri}");
+    }
+
+    // 401: a Bearer challenge with the error code, one short body for
+    // every reason, no parser internals.
+    let none = format!(
+        "{}.{}.",
+        base64_url(&json!({"alg": "none", "typ": "JWT"}).to_string()),
+        token.split('.').nth(1).unwrap()
+    );
+    let mut bodies = BTreeSet::new();
+    for bad in [
+        none.as_str(),
+        "a.b.c",
+        &jwt(json!({"exp": 1000})),
+        &jwt(json!({"iss": "https://evil.example"})),
+    ] {
+        for uri in ["/fhir/Patient", "/api/v2/ontologies/atlas/objects/Patient"] {
+            let (s, h, body) = raw(
+                &state,
+                "GET",
+                uri,
+                &[("authorization", &format!("Bearer {bad}"))],
+                None,
+            )
+            .await;
+            assert_eq!(s, StatusCode::UNAUTHORIZED, "{bad}");
+            let c = h["www-authenticate"].to_str().unwrap();
+            assert!(
+                c.starts_with("Bearer ") && c.contains("error=\"invalid_token\""),
+                "{c}"
+            );
+            for leak in ["variant", "none", "evil", "expired", "signature", "kid"] {
+                assert!(!body.contains(leak), "{leak} in {body}");
+            }
+            bodies.insert((uri, body));
+        }
+    }
+    assert_eq!(bodies.len(), 2, "one body per API shape: {bodies:#?}");
+    let (s, h, _) = raw(&state, "GET", "/fhir/Patient", &[], None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(
+        h["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+
+    // 403: no rule id, no purpose that would pass.
+    for (uri, hidden) in [
+        ("/fhir/Observation", "secret-obs-rule"),
+        ("/fhir/Condition", "HRESCH"),
+        ("/api/v2/views/observation/rows", "secret-obs-rule"),
+    ] {
+        let (s, _, body) = raw(&state, "GET", uri, &[("authorization", &auth)], None).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{uri}");
+        assert!(!body.contains(hidden), "{uri}: {body}");
+        assert!(!body.contains("rule"), "{uri}: {body}");
+    }
+    let obs = json!({"objectSet": {"type": "base", "objectType": "Condition"}});
+    let (s, _, body) = raw(
+        &state,
+        "POST",
+        LOAD,
+        &[("authorization", &auth)],
+        Some(&obs),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(
+        !body.contains("HRESCH") && !body.contains("research-only"),
+        "{body}"
+    );
+
+    // Links from the configured base; a forged Host changes nothing.
+    for host in ["evil.example", "fhir.example.org"] {
+        let (s, _, body) = raw(
+            &state,
+            "GET",
+            "/fhir/Patient?_count=1",
+            &[("authorization", &auth), ("host", host)],
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        let b: Json = serde_json::from_str(&body).unwrap();
+        for l in b["link"].as_array().unwrap() {
+            let url = l["url"].as_str().unwrap();
+            assert!(
+                url.starts_with("https://fhir.example.org/fhir/Patient?"),
+                "{url}"
+            );
+        }
+        let full = b["entry"][0]["fullUrl"].as_str().unwrap();
+        assert!(
+            full.starts_with("https://fhir.example.org/fhir/Patient/"),
+            "{full}"
+        );
+        assert!(!body.contains("evil"), "{body}");
+    }
+    let (_, _, meta) = raw(
+        &state,
+        "GET",
+        "/fhir/metadata",
+        &[("host", "evil.example")],
+        None,
+    )
+    .await;
+    let meta: Json = serde_json::from_str(&meta).unwrap();
+    assert_eq!(
+        meta["implementation"]["url"],
+        "https://fhir.example.org/fhir"
+    );
+    // Without a configured base: the bind address, still not the Host.
+    let plain = w.server(policy).await;
+    let (_, _, body) = raw(
+        &plain,
+        "GET",
+        "/fhir/Patient?_count=1",
+        &[("authorization", &auth), ("host", "evil.example")],
+        None,
+    )
+    .await;
+    assert!(
+        !body.contains("evil") && body.contains("http://127.0.0.1:8080/fhir/"),
+        "{body}"
+    );
+    assert!(
+        atlas_serve::ServeConfig::from_toml("public_base_url = \"javascript:alert(1)\"").is_err()
+    );
+
+    // /health: the lake's location only with a token.
+    let lake_path = w.dir.join("lake").display().to_string();
+    let (s, _, body) = raw(&state, "GET", "/health", &[], None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(body.contains("\"readable\":true"), "{body}");
+    assert!(
+        !body.contains(&lake_path) && !body.contains("location"),
+        "{body}"
+    );
+    let (_, _, body) = raw(&state, "GET", "/health", &[("authorization", &auth)], None).await;
+    assert!(body.contains("location"), "{body}");
+
+    // Impossible dates are refused, not read as strings.
+    for bad in ["2020-13-45", "2020-02-30", "2020-13"] {
+        let uri = format!("/api/v2/ontologies/atlas/objects/Encounter?dateFrom={bad}");
+        let (s, _, body) = raw(&state, "GET", &uri, &[("authorization", &auth)], None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        let (s, _, _) = raw(
+            &state,
+            "POST",
+            &format!("{LOAD}?dateTo={bad}"),
+            &[("authorization", &auth)],
+            Some(&json!({"objectSet": {"type": "base", "objectType": "Encounter"}})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    let uri = "/api/v2/ontologies/atlas/objects/Encounter?dateFrom=2020-02-29";
+    let (s, _, _) = raw(&state, "GET", uri, &[("authorization", &auth)], None).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+fn base64_url(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+}
+
+/// Key files inside the lake (the dev issuer's key, the page-token key)
+/// are written 0600, and keys others can read are named for a warning.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_files_are_private_and_exposed_ones_are_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::open(
+        dir.path().join("lake").to_str().unwrap(),
+        Default::default(),
+    )
+    .unwrap();
+    let mut config = ServeConfig::default();
+    config.auth.dev = true;
+    let _state = AppState::open(lake.clone(), atlas_ontology::Ontology::builtin(), config)
+        .await
+        .unwrap();
+    let root = dir.path().join("lake");
+    let keys = [
+        root.join("_atlas/auth/dev-issuer-es256.pk8"),
+        root.join("_atlas/serve/page-token.key"),
+    ];
+    for k in &keys {
+        let mode = std::fs::metadata(k).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}: {mode:o}", k.display());
+    }
+    assert!(atlas_serve::auth::exposed_key_files(&lake).is_empty());
+    for k in &keys {
+        std::fs::set_permissions(k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let warnings = atlas_serve::auth::exposed_key_files(&lake);
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings.iter().all(|w| w.contains("644")), "{warnings:?}");
+    // The keys still work, and tokens minted before still verify.
+    let again = AppState::open(lake.clone(), atlas_ontology::Ontology::builtin(), {
+        let mut c = ServeConfig::default();
+        c.auth.dev = true;
+        c
+    })
+    .await;
+    assert!(again.is_ok());
 }
