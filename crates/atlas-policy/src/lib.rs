@@ -172,7 +172,9 @@ pub struct Principal {
     /// Roles from the token's `roles` claim (the policy file adds more).
     pub roles: Vec<String>,
     /// The purpose of use the request states (`TREAT`, `HRESCH`, ...): the
-    /// `X-Purpose-Of-Use` header, else the token's `purpose_of_use` claim.
+    /// token's `purpose_of_use` claim when it names one, narrowed by the
+    /// `X-Purpose-Of-Use` header to one of the claim's codes (the server
+    /// refuses a header outside the claim; `docs/security.md` section 9).
     pub purpose: Option<String>,
 }
 
