@@ -835,34 +835,9 @@ async fn bounded_request(
     state: &AppState,
     body: GraphqlBody,
 ) -> Result<Result<async_graphql::Request, Response>, ApiError> {
-    let g = &state.config.graphql;
-    let limits = DocumentLimits {
-        max_query_bytes: g.max_query_bytes,
-        max_nesting: g.max_nesting,
-        max_fragment_spreads: g.max_fragment_spreads,
-        max_aliases: g.max_aliases,
-        max_root_fields: g.max_root_fields,
-        max_fields: g.max_fields,
-        max_rows: g.max_rows,
-        default_page_size: state.config.default_page_size,
-    };
+    let config = state.config.clone();
     let checked = tokio::task::spawn_blocking(move || {
-        scan_text(&body.query, &limits).map_err(|e| limit_error(&e.0, "QueryTooLarge"))?;
-        let mut req = async_graphql::Request::new(body.query);
-        if let Some(v) = body.variables {
-            req = req.variables(async_graphql::Variables::from_json(v));
-        }
-        if let Some(op) = &body.operation_name {
-            req = req.operation_name(op.clone());
-        }
-        let vars = req.variables.clone();
-        let doc = req
-            .parsed_query()
-            .map_err(|e| Box::new(async_graphql::Response::from_errors(vec![e])))?;
-        limits
-            .check(doc, body.operation_name.as_deref(), &vars)
-            .map_err(|e| limit_error(&e.0, "QueryTooComplex"))?;
-        Ok::<_, Box<async_graphql::Response>>(req)
+        bounded(&config, body.query, body.variables, body.operation_name)
     })
     .await
     .map_err(internal)?;
@@ -875,6 +850,46 @@ async fn bounded_request(
         )
             .into_response()
     }))
+}
+
+/// A GraphQL request parsed and checked against the `[graphql]` limits
+/// ([`DocumentLimits`]), ready for the executor; or the error response
+/// (parse error, or the limit broken). Linear in the text: what the server
+/// runs before anything else looks at a document (and what the fuzz
+/// target drives).
+pub fn bounded(
+    config: &crate::ServeConfig,
+    query: String,
+    variables: Option<Json>,
+    operation_name: Option<String>,
+) -> Result<async_graphql::Request, Box<async_graphql::Response>> {
+    let g = &config.graphql;
+    let limits = DocumentLimits {
+        max_query_bytes: g.max_query_bytes,
+        max_nesting: g.max_nesting,
+        max_fragment_spreads: g.max_fragment_spreads,
+        max_aliases: g.max_aliases,
+        max_root_fields: g.max_root_fields,
+        max_fields: g.max_fields,
+        max_rows: g.max_rows,
+        default_page_size: config.default_page_size,
+    };
+    scan_text(&query, &limits).map_err(|e| limit_error(&e.0, "QueryTooLarge"))?;
+    let mut req = async_graphql::Request::new(query);
+    if let Some(v) = variables {
+        req = req.variables(async_graphql::Variables::from_json(v));
+    }
+    if let Some(op) = &operation_name {
+        req = req.operation_name(op.clone());
+    }
+    let vars = req.variables.clone();
+    let doc = req
+        .parsed_query()
+        .map_err(|e| Box::new(async_graphql::Response::from_errors(vec![e])))?;
+    limits
+        .check(doc, operation_name.as_deref(), &vars)
+        .map_err(|e| limit_error(&e.0, "QueryTooComplex"))?;
+    Ok(req)
 }
 
 fn limit_error(message: &str, name: &'static str) -> Box<async_graphql::Response> {

@@ -56,8 +56,8 @@ fn refuse(msg: impl Into<String>) -> Result<(), LimitError> {
     Err(LimitError(msg.into()))
 }
 
-/// Checks the raw text: its size, and how deep `{`, `[` and `(` nest
-/// (strings, block strings and comments skipped).
+/// Checks the raw text: its size, how deep `{`, `[` and `(` nest, and
+/// how many aliases it has (strings, block strings and comments skipped).
 pub fn scan_text(query: &str, limits: &DocumentLimits) -> Result<(), LimitError> {
     if query.len() > limits.max_query_bytes {
         return refuse(format!(
@@ -68,6 +68,10 @@ pub fn scan_text(query: &str, limits: &DocumentLimits) -> Result<(), LimitError>
     }
     let b = query.as_bytes();
     let (mut i, mut depth, mut deepest) = (0usize, 0usize, 0usize);
+    // Outside `(…)` (arguments, variable definitions, directive arguments)
+    // a colon only ever follows an alias, so aliases are counted here,
+    // before the grammar runs over a document that has too many.
+    let (mut parens, mut aliases) = (0usize, 0usize);
     while i < b.len() {
         match b[i] {
             b'#' => {
@@ -88,7 +92,17 @@ pub fn scan_text(query: &str, limits: &DocumentLimits) -> Result<(), LimitError>
                     i += if b[i] == b'\\' { 2 } else { 1 };
                 }
             }
+            b':' if parens == 0 => {
+                aliases += 1;
+                if aliases > limits.max_aliases {
+                    return refuse(format!(
+                        "the query has more than {} aliases",
+                        limits.max_aliases
+                    ));
+                }
+            }
             b'{' | b'[' | b'(' => {
+                parens += usize::from(b[i] == b'(');
                 depth += 1;
                 deepest = deepest.max(depth);
                 if deepest > limits.max_nesting {
@@ -98,7 +112,12 @@ pub fn scan_text(query: &str, limits: &DocumentLimits) -> Result<(), LimitError>
                     ));
                 }
             }
-            b'}' | b']' | b')' => depth = depth.saturating_sub(1),
+            b'}' | b']' | b')' => {
+                if b[i] == b')' {
+                    parens = parens.saturating_sub(1);
+                }
+                depth = depth.saturating_sub(1);
+            }
             _ => {}
         }
         i += 1;

@@ -513,7 +513,12 @@ fn sigterm_stops_a_busy_server_within_its_deadline() {
         .unwrap()
         .port();
     let mut child = crate::atlas(&lake)
-        .args(["serve", "--dev-auth", "--bind", &format!("127.0.0.1:{port}")])
+        .args([
+            "serve",
+            "--dev-auth",
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+        ])
         .arg("--config")
         .arg(&config)
         .stderr(std::process::Stdio::piped())
@@ -563,8 +568,14 @@ fn sigterm_stops_a_busy_server_within_its_deadline() {
         .read_to_string(&mut stderr)
         .unwrap();
     assert!(status.success(), "exit {status:?}: {stderr}");
-    assert!(took < Duration::from_secs(6), "stopped after {took:?}: {stderr}");
-    assert!(took >= Duration::from_millis(900), "the grace period was skipped: {took:?}");
+    assert!(
+        took < Duration::from_secs(6),
+        "stopped after {took:?}: {stderr}"
+    );
+    assert!(
+        took >= Duration::from_millis(900),
+        "the grace period was skipped: {took:?}"
+    );
     assert!(stderr.contains("shutdown deadline passed"), "{stderr}");
     drop(stalled);
 }
