@@ -605,6 +605,22 @@ async fn get(lake: &Lake, rel: &str) -> Result<Option<Vec<u8>>, LakeError> {
     }
 }
 
+/// The newest recorded batch start (UTC microseconds), 0 for a lake
+/// without batches.
+async fn last_batch_start(lake: &Lake) -> Result<i64, LakeError> {
+    if !lake.has_table(crate::lake::BATCHES).await? {
+        return Ok(0);
+    }
+    let rows = lake
+        .query_text("SELECT CAST(CAST(MAX(started_at) AS BIGINT) AS VARCHAR) FROM batches")
+        .await?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(0))
+}
+
 async fn find_or_start(lake: &Lake, source: &str, id: &str) -> Result<Started, LakeError> {
     let prefix = lake.path(&format!("raw/{source}"));
     let listing = lake.object_store().list_with_delimiter(Some(&prefix)).await;
@@ -621,7 +637,10 @@ async fn find_or_start(lake: &Lake, source: &str, id: &str) -> Result<Started, L
             }
         }
     }
-    let started_at_micros = now_micros();
+    // Later batches win ties, so a batch must start after every batch
+    // before it even when this host's clock is behind the last writer's
+    // (the writer lease makes batches follow one another).
+    let started_at_micros = now_micros().max(last_batch_start(lake).await? + 1);
     let date = chrono::DateTime::from_timestamp_micros(started_at_micros)
         .map(|d| d.format("%Y-%m-%d").to_string())
         .unwrap_or_else(|| "1970-01-01".into());

@@ -807,7 +807,10 @@ pub(crate) async fn handler(
         link_queries: AtomicUsize::new(0),
         audit: crate::audit::current(),
     });
-    let loader = DataLoader::new(LinkLoader { ctx: rc.clone() }, tokio::spawn);
+    // Link loads run in tasks of their own: they end with the request (its
+    // deadline drops this future, and `LinkTasks` with it).
+    let tasks = LinkTasks::default();
+    let loader = DataLoader::new(LinkLoader { ctx: rc.clone() }, tasks.spawner());
     let resp = state
         .graphql
         .execute(req.data(rc.clone()).data(loader))
@@ -902,4 +905,30 @@ fn limit_error(message: &str, name: &'static str) -> Box<async_graphql::Response
             ..e
         },
     ]))
+}
+
+/// The link-load tasks of one request, aborted when the request ends (at
+/// its deadline too), so that no scan outlives the request that asked.
+#[derive(Default)]
+struct LinkTasks(Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>);
+
+impl LinkTasks {
+    fn spawner(&self) -> impl Fn(futures::future::BoxFuture<'static, ()>) + Send + Sync + 'static {
+        let tasks = self.0.clone();
+        move |fut| {
+            let handle = tokio::spawn(fut).abort_handle();
+            if let Ok(mut t) = tasks.lock() {
+                t.retain(|h| !h.is_finished());
+                t.push(handle);
+            }
+        }
+    }
+}
+
+impl Drop for LinkTasks {
+    fn drop(&mut self) {
+        if let Ok(t) = self.0.lock() {
+            t.iter().for_each(tokio::task::AbortHandle::abort);
+        }
+    }
 }

@@ -165,16 +165,31 @@ impl DocumentLimits {
                 size.aliases, self.max_aliases
             ))?;
         }
+        // async-graphql checks every operation of the document before it
+        // picks one, expanding fragments without memoization: every
+        // operation counts, and a document whose operation cannot be
+        // picked is refused here rather than there.
         let Some(op) = pick_operation(doc, operation) else {
-            // async-graphql names the missing or ambiguous operation.
-            return Ok(size);
+            return refuse(match operation {
+                Some(name) => format!("the document has no operation named {name}"),
+                None => "the document has several operations: name one with operationName".into(),
+            })
+            .map(|_| size);
         };
         let mut expand = Expander {
             fragments: &doc.fragments,
             memo: HashMap::new(),
             cap: self.max_fields,
+            depth: 0,
+            max_depth: MAX_EXPANSION_DEPTH,
         };
-        size.fields = expand.set(&op.selection_set.node)?;
+        for (_, each) in doc.operations.iter() {
+            let n = expand.set(&each.node.selection_set.node)?;
+            size.fields = size.fields.saturating_add(n);
+            if size.fields > self.max_fields {
+                break;
+            }
+        }
         if size.fields > self.max_fields {
             refuse(format!(
                 "the query selects {} fields once its fragments are expanded; at most {} are accepted",
@@ -272,10 +287,26 @@ struct Expander<'a> {
     /// `None` while a fragment is being expanded: seeing it again is a cycle.
     memo: HashMap<&'a str, Option<usize>>,
     cap: usize,
+    depth: usize,
+    max_depth: usize,
 }
+
+/// How deep selection sets may nest with fragments expanded (async-graphql
+/// refuses past 64 anyway; this bounds the walk that runs before it).
+const MAX_EXPANSION_DEPTH: usize = 128;
 
 impl<'a> Expander<'a> {
     fn set(&mut self, set: &'a SelectionSet) -> Result<usize, LimitError> {
+        // Text nesting is bounded per definition, but fragments chain
+        // definitions: the walk's own depth is bounded so that it can never
+        // exhaust the stack.
+        self.depth += 1;
+        if self.depth > self.max_depth {
+            return Err(LimitError(format!(
+                "the query nests deeper than {} levels once its fragments are expanded",
+                self.max_depth
+            )));
+        }
         let mut n = 0usize;
         for item in &set.items {
             let add = match &item.node {
@@ -288,9 +319,10 @@ impl<'a> Expander<'a> {
             n = n.saturating_add(add);
             // Past the cap the exact number no longer matters.
             if n > self.cap {
-                return Ok(n);
+                break;
             }
         }
+        self.depth -= 1;
         Ok(n)
     }
 
@@ -417,6 +449,53 @@ mod tests {
             "[".repeat(99)
         );
         assert!(check(&s).is_ok());
+    }
+
+    #[test]
+    fn every_operation_counts_and_the_one_to_run_must_exist() {
+        let l = limits();
+        let bomb = chain(40);
+        let parse = |q: &str| async_graphql::parser::parse_query(q).unwrap();
+        // An operationName that names nothing: refused, not skipped.
+        let doc = parse(&bomb);
+        let e = l.check(&doc, Some("x"), &Variables::default()).unwrap_err();
+        assert!(e.0.contains("no operation named x"), "{e}");
+        // A decoy operation picked by name; the bomb in another operation
+        // still counts (async-graphql validates every operation).
+        let decoy = format!("query A {{ __typename }}\nquery B {}", &bomb[..]);
+        let doc = parse(&decoy);
+        let e = l.check(&doc, Some("A"), &Variables::default()).unwrap_err();
+        assert!(
+            e.0.contains("fields once its fragments are expanded"),
+            "{e}"
+        );
+        // Several operations and no name.
+        let doc = parse("query A { __typename } query B { __typename }");
+        let e = l.check(&doc, None, &Variables::default()).unwrap_err();
+        assert!(e.0.contains("several operations"), "{e}");
+        assert!(l.check(&doc, Some("B"), &Variables::default()).is_ok());
+    }
+
+    #[test]
+    fn a_chain_of_deep_fragments_cannot_exhaust_the_stack() {
+        // Each fragment nests 30 levels and spreads the next at the bottom:
+        // shallow per definition, 30 × 100 levels once expanded.
+        let mut q = String::from("{ patient(id: \"x\") { ...D0 } }\n");
+        for i in 0..100 {
+            q.push_str(&format!(
+                "fragment D{i} on Patient {{ {}...D{} {} }}\n",
+                "e { ".repeat(30),
+                i + 1,
+                "} ".repeat(30)
+            ));
+        }
+        q.push_str("fragment D100 on Patient { id }\n");
+        let mut l = limits();
+        l.max_fragment_spreads = 1_000;
+        scan_text(&q, &l).unwrap();
+        let doc = async_graphql::parser::parse_query(&q).unwrap();
+        let e = l.check(&doc, None, &Variables::default()).unwrap_err();
+        assert!(e.0.contains("nests deeper than 128"), "{e}");
     }
 
     #[test]

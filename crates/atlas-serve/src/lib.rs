@@ -160,6 +160,11 @@ pub fn router(state: AppState) -> Router {
             audit::audit,
         ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        // Outermost: shutdown waits for a request until its record is written.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::count,
+        ))
         .with_state(state)
 }
 

@@ -209,12 +209,23 @@ fn cut_response(cut: Cut, limits: &LimitsConfig) -> Response {
     r
 }
 
+/// Counts the request as in flight from the outermost layer, so that
+/// shutdown waits for its audit record too (the audit layer writes it
+/// after [`guard`] returns).
+pub async fn count(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let _in_flight = InFlight::new(&state.limiter);
+    next.run(req).await
+}
+
 /// The middleware: a deadline, the principal's turn, and the shutdown cut.
 pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let limiter = state.limiter.clone();
-    let in_flight = InFlight::new(&limiter);
     let slot = TurnSlot::default();
-    req.extensions_mut().insert(slot.clone());
+    // Probes take no turn: a busy principal's token must not slow /health.
+    let path = req.uri().path();
+    if path != "/health" && path != "/metrics" {
+        req.extensions_mut().insert(slot.clone());
+    }
     let mut cut = limiter.cut_tx.subscribe();
     let limits = &state.config.limits;
     let deadline = Duration::from_millis(limits.request_timeout_ms);
@@ -226,23 +237,21 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
         }
         _ = cut.wait_for(|c| *c) => return cut_response(SHUTDOWN, limits),
     };
-    drop(slot);
+    let turn = slot.0.lock().ok().and_then(|mut t| t.take());
     if !is_streamed(&response) {
         return response;
     }
-    // A stream keeps counting as in flight, and is cut at its own
-    // deadline or at shutdown.
+    // A stream keeps its turn and counts as in flight until it ends, and
+    // is cut at its own deadline or at shutdown.
     let (parts, body) = response.into_parts();
     let stream_deadline = Duration::from_secs(limits.stream_timeout_secs);
-    let body = CutBody {
-        inner: body.into_data_stream(),
-        deadline: Box::pin(tokio::time::sleep(stream_deadline)),
-        cut: Box::pin(async move {
-            let _ = cut.wait_for(|c| *c).await;
-        }),
-        _in_flight: in_flight,
-        ended: false,
-    };
+    let body = CutBody::new(
+        body.into_data_stream(),
+        stream_deadline,
+        cut,
+        &limiter,
+        turn,
+    );
     Response::from_parts(parts, axum::body::Body::from_stream(body))
 }
 
@@ -253,14 +262,73 @@ fn is_streamed(r: &Response) -> bool {
         .is_some_and(|c| c.contains("ndjson") || c.contains("arrow") || c.contains("parquet"))
 }
 
+/// What a streamed body and its watchdog share.
+struct StreamState {
+    /// `None` once the watchdog dropped it (its scan ends with it).
+    inner: Option<axum::body::BodyDataStream>,
+    why: Option<Cut>,
+    waker: Option<std::task::Waker>,
+}
+
 /// A streamed body that ends with an error at its deadline or at the
-/// shutdown cut (the audit's stream record then says why).
+/// shutdown cut (the audit's stream record then says why). A watchdog
+/// task enforces both even when the client stopped reading and nobody
+/// polls the body: it drops the inner stream (and the scan behind it)
+/// and wakes the body.
 struct CutBody {
-    inner: axum::body::BodyDataStream,
-    deadline: Pin<Box<tokio::time::Sleep>>,
-    cut: Pin<Box<dyn Future<Output = ()> + Send>>,
+    shared: Arc<Mutex<StreamState>>,
+    watchdog: tokio::task::AbortHandle,
+    _turn: Option<OwnedSemaphorePermit>,
     _in_flight: InFlight,
     ended: bool,
+}
+
+impl CutBody {
+    fn new(
+        inner: axum::body::BodyDataStream,
+        deadline: Duration,
+        mut cut: watch::Receiver<bool>,
+        limiter: &Arc<Limiter>,
+        turn: Option<OwnedSemaphorePermit>,
+    ) -> CutBody {
+        let shared = Arc::new(Mutex::new(StreamState {
+            inner: Some(inner),
+            why: None,
+            waker: None,
+        }));
+        let watched = shared.clone();
+        let watchdog = tokio::spawn(async move {
+            let why = tokio::select! {
+                _ = tokio::time::sleep(deadline) => DEADLINE,
+                _ = cut.wait_for(|c| *c) => SHUTDOWN,
+            };
+            let (inner, waker) = match watched.lock() {
+                Ok(mut s) => {
+                    s.why = Some(why);
+                    (s.inner.take(), s.waker.take())
+                }
+                Err(_) => (None, None),
+            };
+            drop(inner);
+            if let Some(w) = waker {
+                w.wake();
+            }
+        })
+        .abort_handle();
+        CutBody {
+            shared,
+            watchdog,
+            _turn: turn,
+            _in_flight: InFlight::new(limiter),
+            ended: false,
+        }
+    }
+}
+
+impl Drop for CutBody {
+    fn drop(&mut self) {
+        self.watchdog.abort();
+    }
 }
 
 impl Stream for CutBody {
@@ -270,20 +338,25 @@ impl Stream for CutBody {
         if self.ended {
             return Poll::Ready(None);
         }
-        let why = if self.cut.as_mut().poll(cx).is_ready() {
-            Some(SHUTDOWN)
-        } else if self.deadline.as_mut().poll(cx).is_ready() {
-            Some(DEADLINE)
-        } else {
-            None
+        let shared = self.shared.clone();
+        let Ok(mut s) = shared.lock() else {
+            self.ended = true;
+            return Poll::Ready(Some(Err(axum::Error::new("stream state poisoned"))));
         };
-        if let Some(why) = why {
+        if let Some(why) = s.why {
+            drop(s);
             self.ended = true;
             crate::audit::note(|f| f.cut = Some(why.0));
             tracing::warn!(reason = why.0, "stream cut");
             return Poll::Ready(Some(Err(axum::Error::new(why.0))));
         }
-        Pin::new(&mut self.inner).poll_next(cx)
+        if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            s.waker = Some(cx.waker().clone());
+        }
+        match s.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_next(cx),
+            None => Poll::Ready(None),
+        }
     }
 }
 
@@ -321,19 +394,15 @@ mod tests {
     fn body(
         inner: impl Stream<Item = Result<bytes::Bytes, axum::Error>> + Send + 'static,
         deadline: Duration,
-        cut: watch::Receiver<bool>,
         limiter: &Arc<Limiter>,
     ) -> CutBody {
-        let mut cut = cut;
-        CutBody {
-            inner: axum::body::Body::from_stream(inner).into_data_stream(),
-            deadline: Box::pin(tokio::time::sleep(deadline)),
-            cut: Box::pin(async move {
-                let _ = cut.wait_for(|c| *c).await;
-            }),
-            _in_flight: InFlight::new(limiter),
-            ended: false,
-        }
+        CutBody::new(
+            axum::body::Body::from_stream(inner).into_data_stream(),
+            deadline,
+            limiter.cut_tx.subscribe(),
+            limiter,
+            None,
+        )
     }
 
     #[tokio::test]
@@ -341,12 +410,7 @@ mod tests {
         let limiter = Arc::new(Limiter::default());
         let first = futures::stream::iter([Ok(bytes::Bytes::from_static(b"row\n"))]);
         let never = first.chain(futures::stream::pending());
-        let mut b = body(
-            never,
-            Duration::from_millis(50),
-            limiter.cut_tx.subscribe(),
-            &limiter,
-        );
+        let mut b = body(never, Duration::from_millis(50), &limiter);
         assert_eq!(limiter.in_flight(), 1);
         assert_eq!(b.next().await.unwrap().unwrap(), "row\n");
         let started = std::time::Instant::now();
@@ -357,13 +421,46 @@ mod tests {
         assert_eq!(limiter.in_flight(), 0);
     }
 
+    /// Drops its flag when dropped: tells whether the scan behind a
+    /// stream was let go.
+    struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_nobody_reads_is_still_let_go_at_its_deadline() {
+        let limiter = Arc::new(Limiter::default());
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = DropFlag(dropped.clone());
+        let scan = futures::stream::pending::<Result<bytes::Bytes, axum::Error>>().map(move |x| {
+            let _ = &flag;
+            x
+        });
+        // Polled once (the client read its first bytes), then never again.
+        let mut b = body(scan, Duration::from_millis(30), &limiter);
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut b).poll_next(&mut cx).is_pending());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the scan outlived the deadline"
+        );
+        assert!(matches!(
+            Pin::new(&mut b).poll_next(&mut cx),
+            Poll::Ready(Some(Err(_)))
+        ));
+    }
+
     #[tokio::test]
     async fn cut_all_ends_streams_at_once() {
         let limiter = Arc::new(Limiter::default());
         let mut b = body(
             futures::stream::pending(),
             Duration::from_secs(3600),
-            limiter.cut_tx.subscribe(),
             &limiter,
         );
         let l = limiter.clone();

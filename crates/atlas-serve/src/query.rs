@@ -447,11 +447,18 @@ impl<'a> Planner<'a> {
                 "PropertyHidden",
                 "property",
                 property,
-                format!(
-                    "property '{property}' of {} is hidden from this principal by policy (hidden elements: {})",
-                    t.api_name,
-                    grant.hidden.join(", ")
-                ),
+                // Which other elements are hidden is the policy's business:
+                // the audit and the log have the list, the caller does not.
+                {
+                    let hidden = grant.hidden.join(", ");
+                    crate::audit::note(|f| {
+                        f.reason = Some(format!("hidden elements: {hidden}"));
+                    });
+                    format!(
+                        "property '{property}' of {} is hidden from this principal by policy",
+                        t.api_name
+                    )
+                },
             ));
         }
         self.key_column(t, property)
@@ -859,8 +866,9 @@ pub(crate) async fn note_if_out_of_scope(
     what: &str,
 ) {
     let plan = LogicalPlanBuilder::scan("unscoped", provider_as_source(table.clone()), None)
+        // No LIMIT: a key that exists costs what a missing one does, so
+        // the time of the 404 does not tell them apart.
         .and_then(|b| b.filter(key))
-        .and_then(|b| b.limit(0, Some(1)))
         .and_then(|b| b.build());
     let Ok(plan) = plan else { return };
     let found = DataFrame::new(state.tables.session().state(), plan)

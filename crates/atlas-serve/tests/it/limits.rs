@@ -69,13 +69,17 @@ impl Server {
     }
 
     async fn graphql(&self, token: &str, query: &str) -> (u16, Json, Duration) {
+        self.graphql_body(token, json!({ "query": query })).await
+    }
+
+    async fn graphql_body(&self, token: &str, request: Json) -> (u16, Json, Duration) {
         let started = Instant::now();
         let r = self
             .http
             .post(format!("{}/graphql", self.base))
             .bearer_auth(token)
             .header("content-type", "application/json")
-            .body(json!({ "query": query }).to_string())
+            .body(request.to_string())
             .send()
             .await
             .unwrap();
@@ -166,6 +170,24 @@ async fn graphql_bombs_are_refused_fast_while_health_answers() {
         "fragment chain took {took:?}"
     );
 
+    // The same chain behind an operationName that names nothing, or
+    // behind a decoy operation: async-graphql validates every operation,
+    // so every operation is bounded.
+    for (name, doc) in [
+        ("x", fragment_chain(30)),
+        (
+            "A",
+            format!("query A {{ __typename }}\nquery B {}", fragment_chain(30)),
+        ),
+    ] {
+        let (status, body, took) = s
+            .graphql_body(&token, json!({"query": doc, "operationName": name}))
+            .await;
+        assert_eq!(status, 400, "{body}");
+        eprintln!("fragment chain behind operationName {name}: {took:?}");
+        assert!(took < Duration::from_millis(100), "{name}: {took:?}");
+    }
+
     // 1,000 aliases of a connection asking for 10,000 rows each.
     let aliases: String = (0..1000)
         .map(|i| format!("a{i}: ObservationAll(first: 10000) {{ nodes {{ id }} }} "))
@@ -229,10 +251,10 @@ async fn graphql_bombs_are_refused_fast_while_health_answers() {
         .iter()
         .filter(|r| r.entry.path == "/graphql" && r.entry.decision != "started")
         .collect();
-    assert_eq!(gql.len(), 7, "{gql:#?}");
+    assert_eq!(gql.len(), 9, "{gql:#?}");
     assert_eq!(gql[1].entry.status, 400);
     assert_eq!(gql[0].entry.rows, Some(1), "{:#?}", gql[0]);
-    assert_eq!(gql[6].entry.rows, Some(1), "{:#?}", gql[6]);
+    assert_eq!(gql[8].entry.rows, Some(1), "{:#?}", gql[8]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
