@@ -866,15 +866,8 @@ pub fn bounded(
     variables: Option<Json>,
     operation_name: Option<String>,
 ) -> Result<async_graphql::Request, Box<async_graphql::Response>> {
-    let g = &config.graphql;
     let limits = DocumentLimits {
-        max_query_bytes: g.max_query_bytes,
-        max_nesting: g.max_nesting,
-        max_fragment_spreads: g.max_fragment_spreads,
-        max_aliases: g.max_aliases,
-        max_root_fields: g.max_root_fields,
-        max_fields: g.max_fields,
-        max_rows: g.max_rows,
+        graphql: &config.graphql,
         default_page_size: config.default_page_size,
     };
     scan_text(&query, &limits).map_err(|e| limit_error(&e.0, "QueryTooLarge"))?;

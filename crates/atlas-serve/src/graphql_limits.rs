@@ -26,19 +26,11 @@ use async_graphql::parser::types::{
 };
 use async_graphql::{Name, Positioned, Value};
 
-/// The limits one GraphQL document must keep (from `[graphql]`).
+/// The limits one GraphQL document must keep: the `[graphql]` settings
+/// and the page size a root connection gets without `first`.
 #[derive(Debug, Clone)]
-pub struct DocumentLimits {
-    pub max_query_bytes: usize,
-    pub max_nesting: usize,
-    pub max_fragment_spreads: usize,
-    pub max_aliases: usize,
-    pub max_root_fields: usize,
-    /// Fields the executor would visit with every fragment expanded.
-    pub max_fields: usize,
-    /// Objects one request may return in total.
-    pub max_rows: usize,
-    /// What a root connection returns when `first` is not given.
+pub struct DocumentLimits<'a> {
+    pub graphql: &'a crate::graphql::GraphqlConfig,
     pub default_page_size: usize,
 }
 
@@ -59,11 +51,11 @@ fn refuse(msg: impl Into<String>) -> Result<(), LimitError> {
 /// Checks the raw text: its size, how deep `{`, `[` and `(` nest, and
 /// how many aliases it has (strings, block strings and comments skipped).
 pub fn scan_text(query: &str, limits: &DocumentLimits) -> Result<(), LimitError> {
-    if query.len() > limits.max_query_bytes {
+    if query.len() > limits.graphql.max_query_bytes {
         return refuse(format!(
             "the query is {} bytes; at most {} are accepted",
             query.len(),
-            limits.max_query_bytes
+            limits.graphql.max_query_bytes
         ));
     }
     let b = query.as_bytes();
@@ -94,10 +86,10 @@ pub fn scan_text(query: &str, limits: &DocumentLimits) -> Result<(), LimitError>
             }
             b':' if parens == 0 => {
                 aliases += 1;
-                if aliases > limits.max_aliases {
+                if aliases > limits.graphql.max_aliases {
                     return refuse(format!(
                         "the query has more than {} aliases",
-                        limits.max_aliases
+                        limits.graphql.max_aliases
                     ));
                 }
             }
@@ -105,10 +97,10 @@ pub fn scan_text(query: &str, limits: &DocumentLimits) -> Result<(), LimitError>
                 parens += usize::from(b[i] == b'(');
                 depth += 1;
                 deepest = deepest.max(depth);
-                if deepest > limits.max_nesting {
+                if deepest > limits.graphql.max_nesting {
                     return refuse(format!(
                         "the query nests deeper than {} levels",
-                        limits.max_nesting
+                        limits.graphql.max_nesting
                     ));
                 }
             }
@@ -136,7 +128,7 @@ pub struct DocumentSize {
     pub reserved_rows: usize,
 }
 
-impl DocumentLimits {
+impl DocumentLimits<'_> {
     /// Checks a parsed document for the operation that will run.
     pub fn check(
         &self,
@@ -153,16 +145,16 @@ impl DocumentLimits {
         for set in sets {
             count_written(set, &mut size);
         }
-        if size.fragment_spreads > self.max_fragment_spreads {
+        if size.fragment_spreads > self.graphql.max_fragment_spreads {
             refuse(format!(
                 "the query spreads fragments {} times; at most {} are accepted",
-                size.fragment_spreads, self.max_fragment_spreads
+                size.fragment_spreads, self.graphql.max_fragment_spreads
             ))?;
         }
-        if size.aliases > self.max_aliases {
+        if size.aliases > self.graphql.max_aliases {
             refuse(format!(
                 "the query has {} aliases; at most {} are accepted",
-                size.aliases, self.max_aliases
+                size.aliases, self.graphql.max_aliases
             ))?;
         }
         // async-graphql checks every operation of the document before it
@@ -179,30 +171,30 @@ impl DocumentLimits {
         let mut expand = Expander {
             fragments: &doc.fragments,
             memo: HashMap::new(),
-            cap: self.max_fields,
+            cap: self.graphql.max_fields,
             depth: 0,
             max_depth: MAX_EXPANSION_DEPTH,
         };
         for (_, each) in doc.operations.iter() {
             let n = expand.set(&each.node.selection_set.node)?;
             size.fields = size.fields.saturating_add(n);
-            if size.fields > self.max_fields {
+            if size.fields > self.graphql.max_fields {
                 break;
             }
         }
-        if size.fields > self.max_fields {
+        if size.fields > self.graphql.max_fields {
             refuse(format!(
                 "the query selects {} fields once its fragments are expanded; at most {} are accepted",
-                size.fields, self.max_fields
+                size.fields, self.graphql.max_fields
             ))?;
         }
         let mut roots = Vec::new();
         expand.roots(&op.selection_set.node, &mut roots);
         size.root_fields = roots.len();
-        if size.root_fields > self.max_root_fields {
+        if size.root_fields > self.graphql.max_root_fields {
             refuse(format!(
                 "the query has {} root fields; at most {} are accepted",
-                size.root_fields, self.max_root_fields
+                size.root_fields, self.graphql.max_root_fields
             ))?;
         }
         for f in roots {
@@ -210,10 +202,10 @@ impl DocumentLimits {
                 .reserved_rows
                 .saturating_add(self.root_rows(f, variables));
         }
-        if size.reserved_rows > self.max_rows {
+        if size.reserved_rows > self.graphql.max_rows {
             refuse(format!(
                 "the root fields ask for up to {} objects together; at most {} are answered per request (ask for fewer with first:)",
-                size.reserved_rows, self.max_rows
+                size.reserved_rows, self.graphql.max_rows
             ))?;
         }
         Ok(size)
@@ -374,21 +366,26 @@ impl<'a> Expander<'a> {
 mod tests {
     use super::*;
 
-    fn limits() -> DocumentLimits {
-        DocumentLimits {
-            max_query_bytes: 64 << 10,
+    /// Tighter than the defaults where a test needs a small document.
+    fn config() -> crate::graphql::GraphqlConfig {
+        crate::graphql::GraphqlConfig {
             max_nesting: 32,
             max_fragment_spreads: 100,
             max_aliases: 64,
-            max_root_fields: 16,
-            max_fields: 5_000,
-            max_rows: 100_000,
+            ..Default::default()
+        }
+    }
+
+    fn limits(g: &crate::graphql::GraphqlConfig) -> DocumentLimits<'_> {
+        DocumentLimits {
+            graphql: g,
             default_page_size: 250,
         }
     }
 
     fn check(q: &str) -> Result<DocumentSize, LimitError> {
-        let l = limits();
+        let g = config();
+        let l = limits(&g);
         scan_text(q, &l)?;
         let doc = async_graphql::parser::parse_query(q).map_err(|e| LimitError(e.to_string()))?;
         l.check(&doc, None, &Variables::default())
@@ -453,7 +450,8 @@ mod tests {
 
     #[test]
     fn every_operation_counts_and_the_one_to_run_must_exist() {
-        let l = limits();
+        let g = config();
+        let l = limits(&g);
         let bomb = chain(40);
         let parse = |q: &str| async_graphql::parser::parse_query(q).unwrap();
         // An operationName that names nothing: refused, not skipped.
@@ -490,8 +488,9 @@ mod tests {
             ));
         }
         q.push_str("fragment D100 on Patient { id }\n");
-        let mut l = limits();
-        l.max_fragment_spreads = 1_000;
+        let mut g = config();
+        g.max_fragment_spreads = 1_000;
+        let l = limits(&g);
         scan_text(&q, &l).unwrap();
         let doc = async_graphql::parser::parse_query(&q).unwrap();
         let e = l.check(&doc, None, &Variables::default()).unwrap_err();
@@ -509,7 +508,8 @@ mod tests {
         assert!(e.0.contains("110000"), "{e}");
         // Variables are resolved; a lookup reserves one row, a bare
         // connection the default page size.
-        let l = limits();
+        let g = config();
+        let l = limits(&g);
         let doc = async_graphql::parser::parse_query(
             "query($n: Int) { ObservationAll(first: $n) { nodes { id } } PatientAll { nodes { id } } patient(id: \"p\") { id } }",
         )
