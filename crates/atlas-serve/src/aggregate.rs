@@ -22,7 +22,8 @@ use atlas_objectset::{PropertyKind, Value};
 use atlas_ontology::ObjectType;
 use atlas_policy::{Action, Principal};
 
-use crate::query::{Narrow, Planner, bad, column, internal, snapshot, write_str, write_value};
+use crate::error::{bad, internal};
+use crate::query::{Narrow, Planner, column, snapshot, write_str, write_value};
 use crate::{ApiError, AppState};
 
 /// Groups returned at most; more is a 400 asking for a narrower grouping.
@@ -599,6 +600,6 @@ pub(crate) async fn aggregate(
     state.metrics.rows("aggregate", total as u64);
     // Groups and metrics hold no patient's rows as such: the record says
     // the patients are not counted (null), not that there were none.
-    crate::audit::note(|f| f.patients_unknown = true);
+    atlas_access::Egress::for_request().aggregates(total as u64);
     Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
 }

@@ -28,7 +28,6 @@
 //! Every answer that passes here carries `Cache-Control: no-store` and
 //! `X-Content-Type-Options: nosniff`.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -44,6 +43,11 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+
+pub use atlas_access::facts::{
+    Facts, LISTED_PATIENTS, SECRET_PARAMS, current, note, note_decision, note_patient, redact,
+    scoped,
+};
 
 use crate::{ApiError, AppState};
 
@@ -79,163 +83,6 @@ pub async fn open(lake: &atlas_lake::Lake) -> Result<AuditLog, String> {
         .flatten();
     let store = AuditStore::new(lake.object_store().clone(), &lake.path(""), local);
     AuditLog::open(store).await.map_err(|e| e.to_string())
-}
-
-/// What the handler learned while answering, for the record.
-#[derive(Debug, Default, Clone)]
-pub struct Facts {
-    pub subject: Option<String>,
-    pub issuer: Option<String>,
-    pub client: Option<String>,
-    pub purpose: Option<String>,
-    /// The token's `purpose_of_use` claim (`None`: no claim).
-    pub purpose_claim: Option<Vec<String>>,
-    /// The `X-Purpose-Of-Use` header as sent.
-    pub purpose_header: Option<String>,
-    /// The token's `patient` claim.
-    pub patient_binding: Option<String>,
-    pub scopes: Vec<String>,
-    pub roles: Vec<String>,
-    /// Why the request was refused, in full.
-    pub reason: Option<String>,
-    /// A read by key that found the row outside the principal's scope.
-    pub out_of_scope: bool,
-    /// The answer's patients are not counted (aggregates): the record
-    /// says `null`, not 0.
-    pub patients_unknown: bool,
-    pub resource_types: BTreeSet<String>,
-    pub rules: BTreeSet<String>,
-    pub denied: bool,
-    pub fields_removed: BTreeSet<String>,
-    pub rows: u64,
-    /// The patients whose rows the answer holds (up to `MAX_PATIENTS`).
-    pub patients: BTreeSet<String>,
-    /// More distinct patients than `MAX_PATIENTS` were answered.
-    pub patients_overflow: bool,
-    /// The server ended the request itself (deadline, shutdown): why.
-    pub cut: Option<&'static str>,
-}
-
-/// Distinct patients remembered per request; beyond, the record says "at
-/// least this many".
-const MAX_PATIENTS: usize = 100_000;
-
-/// Patient ids listed in a record; above this only the count is written.
-const LISTED_PATIENTS: usize = 20;
-
-/// A patient whose row is in the answer.
-pub fn note_patient(p: &str) {
-    note(|f| {
-        if f.patients.len() < MAX_PATIENTS {
-            if !f.patients.contains(p) {
-                f.patients.insert(p.to_owned());
-            }
-        } else if !f.patients.contains(p) {
-            f.patients_overflow = true;
-        }
-    });
-}
-
-/// The current request's facts, to carry into work it spawns (GraphQL's
-/// batched link loads run in tasks of their own).
-pub fn current() -> Option<Arc<Mutex<Facts>>> {
-    FACTS.try_with(|f| f.clone()).ok()
-}
-
-/// Runs `fut` with `facts` as the current request's facts.
-pub async fn scoped<F: std::future::Future>(facts: Option<Arc<Mutex<Facts>>>, fut: F) -> F::Output {
-    match facts {
-        Some(f) => FACTS.scope(f, fut).await,
-        None => fut.await,
-    }
-}
-
-tokio::task_local! {
-    static FACTS: Arc<Mutex<Facts>>;
-}
-
-/// Adds to the current request's facts (nothing outside a request, e.g.
-/// in a streamed body's later polls).
-pub fn note(f: impl FnOnce(&mut Facts)) {
-    let _ = FACTS.try_with(|facts| {
-        if let Ok(mut g) = facts.lock() {
-            f(&mut g);
-        }
-    });
-}
-
-/// The decision for one resource type, noted.
-pub fn note_decision(resource_type: &str, d: &atlas_policy::Decision) {
-    note(|f| {
-        f.resource_types.insert(resource_type.to_owned());
-        match d {
-            atlas_policy::Decision::Allow(g) => {
-                f.rules.extend(g.rules.iter().cloned());
-                f.fields_removed
-                    .extend(g.hidden.iter().map(|h| format!("{resource_type}.{h}")));
-            }
-            atlas_policy::Decision::Deny(x) => {
-                f.denied = true;
-                f.rules.extend(x.rule.iter().cloned());
-                if f.reason.is_none() {
-                    f.reason = Some(redact(&x.to_string()));
-                }
-            }
-        }
-    });
-}
-
-/// Query parameters whose values are credentials, never recorded.
-const SECRET_PARAMS: &[&str] = &[
-    "access_token",
-    "id_token",
-    "refresh_token",
-    "authorization",
-    "client_secret",
-    "password",
-    "api_key",
-    "apikey",
-];
-
-/// `text` with every JWT-shaped run (`eyJ…` base64url, a dot, more
-/// base64url: a JWS or JWE, signed or not) replaced by `[redacted]`.
-pub fn redact(text: &str) -> String {
-    let b = text.as_bytes();
-    let is_b64 = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
-    let mut out = String::with_capacity(text.len());
-    let mut i = 0;
-    let mut copied = 0;
-    while let Some(at) = text[i..].find("eyJ").map(|k| i + k) {
-        // A token starts at a boundary, not inside a longer word.
-        if at > 0 && is_b64(b[at - 1]) {
-            i = at + 3;
-            continue;
-        }
-        let mut j = at;
-        let mut segments = 0;
-        loop {
-            let start = j;
-            while j < b.len() && is_b64(b[j]) {
-                j += 1;
-            }
-            if j > start {
-                segments += 1;
-            }
-            if j < b.len() && b[j] == b'.' && segments > 0 {
-                j += 1;
-            } else {
-                break;
-            }
-        }
-        if segments >= 2 {
-            out.push_str(&text[copied..at]);
-            out.push_str("[redacted]");
-            copied = j;
-        }
-        i = j.max(at + 3);
-    }
-    out.push_str(&text[copied..]);
-    out
 }
 
 /// The path and query parameters, sorted, so equal requests normalise
@@ -419,7 +266,7 @@ async fn audited(state: AppState, req: Request, next: Next) -> Response {
                 query.push_str(&digest);
             }
             let req = Request::from_parts(parts, axum::body::Body::from(bytes));
-            let run = FACTS.scope(facts.clone(), next.run(req));
+            let run = atlas_access::facts::scoped(Some(facts.clone()), next.run(req));
             let mut run = std::pin::pin!(run);
             let after = std::time::Duration::from_millis(state.config.audit.start_record_after_ms);
             // The "started" record, built when first polled: after the
@@ -593,7 +440,7 @@ impl Stream for StreamAudit {
             }
             let facts = this.facts.clone();
             let inner = &mut this.inner;
-            let next = FACTS.sync_scope(facts, || Pin::new(inner).poll_next(cx));
+            let next = atlas_access::facts::sync_scoped(facts, || Pin::new(inner).poll_next(cx));
             match next {
                 Poll::Ready(None) => match this.completion("stream complete") {
                     Some(entry) => {

@@ -5,19 +5,29 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-/// An error response.
+pub use atlas_access::AccessError;
+
+/// An error response: the seam's [`AccessError`] with its HTTP body.
 #[derive(Debug, Clone)]
-pub struct ApiError {
-    pub status: StatusCode,
-    /// A stable name for clients to match (`ObjectTypeNotFound`, ...).
-    pub name: &'static str,
-    /// The request parameter or body field at fault.
-    pub parameter: String,
-    /// The offending value, as received.
-    pub value: String,
-    pub message: String,
-    /// The `WWW-Authenticate` challenge of a 401.
-    pub challenge: Option<String>,
+pub struct ApiError(pub AccessError);
+
+impl std::ops::Deref for ApiError {
+    type Target = AccessError;
+    fn deref(&self) -> &AccessError {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ApiError {
+    fn deref_mut(&mut self) -> &mut AccessError {
+        &mut self.0
+    }
+}
+
+impl From<AccessError> for ApiError {
+    fn from(e: AccessError) -> ApiError {
+        ApiError(e)
+    }
 }
 
 /// The error name, left on the response for the metrics layer.
@@ -32,14 +42,7 @@ impl ApiError {
         value: impl Into<String>,
         message: impl Into<String>,
     ) -> ApiError {
-        ApiError {
-            status,
-            name,
-            parameter: parameter.into(),
-            value: value.into(),
-            message: message.into(),
-            challenge: None,
-        }
+        ApiError(AccessError::new(status, name, parameter, value, message))
     }
 
     pub fn not_found(
@@ -47,33 +50,22 @@ impl ApiError {
         value: impl Into<String>,
         message: impl Into<String>,
     ) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "NotFound", parameter, value, message)
-    }
-
-    fn code(&self) -> &'static str {
-        match self.status {
-            StatusCode::NOT_FOUND => "NOT_FOUND",
-            StatusCode::UNAUTHORIZED => "UNAUTHORIZED",
-            StatusCode::FORBIDDEN => "PERMISSION_DENIED",
-            StatusCode::METHOD_NOT_ALLOWED => "METHOD_NOT_ALLOWED",
-            StatusCode::SERVICE_UNAVAILABLE => "UNAVAILABLE",
-            s if s.is_server_error() => "INTERNAL",
-            _ => "INVALID_ARGUMENT",
-        }
+        ApiError(AccessError::not_found(parameter, value, message))
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let challenge = self.challenge.clone();
+        let e = self.0;
         let body = serde_json::json!({
-            "errorCode": self.code(),
-            "errorName": self.name,
-            "message": self.message,
-            "parameters": { self.parameter.clone(): self.value },
+            "errorCode": e.code(),
+            "errorName": e.name,
+            "message": e.message,
+            "parameters": { e.parameter.clone(): e.value },
         });
-        let mut response = (self.status, axum::Json(body)).into_response();
-        response.extensions_mut().insert(ErrorKind(self.name));
+        let mut response = (e.status, axum::Json(body)).into_response();
+        response.extensions_mut().insert(ErrorKind(e.name));
         add_challenge(challenge.as_deref(), &mut response);
         response
     }
@@ -88,4 +80,19 @@ pub(crate) fn add_challenge(challenge: Option<&str>, response: &mut Response) {
             .headers_mut()
             .insert(axum::http::header::WWW_AUTHENTICATE, v);
     }
+}
+
+/// A 400 naming the parameter and value.
+pub(crate) fn bad(name: &'static str, parameter: &str, value: &str, message: String) -> ApiError {
+    ApiError(AccessError::bad(name, parameter, value, message))
+}
+
+/// A 500 saying what failed.
+pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError(AccessError::internal(e))
+}
+
+/// A de-identifying grant's refusal (see `atlas_access::deid::refused`).
+pub(crate) fn refused(parameter: &str, value: &str, why: &str) -> ApiError {
+    ApiError(atlas_access::deid::refused(parameter, value, why))
 }

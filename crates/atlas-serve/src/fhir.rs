@@ -33,13 +33,14 @@ use utoipa_axum::routes;
 use atlas_ontology::ObjectType;
 use atlas_policy::{Action, Decision, Grant, Principal, RowScope};
 
-use crate::query::{
-    Planner, Providers, after_expr, allowed_rows, column, internal, key_json, write_str,
-};
+use crate::error::internal;
+use crate::query::{Planner, Providers, after_expr, allowed_rows, column, key_json, write_str};
 use crate::token::digest;
 use crate::{ApiError, AppState};
+use atlas_access::Egress;
+use atlas_access::egress::ResourceRelease;
 
-pub(crate) const STORE_DIR: &str = "tables/resources";
+use atlas_access::tables::STORE_DIR;
 const STORE: &str = "resources";
 const DEFAULT_COUNT: usize = 50;
 
@@ -53,6 +54,12 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
 
 /// An error as a FHIR OperationOutcome.
 pub(crate) struct Outcome(ApiError);
+
+impl From<atlas_access::AccessError> for Outcome {
+    fn from(e: atlas_access::AccessError) -> Self {
+        Outcome(ApiError(e))
+    }
+}
 
 impl From<ApiError> for Outcome {
     fn from(e: ApiError) -> Self {
@@ -164,61 +171,6 @@ fn scope_rows(b: LogicalPlanBuilder, scope: &RowScope) -> Result<LogicalPlanBuil
         Ok(Some(p)) => b.filter(p).map_err(internal),
         Err(e) => Err(internal(e)),
     }
-}
-
-/// Per resource type, what leaves differently from the stored JSON: hidden
-/// elements removed, and, for a de-identifying grant, the resource
-/// de-identified. Types with neither go out byte for byte.
-#[derive(Default, Clone)]
-struct Redactor(HashMap<String, (Grant, Option<std::sync::Arc<atlas_deid::Deidentifier>>)>);
-
-impl Redactor {
-    fn add(
-        &mut self,
-        state: &AppState,
-        resource_type: &str,
-        grant: &Grant,
-    ) -> Result<(), ApiError> {
-        let engine = match &grant.deid {
-            Some(spec) => Some(state.deid.get(spec)?),
-            None => None,
-        };
-        if !grant.hidden.is_empty() || engine.is_some() {
-            self.0
-                .insert(resource_type.to_owned(), (grant.clone(), engine));
-        }
-        Ok(())
-    }
-
-    /// The JSON to send, and the id it goes out under (hashed when de-identified).
-    fn apply<'a>(
-        &self,
-        resource_type: &str,
-        id: &'a str,
-        json: &'a str,
-        patient: Option<&str>,
-    ) -> (std::borrow::Cow<'a, str>, Option<std::borrow::Cow<'a, str>>) {
-        use std::borrow::Cow;
-        let Some((grant, engine)) = self.0.get(resource_type) else {
-            return (Cow::Borrowed(json), Some(Cow::Borrowed(id)));
-        };
-        let base = match crate::policy::strip_resource(json, grant) {
-            Some(s) => Cow::Owned(s),
-            None => Cow::Borrowed(json),
-        };
-        match engine {
-            Some(e) => {
-                let (out, new_id) = crate::deid::apply(e, resource_type, &base, patient);
-                (Cow::Owned(out), new_id.map(Cow::Owned))
-            }
-            None => (base, Some(Cow::Borrowed(id))),
-        }
-    }
-}
-
-/// The resource store's current Delta version.
-pub(crate) async fn store_version(tables: &crate::Tables) -> Result<u64, ApiError> {
-    tables.latest_version(STORE_DIR).await
 }
 
 /// The store at the pinned or latest version, plus every view a search may
@@ -632,7 +584,7 @@ async fn stream_search(
     s: &Search,
     filtered: LogicalPlanBuilder,
     keys: &[(String, bool, DataType)],
-    redactor: Redactor,
+    redactor: ResourceRelease,
 ) -> Result<Response, ApiError> {
     for (given, name) in [
         (s.page_token.is_some(), "_page_token"),
@@ -672,10 +624,10 @@ async fn stream_search(
         let Some(b) = batch else {
             return Ok(bytes::Bytes::new());
         };
-        let res = utf8(b.column(0)).map_err(|e| std::io::Error::other(e.message))?;
-        let types = utf8(b.column(1)).map_err(|e| std::io::Error::other(e.message))?;
-        let ids = utf8(b.column(2)).map_err(|e| std::io::Error::other(e.message))?;
-        let patients = utf8(b.column(3)).map_err(|e| std::io::Error::other(e.message))?;
+        let res = utf8(b.column(0)).map_err(|e| std::io::Error::other(e.message.clone()))?;
+        let types = utf8(b.column(1)).map_err(|e| std::io::Error::other(e.message.clone()))?;
+        let ids = utf8(b.column(2)).map_err(|e| std::io::Error::other(e.message.clone()))?;
+        let patients = utf8(b.column(3)).map_err(|e| std::io::Error::other(e.message.clone()))?;
         let mut out = Vec::with_capacity(b.num_rows() * 1024);
         let mut n = 0u64;
         for row in 0..b.num_rows() {
@@ -683,11 +635,8 @@ async fn stream_search(
                 let t = text(&types, row).unwrap_or_default();
                 let id = text(&ids, row).unwrap_or_default();
                 let patient = text(&patients, row);
-                if let Some(p) = patient {
-                    crate::audit::note_patient(p);
-                }
-                let (json, _) = redactor.apply(t, id, r, patient);
-                out.extend_from_slice(json.as_bytes());
+                let released = redactor.release(t, id, r, patient);
+                out.extend_from_slice(released.json.as_bytes());
                 out.push(b'\n');
                 n += 1;
             }
@@ -774,26 +723,26 @@ async fn run_search(
     let (versions, providers) = open(state, token.as_ref().map(|t| &t.t), &views).await?;
 
     let mut date_type = DataType::Utf8;
-    let mut redactor = Redactor::default();
+    let mut redactor = Egress::for_request().resources();
     let filtered = match &s.everything {
         None => {
             let (b, grant) =
                 scoped_store(state, who, &s.resource_type, Action::Search, &providers)?;
-            redactor.add(state, &s.resource_type, &grant)?;
+            redactor.admit(state, &s.resource_type, &grant)?;
             if grant.deid.is_some() {
                 if let Some((k, v)) = s
                     .filters
                     .iter()
                     .find(|(k, _)| !crate::deid::ALLOWED_PARAMS.contains(&k.as_str()))
                 {
-                    return Err(crate::deid::refused(
+                    return Err(crate::error::refused(
                         k,
                         v,
                         "this parameter compares identified values (ids, dates); use code or status",
                     ));
                 }
                 if let Some((c, _)) = s.sort.first() {
-                    return Err(crate::deid::refused(
+                    return Err(crate::error::refused(
                         "_sort",
                         c,
                         "sorting by identified values reveals their order",
@@ -888,16 +837,14 @@ async fn run_search(
                 more = true;
                 break 'outer;
             }
-            if let Some(p) = text(patients, row) {
-                crate::audit::note_patient(p);
-            }
             let (Some(t), Some(i), Some(r)) = (text(ty, row), text(id, row), text(res, row)) else {
                 continue;
             };
             if n > 0 {
                 entries.push(b',');
             }
-            let (json, out_id) = redactor.apply(t, i, r, text(patients, row));
+            let released = redactor.release(t, i, r, text(patients, row));
+            let (json, out_id) = (released.json, released.id);
             entries.push(b'{');
             if let Some(out_id) = out_id {
                 entries.extend_from_slice(b"\"fullUrl\":");
@@ -975,12 +922,12 @@ async fn everything_plan(
     s: &Search,
     patient: &str,
     providers: &Providers,
-    redactor: &mut Redactor,
+    redactor: &mut ResourceRelease,
 ) -> Result<LogicalPlanBuilder, ApiError> {
     // The patient must be visible to the caller, else it does not exist.
     let (visible, patient_grant) = scoped_store(state, who, "Patient", Action::Read, providers)?;
     if patient_grant.deid.is_some() {
-        return Err(crate::deid::refused(
+        return Err(crate::error::refused(
             "id",
             patient,
             "$everything takes a real patient id",
@@ -1072,7 +1019,7 @@ async fn everything_plan(
             if let Decision::Allow(grant) = state.decide(who, t, Action::Search)
                 && grant.rows.admits(Some(patient))
             {
-                redactor.add(state, t, &grant)?;
+                redactor.admit(state, t, &grant)?;
                 allowed.push(lit(t.to_owned()));
             }
         }
@@ -1201,14 +1148,11 @@ async fn read(
         return Err(not_found().into());
     };
     state.metrics.rows("fhirRead", 1);
-    if let Some(p) = text(&utf8(b.column(3))?, 0) {
-        crate::audit::note_patient(p);
-    }
-    let mut redactor = Redactor::default();
-    redactor.add(&state, &resource_type, &grant)?;
+    let mut redactor = Egress::for_request().resources();
+    redactor.admit(&state, &resource_type, &grant)?;
     let patient = text(&utf8(b.column(3))?, 0).map(str::to_owned);
-    let (json, _) = redactor.apply(&resource_type, &id, body, patient.as_deref());
-    let mut r = fhir_json(json.as_bytes().to_vec());
+    let released = redactor.release(&resource_type, &id, body, patient.as_deref());
+    let mut r = fhir_json(released.json.as_bytes().to_vec());
     if let Some(v) = text(b.column(2), 0)
         && let Ok(h) = format!("W/\"{v}\"").parse()
     {

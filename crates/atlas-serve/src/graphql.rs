@@ -38,8 +38,9 @@ use atlas_objectset::{Decoder, ObjectSet};
 use atlas_ontology::{Cardinality, Link, ObjectType, Ontology};
 use atlas_policy::{Action, Principal};
 
+use crate::error::{bad, internal};
 use crate::graphql_limits::{DocumentLimits, scan_text};
-use crate::query::{Narrow, PageRequest, Planner, Query, bad, column, internal, snapshot};
+use crate::query::{Narrow, PageRequest, Planner, Query, column, snapshot};
 use crate::{ApiError, AppState};
 
 /// `[graphql]` in `atlas.toml`.
@@ -122,7 +123,8 @@ impl RequestCtx {
     }
 }
 
-fn gql_error(e: ApiError) -> async_graphql::Error {
+fn gql_error(e: impl Into<ApiError>) -> async_graphql::Error {
+    let e: ApiError = e.into();
     async_graphql::Error::new(e.message.clone()).extend_with(|_, x| {
         x.set("errorName", e.name);
         x.set("parameter", e.parameter.clone());
@@ -732,24 +734,15 @@ impl LinkLoader {
         let plan = b.sort(sort).and_then(|b| b.build()).map_err(internal)?;
         let batches = state.tables.collect(plan).await?;
         let props = planner.output_properties(t, None)?;
+        let release = atlas_access::Egress::for_request().objects(t, &planner.scope(t)?, props)?;
         let mut out: HashMap<String, Vec<Map<String, Json>>> = HashMap::new();
         let mut buf = Vec::new();
         for batch in &batches {
-            let writer = crate::query::ObjectWriter::new(t, &props, &batch.schema(), &pk, &title);
+            let writer = release.batch(batch, &pk, &title);
             let Some(keycol) = batch.column_by_name(&target_col) else {
                 continue;
             };
-            let pcol = t
-                .patient_property
-                .as_deref()
-                .and_then(|p| t.property(p))
-                .and_then(|p| batch.column_by_name(&p.column))
-                .map(crate::fhir::utf8)
-                .transpose()?;
             for row in 0..batch.num_rows() {
-                if let Some(p) = pcol.as_ref().and_then(|c| crate::fhir::text(c, row)) {
-                    crate::audit::note_patient(p);
-                }
                 let mut k = Vec::new();
                 crate::query::write_value(&mut k, keycol.as_ref(), row);
                 let key = match serde_json::from_slice::<Json>(&k) {

@@ -20,7 +20,6 @@ mod aggregate;
 pub mod audit;
 pub mod auth;
 mod config;
-pub mod deid;
 mod error;
 mod fhir;
 pub mod graphql;
@@ -30,13 +29,8 @@ mod metrics;
 mod objects;
 mod ontology;
 mod openapi;
-pub mod policy;
-mod query;
-mod slice;
 mod stream;
-mod tables;
 mod tls;
-mod token;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,39 +43,45 @@ use axum::routing::get;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+pub use atlas_access::{
+    Access, LakeDirectory, PageTokens, PolicyConfig, PolicyHandle, Tables, read_policy,
+};
+/// The seam's modules under their old paths, for the binary and tests.
+pub use atlas_access::{deid, policy};
 pub use auth::{AuthConfig, Authenticator, DevIssuer, IssuerConfig, TokenRequest};
 pub use config::{ConfigError, ServeConfig};
 pub use error::ApiError;
 pub use metrics::Metrics;
-pub use policy::{LakeDirectory, PolicyConfig, PolicyHandle, read_policy};
-pub use tables::Tables;
 pub use tls::TlsConfig;
-pub use token::PageTokens;
 
 use atlas_lake::Lake;
+// The seam's modules, so handlers name them as before (`crate::query::…`).
+use atlas_access::{query, token};
 use atlas_ontology::Ontology;
 
-/// What every handler shares.
+/// What every handler shares: the access seam ([`Access`], reached
+/// through `Deref`) and what only the HTTP layer needs.
 #[derive(Clone)]
 pub struct AppState {
-    pub lake: Lake,
-    pub ontology: Arc<Ontology>,
+    /// The access seam: every data path decides, scans and answers
+    /// through it.
+    pub access: Access,
     pub config: Arc<ServeConfig>,
     pub metrics: Arc<Metrics>,
-    /// The access seam: every data path asks it (`AppState::decide`)
-    /// before reading.
-    pub policy: Arc<PolicyHandle>,
     pub auth: Arc<Authenticator>,
-    pub tables: Arc<Tables>,
-    pub page_tokens: Arc<PageTokens>,
     /// The GraphQL schema generated from the ontology.
     pub graphql: Arc<async_graphql::dynamic::Schema>,
     /// The audit trail every request is written to (`[audit] enabled`).
     pub audit: Option<Arc<atlas_audit::AuditLog>>,
-    /// De-identifiers for grants whose rule says `deid`.
-    pub deid: Arc<deid::Engines>,
     /// Deadlines, turns per principal and the shutdown cut (`[limits]`).
     pub limiter: Arc<limits::Limiter>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Access;
+    fn deref(&self) -> &Access {
+        &self.access
+    }
 }
 
 impl AppState {
@@ -95,7 +95,14 @@ impl AppState {
         let auth = Authenticator::from_config(&config.auth, &lake)
             .await
             .map_err(|e| e.to_string())?;
-        let page_tokens = PageTokens::open(&lake, config.page_token_ttl_secs).await?;
+        let key = auth::read_or_create(&lake, atlas_access::token::KEY_PATH, || {
+            let mut k = vec![0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut k)
+                .map_err(|e| e.to_string())?;
+            Ok(k)
+        })
+        .await?;
+        let page_tokens = PageTokens::with_key(&key, config.page_token_ttl_secs)?;
         let graphql = graphql::schema(&ontology, &config)?;
         let auth = Arc::new(auth);
         auth.spawn_refresh(&config.auth);
@@ -106,7 +113,7 @@ impl AppState {
             None
         };
         let policy = Arc::new(PolicyHandle::open(&config.policy, &tables).await?);
-        let deid = Arc::new(deid::Engines::new(
+        let deid = Arc::new(atlas_access::deid::Engines::new(
             &config.deid,
             config.policy.file.as_deref(),
         )?);
@@ -114,18 +121,26 @@ impl AppState {
             tables.clone(),
             std::time::Duration::from_secs(config.policy.refresh_secs),
         );
-        Ok(AppState {
-            graphql: Arc::new(graphql),
-            tables,
+        let metrics = Metrics::default();
+        let access = Access {
             lake,
             ontology: Arc::new(ontology),
-            config: Arc::new(config),
-            metrics: Arc::new(Metrics::default()),
+            tables,
             policy,
-            audit,
-            deid,
-            auth,
             page_tokens: Arc::new(page_tokens),
+            deid,
+            settings: atlas_access::AccessSettings {
+                slice_reads: config.slice_reads,
+            },
+            counters: metrics.seam.clone(),
+        };
+        Ok(AppState {
+            access,
+            graphql: Arc::new(graphql),
+            config: Arc::new(config),
+            metrics: Arc::new(metrics),
+            audit,
+            auth,
             limiter: Arc::new(limits::Limiter::default()),
         })
     }

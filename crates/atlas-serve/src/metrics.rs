@@ -28,6 +28,8 @@ struct Histogram {
 #[derive(Default)]
 pub struct Metrics {
     inner: Mutex<Inner>,
+    /// The access seam's counters (slice reads), shared with `Access`.
+    pub seam: std::sync::Arc<atlas_access::Counters>,
 }
 
 #[derive(Default)]
@@ -37,7 +39,6 @@ struct Inner {
     errors: BTreeMap<&'static str, u64>,
     rows: BTreeMap<String, u64>,
     link_queries: u64,
-    slice_reads: u64,
 }
 
 impl Metrics {
@@ -65,18 +66,11 @@ impl Metrics {
         }
     }
 
-    /// Records rows (objects) served by a route.
+    /// Records rows (objects) served by a route. (The audit record's
+    /// rows are counted by `Egress`, where they leave.)
     pub fn rows(&self, route: &str, n: u64) {
-        crate::audit::note(|f| f.rows += n);
         if let Ok(mut m) = self.inner.lock() {
             *m.rows.entry(route.to_owned()).or_default() += n;
-        }
-    }
-
-    /// One query answered from a one-patient slice read (no query plan).
-    pub fn slice_read(&self) {
-        if let Ok(mut m) = self.inner.lock() {
-            m.slice_reads += 1;
         }
     }
 
@@ -143,7 +137,13 @@ impl Metrics {
             "# HELP atlas_slice_reads_total Object-set queries answered from one patient's slice of a view (no query plan).\n",
         );
         out.push_str("# TYPE atlas_slice_reads_total counter\n");
-        let _ = writeln!(out, "atlas_slice_reads_total {}", m.slice_reads);
+        let _ = writeln!(
+            out,
+            "atlas_slice_reads_total {}",
+            self.seam
+                .slice_reads
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
         out.push_str("# HELP atlas_rows_served_total Objects or rows returned, by route.\n");
         out.push_str("# TYPE atlas_rows_served_total counter\n");
         for (route, n) in &m.rows {

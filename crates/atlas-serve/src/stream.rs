@@ -20,10 +20,12 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 
+use atlas_access::Egress;
 use atlas_ontology::{ObjectType, Property};
 use atlas_policy::Principal;
 
-use crate::query::{ObjectWriter, Planner, Query, column, internal, snapshot};
+use crate::error::internal;
+use crate::query::{ObjectWriter, Planner, Query, column, snapshot};
 use crate::{ApiError, AppState};
 
 /// An encoding of a streamed set.
@@ -51,7 +53,7 @@ impl Format {
                 "arrow" => Ok(Some(Format::Arrow)),
                 "parquet" => Ok(Some(Format::Parquet)),
                 "json" => Ok(None),
-                other => Err(crate::query::bad(
+                other => Err(crate::error::bad(
                     "InvalidParameter",
                     "format",
                     other,
@@ -117,12 +119,14 @@ pub(crate) async fn stream_objects(
         exprs.push(column(planner.key_column(&t, pp)?).alias(PATIENT));
     }
     let plan = b.project(exprs).and_then(|b| b.build()).map_err(internal)?;
+    let release = Egress::for_request().object_batches(&t, &planner.scope(&t)?, Some(PATIENT))?;
     let stream = state.tables.execute_stream(plan).await?;
-    let full = stream.schema();
-    let keep: Vec<usize> = (0..full.fields().len())
-        .filter(|&i| full.field(i).name() != PATIENT)
+    let schema = release.schema(stream.schema().as_ref())?;
+    // The properties written are the columns the egress lets out.
+    let props: Vec<Property> = props
+        .into_iter()
+        .filter(|p| schema.index_of(&p.api_name).is_ok())
         .collect();
-    let schema = Arc::new(full.project(&keep).map_err(internal)?);
     let metrics = state.metrics.clone();
     let rows_route = match format {
         Format::Ndjson => "stream.ndjson",
@@ -136,10 +140,7 @@ pub(crate) async fn stream_objects(
             batch.as_ref().map_or(0, |b| b.num_rows() as u64),
         );
         let batch = match batch {
-            Some(b) => {
-                note_patients(&b, PATIENT);
-                Some(b.project(&keep).map_err(std::io::Error::other)?)
-            }
+            Some(b) => Some(release.release(&b).map_err(std::io::Error::other)?),
             None => None,
         };
         encoder.encode(batch)
@@ -153,19 +154,6 @@ pub(crate) async fn stream_objects(
 
 /// The column alias carrying a streamed object's patient key.
 const PATIENT: &str = "__patient";
-
-/// Notes, for the audit record, the patients of column `col` of `b`.
-fn note_patients(b: &RecordBatch, col: &str) {
-    let Some(a) = b.column_by_name(col) else {
-        return;
-    };
-    let Ok(a) = crate::fhir::utf8(a) else { return };
-    for row in 0..b.num_rows() {
-        if let Some(p) = crate::fhir::text(a.as_ref(), row) {
-            crate::audit::note_patient(p);
-        }
-    }
-}
 
 /// Maps each batch (then one final `None`) to bytes, lazily.
 pub(crate) fn async_stream(
@@ -448,7 +436,7 @@ pub(crate) async fn view_rows(
     }
     if let Some(pid) = p.get("patientId") {
         let Some(pc) = &patient_col else {
-            return Err(crate::query::bad(
+            return Err(crate::error::bad(
                 "InvalidParameter",
                 "patientId",
                 pid,
@@ -463,23 +451,18 @@ pub(crate) async fn view_rows(
             )
             .map_err(internal)?;
     }
-    // Columns reading hidden elements are left out (the key and patient
-    // columns cannot be hidden: the policy refuses such rules).
-    let hidden =
-        crate::policy::hidden_columns(&crate::policy::column_elements(&entry.definition), &grant);
-    if !hidden.is_empty() {
-        let keep: Vec<datafusion::logical_expr::Expr> = b
-            .schema()
-            .fields()
-            .iter()
-            .filter(|f| !hidden.contains(f.name()))
-            .map(|f| column(f.name()))
-            .collect();
-        b = b.project(keep).map_err(internal)?;
-    }
+    // Columns reading hidden elements are left out where rows leave (the
+    // key and patient columns cannot be hidden: the policy refuses such
+    // rules).
+    let release = Egress::for_request().view_batches(
+        &view,
+        &entry.definition,
+        &grant,
+        patient_col.as_deref(),
+    )?;
     let plan = b.build().map_err(internal)?;
     let stream = state.tables.execute_stream(plan).await?;
-    let schema = stream.schema();
+    let schema = release.schema(stream.schema().as_ref())?;
     let metrics = state.metrics.clone();
     let mut encoder = Encoder::columnar(format, schema.as_ref())?;
     let body = async_stream(stream, move |batch| {
@@ -487,9 +470,10 @@ pub(crate) async fn view_rows(
             "view.rows",
             batch.as_ref().map_or(0, |b| b.num_rows() as u64),
         );
-        if let (Some(b), Some(c)) = (&batch, &patient_col) {
-            note_patients(b, c);
-        }
+        let batch = match batch {
+            Some(b) => Some(release.release(&b).map_err(std::io::Error::other)?),
+            None => None,
+        };
         encoder.encode(batch)
     });
     Ok((

@@ -688,7 +688,7 @@ async fn bad_requests_and_bad_tokens_are_4xx_naming_the_field() {
     // The client is told the token was refused; the reason goes to the
     // log and the audit record.
     assert_eq!(e["message"], "the bearer token was not accepted", "{e}");
-    let why = f.state.auth.verify(&forged).unwrap_err().message;
+    let why = f.state.auth.verify(&forged).unwrap_err().message.clone();
     assert!(why.contains("signature"), "{why}");
     let expired = f
         .issuer
@@ -708,7 +708,7 @@ async fn bad_requests_and_bad_tokens_are_4xx_naming_the_field() {
     let (s, e) = f.call("POST", LOAD, Some(&foreign), Some(&base)).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(e["message"], "the bearer token was not accepted", "{e}");
-    let why = f.state.auth.verify(&foreign).unwrap_err().message;
+    let why = f.state.auth.verify(&foreign).unwrap_err().message.clone();
     assert!(why.contains("not trusted"), "{why}");
 }
 

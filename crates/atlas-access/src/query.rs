@@ -16,25 +16,26 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Decimal128Type, Int64Type, Schema};
-use axum::http::StatusCode;
 use datafusion::catalog::TableProvider;
 use datafusion::common::{Column, ScalarValue};
 use datafusion::dataframe::DataFrame;
 use datafusion::datasource::provider_as_source;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, in_subquery, lit};
+use http::StatusCode;
 use serde_json::{Value as Json, json};
 
 use atlas_objectset::{CompareOp, ObjectSet, Value, Where};
 use atlas_ontology::{ObjectType, Ontology};
 use atlas_policy::{Action, Decision, Grant, Principal, RowScope};
 
+use crate::Egress;
 use crate::token::digest;
-use crate::{ApiError, AppState};
+use crate::{Access, AccessError};
 
 /// Narrowing parameters (`patientId`, `dateFrom`, `dateTo`), applied to the
 /// set before paging.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Narrow {
+pub struct Narrow {
     pub patient: Option<String>,
     /// `YYYY`, `YYYY-MM` or `YYYY-MM-DD`, inclusive.
     pub date_from: Option<String>,
@@ -42,14 +43,14 @@ pub(crate) struct Narrow {
 }
 
 #[derive(Debug, Clone)]
-pub(crate) struct OrderField {
+pub struct OrderField {
     pub property: String,
     pub ascending: bool,
 }
 
 /// A query over an object set, checked against the ontology.
 #[derive(Debug, Clone)]
-pub(crate) struct Query {
+pub struct Query {
     pub set: ObjectSet,
     pub order: Vec<OrderField>,
     /// Properties to return (`None`: all).
@@ -60,14 +61,14 @@ pub(crate) struct Query {
 
 /// Which page to return.
 #[derive(Debug, Clone)]
-pub(crate) struct PageRequest {
+pub struct PageRequest {
     pub size: usize,
     pub token: Option<String>,
     pub total: bool,
 }
 
 /// One page of objects, already as JSON text.
-pub(crate) struct Page {
+pub struct Page {
     /// `[{...},{...}]`
     pub data: Vec<u8>,
     pub rows: usize,
@@ -92,8 +93,8 @@ impl Query {
     }
 }
 
-pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(
+pub fn internal(e: impl std::fmt::Display) -> AccessError {
+    AccessError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         "InternalError",
         "query",
@@ -102,17 +103,17 @@ pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
     )
 }
 
-pub(crate) fn bad(name: &'static str, parameter: &str, value: &str, message: String) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, name, parameter, value, message)
+pub fn bad(name: &'static str, parameter: &str, value: &str, message: String) -> AccessError {
+    AccessError::new(StatusCode::BAD_REQUEST, name, parameter, value, message)
 }
 
-pub(crate) fn column(name: &str) -> Expr {
+pub fn column(name: &str) -> Expr {
     Expr::Column(Column::new_unqualified(name))
 }
 
 /// The FHIR resource type behind an object type (the backing view's
 /// `resource`), which is what scopes and policies name.
-pub(crate) fn resource_type(t: &ObjectType) -> String {
+pub fn resource_type(t: &ObjectType) -> String {
     atlas_ontology::builtin_view(&t.backing_view)
         .and_then(|v| {
             v.json_value()
@@ -138,13 +139,13 @@ fn types_of(set: &ObjectSet, out: &mut BTreeSet<String>) {
 /// `resource_type` (rows, hidden fields), or a 403 naming `at` (the
 /// parameter and value the request used for the type) with the engine's
 /// reason.
-pub(crate) fn allowed_rows(
-    state: &AppState,
+pub fn allowed_rows(
+    state: &Access,
     who: &Principal,
     resource_type: &str,
     action: Action,
     at: (&str, &str),
-) -> Result<Grant, ApiError> {
+) -> Result<Grant, AccessError> {
     let grant = allowed_resources(state, who, resource_type, action, at)?;
     if grant.deid.is_some() {
         // Rows carry identified columns (names, dates, ids): a grant that
@@ -161,21 +162,21 @@ pub(crate) fn allowed_rows(
 /// [`allowed_rows`] for the paths that send whole FHIR resources through
 /// the de-identifier (FHIR search and its NDJSON stream): de-identifying
 /// grants pass.
-pub(crate) fn allowed_resources(
-    state: &AppState,
+pub fn allowed_resources(
+    state: &Access,
     who: &Principal,
     resource_type: &str,
     action: Action,
     at: (&str, &str),
-) -> Result<Grant, ApiError> {
+) -> Result<Grant, AccessError> {
     match state.decide(who, resource_type, action) {
         Decision::Allow(grant) => Ok(grant),
         // The client learns that it was refused, not which rule refused it
         // or what would pass: the reason goes to the log and the audit
         // record (noted by `decide`); `atlas policy explain` explains.
         Decision::Deny(d) => {
-            tracing::info!(reason = %crate::audit::redact(&d.to_string()), "request refused: 403");
-            Err(ApiError::new(
+            tracing::info!(reason = %crate::facts::redact(&d.to_string()), "request refused: 403");
+            Err(AccessError::new(
                 StatusCode::FORBIDDEN,
                 "PermissionDenied",
                 at.0,
@@ -188,7 +189,7 @@ pub(crate) fn allowed_resources(
 
 /// The rows of a patient-bound scope: `col` (a patient key column) is one
 /// of `patients`.
-pub(crate) fn in_patients(col: &str, patients: &[String]) -> Expr {
+pub fn in_patients(col: &str, patients: &[String]) -> Expr {
     if patients.is_empty() {
         return lit(false);
     }
@@ -201,7 +202,7 @@ pub(crate) fn in_patients(col: &str, patients: &[String]) -> Expr {
 /// when the table has none): every path turns a [`RowScope`] into a filter
 /// here (object sets, FHIR, view streams). `Ok(None)`: every row. `Err`
 /// carries the patients of a scope the table cannot honour.
-pub(crate) fn scope_predicate(col: Option<&str>, scope: &RowScope) -> Result<Option<Expr>, String> {
+pub fn scope_predicate(col: Option<&str>, scope: &RowScope) -> Result<Option<Expr>, String> {
     match (scope, col) {
         (RowScope::All, _) => Ok(None),
         (RowScope::Patients(ps), Some(c)) => Ok(Some(in_patients(c, ps))),
@@ -221,8 +222,8 @@ pub(crate) fn scope_predicate(col: Option<&str>, scope: &RowScope) -> Result<Opt
 }
 
 /// Builds the plan of one query; every scan goes through the policy.
-pub(crate) struct Planner<'a> {
-    pub state: &'a AppState,
+pub struct Planner<'a> {
+    pub state: &'a Access,
     pub who: &'a Principal,
     pub action: Action,
     pub providers: &'a Providers,
@@ -236,7 +237,7 @@ pub(crate) struct Planner<'a> {
 
 impl<'a> Planner<'a> {
     pub fn new(
-        state: &'a AppState,
+        state: &'a Access,
         who: &'a Principal,
         action: Action,
         providers: &'a Providers,
@@ -264,11 +265,11 @@ impl<'a> Planner<'a> {
         &self.state.ontology
     }
 
-    fn object_type(&self, name: &str) -> Result<&'a ObjectType, ApiError> {
-        crate::ontology::object_type(&self.state.ontology, name)
+    fn object_type(&self, name: &str) -> Result<&'a ObjectType, AccessError> {
+        crate::object_type(&self.state.ontology, name)
     }
 
-    fn provider(&self, t: &ObjectType) -> Result<&'a Arc<dyn TableProvider>, ApiError> {
+    fn provider(&self, t: &ObjectType) -> Result<&'a Arc<dyn TableProvider>, AccessError> {
         self.providers
             .get(&t.backing_view)
             .ok_or_else(|| internal(format!("view {} was not opened", t.backing_view)))
@@ -276,7 +277,7 @@ impl<'a> Planner<'a> {
 
     /// The `PolicyEngine`'s decision for this principal on `t`: its grant
     /// (rows, hidden fields), or a 403. Asked once per type per request.
-    pub fn scope(&self, t: &ObjectType) -> Result<Grant, ApiError> {
+    pub fn scope(&self, t: &ObjectType) -> Result<Grant, AccessError> {
         if let Ok(g) = self.grants.lock()
             && let Some(x) = g.get(&t.api_name)
         {
@@ -301,14 +302,14 @@ impl<'a> Planner<'a> {
     }
 
     /// The properties of `t` this principal's grant hides.
-    pub fn hidden(&self, t: &ObjectType) -> Result<BTreeSet<String>, ApiError> {
+    pub fn hidden(&self, t: &ObjectType) -> Result<BTreeSet<String>, AccessError> {
         Ok(crate::policy::hidden_properties(t, &self.scope(t)?))
     }
 
     /// The object type's rows this principal may read, as a predicate over
     /// the type's columns: the access seam. `scan` applies it to the scan;
     /// the one-patient slice path evaluates the same predicate.
-    pub fn scope_expr(&self, t: &ObjectType) -> Result<Expr, ApiError> {
+    pub fn scope_expr(&self, t: &ObjectType) -> Result<Expr, AccessError> {
         let grant = self.scope(t)?;
         let pcol = t
             .patient_property
@@ -318,7 +319,7 @@ impl<'a> Planner<'a> {
         match scope_predicate(pcol, &grant.rows) {
             Ok(None) => Ok(lit(true)),
             Ok(Some(e)) => Ok(e),
-            Err(patients) => Err(ApiError::new(
+            Err(patients) => Err(AccessError::new(
                 StatusCode::FORBIDDEN,
                 "PermissionDenied",
                 "objectType",
@@ -332,7 +333,7 @@ impl<'a> Planner<'a> {
     }
 
     /// The object type's rows this principal may read: the access seam.
-    pub fn scan(&mut self, t: &ObjectType) -> Result<LogicalPlanBuilder, ApiError> {
+    pub fn scan(&mut self, t: &ObjectType) -> Result<LogicalPlanBuilder, AccessError> {
         let scope = self.scope_expr(t)?;
         self.aliases += 1;
         let alias = format!("{}_{}", t.backing_view, self.aliases);
@@ -346,7 +347,7 @@ impl<'a> Planner<'a> {
     }
 
     /// The set's objects: the scoped scan of its type, filtered by the set.
-    pub fn set_plan(&mut self, set: &ObjectSet) -> Result<LogicalPlanBuilder, ApiError> {
+    pub fn set_plan(&mut self, set: &ObjectSet) -> Result<LogicalPlanBuilder, AccessError> {
         let t = self.object_type(set.object_type())?;
         let scan = self.scan(t)?;
         let pred = self.predicate(set, t)?;
@@ -354,7 +355,7 @@ impl<'a> Planner<'a> {
     }
 
     /// A two-valued predicate over `t`'s columns selecting the set's objects.
-    pub fn predicate(&mut self, set: &ObjectSet, t: &ObjectType) -> Result<Expr, ApiError> {
+    pub fn predicate(&mut self, set: &ObjectSet, t: &ObjectType) -> Result<Expr, AccessError> {
         Ok(match set {
             ObjectSet::Base { .. } | ObjectSet::Reference { .. } => lit(true),
             ObjectSet::Static { primary_keys, .. } => {
@@ -416,7 +417,7 @@ impl<'a> Planner<'a> {
         &self,
         source: &'a ObjectType,
         link: &str,
-    ) -> Result<(&'a str, &'a str), ApiError> {
+    ) -> Result<(&'a str, &'a str), AccessError> {
         let o = self.ontology();
         if let Some(l) = o.links_from(&source.api_name).find(|l| l.api_name == link) {
             return Ok((&l.from_property, &l.to_property));
@@ -437,12 +438,16 @@ impl<'a> Planner<'a> {
 
     /// The column of a property a request names (in a filter, sort,
     /// selection, narrowing or link): refused when the grant hides it.
-    pub fn property_column(&self, t: &'a ObjectType, property: &str) -> Result<&'a str, ApiError> {
+    pub fn property_column(
+        &self,
+        t: &'a ObjectType,
+        property: &str,
+    ) -> Result<&'a str, AccessError> {
         let grant = self.scope(t)?;
         if !grant.hidden.is_empty()
             && crate::policy::hidden_properties(t, &grant).contains(property)
         {
-            return Err(ApiError::new(
+            return Err(AccessError::new(
                 StatusCode::FORBIDDEN,
                 "PropertyHidden",
                 "property",
@@ -451,7 +456,7 @@ impl<'a> Planner<'a> {
                 // the audit and the log have the list, the caller does not.
                 {
                     let hidden = grant.hidden.join(", ");
-                    crate::audit::note(|f| {
+                    crate::facts::note(|f| {
                         f.reason = Some(format!("hidden elements: {hidden}"));
                     });
                     format!(
@@ -465,12 +470,12 @@ impl<'a> Planner<'a> {
     }
 
     /// The properties a response carries: the selection (each checked
-    /// like a filter's field) or every property the grant does not hide.
+    /// like a filter's field) or every property (see `Egress::objects`).
     pub fn output_properties(
         &self,
         t: &'a ObjectType,
         select: Option<&[String]>,
-    ) -> Result<Vec<&'a atlas_ontology::Property>, ApiError> {
+    ) -> Result<Vec<&'a atlas_ontology::Property>, AccessError> {
         match select {
             Some(sel) => {
                 let mut out = Vec::with_capacity(sel.len());
@@ -480,19 +485,18 @@ impl<'a> Planner<'a> {
                 }
                 Ok(out)
             }
+            // Every property: what the grant hides is removed where the
+            // answer leaves (`Egress`), the one place that does it.
             None => {
-                let hidden = self.hidden(t)?;
-                Ok(t.properties
-                    .iter()
-                    .filter(|p| !hidden.contains(&p.api_name))
-                    .collect())
+                self.scope(t)?;
+                Ok(t.properties.iter().collect())
             }
         }
     }
 
     /// The time property's column for a default ordering, unless the grant
     /// hides it (then the order must not depend on it).
-    pub fn time_sort_column(&self, t: &'a ObjectType) -> Result<Option<&'a str>, ApiError> {
+    pub fn time_sort_column(&self, t: &'a ObjectType) -> Result<Option<&'a str>, AccessError> {
         match t.time_property.as_deref() {
             Some(tp) if !self.hidden(t)?.contains(tp) => Ok(Some(self.key_column(t, tp)?)),
             _ => Ok(None),
@@ -501,7 +505,7 @@ impl<'a> Planner<'a> {
 
     /// The column shown as an object's title: the title property, or the
     /// primary key when the grant hides the title.
-    pub fn title_column(&self, t: &'a ObjectType) -> Result<&'a str, ApiError> {
+    pub fn title_column(&self, t: &'a ObjectType) -> Result<&'a str, AccessError> {
         if self.hidden(t)?.contains(&t.title_property) {
             self.key_column(t, &t.primary_key)
         } else {
@@ -511,7 +515,7 @@ impl<'a> Planner<'a> {
 
     /// The column of a property the server itself uses (primary key,
     /// title, patient key): not subject to hiding.
-    pub fn key_column(&self, t: &'a ObjectType, property: &str) -> Result<&'a str, ApiError> {
+    pub fn key_column(&self, t: &'a ObjectType, property: &str) -> Result<&'a str, AccessError> {
         t.property(property)
             .map(|p| p.column.as_str())
             .ok_or_else(|| {
@@ -524,7 +528,7 @@ impl<'a> Planner<'a> {
             })
     }
 
-    pub fn column_type(&self, t: &ObjectType, col: &str) -> Result<DataType, ApiError> {
+    pub fn column_type(&self, t: &ObjectType, col: &str) -> Result<DataType, AccessError> {
         let schema = self.provider(t)?.schema();
         schema
             .field_with_name(col)
@@ -537,7 +541,7 @@ impl<'a> Planner<'a> {
         t: &ObjectType,
         field: &str,
         v: &Value,
-    ) -> Result<(Expr, Expr), ApiError> {
+    ) -> Result<(Expr, Expr), AccessError> {
         let col = self.property_column(t, field)?;
         let ty = self.column_type(t, col)?;
         let scalar = value_scalar(v, &ty).ok_or_else(|| {
@@ -555,7 +559,7 @@ impl<'a> Planner<'a> {
     }
 
     /// The filter as a two-valued predicate: null properties never match.
-    fn where_expr(&self, t: &ObjectType, w: &Where) -> Result<Expr, ApiError> {
+    fn where_expr(&self, t: &ObjectType, w: &Where) -> Result<Expr, AccessError> {
         Ok(match w {
             Where::Compare { op, field, value } => {
                 let (c, v) = self.literal(t, field, value)?;
@@ -650,7 +654,7 @@ impl<'a> Planner<'a> {
     }
 
     /// `patientId`, `dateFrom`, `dateTo` as a predicate over `t`.
-    pub fn narrow_expr(&self, t: &ObjectType, n: &Narrow) -> Result<Expr, ApiError> {
+    pub fn narrow_expr(&self, t: &ObjectType, n: &Narrow) -> Result<Expr, AccessError> {
         let mut acc = lit(true);
         if let Some(p) = &n.patient {
             let Some(pp) = t.patient_property.as_deref() else {
@@ -708,7 +712,7 @@ fn regex_escape(s: &str) -> String {
 }
 
 /// A filter value as a scalar of the column's type; `None` when they do not fit.
-pub(crate) fn value_scalar(v: &Value, ty: &DataType) -> Option<ScalarValue> {
+pub fn value_scalar(v: &Value, ty: &DataType) -> Option<ScalarValue> {
     match (v, ty) {
         (
             Value::Str(s) | Value::Date(s) | Value::Timestamp(s),
@@ -735,7 +739,7 @@ pub(crate) fn value_scalar(v: &Value, ty: &DataType) -> Option<ScalarValue> {
 }
 
 /// A key value for a page token: exact (decimals as their unscaled integer).
-pub(crate) fn key_json(a: &dyn Array, row: usize) -> Json {
+pub fn key_json(a: &dyn Array, row: usize) -> Json {
     if a.is_null(row) {
         return Json::Null;
     }
@@ -776,9 +780,7 @@ fn key_scalar(j: &Json, ty: &DataType) -> Option<ScalarValue> {
 
 /// The plan's sort for `keys` (nulls last in both directions, as keyset
 /// paging assumes).
-pub(crate) fn sort_exprs(
-    keys: &[(String, bool, DataType)],
-) -> Vec<datafusion::logical_expr::SortExpr> {
+pub fn sort_exprs(keys: &[(String, bool, DataType)]) -> Vec<datafusion::logical_expr::SortExpr> {
     keys.iter()
         .map(|(c, asc, _)| column(c).sort(*asc, false))
         .collect()
@@ -786,7 +788,7 @@ pub(crate) fn sort_exprs(
 
 /// Keyset paging: rows strictly after `after` in the order of `keys`
 /// (nulls last in both directions).
-pub(crate) fn after_expr(keys: &[(String, bool, DataType)], after: &[Json]) -> Option<Expr> {
+pub fn after_expr(keys: &[(String, bool, DataType)], after: &[Json]) -> Option<Expr> {
     if after.len() != keys.len() {
         return None;
     }
@@ -820,17 +822,17 @@ pub(crate) fn after_expr(keys: &[(String, bool, DataType)], after: &[Json]) -> O
 
 /// The table versions a set reads (the pinned ones of a page token, or the
 /// latest) and a provider for each.
-pub(crate) async fn snapshot(
-    state: &AppState,
+pub async fn snapshot(
+    state: &Access,
     set: &ObjectSet,
     pinned: Option<&BTreeMap<String, u64>>,
-) -> Result<(BTreeMap<String, u64>, Providers), ApiError> {
+) -> Result<(BTreeMap<String, u64>, Providers), AccessError> {
     let mut types = BTreeSet::new();
     types_of(set, &mut types);
     let mut versions = BTreeMap::new();
     let mut providers = HashMap::new();
     for name in &types {
-        let t = crate::ontology::object_type(&state.ontology, name)?;
+        let t = crate::object_type(&state.ontology, name)?;
         let view = &t.backing_view;
         if versions.contains_key(view) {
             continue;
@@ -853,14 +855,14 @@ pub(crate) async fn snapshot(
     Ok((versions, providers))
 }
 
-pub(crate) type Providers = HashMap<String, Arc<dyn TableProvider>>;
+pub type Providers = HashMap<String, Arc<dyn TableProvider>>;
 
 /// A lookup by key that found nothing within the caller's rows: when a row
 /// with that key exists all the same (`table` scanned with `key`, no
 /// scope), the audit record marks it as out of scope. The answer does not
 /// change (the same 404 as for a missing key); only the record says more.
-pub(crate) async fn note_if_out_of_scope(
-    state: &AppState,
+pub async fn note_if_out_of_scope(
+    state: &Access,
     table: &Arc<dyn TableProvider>,
     key: Expr,
     what: &str,
@@ -876,7 +878,7 @@ pub(crate) async fn note_if_out_of_scope(
         .await
         .unwrap_or(0);
     if found > 0 {
-        crate::audit::note(|f| {
+        crate::facts::note(|f| {
             f.out_of_scope = true;
             f.reason = Some(format!(
                 "{what} exists outside the caller's rows (answered 404)"
@@ -886,19 +888,19 @@ pub(crate) async fn note_if_out_of_scope(
 }
 
 /// Runs one page of a query for `who`.
-pub(crate) async fn run(
-    state: &AppState,
+pub async fn run(
+    state: &Access,
     who: &Principal,
     q: &Query,
     page: &PageRequest,
-) -> Result<Page, ApiError> {
+) -> Result<Page, AccessError> {
     let request = digest(&q.normalised());
     let token = match &page.token {
         Some(t) => Some(state.page_tokens.read(t, &who.key(), &request)?),
         None => None,
     };
     let (versions, providers) = snapshot(state, &q.set, token.as_ref().map(|t| &t.t)).await?;
-    let t = crate::ontology::object_type(&state.ontology, q.set.object_type())?;
+    let t = crate::object_type(&state.ontology, q.set.object_type())?;
     let mut planner = Planner::new(state, who, q.action, &providers);
     // Sort keys: the requested fields, then the primary key (a total order).
     let mut keys: Vec<(String, bool, DataType)> = Vec::new();
@@ -941,13 +943,16 @@ pub(crate) async fn run(
         }
     }
     let sliced = match slice_patient(&planner, t, q)? {
-        Some(p) if state.config.slice_reads => {
+        Some(p) if state.settings.slice_reads => {
             slice_rows(state, &planner, t, &versions, &p).await?
         }
         _ => None,
     };
     if sliced.is_some() {
-        state.metrics.slice_read();
+        state
+            .counters
+            .slice_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     let (batches, total) = match sliced {
         // One patient's rows, prefetched: the same predicates, evaluated
@@ -992,25 +997,18 @@ pub(crate) async fn run(
         }
     };
 
+    let release = Egress::for_request().objects(t, &planner.scope(t)?, props)?;
     let mut out = Vec::with_capacity(page.size * 256);
     out.push(b'[');
     let mut rows = 0usize;
     let mut last_key: Option<Vec<Json>> = None;
     let mut more = false;
     'batches: for b in &batches {
-        let writer = ObjectWriter::new(t, &props, &b.schema(), &pk, &title);
-        let patients = pcol
-            .as_deref()
-            .and_then(|c| b.column_by_name(c))
-            .map(crate::fhir::utf8)
-            .transpose()?;
+        let writer = release.batch(b, &pk, &title);
         for row in 0..b.num_rows() {
             if rows == page.size {
                 more = true;
                 break 'batches;
-            }
-            if let Some(p) = patients.as_ref().and_then(|c| crate::fhir::text(c, row)) {
-                crate::audit::note_patient(p);
             }
             if rows > 0 {
                 out.push(b',');
@@ -1052,7 +1050,7 @@ fn slice_patient(
     planner: &Planner<'_>,
     t: &ObjectType,
     q: &Query,
-) -> Result<Option<String>, ApiError> {
+) -> Result<Option<String>, AccessError> {
     fn linked(set: &ObjectSet) -> bool {
         match set {
             ObjectSet::SearchAround { .. } => true,
@@ -1081,12 +1079,12 @@ fn slice_patient(
 /// slice index of the snapshot in `versions`; `None` when the table cannot
 /// be sliced or its files' schema is not the provider's.
 async fn slice_rows(
-    state: &AppState,
+    state: &Access,
     planner: &Planner<'_>,
     t: &ObjectType,
     versions: &BTreeMap<String, u64>,
     patient: &str,
-) -> Result<Option<RecordBatch>, ApiError> {
+) -> Result<Option<RecordBatch>, AccessError> {
     let view = &t.backing_view;
     let Some(&version) = versions.get(view) else {
         return Ok(None);
@@ -1138,7 +1136,11 @@ async fn slice_rows(
 
 /// The rows of `batch` for which `pred` is true (null counts as false, as
 /// in a plan's filter).
-fn filter_rows(state: &AppState, batch: &RecordBatch, pred: Expr) -> Result<RecordBatch, ApiError> {
+fn filter_rows(
+    state: &Access,
+    batch: &RecordBatch,
+    pred: Expr,
+) -> Result<RecordBatch, AccessError> {
     let schema = datafusion::common::DFSchema::try_from(batch.schema().as_ref().clone())
         .map_err(internal)?;
     let phys = state
@@ -1162,7 +1164,7 @@ fn sort_rows(
     batch: &RecordBatch,
     keys: &[(String, bool, DataType)],
     limit: usize,
-) -> Result<RecordBatch, ApiError> {
+) -> Result<RecordBatch, AccessError> {
     let mut cols = Vec::with_capacity(keys.len());
     for (c, asc, _) in keys {
         let values = batch
@@ -1185,7 +1187,7 @@ fn sort_rows(
 /// `__apiName`, `__primaryKey`, `__title`, then the properties (nulls as
 /// null). Column positions and the escaped property names are worked out
 /// once, not per row.
-pub(crate) struct ObjectWriter {
+pub struct ObjectWriter {
     /// `{"__apiName":"Observation","__primaryKey":`
     head: Vec<u8>,
     pk: Option<usize>,
@@ -1238,13 +1240,13 @@ impl ObjectWriter {
     }
 }
 
-pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
     // serde_json's escaping; writing to a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
 /// A cell as JSON: text as strings, decimals as exact numbers, lists as arrays.
-pub(crate) fn write_value(out: &mut Vec<u8>, a: &dyn Array, row: usize) {
+pub fn write_value(out: &mut Vec<u8>, a: &dyn Array, row: usize) {
     use std::io::Write;
     if a.is_null(row) {
         out.extend_from_slice(b"null");

@@ -6,14 +6,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use axum::http::StatusCode;
 use datafusion::catalog::TableProvider;
 use datafusion::prelude::SessionContext;
 use deltalake::DeltaTable;
+use http::StatusCode;
 
 use atlas_lake::Lake;
 
-use crate::ApiError;
+use crate::AccessError;
 
 /// Providers kept before the cache is emptied (a token's snapshot is rebuilt
 /// from the Delta log when it is needed again).
@@ -27,8 +27,8 @@ pub struct Tables {
     slices: crate::slice::SliceCache,
 }
 
-fn unavailable(view: &str, message: String) -> ApiError {
-    ApiError::new(
+fn unavailable(view: &str, message: String) -> AccessError {
+    AccessError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "ViewUnavailable",
         "view",
@@ -70,7 +70,7 @@ impl Tables {
 
     /// The current version of the table at `dir` (relative to the lake
     /// root: `views/observation`, `tables/resources`).
-    pub async fn latest_version(&self, view: &str) -> Result<u64, ApiError> {
+    pub async fn latest_version(&self, view: &str) -> Result<u64, AccessError> {
         let mut latest = self.latest.lock().await;
         if let Some(t) = latest.get_mut(view) {
             t.update_incremental(None)
@@ -103,7 +103,7 @@ impl Tables {
         &self,
         view: &str,
         version: u64,
-    ) -> Result<Arc<dyn TableProvider>, ApiError> {
+    ) -> Result<Arc<dyn TableProvider>, AccessError> {
         let key = (view.to_owned(), version);
         if let Some(p) = self
             .providers
@@ -132,7 +132,7 @@ impl Tables {
 
     /// The table at `dir` as of `version` (a 400 `PageTokenSnapshotGone`
     /// when the log no longer has it).
-    async fn table_version(&self, view: &str, version: u64) -> Result<DeltaTable, ApiError> {
+    async fn table_version(&self, view: &str, version: u64) -> Result<DeltaTable, AccessError> {
         let table = {
             let latest = self.latest.lock().await;
             latest.get(view).cloned()
@@ -150,7 +150,7 @@ impl Tables {
         };
         if table.version() != Some(version) {
             table.load_version(version).await.map_err(|e| {
-                ApiError::new(
+                AccessError::new(
                     StatusCode::BAD_REQUEST,
                     "PageTokenSnapshotGone",
                     "pageToken",
@@ -170,7 +170,7 @@ impl Tables {
         &self,
         view: &str,
         version: u64,
-    ) -> Result<crate::slice::CachedSlices, ApiError> {
+    ) -> Result<crate::slice::CachedSlices, AccessError> {
         if let Some(ix) = self.slices.get(view, version) {
             return Ok(ix);
         }
@@ -191,7 +191,7 @@ impl Tables {
     pub async fn collect(
         &self,
         plan: datafusion::logical_expr::LogicalPlan,
-    ) -> Result<Vec<arrow::record_batch::RecordBatch>, ApiError> {
+    ) -> Result<Vec<arrow::record_batch::RecordBatch>, AccessError> {
         datafusion::dataframe::DataFrame::new(self.ctx.state(), plan)
             .collect()
             .await
@@ -202,10 +202,18 @@ impl Tables {
     pub async fn execute_stream(
         &self,
         plan: datafusion::logical_expr::LogicalPlan,
-    ) -> Result<datafusion::execution::SendableRecordBatchStream, ApiError> {
+    ) -> Result<datafusion::execution::SendableRecordBatchStream, AccessError> {
         datafusion::dataframe::DataFrame::new(self.ctx.state(), plan)
             .execute_stream()
             .await
             .map_err(crate::query::internal)
     }
+}
+
+/// Where the resource store lives in the lake.
+pub const STORE_DIR: &str = "tables/resources";
+
+/// The resource store's current Delta version.
+pub async fn store_version(tables: &Tables) -> Result<u64, AccessError> {
+    tables.latest_version(STORE_DIR).await
 }

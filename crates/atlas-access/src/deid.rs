@@ -12,9 +12,9 @@
 //! The secret comes from `[deid] key_file` or `ATLAS_DEID_KEY`; without it
 //! a de-identifying grant fails closed (503).
 
-use crate::error::ApiError;
+use crate::AccessError;
 use atlas_deid::{DeidConfig, Deidentifier, profile};
-use axum::http::StatusCode;
+use http::StatusCode;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -72,9 +72,9 @@ impl Engines {
     }
 
     /// The de-identifier a grant names (loaded once).
-    pub fn get(&self, spec: &str) -> Result<Arc<Deidentifier>, ApiError> {
+    pub fn get(&self, spec: &str) -> Result<Arc<Deidentifier>, AccessError> {
         let unavailable = |msg: String| {
-            ApiError::new(
+            AccessError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "DeidentificationUnavailable",
                 "deid",
@@ -111,8 +111,8 @@ impl Engines {
 }
 
 /// The 403 of a path a de-identifying grant may not use.
-pub fn refused(parameter: &str, value: &str, why: &str) -> ApiError {
-    ApiError::new(
+pub fn refused(parameter: &str, value: &str, why: &str) -> AccessError {
+    AccessError::new(
         StatusCode::FORBIDDEN,
         "DeidentifiedOnly",
         parameter,

@@ -25,16 +25,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
-use atlas_lake::Lake;
+use crate::AccessError;
 
-use crate::ApiError;
-
-pub(crate) const KEY_PATH: &str = "_atlas/serve/page-token.key";
+pub const KEY_PATH: &str = "_atlas/serve/page-token.key";
 
 /// What a page token carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct PageState {
+pub struct PageState {
     pub v: u8,
     pub p: String,
     pub r: String,
@@ -57,13 +55,13 @@ fn now() -> u64 {
 }
 
 /// A short, stable hash of some text (hex).
-pub(crate) fn digest(text: &str) -> String {
+pub fn digest(text: &str) -> String {
     hex::encode(&Sha256::digest(text.as_bytes())[..16])
 }
 
-fn invalid(name: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::new(
-        axum::http::StatusCode::BAD_REQUEST,
+fn invalid(name: &'static str, message: impl Into<String>) -> AccessError {
+    AccessError::new(
+        http::StatusCode::BAD_REQUEST,
         name,
         "pageToken",
         "…",
@@ -72,30 +70,20 @@ fn invalid(name: &'static str, message: impl Into<String>) -> ApiError {
 }
 
 impl PageTokens {
-    /// Reads (or creates) the lake's page-token key.
-    pub async fn open(lake: &Lake, ttl_secs: u64) -> Result<PageTokens, String> {
-        let bytes = crate::auth::read_or_create(lake, KEY_PATH, || {
-            let mut k = vec![0u8; 32];
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut k)
-                .map_err(|e| e.to_string())?;
-            Ok(k)
-        })
-        .await?;
-        if bytes.len() < 32 {
+    /// Page tokens signed with `key` (the lake's page-token key, at
+    /// [`KEY_PATH`]; at least 32 bytes).
+    pub fn with_key(key: &[u8], ttl_secs: u64) -> Result<PageTokens, String> {
+        if key.len() < 32 {
             return Err(format!("{KEY_PATH}: shorter than 32 bytes"));
         }
-        Ok(PageTokens::with_key(&bytes, ttl_secs))
-    }
-
-    pub(crate) fn with_key(key: &[u8], ttl_secs: u64) -> PageTokens {
-        PageTokens {
+        Ok(PageTokens {
             key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key),
             ttl_secs,
-        }
+        })
     }
 
     /// A token for the page after `after`.
-    pub(crate) fn issue(
+    pub fn issue(
         &self,
         principal: &str,
         request: &str,
@@ -116,12 +104,12 @@ impl PageTokens {
     }
 
     /// Checks a token: signature, principal, request, expiry.
-    pub(crate) fn read(
+    pub fn read(
         &self,
         token: &str,
         principal: &str,
         request: &str,
-    ) -> Result<PageState, ApiError> {
+    ) -> Result<PageState, AccessError> {
         let tampered = || {
             invalid(
                 "InvalidPageToken",
@@ -164,7 +152,7 @@ mod tests {
 
     #[test]
     fn tokens_bind_principal_request_and_signature() {
-        let t = PageTokens::with_key(&[7u8; 32], 60);
+        let t = PageTokens::with_key(&[7u8; 32], 60).expect("32-byte key");
         let mut tables = BTreeMap::new();
         tables.insert("observation".to_owned(), 3);
         let tok = t.issue("alice", "req1", tables.clone(), vec![Json::from("k")]);
@@ -186,7 +174,7 @@ mod tests {
             t.read(&bad, "alice", "req1").unwrap_err().name,
             "InvalidPageToken"
         );
-        let other = PageTokens::with_key(&[8u8; 32], 60);
+        let other = PageTokens::with_key(&[8u8; 32], 60).expect("32-byte key");
         assert_eq!(
             other.read(&tok, "alice", "req1").unwrap_err().name,
             "InvalidPageToken"
@@ -197,7 +185,7 @@ mod tests {
                 "InvalidPageToken"
             );
         }
-        let expired = PageTokens::with_key(&[7u8; 32], 0);
+        let expired = PageTokens::with_key(&[7u8; 32], 0).expect("32-byte key");
         let tok = expired.issue("alice", "r", BTreeMap::new(), vec![]);
         // `e` = now: still valid this second, expired after it. Rewind instead
         // of sleeping: re-sign a state whose expiry is in the past.

@@ -12,7 +12,7 @@
 //!   column's FHIRPath reads a hidden element) and stored resource JSON
 //!   (the elements are removed).
 //!
-//! Handlers never decide access themselves: they call [`AppState::decide`]
+//! Handlers never decide access themselves: they call [`Access::decide`]
 //! (via `query::allowed_rows`) and apply the [`Grant`].
 
 use std::collections::{BTreeSet, HashMap};
@@ -28,7 +28,7 @@ use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
 use serde::Deserialize;
 use serde_json::Value as Json;
 
-use crate::AppState;
+use crate::Access;
 
 /// `[policy]` in `atlas.toml`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -78,7 +78,7 @@ impl PolicyHandle {
     /// Loads the configured policy and resolves its patient sets.
     pub async fn open(
         config: &PolicyConfig,
-        tables: &crate::Tables,
+        tables: &crate::tables::Tables,
     ) -> Result<PolicyHandle, String> {
         let (policy, stamp) = match &config.file {
             None => (Policy::scopes_only(), None),
@@ -113,7 +113,7 @@ impl PolicyHandle {
 
     /// Re-reads the file if it changed and rebuilds the directory if the
     /// store moved. Errors keep the policy in force.
-    pub async fn refresh(&self, tables: &crate::Tables) {
+    pub async fn refresh(&self, tables: &crate::tables::Tables) {
         let now = self.current();
         let mut policy = None;
         if let Some(f) = &self.file {
@@ -133,7 +133,7 @@ impl PolicyHandle {
             }
         }
         let store_moved = now.directory.needs_data
-            && crate::fhir::store_version(tables).await.ok() != now.directory.store_version;
+            && crate::tables::store_version(tables).await.ok() != now.directory.store_version;
         if policy.is_none() && !store_moved {
             return;
         }
@@ -148,7 +148,7 @@ impl PolicyHandle {
     }
 
     /// Checks for a changed file or store every `every`.
-    pub fn spawn_refresh(self: &Arc<Self>, tables: Arc<crate::Tables>, every: Duration) {
+    pub fn spawn_refresh(self: &Arc<Self>, tables: Arc<crate::tables::Tables>, every: Duration) {
         let handle = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
@@ -165,14 +165,14 @@ impl PolicyHandle {
     }
 }
 
-impl AppState {
+impl Access {
     /// The one access decision every path asks for.
     pub fn decide(&self, who: &Principal, resource_type: &str, action: Action) -> Decision {
         let s = self.policy.current();
         let d = s
             .engine
             .decide_with(who, resource_type, action, &s.directory);
-        crate::audit::note_decision(resource_type, &d);
+        crate::facts::note_decision(resource_type, &d);
         d
     }
 }
@@ -203,7 +203,10 @@ pub struct LakeDirectory {
 impl LakeDirectory {
     /// Reads the store's current Patient and CareTeam resources when the
     /// policy needs them (nothing otherwise).
-    pub async fn load(policy: &Policy, tables: &crate::Tables) -> Result<LakeDirectory, String> {
+    pub async fn load(
+        policy: &Policy,
+        tables: &crate::tables::Tables,
+    ) -> Result<LakeDirectory, String> {
         let mut d = LakeDirectory {
             needs_data: policy.patient_sets().iter().any(|s| !s.is_explicit()),
             ..Default::default()
@@ -224,13 +227,13 @@ impl LakeDirectory {
                 }
             }
         }
-        let Ok(version) = crate::fhir::store_version(tables).await else {
+        let Ok(version) = crate::tables::store_version(tables).await else {
             // No store yet: every data-dependent set is empty.
             return Ok(d);
         };
         d.store_version = Some(version);
         let provider = tables
-            .provider(crate::fhir::STORE_DIR, version)
+            .provider(crate::tables::STORE_DIR, version)
             .await
             .map_err(|e| e.message)?;
         let plan = LogicalPlanBuilder::scan(
@@ -257,14 +260,14 @@ impl LakeDirectory {
         let batches = tables.collect(plan).await.map_err(|e| e.message)?;
         let ctx = atlas_fhirpath::EvalContext::new();
         for b in &batches {
-            let ty = crate::fhir::utf8(b.column(0)).map_err(|e| e.message)?;
-            let pid = crate::fhir::utf8(b.column(1)).map_err(|e| e.message)?;
-            let res = crate::fhir::utf8(b.column(2)).map_err(|e| e.message)?;
+            let ty = crate::text::utf8(b.column(0)).map_err(|e| e.message)?;
+            let pid = crate::text::utf8(b.column(1)).map_err(|e| e.message)?;
+            let res = crate::text::utf8(b.column(2)).map_err(|e| e.message)?;
             for row in 0..b.num_rows() {
                 let (Some(t), Some(p), Some(r)) = (
-                    crate::fhir::text(&ty, row),
-                    crate::fhir::text(&pid, row),
-                    crate::fhir::text(&res, row),
+                    crate::text::text(&ty, row),
+                    crate::text::text(&pid, row),
+                    crate::text::text(&res, row),
                 ) else {
                     continue;
                 };

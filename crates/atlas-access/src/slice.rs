@@ -62,10 +62,10 @@ pub struct SliceIndex {
 }
 
 /// Why a table has no slice index; the query takes the general path.
-pub(crate) type Unsliceable = String;
+pub type Unsliceable = String;
 
 /// A snapshot's slice index, or why it has none (cached either way).
-pub(crate) type CachedSlices = Arc<Result<SliceIndex, Unsliceable>>;
+pub type CachedSlices = Arc<Result<SliceIndex, Unsliceable>>;
 
 impl SliceIndex {
     /// Loads every live file's footer and page index and its deletion
@@ -388,7 +388,7 @@ fn may_contain(min: Option<&Option<String>>, max: Option<&Option<String>>, key: 
 
 /// Slice indexes per (table dir, version), built on first use.
 #[derive(Default)]
-pub(crate) struct SliceCache {
+pub struct SliceCache {
     indexes: Mutex<HashMap<(String, u64), CachedSlices>>,
 }
 
