@@ -1,10 +1,10 @@
 //! Fast paths: a subset of FHIRPath compiled against the model and evaluated
-//! straight on a projected [`Tape`](crate::json::tape::Tape).
+//! straight on a projected [`Tape`].
 //!
 //! View columns are mostly navigation: `code.coding.first().code`,
 //! `value.ofType(Quantity).value`, `subject.getReferenceKey(Patient)`,
 //! `iif(x.exists(), x, y)`. [`FastPath::compile`] turns such an expression
-//! into a short list of [`Op`]s whose member steps are resolved once (choice
+//! into a short list of `Op`s whose member steps are resolved once (choice
 //! elements to their JSON keys); [`FastPath::keys`] says which JSON members it
 //! can read, so the tape parser records only those. Everything else —
 //! other functions and operators, `_x` primitive extensions, values of an
