@@ -41,7 +41,7 @@ pub enum ExportFormat {
 }
 
 fn store(lake_location: &str) -> Result<AuditStore> {
-    let lake = crate::open_lake(lake_location)?;
+    let lake = crate::lake::open_lake(lake_location)?;
     let local = lake
         .is_local()
         .then(|| lake.root().to_file_path().ok())

@@ -20,6 +20,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use arrow::record_batch::RecordBatch;
 use atlas_views::{Appended, CompiledView, RowBuilder, ViewSet, ViewSetState};
+use atlas_viewstore::{ViewEntry, ViewOrigin};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -59,6 +60,102 @@ struct Block {
 const BLOCK_BYTES: usize = 4 << 20;
 const FLUSH_ROWS: usize = 32 * 1024;
 const MAX_ERRORS: usize = 10;
+
+/// `atlas views flatten`: the views (`--view` files, or the built-in
+/// ones), a progress bar over the input bytes, then the report.
+pub fn run(
+    inputs: &[PathBuf],
+    out: &Path,
+    view_files: &[PathBuf],
+    json: bool,
+    show: bool,
+) -> Result<()> {
+    let views = if view_files.is_empty() {
+        builtin_views()?
+    } else {
+        view_files
+            .iter()
+            .map(|f| user_view(f))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let files = ndjson_files(inputs)?;
+    // Gzip inputs are left out of the bar's length: the counter moves by
+    // decompressed bytes, which their file size does not predict.
+    let total: u64 = files
+        .iter()
+        .filter(|f| !f.to_string_lossy().ends_with(".gz"))
+        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let done = Arc::new(AtomicU64::new(0));
+    let bar = crate::progress::FlattenBar::start(done.clone(), total, show);
+    let report = flatten(&files, views, out, done);
+    bar.finish();
+    let report = report?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report, out);
+    }
+    Ok(())
+}
+
+fn builtin_views() -> Result<Vec<FlattenView>> {
+    let mut views = Vec::new();
+    for b in atlas_ontology::builtin_views() {
+        let entry = ViewEntry::from_json(b.json, ViewOrigin::Builtin, Some(b.name))?;
+        views.push(FlattenView {
+            name: entry.name,
+            plan: entry.plan,
+        });
+    }
+    Ok(views)
+}
+
+/// A `--view` file: named by its `name`, or else by its file name
+/// (`blood-pressure.json` becomes `blood_pressure`).
+fn user_view(f: &Path) -> Result<FlattenView> {
+    let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+    let stem = f
+        .file_stem()
+        .map(|s| {
+            s.to_string_lossy()
+                .to_lowercase()
+                .replace(['-', '.', ' '], "_")
+        })
+        .unwrap_or_else(|| "view".into());
+    let entry = ViewEntry::from_json(&text, ViewOrigin::User, None)
+        .or_else(|_| ViewEntry::from_json(&text, ViewOrigin::User, Some(&stem)))
+        .with_context(|| format!("{}", f.display()))?;
+    Ok(FlattenView {
+        name: entry.name,
+        plan: entry.plan,
+    })
+}
+
+fn print_report(report: &FlattenReport, out: &Path) {
+    let mut names: Vec<_> = report.rows.iter().collect();
+    names.sort();
+    for (name, rows) in names {
+        println!(
+            "{name:<24} {rows:>10} rows  -> {}",
+            out.join(format!("{name}.parquet")).display()
+        );
+    }
+    println!(
+        "{} lines from {} file(s), {:.1} MB in {:.2} s ({:.1} MB/s); {} of other types, {} rejected, {} evaluation errors",
+        report.lines,
+        report.files,
+        report.bytes as f64 / 1e6,
+        report.seconds,
+        report.bytes as f64 / 1e6 / report.seconds.max(1e-9),
+        report.other_types,
+        report.rejected,
+        report.eval_errors
+    );
+    for e in &report.first_errors {
+        eprintln!("  {e}");
+    }
+}
 
 /// Expands folders (recursively) into their `.ndjson` / `.ndjson.gz` files.
 pub fn ndjson_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {

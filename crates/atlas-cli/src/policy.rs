@@ -127,19 +127,8 @@ fn load_policy(args: &CheckArgs) -> Result<(Policy, String)> {
     }
 }
 
-pub async fn run(cmd: PolicyCommand, lake_location: &str) -> Result<()> {
-    let (args, explain) = match cmd {
-        PolicyCommand::Check(a) => (a, false),
-        PolicyCommand::Explain(a) => (a, true),
-    };
-    let request = parse_path(&args.path)?;
-    let (policy, source) = load_policy(&args)?;
-    let lake = crate::open_lake(lake_location)?;
-    let tables = atlas_serve::Tables::new(lake);
-    let directory = atlas_serve::LakeDirectory::load(&policy, &tables)
-        .await
-        .map_err(anyhow::Error::msg)
-        .context("resolving the policy's patient sets over the lake")?;
+/// The principal a token with these claims would authenticate as.
+fn principal(args: &CheckArgs) -> Principal {
     let mut who = Principal::new(&args.subject, "atlas policy check").with_scopes(&args.scope);
     who = who.with_roles(args.roles.iter().cloned());
     if let Some(c) = &args.client {
@@ -151,6 +140,23 @@ pub async fn run(cmd: PolicyCommand, lake_location: &str) -> Result<()> {
     if let Some(p) = &args.purpose {
         who = who.with_purpose(p);
     }
+    who
+}
+
+pub async fn run(cmd: PolicyCommand, lake_location: &str) -> Result<()> {
+    let (args, explain) = match cmd {
+        PolicyCommand::Check(a) => (a, false),
+        PolicyCommand::Explain(a) => (a, true),
+    };
+    let request = parse_path(&args.path)?;
+    let (policy, source) = load_policy(&args)?;
+    let lake = crate::lake::open_lake(lake_location)?;
+    let tables = atlas_serve::Tables::new(lake);
+    let directory = atlas_serve::LakeDirectory::load(&policy, &tables)
+        .await
+        .map_err(anyhow::Error::msg)
+        .context("resolving the policy's patient sets over the lake")?;
+    let who = principal(&args);
     let engine = PolicyEngine::new(policy);
     let (decision, trace) = engine.explain(
         &who,

@@ -99,6 +99,24 @@ impl CountBar {
     }
 }
 
+pub struct FlattenBar;
+
+impl FlattenBar {
+    /// Input bytes of `atlas views flatten`; a bar without a length (only
+    /// the counts move) when `total` is 0, i.e. every input is gzip.
+    pub fn start(done: Arc<AtomicU64>, total: u64, show: bool) -> Ticker {
+        let b = bar(
+            total,
+            show,
+            "flatten [{bar:30}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, {eta})",
+        );
+        if total == 0 {
+            b.unset_length();
+        }
+        Ticker::spawn(b, move |b| b.set_position(done.load(Ordering::Relaxed)))
+    }
+}
+
 /// Takes the lake's writer lease for `command`. When another writer holds
 /// it: fails at once naming the holder, or with `wait` waits, showing a
 /// spinner line naming the holder (one line per holder when stderr is not

@@ -6,7 +6,7 @@
 //! Parquet. Compiling and running the view is `atlas-views`' job.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -70,121 +70,165 @@ pub enum Format {
 
 pub async fn run(cmd: ViewCommand, lake: &str) -> Result<()> {
     match cmd {
-        ViewCommand::Test { suite, report } => {
-            let result = atlas_views::suite::run_dir(&suite)
-                .with_context(|| format!("reading the suite in {}", suite.display()))?;
-            for (file, t) in result.failures() {
-                println!(
-                    "failed  {file} / {}: {}",
-                    t.name,
-                    t.error.as_deref().unwrap_or("")
-                );
-            }
-            if let Some(path) = report {
-                std::fs::write(&path, serde_json::to_vec_pretty(&result.to_json())?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            println!("{}", result.summary());
-            Ok(())
-        }
+        ViewCommand::Test { suite, report } => test(&suite, report.as_deref()),
         ViewCommand::Run {
             view,
             inputs,
             format,
             out,
         } => {
-            let text = std::fs::read_to_string(&view)
-                .with_context(|| format!("reading {}", view.display()))?;
-            let json: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not valid JSON", view.display()))?;
-            let plan = CompiledView::from_json(&json).map_err(|d| {
-                anyhow::anyhow!(
-                    "{}: invalid view\n{}",
-                    view.display(),
-                    render_diagnostics(&d)
-                )
-            })?;
-            for w in plan.warnings() {
-                eprintln!("warning: {w}");
-            }
+            let plan = compile(&view)?;
             if format == Format::Parquet && out.is_none() {
                 bail!("--format parquet needs --out <file>");
             }
-            let mut sink = Sink::new(format, out, &plan)?;
-            let mut rows = RowBuilder::new(&plan);
-            let mut failed = 0u64;
-            // Each resource's text is parsed with our JSON tree, so decimals stay exact.
-            let mut each = |res: &str, sink: &mut Sink| -> Result<()> {
-                if let Err(e) = plan.append_json_text(res, &mut rows) {
-                    failed += 1;
-                    eprintln!("skipped: {e}");
-                }
-                if rows.len() >= BATCH_ROWS {
-                    sink.write(rows.finish()?)?;
-                }
-                Ok(())
+            let mut rows = Rows {
+                sink: Sink::new(format, out, &plan)?,
+                rows: RowBuilder::new(&plan),
+                plan: &plan,
+                failed: 0,
             };
             if inputs.is_empty() {
-                let lake = crate::open_lake(lake)?;
-                let ctx = lake.session().await?;
-                let ty = plan.resource_type().replace('\'', "");
-                let df = ctx
-                    .sql(&format!(
-                        "SELECT resource FROM resources WHERE resource_type = '{ty}' AND NOT deleted"
-                    ))
-                    .await
-                    .context("querying the lake's resources")?;
-                let mut stream = df.execute_stream().await?;
-                while let Some(batch) = stream.next().await {
-                    let batch = batch?;
-                    let col = atlas_lake::lake::text_column(&batch, 0)?;
-                    for r in 0..batch.num_rows() {
-                        each(col.value(r), &mut sink)?;
-                    }
-                }
+                from_lake(lake, &mut rows).await?;
             } else {
-                let set = collect_inputs(&inputs, &mut std::io::stdin().lock())?;
-                let opts = ReadOptions::default();
-                let mut index = IdentifierIndex::default();
-                if set.inputs.iter().any(|i| i.kind.may_hold_bundles()) {
-                    prescan_identifiers(&set.inputs, &opts, &mut index)?;
-                }
-                let rx = read_events(
-                    set.inputs.clone(),
-                    opts,
-                    Arc::new(index),
-                    Arc::new(AtomicU64::new(0)),
-                )?;
-                let mut not_resources = 0u64;
-                for block in rx {
-                    for ev in block.events {
-                        match ev {
-                            Event::Resource(r) if r.resource_type == plan.resource_type() => {
-                                each(&r.json, &mut sink).with_context(|| {
-                                    format!("{}:{}", r.origin.file, r.origin.line)
-                                })?;
-                            }
-                            Event::Reject(_) => not_resources += 1,
-                            _ => {}
-                        }
-                    }
-                }
-                if not_resources > 0 {
-                    eprintln!(
-                        "note: {not_resources} input line(s) were not valid resources (`atlas ingest` reports why)"
-                    );
-                }
+                from_inputs(&inputs, &mut rows)?;
             }
-            if !rows.is_empty() {
-                sink.write(rows.finish()?)?;
-            }
-            sink.close()?;
-            if failed > 0 {
-                bail!("{failed} resource(s) could not be evaluated (see above)");
-            }
-            Ok(())
+            rows.close()
         }
     }
+}
+
+fn test(suite: &Path, report: Option<&Path>) -> Result<()> {
+    let result = atlas_views::suite::run_dir(suite)
+        .with_context(|| format!("reading the suite in {}", suite.display()))?;
+    for (file, t) in result.failures() {
+        println!(
+            "failed  {file} / {}: {}",
+            t.name,
+            t.error.as_deref().unwrap_or("")
+        );
+    }
+    if let Some(path) = report {
+        std::fs::write(path, serde_json::to_vec_pretty(&result.to_json())?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("{}", result.summary());
+    Ok(())
+}
+
+/// Reads, validates and compiles the view file; an invalid view is refused
+/// with every diagnostic before a single resource is read.
+fn compile(view: &Path) -> Result<CompiledView> {
+    let text =
+        std::fs::read_to_string(view).with_context(|| format!("reading {}", view.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", view.display()))?;
+    let plan = CompiledView::from_json(&json).map_err(|d| {
+        anyhow::anyhow!(
+            "{}: invalid view\n{}",
+            view.display(),
+            render_diagnostics(&d)
+        )
+    })?;
+    for w in plan.warnings() {
+        eprintln!("warning: {w}");
+    }
+    Ok(plan)
+}
+
+/// The rows of one `view run`: resources go in one at a time, batches of
+/// `BATCH_ROWS` go out to the sink.
+struct Rows<'a> {
+    plan: &'a CompiledView,
+    rows: RowBuilder,
+    sink: Sink,
+    /// Resources the view could not evaluate (each reported on stderr).
+    failed: u64,
+}
+
+impl Rows<'_> {
+    /// Each resource's text is parsed with our JSON tree, so decimals stay exact.
+    fn push(&mut self, resource: &str) -> Result<()> {
+        if let Err(e) = self.plan.append_json_text(resource, &mut self.rows) {
+            self.failed += 1;
+            eprintln!("skipped: {e}");
+        }
+        if self.rows.len() >= BATCH_ROWS {
+            self.sink.write(self.rows.finish()?)?;
+        }
+        Ok(())
+    }
+
+    fn close(mut self) -> Result<()> {
+        if !self.rows.is_empty() {
+            self.sink.write(self.rows.finish()?)?;
+        }
+        self.sink.close()?;
+        if self.failed > 0 {
+            bail!(
+                "{} resource(s) could not be evaluated (see above)",
+                self.failed
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The live resources of the view's type in the lake's resource store.
+async fn from_lake(lake: &str, rows: &mut Rows<'_>) -> Result<()> {
+    let lake = crate::lake::open_lake(lake)?;
+    let ctx = lake.session().await?;
+    let ty = rows.plan.resource_type().replace('\'', "");
+    let df = ctx
+        .sql(&format!(
+            "SELECT resource FROM resources WHERE resource_type = '{ty}' AND NOT deleted"
+        ))
+        .await
+        .context("querying the lake's resources")?;
+    let mut stream = df.execute_stream().await?;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        let col = atlas_lake::lake::text_column(&batch, 0)?;
+        for r in 0..batch.num_rows() {
+            rows.push(col.value(r))?;
+        }
+    }
+    Ok(())
+}
+
+/// Files, folders, archives or stdin, through the ingest reader (so Bundles
+/// and conditional references resolve as they do in `atlas ingest`).
+fn from_inputs(inputs: &[String], rows: &mut Rows<'_>) -> Result<()> {
+    let set = collect_inputs(inputs, &mut std::io::stdin().lock())?;
+    let opts = ReadOptions::default();
+    let mut index = IdentifierIndex::default();
+    if set.inputs.iter().any(|i| i.kind.may_hold_bundles()) {
+        prescan_identifiers(&set.inputs, &opts, &mut index)?;
+    }
+    let rx = read_events(
+        set.inputs.clone(),
+        opts,
+        Arc::new(index),
+        Arc::new(AtomicU64::new(0)),
+    )?;
+    let mut not_resources = 0u64;
+    for block in rx {
+        for ev in block.events {
+            match ev {
+                Event::Resource(r) if r.resource_type == rows.plan.resource_type() => {
+                    rows.push(&r.json)
+                        .with_context(|| format!("{}:{}", r.origin.file, r.origin.line))?;
+                }
+                Event::Reject(_) => not_resources += 1,
+                _ => {}
+            }
+        }
+    }
+    if not_resources > 0 {
+        eprintln!(
+            "note: {not_resources} input line(s) were not valid resources (`atlas ingest` reports why)"
+        );
+    }
+    Ok(())
 }
 
 /// Where the rows go.
