@@ -8,6 +8,7 @@ mod deid;
 mod e2e;
 mod serve;
 mod shared_data;
+mod tidy;
 mod views;
 
 use std::path::{Path, PathBuf};
