@@ -5,6 +5,8 @@
 //! only as XML are skipped (and named in the report). JSON inputs are read
 //! with [`crate::json::parse`] and evaluated over that tree (exact decimals).
 
+pub mod expected;
+
 use crate::json::{self, JsonRef, JsonValue};
 use crate::value::{TemporalKind, Value};
 use crate::{CheckOptions, EvalContext, Expr};
@@ -51,6 +53,23 @@ impl SuiteReport {
             "{} passed, {} failed, {} skipped",
             self.passed, self.failed, self.skipped
         )
+    }
+
+    /// Each test as `group/name` with its verdict, the form the expected-failure
+    /// lists use ([`expected::ExpectedFailures::compare`]).
+    pub fn verdicts(&self) -> impl Iterator<Item = (String, expected::Verdict)> + '_ {
+        self.tests.iter().map(|t| {
+            let verdict = match t.status {
+                Status::Pass => expected::Verdict::Pass,
+                Status::Skip => expected::Verdict::NotRun,
+                Status::Fail => expected::Verdict::Fail(format!(
+                    "{} -- {}",
+                    t.expression,
+                    t.reason.as_deref().unwrap_or("")
+                )),
+            };
+            (format!("{}/{}", t.group, t.name), verdict)
+        })
     }
 }
 

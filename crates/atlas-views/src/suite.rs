@@ -18,6 +18,7 @@
 
 use crate::{CompiledView, ViewCompiler, ViewDefinition, batch_to_json_rows, diag};
 use atlas_fhirpath::json::JsonValue;
+use atlas_fhirpath::suite::expected::Verdict;
 use serde_json::{Map, Value as Json, json};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -82,6 +83,22 @@ impl SuiteReport {
             .iter()
             .flat_map(|(f, ts)| ts.iter().map(move |t| (f.as_str(), t)))
             .filter(|(_, t)| !t.passed)
+    }
+
+    /// Each test as `<file> / <title>` with its verdict, the form the
+    /// expected-failure lists use
+    /// ([`atlas_fhirpath::suite::expected::ExpectedFailures::compare`]).
+    pub fn verdicts(&self) -> impl Iterator<Item = (String, Verdict)> + '_ {
+        self.files.iter().flat_map(|(file, tests)| {
+            tests.iter().map(move |t| {
+                let verdict = if t.passed {
+                    Verdict::Pass
+                } else {
+                    Verdict::Fail(t.error.clone().unwrap_or_default())
+                };
+                (format!("{file} / {}", t.name), verdict)
+            })
+        })
     }
 }
 
