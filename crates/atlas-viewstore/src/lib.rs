@@ -33,6 +33,7 @@ mod cluster;
 mod dv;
 mod scan;
 mod sql;
+pub mod sql_functions;
 
 pub use build::{RefreshKind, RefreshOptions, RefreshReport};
 pub use catalog::{ViewEntry, ViewOrigin, ViewStatus};

@@ -32,6 +32,9 @@ impl ViewStore {
     /// A session with the lake's tables and every materialized view registered.
     pub async fn session(&self) -> Result<SessionContext, ViewStoreError> {
         let ctx = self.lake.session().await?;
+        // FHIRPath and JSON functions, so SQL can read the `resources` table as FHIR.
+        crate::sql_functions::register(&ctx)
+            .map_err(|e| ViewStoreError::Other(format!("registering SQL functions: {e}")))?;
         for v in self.list().await? {
             let Some(table) = self.lake.table_at(&v.table_dir()).await? else {
                 continue;

@@ -5,6 +5,7 @@
 //! view runner.
 
 mod shared_data;
+mod sql_functions;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
