@@ -38,7 +38,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use arrow::array::{ArrayRef, RecordBatch};
+use arrow::array::{Array, ArrayRef, RecordBatch};
 use arrow::datatypes::Schema;
 use atlas_ontology::{ObjectType, Property};
 use atlas_policy::Grant;
@@ -96,6 +96,31 @@ impl Egress {
                 }
             });
         }
+    }
+
+    /// The patients of rows a query read to compute its answer (SQL: an
+    /// answer's rows need not carry a patient key, so the scans note it).
+    pub fn read_by_query(&self, patients: &ArrayRef) {
+        let Ok(col) = utf8(patients) else { return };
+        if let Some(x) = &self.facts {
+            facts::note_into(x, |f| {
+                for row in 0..col.len() {
+                    if let Some(p) = text(col.as_ref(), row) {
+                        facts::add_patient(f, p); // duty: patient-note
+                    }
+                }
+            });
+        }
+    }
+
+    /// `n` rows of a computed answer (SQL), counted.
+    pub fn computed_rows(&self, n: u64) {
+        self.count(n);
+    }
+
+    /// An access decision behind what this egress lets out, noted.
+    pub fn decision(&self, resource_type: &str, d: &atlas_policy::Decision) {
+        self.note(|f| facts::add_decision(f, resource_type, d));
     }
 
     /// `n` aggregate groups answered: counted, and the record says the
@@ -178,8 +203,9 @@ impl Egress {
 /// Rows and objects carry identified values: a de-identifying grant reads
 /// FHIR resources only.
 fn refuse_deid(grant: &Grant, what: &str) -> Result<(), AccessError> {
-    let deidentifying = grant.deid.is_some(); // duty: deid-rows
-    if deidentifying {
+    // The planner refuses these grants first (`query::allowed_rows`); this
+    // keeps a path that forgets from letting identified rows out.
+    if grant.deid.is_some() {
         return Err(crate::deid::refused(
             "objectType",
             what,

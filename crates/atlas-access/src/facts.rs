@@ -100,7 +100,12 @@ pub fn note(f: impl FnOnce(&mut Facts)) {
 
 /// The decision for one resource type, noted.
 pub fn note_decision(resource_type: &str, d: &atlas_policy::Decision) {
-    note(|f| {
+    note(|f| add_decision(f, resource_type, d));
+}
+
+/// Adds one decision to `f`.
+pub fn add_decision(f: &mut Facts, resource_type: &str, d: &atlas_policy::Decision) {
+    {
         f.resource_types.insert(resource_type.to_owned());
         match d {
             atlas_policy::Decision::Allow(g) => {
@@ -116,7 +121,7 @@ pub fn note_decision(resource_type: &str, d: &atlas_policy::Decision) {
                 }
             }
         }
-    });
+    }
 }
 
 /// Query parameters whose values are credentials, never recorded.

@@ -37,7 +37,7 @@ pub mod facts;
 pub mod policy;
 pub mod query;
 pub mod slice;
-// pub mod sql;
+pub mod sql;
 pub mod tables;
 pub mod text;
 pub mod token;

@@ -75,6 +75,11 @@ impl Default for AuditConfig {
     }
 }
 
+/// On a response: its body was complete when the handler returned (it is
+/// not a stream whatever its content type), so one record holds it all.
+#[derive(Debug, Clone, Copy)]
+pub struct Whole;
+
 /// Opens the lake's audit trail.
 pub async fn open(lake: &atlas_lake::Lake) -> Result<AuditLog, String> {
     let local = lake
@@ -316,11 +321,12 @@ async fn audited(state: AppState, req: Request, next: Next) -> Response {
     };
     let query_hash = query_hash(&method, &path, &query);
     let status = response.status().as_u16();
-    let streamed = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|c| c.contains("ndjson") || c.contains("arrow") || c.contains("parquet"));
+    let streamed = response.extensions().get::<Whole>().is_none()
+        && response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.contains("ndjson") || c.contains("arrow") || c.contains("parquet"));
     let f = match facts.lock() {
         Ok(mut g) => std::mem::take(&mut *g),
         Err(_) => Facts::default(),

@@ -43,6 +43,8 @@ pub struct ServeConfig {
     pub public_base_url: Option<String>,
     /// Request deadlines, turns per principal, shutdown deadline (`[limits]`).
     pub limits: crate::limits::LimitsConfig,
+    /// Bounds of `/api/v2/sql` queries (`[sql]`: rows, seconds, memory).
+    pub sql: atlas_access::sql::SqlLimits,
 }
 
 impl Default for ServeConfig {
@@ -61,6 +63,7 @@ impl Default for ServeConfig {
             deid: crate::deid::DeidConfigSection::default(),
             public_base_url: None,
             limits: crate::limits::LimitsConfig::default(),
+            sql: atlas_access::sql::SqlLimits::default(),
         }
     }
 }

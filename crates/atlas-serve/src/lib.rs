@@ -29,6 +29,7 @@ mod metrics;
 mod objects;
 mod ontology;
 mod openapi;
+mod sql;
 mod stream;
 mod tls;
 
@@ -191,6 +192,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(ontology::routes())
         .merge(objects::routes())
         .merge(fhir::routes())
+        .merge(sql::routes())
 }
 
 /// The OpenAPI document (what `/openapi.json` serves), as pretty JSON.

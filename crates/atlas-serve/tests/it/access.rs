@@ -20,7 +20,7 @@ use atlas_lake::Lake;
 use atlas_serve::{AppState, IssuerConfig, ServeConfig, router};
 
 const ISS: &str = "https://idp.example/a";
-const LOAD: &str = "/api/v2/ontologies/atlas/objectSets/loadObjects";
+pub(crate) const LOAD: &str = "/api/v2/ontologies/atlas/objectSets/loadObjects";
 const AGG: &str = "/api/v2/ontologies/atlas/objectSets/aggregate";
 const CARE_DOC: &str = "Practitioner/care-team-doc";
 
@@ -146,11 +146,11 @@ impl World {
         .unwrap()
     }
 
-    fn patient_ids(&self) -> BTreeSet<String> {
+    pub(crate) fn patient_ids(&self) -> BTreeSet<String> {
         self.patients.keys().cloned().collect()
     }
 
-    fn observations_of(&self, ps: &BTreeSet<String>) -> BTreeSet<String> {
+    pub(crate) fn observations_of(&self, ps: &BTreeSet<String>) -> BTreeSet<String> {
         self.observations
             .iter()
             .filter(|(_, p)| ps.contains(*p))
@@ -158,7 +158,7 @@ impl World {
             .collect()
     }
 
-    fn where_patients(&self, f: impl Fn(&Json) -> bool) -> BTreeSet<String> {
+    pub(crate) fn where_patients(&self, f: impl Fn(&Json) -> bool) -> BTreeSet<String> {
         self.patients
             .iter()
             .filter(|(_, p)| f(p))
@@ -515,7 +515,7 @@ async fn check_paths(w: &World, case: &str, c: &Client<'_>, expect: &Expect) {
     }
 }
 
-fn first_org(w: &World) -> String {
+pub(crate) fn first_org(w: &World) -> String {
     let p = w.patients.values().next().unwrap();
     p["managingOrganization"]["reference"]
         .as_str()
@@ -1027,6 +1027,37 @@ async fn rows_outside_the_scope_leave_no_trace_in_any_answer() {
             "{ ObservationAll(first: 1000, where: {type: \"gt\", field: \"value_quantity\", value: 50}) { totalCount nodes { id patient { id } } } }"})),
         ),
     ];
+    // SQL: joins, counts, aggregates, FHIRPath and errors the query's own
+    // expressions raise: none may depend on a row outside the scope.
+    let ids_in = outside_obs
+        .iter()
+        .map(|o| format!("'{o}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let sql = |q: String| {
+        (
+            "POST",
+            "/api/v2/sql".to_owned(),
+            Some(json!({ "query": q })),
+        )
+    };
+    let mut requests = requests;
+    requests.extend([
+        sql("SELECT count(*) AS n FROM observation".into()),
+        sql("SELECT resource_type, count(*) AS n, count(DISTINCT patient_id) AS p FROM resources WHERE resource_type IN ('Patient', 'Observation', 'Condition') GROUP BY resource_type ORDER BY 1".into()),
+        sql(format!("SELECT count(*) AS n FROM observation WHERE id IN ({ids_in})")),
+        sql(format!("SELECT count(*) AS n FROM patient WHERE id = '{outsider}'")),
+        sql("SELECT o.id, p.gender, o.value_quantity FROM observation o JOIN patient p ON o.patient_id = p.id ORDER BY o.id".into()),
+        sql("SELECT code, count(*) AS n, avg(value_quantity) AS a, max(effective) AS e FROM observation GROUP BY code ORDER BY code".into()),
+        sql("SELECT p.id, (SELECT count(*) FROM observation o WHERE o.patient_id = p.id) AS n FROM patient p ORDER BY p.id".into()),
+        // Raises only if it is evaluated on the outsider's rows.
+        sql(format!("SELECT count(*) AS n FROM observation WHERE 1 / (CASE WHEN patient_id = '{outsider}' THEN 0 ELSE 1 END) = 1")),
+        sql(format!("SELECT id FROM observation WHERE CAST(CASE WHEN patient_id = '{outsider}' THEN 'x' ELSE '1' END AS INT) = 1 ORDER BY id")),
+        sql(format!("SELECT id FROM resources WHERE resource_type = 'Observation' AND fhirpath(resource, 'subject.reference = ''Patient/{outsider}'' implies value.ofType(Quantity).value.toString().toInteger() > 0') = 'true' ORDER BY id")),
+        sql("SELECT id FROM resources WHERE resource_type = 'Observation' AND fhirpath(resource, 'value.ofType(Quantity).value > 50') = 'true' ORDER BY id".into()),
+        sql("SELECT * FROM observation ORDER BY id LIMIT 3".into()),
+        sql(format!("SELECT * FROM nonexistent WHERE id = '{outsider}'")),
+    ]);
     for (method, uri, body) in &requests {
         let (s1, a) = call_json(&scoped, method, uri, &token, None, body.as_ref()).await;
         let (s2, b) = call_json(&plain, method, uri, &token, None, body.as_ref()).await;
@@ -1675,7 +1706,7 @@ async fn raw(
 }
 
 /// Every audit record in the lake, from every server's chain.
-async fn audit_records(w: &World) -> Vec<atlas_audit::AuditRecord> {
+pub(crate) async fn audit_records(w: &World) -> Vec<atlas_audit::AuditRecord> {
     let store = atlas_audit::AuditStore::new(
         w.lake.object_store().clone(),
         &w.lake.path(""),

@@ -9,6 +9,7 @@ use tower::ServiceExt;
 use atlas_serve::{AppState, ServeConfig, router};
 
 mod access;
+mod egress;
 mod issuers;
 mod limits;
 mod objects;
