@@ -54,6 +54,9 @@ pub struct Globals {
     pub wait: bool,
 }
 
+// Doc comments here are `--help` text, where `<lake>` is a placeholder
+// for the user, not an HTML tag.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Subcommand)]
 pub enum Command {
     /// Land and store FHIR inputs: NDJSON (.ndjson, .ndjson.gz), JSON resources and Bundles,

@@ -12,6 +12,9 @@ use clap::Args;
 
 use crate::lake::open_lake;
 
+// Doc comments here are `--help` text, where `[auth] dev` names a config
+// section, not a rustdoc link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Args)]
 #[command(after_help = "Examples:
   atlas --lake /tmp/demo-lake serve --dev-auth           # http://127.0.0.1:8080

@@ -14,6 +14,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::cli::Globals;
 use crate::{lake, progress};
 
+// Doc comments here are `--help` text, where `<view name>` is a placeholder
+// for the user, not an HTML tag.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Subcommand)]
 pub enum ViewsCommand {
     /// List the views: the built-in ones and those created with `views create`.
