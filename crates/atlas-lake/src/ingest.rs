@@ -382,7 +382,10 @@ async fn ingest_leased(
                 Arc::new(IdentifierIndex::default()),
                 progress.bytes.clone(),
             )
-            .map_err(|e| LakeError::Other(format!("cannot start the readers: {e}")))?,
+            .map_err(|source| LakeError::Spawn {
+                what: "the readers",
+                source,
+            })?,
         )
     };
     let mut hashed = inputs.to_vec();
@@ -390,8 +393,11 @@ async fn ingest_leased(
         atlas_ingest::hash_inputs(&mut hashed).map(|()| hashed)
     })
     .await
-    .map_err(|e| LakeError::Other(format!("hashing task: {e}")))?
-    .map_err(|e| LakeError::Other(format!("hashing the inputs: {e}")))?;
+    .map_err(|source| LakeError::Task {
+        what: "hashing",
+        source,
+    })?
+    .map_err(|source| LakeError::Inputs { source })?;
     let inputs = &hashed[..];
     let id = batch_id(&opts.source, inputs);
     if let Some(report) = completed_batch(lake, &id).await? {
@@ -426,7 +432,7 @@ async fn ingest_leased(
     let mut index = IdentifierIndex::default();
     if may_hold_bundles {
         prescan_identifiers(inputs, &opts.read, &mut index)
-            .map_err(|e| LakeError::Other(format!("prescan: {e}")))?;
+            .map_err(|source| LakeError::Prescan { source })?;
         load_store_identifiers(lake, &mut index).await?;
     }
 
@@ -469,7 +475,10 @@ async fn ingest_leased(
             Arc::new(index),
             progress.bytes.clone(),
         )
-        .map_err(|e| LakeError::Other(format!("cannot start the readers: {e}")))?,
+        .map_err(|source| LakeError::Spawn {
+            what: "the readers",
+            source,
+        })?,
     };
     // Chunks are cut on their own thread, so reading and classifying go on
     // while the previous chunk is being committed.
@@ -517,9 +526,12 @@ async fn ingest_leased(
         quarantine_by_reason: batch.totals.quarantine_by_reason.clone(),
         already_ingested: false,
     };
-    let manifest =
-        serde_json::to_vec_pretty(&report).map_err(|e| LakeError::Other(e.to_string()))?;
-    put(lake, &format!("{raw_dir}/manifest.json"), manifest).await?;
+    let manifest_path = format!("{raw_dir}/manifest.json");
+    let manifest = serde_json::to_vec_pretty(&report).map_err(|source| LakeError::Json {
+        path: manifest_path.clone(),
+        source,
+    })?;
+    put(lake, &manifest_path, manifest).await?;
     write_batch_row(lake, &report, batch.started_at, finished).await?;
     progress.phase.store(3, Ordering::Relaxed);
     Ok(report)
@@ -530,9 +542,10 @@ async fn finish(
     in_flight: &mut Option<tokio::task::JoinHandle<Result<(), LakeError>>>,
 ) -> Result<(), LakeError> {
     match in_flight.take() {
-        Some(h) => h
-            .await
-            .map_err(|e| LakeError::Other(format!("commit task: {e}")))?,
+        Some(h) => h.await.map_err(|source| LakeError::Task {
+            what: "commit",
+            source,
+        })?,
         None => Ok(()),
     }
 }
@@ -583,7 +596,10 @@ fn cut_chunks(
                 let _ = tx.send(pending);
             }
         })
-        .map_err(|e| LakeError::Other(format!("cannot start the chunking thread: {e}")))?;
+        .map_err(|source| LakeError::Spawn {
+            what: "the chunking thread",
+            source,
+        })?;
     Ok(rx)
 }
 
@@ -648,13 +664,12 @@ async fn find_or_start(lake: &Lake, source: &str, id: &str) -> Result<Started, L
         started_at_micros,
         date,
     };
-    let bytes = serde_json::to_vec(&s).map_err(|e| LakeError::Other(e.to_string()))?;
-    put(
-        lake,
-        &format!("raw/{source}/{}/{id}/started.json", s.date),
-        bytes,
-    )
-    .await?;
+    let path = format!("raw/{source}/{}/{id}/started.json", s.date);
+    let bytes = serde_json::to_vec(&s).map_err(|source| LakeError::Json {
+        path: path.clone(),
+        source,
+    })?;
+    put(lake, &path, bytes).await?;
     Ok(s)
 }
 
@@ -665,7 +680,11 @@ async fn land_file(lake: &Lake, input: &Input, rel: &str) -> Result<(), LakeErro
     {
         return Ok(());
     }
-    let fail = |e: std::io::Error| LakeError::Other(format!("landing {}: {e}", input.name));
+    let fail = |source: std::io::Error| LakeError::Land {
+        input: input.name.clone(),
+        path: rel.to_owned(),
+        source,
+    };
     // A local lake: a kernel-side copy (copy_file_range) to a temporary name,
     // then a rename, so a landed file is always whole. Streaming it through
     // the object-store writer took a tenth of a small ingest's time.
@@ -726,10 +745,14 @@ async fn completed_batch(lake: &Lake, id: &str) -> Result<Option<BatchReport>, L
     match get(lake, &format!("{rel}/manifest.json")).await? {
         Some(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|e| LakeError::Other(e.to_string())),
-        None => Err(LakeError::Other(format!(
-            "batch {id} is recorded but its manifest is missing at {rel}"
-        ))),
+            .map_err(|source| LakeError::Json {
+                path: format!("{rel}/manifest.json"),
+                source,
+            }),
+        None => Err(LakeError::ManifestMissing {
+            batch: id.to_owned(),
+            path: rel,
+        }),
     }
 }
 
@@ -754,7 +777,10 @@ async fn load_store_identifiers(lake: &Lake, index: &mut IdentifierIndex) -> Res
                 true,
             ))),
         )
-        .map_err(|e| LakeError::Other(e.to_string()))?;
+        .map_err(|source| LakeError::ColumnCast {
+            column: format!("identifiers of tables/{RESOURCES}"),
+            source,
+        })?;
         let Some(list) = list.as_any().downcast_ref::<arrow::array::ListArray>() else {
             continue;
         };
@@ -846,7 +872,10 @@ impl Batch<'_> {
             && let Some(bytes) = get(self.lake, &self.chunk_path(chunk_no)).await?
         {
             let rec: ChunkRecord =
-                serde_json::from_slice(&bytes).map_err(|e| LakeError::Other(e.to_string()))?;
+                serde_json::from_slice(&bytes).map_err(|source| LakeError::Json {
+                    path: self.chunk_path(chunk_no),
+                    source,
+                })?;
             self.add_totals(&rec);
             return Ok(None);
         }
@@ -1041,7 +1070,10 @@ impl Batch<'_> {
         }
 
         // Counts first: once a commit below lands, a re-run reads them from here.
-        let bytes = serde_json::to_vec(&rec).map_err(|e| LakeError::Other(e.to_string()))?;
+        let bytes = serde_json::to_vec(&rec).map_err(|source| LakeError::Json {
+            path: self.chunk_path(chunk_no),
+            source,
+        })?;
         put(self.lake, &self.chunk_path(chunk_no), bytes).await?;
 
         let quarantine = if !rejects.is_empty() && self.quarantine_txn.is_none_or(|v| v < chunk_no)
@@ -1168,10 +1200,10 @@ async fn write_chunk(
             // There was no store when this run started and it has not
             // created one yet, so the rows it found were another writer's.
             None => {
-                return Err(LakeError::Other(format!(
-                    "another writer created tables/{RESOURCES} during this run (batch {}); this run committed nothing to it, run it again",
-                    w.batch_id
-                )));
+                return Err(LakeError::CreatedConcurrently {
+                    table: format!("tables/{RESOURCES}"),
+                    batch: w.batch_id.clone(),
+                });
             }
         };
         let p = if w.appends.is_none() {
@@ -1234,7 +1266,10 @@ async fn append_files(
             .collect::<Result<Vec<_>, LakeError>>()
     })
     .await
-    .map_err(|e| LakeError::Other(format!("encoding task: {e}")))??;
+    .map_err(|source| LakeError::Task {
+        what: "encoding",
+        source,
+    })??;
     let mut adds = Vec::with_capacity(encoded.len());
     for (n, file) in encoded.into_iter().enumerate() {
         let rel = format!(
@@ -1341,7 +1376,10 @@ async fn commit_adds(
                 .with_table_name(name)
                 .with_columns(
                     StructType::try_from_arrow(t.schema.as_ref())
-                        .map_err(|e| LakeError::Other(format!("{name} schema: {e}")))?
+                        .map_err(|source| LakeError::Arrow {
+                            table: format!("tables/{name}"),
+                            source,
+                        })?
                         .fields()
                         .cloned(),
                 )
@@ -1369,10 +1407,11 @@ struct EncodedPart {
 /// the path and the Add action), and computes the file's statistics.
 fn encode_part(resource_type: &str, part: &RecordBatch) -> Result<EncodedPart, LakeError> {
     let columns: Vec<usize> = (1..part.num_columns()).collect();
-    let data = part
-        .project(&columns)
-        .map_err(|e| LakeError::Other(format!("resources batch: {e}")))?;
-    let (bytes, stats) = encode_file(&data)?;
+    let data = part.project(&columns).map_err(|source| LakeError::Arrow {
+        table: format!("tables/{RESOURCES}"),
+        source,
+    })?;
+    let (bytes, stats) = encode_file(&data, RESOURCES)?;
     Ok(EncodedPart {
         resource_type: resource_type.to_owned(),
         bytes,
@@ -1380,22 +1419,23 @@ fn encode_part(resource_type: &str, part: &RecordBatch) -> Result<EncodedPart, L
     })
 }
 
-/// One Parquet file (with the lake's writer properties) and its Delta stats.
-fn encode_file(data: &RecordBatch) -> Result<(Vec<u8>, String), LakeError> {
+/// One Parquet file of `table` (with the lake's writer properties) and its
+/// Delta stats.
+fn encode_file(data: &RecordBatch, table: &str) -> Result<(Vec<u8>, String), LakeError> {
     use deltalake::parquet::arrow::ArrowWriter;
+    let parquet_err = |source| LakeError::Parquet {
+        table: format!("tables/{table}"),
+        source,
+    };
     // Compressed JSON is a fraction of the text; this avoids regrowing the buffer.
     let mut writer = ArrowWriter::try_new(
         Vec::with_capacity(json_bytes(data) / 4 + (1 << 20)),
         data.schema(),
         Some(writer_properties()),
     )
-    .map_err(|e| LakeError::Other(format!("parquet: {e}")))?;
-    writer
-        .write(data)
-        .map_err(|e| LakeError::Other(format!("parquet: {e}")))?;
-    let bytes = writer
-        .into_inner()
-        .map_err(|e| LakeError::Other(format!("parquet: {e}")))?;
+    .map_err(parquet_err)?;
+    writer.write(data).map_err(parquet_err)?;
+    let bytes = writer.into_inner().map_err(parquet_err)?;
     Ok((bytes, file_stats(data)?))
 }
 
@@ -1507,7 +1547,10 @@ fn split_by_type(batch: RecordBatch) -> Result<Vec<(String, RecordBatch)>, LakeE
         .column(0)
         .as_any()
         .downcast_ref::<arrow::array::StringArray>()
-        .ok_or_else(|| LakeError::Other("resource_type column".into()))?;
+        .ok_or_else(|| LakeError::ColumnType {
+            column: format!("resource_type of the {RESOURCES} chunk"),
+            expected: "Utf8 text",
+        })?;
     let mut out = Vec::new();
     let mut start = 0;
     for i in 1..=batch.num_rows() {
@@ -1530,7 +1573,10 @@ async fn merge(
             .column(0)
             .as_any()
             .downcast_ref::<arrow::array::StringArray>()
-            .ok_or_else(|| LakeError::Other("resource_type column".into()))?;
+            .ok_or_else(|| LakeError::ColumnType {
+                column: format!("resource_type of the {RESOURCES} chunk"),
+                expected: "Utf8 text",
+            })?;
         let mut t: Vec<String> = col.iter().flatten().map(str::to_owned).collect();
         t.sort();
         t.dedup();
@@ -1631,7 +1677,10 @@ impl Batch<'_> {
                 Arc::new(arrow::array::StringArray::from(key_ids)) as ArrayRef,
             ),
         ])
-        .map_err(|e| LakeError::Other(e.to_string()))?;
+        .map_err(|source| LakeError::Arrow {
+            table: "chunk_keys".into(),
+            source,
+        })?;
         ctx.register_batch("chunk_keys", keys)
             .map_err(ctx_err("chunk keys"))?;
         let list = types
@@ -1666,10 +1715,12 @@ impl Batch<'_> {
                 .as_any()
                 .downcast_ref::<TimestampMicrosecondArray>();
             let (Some(lu), Some(del), Some(line), Some(at)) = (lu, del, line, at) else {
-                return Err(LakeError::Other(
-                    "tables/resources: unexpected column types (last_updated, deleted, line, ingested_at)"
-                        .into(),
-                ));
+                return Err(LakeError::ColumnType {
+                    column: format!(
+                        "last_updated, deleted, line or ingested_at of tables/{RESOURCES}"
+                    ),
+                    expected: "timestamp, boolean, integer, timestamp",
+                });
             };
             for r in 0..b.num_rows() {
                 if !wanted.contains(&(ty.value(r), id.value(r))) {
@@ -1802,8 +1853,10 @@ impl Batch<'_> {
             Arc::new(idents.finish()),
             Arc::new(res.finish()),
         ];
-        RecordBatch::try_new(schema::RESOURCES.clone(), cols)
-            .map_err(|e| LakeError::Other(e.to_string()))
+        RecordBatch::try_new(schema::RESOURCES.clone(), cols).map_err(|source| LakeError::Arrow {
+            table: format!("tables/{RESOURCES}"),
+            source,
+        })
     }
 
     fn quarantine_batch(&self, rejects: &[Rejection]) -> Result<RecordBatch, LakeError> {
@@ -1847,8 +1900,10 @@ impl Batch<'_> {
             Arc::new(prefix.finish()),
             Arc::new(at.finish()),
         ];
-        RecordBatch::try_new(schema::QUARANTINE.clone(), cols)
-            .map_err(|e| LakeError::Other(e.to_string()))
+        RecordBatch::try_new(schema::QUARANTINE.clone(), cols).map_err(|source| LakeError::Arrow {
+            table: format!("tables/{QUARANTINE}"),
+            source,
+        })
     }
 }
 
@@ -1982,7 +2037,10 @@ async fn write_batch_row(
     finished: i64,
 ) -> Result<(), LakeError> {
     let o = &r.outcomes;
-    let inputs = serde_json::to_string(&r.inputs).map_err(|e| LakeError::Other(e.to_string()))?;
+    let inputs = serde_json::to_string(&r.inputs).map_err(|source| LakeError::Json {
+        path: format!("tables/{BATCHES} (inputs of batch {})", r.batch_id),
+        source,
+    })?;
     let s = |v: &str| -> ArrayRef { Arc::new(arrow::array::StringArray::from(vec![v.to_owned()])) };
     let i = |v: i64| -> ArrayRef { Arc::new(arrow::array::Int64Array::from(vec![v])) };
     let t = |v: i64| -> ArrayRef {
@@ -2011,11 +2069,14 @@ async fn write_batch_row(
             "complete_unreconciled"
         }),
     ];
-    let batch = RecordBatch::try_new(schema::BATCHES.clone(), cols)
-        .map_err(|e| LakeError::Other(e.to_string()))?;
+    let batch =
+        RecordBatch::try_new(schema::BATCHES.clone(), cols).map_err(|source| LakeError::Arrow {
+            table: format!("tables/{BATCHES}"),
+            source,
+        })?;
     let commit = CommitProperties::default()
         .with_application_transaction(Transaction::new(format!("atlas-ingest-{}", r.batch_id), 0));
-    let (bytes, stats) = encode_file(&batch)?;
+    let (bytes, stats) = encode_file(&batch, BATCHES)?;
     let rel = format!("part-{}.zstd.parquet", r.batch_id);
     let add = put_file(lake, BATCHES, rel, bytes, stats, None).await?;
     let table = NewTable {

@@ -48,8 +48,88 @@ pub enum LakeError {
         table: String,
         source: deltalake::DeltaTableError,
     },
-    #[error("{0}")]
-    Other(String),
+    /// A file or folder of the lake could not be created, read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Copying an input into `raw/` failed.
+    #[error("landing {input} at {path}: {source}")]
+    Land {
+        input: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON record the lake keeps (manifest, chunk counts, start record,
+    /// lease record, the batches row's inputs) could not be written or read.
+    #[error("{path}: {source}")]
+    Json {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Arrow refused the rows built for a table (or another named batch).
+    #[error("{table}: {source}")]
+    Arrow {
+        table: String,
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+    /// A column of a scanned batch could not be cast to what it is read as.
+    #[error("column {column}: {source}")]
+    ColumnCast {
+        column: String,
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+    /// A column of a scanned batch has another type than it is read as.
+    #[error("column {column} is not {expected}")]
+    ColumnType {
+        column: String,
+        expected: &'static str,
+    },
+    /// Encoding a table's rows as Parquet failed.
+    #[error("{table}: writing Parquet: {source}")]
+    Parquet {
+        table: String,
+        #[source]
+        source: deltalake::parquet::errors::ParquetError,
+    },
+    /// Hashing the ingest inputs failed (the error names the input).
+    #[error("hashing the inputs: {source}")]
+    Inputs {
+        #[source]
+        source: atlas_ingest::InputError,
+    },
+    /// Reading the inputs for their identifiers (before the run) failed.
+    #[error("pre-scanning the inputs for identifiers: {source}")]
+    Prescan {
+        #[source]
+        source: std::io::Error,
+    },
+    /// A thread of the ingest pipeline could not be started.
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A task of the ingest pipeline panicked or was cancelled.
+    #[error("{what} task failed: {source}")]
+    Task {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("batch {batch} is recorded but its manifest is missing at {path}")]
+    ManifestMissing { batch: String, path: String },
+    #[error(
+        "another writer created {table} during this run (batch {batch}); this run committed nothing to it, run it again"
+    )]
+    CreatedConcurrently { table: String, batch: String },
 }
 
 /// A DataFusion session configured for lake tables: strings read as plain
@@ -67,12 +147,19 @@ pub fn new_session() -> SessionContext {
 /// Column `i` of `batch` as plain `Utf8`, whatever string encoding the scan
 /// chose (partition columns come dictionary-encoded, strings may be views).
 pub fn text_column(batch: &RecordBatch, i: usize) -> Result<arrow::array::StringArray, LakeError> {
-    let cast = arrow::compute::cast(batch.column(i), &arrow::datatypes::DataType::Utf8)
-        .map_err(|e| LakeError::Other(format!("column {i}: {e}")))?;
+    let cast = arrow::compute::cast(batch.column(i), &arrow::datatypes::DataType::Utf8).map_err(
+        |source| LakeError::ColumnCast {
+            column: i.to_string(),
+            source,
+        },
+    )?;
     cast.as_any()
         .downcast_ref::<arrow::array::StringArray>()
         .cloned()
-        .ok_or_else(|| LakeError::Other(format!("column {i} is not text")))
+        .ok_or_else(|| LakeError::ColumnType {
+            column: i.to_string(),
+            expected: "text",
+        })
 }
 
 /// Calls `f(row, value)` for every row of a text column without copying
@@ -101,12 +188,22 @@ pub fn for_each_text(
     } else if let Some(a) = any.downcast_ref::<LargeStringArray>() {
         each(a.len(), |i| a.is_valid(i), |i| a.value(i), &mut f);
     } else {
-        let cast = arrow::compute::cast(column, &arrow::datatypes::DataType::Utf8)
-            .map_err(|e| LakeError::Other(format!("not a text column: {e}")))?;
-        let a = cast
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .ok_or_else(|| LakeError::Other("not a text column".into()))?;
+        // The caller's column has no name here; its type is what went wrong.
+        let column_type = || format!("of type {}", column.data_type());
+        let cast =
+            arrow::compute::cast(column, &arrow::datatypes::DataType::Utf8).map_err(|source| {
+                LakeError::ColumnCast {
+                    column: column_type(),
+                    source,
+                }
+            })?;
+        let a =
+            cast.as_any()
+                .downcast_ref::<StringArray>()
+                .ok_or_else(|| LakeError::ColumnType {
+                    column: column_type(),
+                    expected: "text",
+                })?;
         each(a.len(), |i| a.is_valid(i), |i| a.value(i), &mut f);
     }
     Ok(())
@@ -272,8 +369,10 @@ impl Lake {
         if url.scheme() == "file"
             && let Ok(p) = url.to_file_path()
         {
-            std::fs::create_dir_all(&p)
-                .map_err(|e| LakeError::Other(format!("{}: {e}", p.display())))?;
+            std::fs::create_dir_all(&p).map_err(|source| LakeError::Io {
+                path: p.display().to_string(),
+                source,
+            })?;
         }
         DeltaTable::try_from_url_with_storage_options(url, self.storage_options.clone())
             .await

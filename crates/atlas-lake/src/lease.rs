@@ -248,7 +248,7 @@ async fn read_holder(lake: &Lake, generation: u64) -> Result<Option<LeaseHolder>
             let bytes = r.bytes().await.map_err(store_err(rel.clone()))?;
             serde_json::from_slice(&bytes)
                 .map(Some)
-                .map_err(|e| LakeError::Other(format!("{rel}: not a lease record: {e}")))
+                .map_err(|source| LakeError::Json { path: rel, source })
         }
         Err(object_store::Error::NotFound { .. }) => Ok(None),
         Err(e) => Err(store_err(rel)(e)),
@@ -268,7 +268,10 @@ pub async fn current_holder(lake: &Lake) -> Result<Option<LeaseHolder>, LakeErro
 fn encode(h: &LeaseHolder) -> Result<PutPayload, LakeError> {
     serde_json::to_vec_pretty(h)
         .map(PutPayload::from)
-        .map_err(|e| LakeError::Other(format!("lease record: {e}")))
+        .map_err(|source| LakeError::Json {
+            path: object_name(h.generation),
+            source,
+        })
 }
 
 impl WriterLease {

@@ -51,7 +51,10 @@ fn ints(b: &arrow::record_batch::RecordBatch, i: usize) -> Result<&Int64Array, L
     b.column(i)
         .as_any()
         .downcast_ref::<Int64Array>()
-        .ok_or_else(|| LakeError::Other(format!("column {i} is not an integer")))
+        .ok_or_else(|| LakeError::ColumnType {
+            column: i.to_string(),
+            expected: "an integer",
+        })
 }
 
 /// Reads the lake's counts.

@@ -352,12 +352,15 @@ impl ViewStore {
                     })
                 })
                 .unwrap_or(0);
-            let schema: StructType = v
-                .plan
-                .schema()
-                .as_ref()
-                .try_into_kernel()
-                .map_err(|e| ViewStoreError::Other(format!("view {} schema: {e}", v.name)))?;
+            let schema: StructType =
+                v.plan
+                    .schema()
+                    .as_ref()
+                    .try_into_kernel()
+                    .map_err(|source| ViewStoreError::Schema {
+                        view: v.name.clone(),
+                        source,
+                    })?;
             let description = v
                 .definition
                 .get("description")
@@ -468,7 +471,9 @@ impl ViewStore {
         let key_column = v
             .key_column
             .clone()
-            .ok_or_else(|| ViewStoreError::Other(format!("view {} has no key column", v.name)))?;
+            .ok_or_else(|| ViewStoreError::NoKeyColumn {
+                view: v.name.clone(),
+            })?;
         // Mark the rows of touched resources deleted in the files that hold
         // them: a deletion vector per file, or, where a file would lose more
         // than 1/COMPACT_AT of its rows (or the table predates deletion
@@ -633,9 +638,10 @@ impl ViewStore {
                     }
                 }
             }
-            reader
-                .await
-                .map_err(|e| ViewStoreError::Other(format!("reader task: {e}")))?;
+            reader.await.map_err(|source| ViewStoreError::Task {
+                what: "store reader",
+                source,
+            })?;
         }
         tracing::info!(types = ?types, resources = by_ref.len(), "loaded resources for resolve()");
         Ok(Some(Arc::new(StoreResolver { by_ref })))
@@ -679,8 +685,10 @@ impl ViewStore {
             let Some(result) = in_flight.next().await else {
                 break;
             };
-            let out =
-                result.map_err(|e| ViewStoreError::Other(format!("evaluation task: {e}")))??;
+            let out = result.map_err(|source| ViewStoreError::Task {
+                what: "evaluation",
+                source,
+            })??;
             done += out.resources;
             stats.resources += out.resources;
             stats.errors += out.errors.0;
@@ -697,9 +705,10 @@ impl ViewStore {
                 p(label, done, total);
             }
         }
-        reader
-            .await
-            .map_err(|e| ViewStoreError::Other(format!("reader task: {e}")))?;
+        reader.await.map_err(|source| ViewStoreError::Task {
+            what: "store reader",
+            source,
+        })?;
         Ok(stats)
     }
 }
@@ -816,9 +825,14 @@ fn evaluate(
     }
     let batches = builders
         .iter_mut()
-        .map(|b| b.finish())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ViewStoreError::Other(e.to_string()))?;
+        .zip(set.views())
+        .map(|(b, v)| {
+            b.finish().map_err(|source| ViewStoreError::Rows {
+                view: v.name().unwrap_or("(unnamed)").to_owned(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Evaluated {
         resources,
         batches,
@@ -830,6 +844,8 @@ fn evaluate(
 /// Gathers one view's rows, writes them sorted by (patient key, resource
 /// key) in files of about `file_rows` rows, and returns the Add actions.
 struct ViewSink {
+    /// The view's catalog name, for errors.
+    view: String,
     plan: Arc<CompiledView>,
     schema: SchemaRef,
     sort_columns: Vec<usize>,
@@ -878,6 +894,7 @@ impl ViewSink {
         .map_err(delta(&v.name))?
         .with_writer_properties(props.build());
         Ok(ViewSink {
+            view: v.name.clone(),
             plan: v.plan.clone(),
             schema,
             sort_columns,
@@ -888,6 +905,13 @@ impl ViewSink {
             adds: Vec::new(),
             rows_written: 0,
         })
+    }
+
+    fn arrow_err(&self) -> impl FnOnce(arrow::error::ArrowError) -> ViewStoreError + '_ {
+        |source| ViewStoreError::Arrow {
+            view: self.view.clone(),
+            source,
+        }
     }
 
     async fn push(&mut self, batch: RecordBatch) -> Result<(), ViewStoreError> {
@@ -906,8 +930,7 @@ impl ViewSink {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let batch = concat_batches(&self.schema, &self.pending)
-            .map_err(|e| ViewStoreError::Other(e.to_string()))?;
+        let batch = concat_batches(&self.schema, &self.pending).map_err(self.arrow_err())?;
         self.pending.clear();
         self.pending_rows = 0;
         let batch = if self.sort_columns.is_empty() {
@@ -921,20 +944,12 @@ impl ViewSink {
                     options: None,
                 })
                 .collect();
-            let idx = lexsort_to_indices(&cols, None)
-                .map_err(|e| ViewStoreError::Other(e.to_string()))?;
-            take_record_batch(&batch, &idx).map_err(|e| ViewStoreError::Other(e.to_string()))?
+            let idx = lexsort_to_indices(&cols, None).map_err(self.arrow_err())?;
+            take_record_batch(&batch, &idx).map_err(self.arrow_err())?
         };
         self.rows_written += batch.num_rows() as u64;
-        self.writer
-            .write(batch)
-            .await
-            .map_err(|e| ViewStoreError::Other(format!("writing view rows: {e}")))?;
-        let adds = self
-            .writer
-            .flush()
-            .await
-            .map_err(|e| ViewStoreError::Other(format!("writing view rows: {e}")))?;
+        self.writer.write(batch).await.map_err(delta(&self.view))?;
+        let adds = self.writer.flush().await.map_err(delta(&self.view))?;
         self.adds.extend(adds);
         Ok(())
     }
@@ -955,13 +970,15 @@ impl ViewSink {
             &self.sort_columns,
             &mut self.writer,
             self.file_rows,
+            &self.view,
         )
         .await?;
         if rows != self.rows_written {
-            return Err(ViewStoreError::Other(format!(
-                "clustering view files wrote {rows} rows, expected {}",
-                self.rows_written
-            )));
+            return Err(ViewStoreError::ClusterRows {
+                view: self.view.clone(),
+                written: rows,
+                expected: self.rows_written,
+            });
         }
         Ok((adds, rows))
     }

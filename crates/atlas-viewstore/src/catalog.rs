@@ -198,11 +198,15 @@ impl ViewStore {
         }
         let store = self.lake.object_store();
         let prefix = self.lake.path("catalog/views");
-        let mut metas: Vec<_> = store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| ViewStoreError::Other(format!("listing {prefix}: {e}")))?;
+        let mut metas: Vec<_> =
+            store
+                .list(Some(&prefix))
+                .try_collect()
+                .await
+                .map_err(|source| ViewStoreError::Store {
+                    path: prefix.to_string(),
+                    source,
+                })?;
         metas.sort_by(|a, b| a.location.cmp(&b.location));
         for m in metas {
             let Some(file) = m.location.filename() else {
@@ -211,8 +215,9 @@ impl ViewStore {
             let Some(name) = file.strip_suffix(".json") else {
                 continue;
             };
-            let read = |e: object_store::Error| {
-                ViewStoreError::Other(format!("reading {}: {e}", m.location))
+            let read = |source: object_store::Error| ViewStoreError::Store {
+                path: m.location.to_string(),
+                source,
             };
             let bytes = store
                 .get(&m.location)
@@ -268,13 +273,21 @@ impl ViewStore {
                 entry.name
             )));
         }
-        let pretty = serde_json::to_vec_pretty(&entry.definition)
-            .map_err(|e| ViewStoreError::Other(e.to_string()))?;
+        let path = self.catalog_path(&entry.name);
+        let pretty = serde_json::to_vec_pretty(&entry.definition).map_err(|source| {
+            ViewStoreError::Json {
+                path: path.to_string(),
+                source,
+            }
+        })?;
         self.lake
             .object_store()
-            .put(&self.catalog_path(&entry.name), PutPayload::from(pretty))
+            .put(&path, PutPayload::from(pretty))
             .await
-            .map_err(|e| ViewStoreError::Other(format!("saving view {}: {e}", entry.name)))?;
+            .map_err(|source| ViewStoreError::Store {
+                path: path.to_string(),
+                source,
+            })?;
         Ok(entry)
     }
 
@@ -289,22 +302,32 @@ impl ViewStore {
         let store = self.lake.object_store();
         // The catalog entry goes first: a crash after it leaves only an
         // orphaned table folder, which the next create of that name overwrites.
+        let path = self.catalog_path(name);
         store
-            .delete(&self.catalog_path(name))
+            .delete(&path)
             .await
-            .map_err(|e| ViewStoreError::Other(format!("dropping view {name}: {e}")))?;
+            .map_err(|source| ViewStoreError::Store {
+                path: path.to_string(),
+                source,
+            })?;
         let prefix = self.lake.path(&entry.table_dir());
         let files: Vec<_> = store
             .list(Some(&prefix))
             .map_ok(|m| m.location)
             .try_collect()
             .await
-            .map_err(|e| ViewStoreError::Other(format!("listing {prefix}: {e}")))?;
+            .map_err(|source| ViewStoreError::Store {
+                path: prefix.to_string(),
+                source,
+            })?;
         for f in files {
             store
                 .delete(&f)
                 .await
-                .map_err(|e| ViewStoreError::Other(format!("deleting {f}: {e}")))?;
+                .map_err(|source| ViewStoreError::Store {
+                    path: f.to_string(),
+                    source,
+                })?;
         }
         if self.lake.is_local()
             && let Ok(root) = self.lake.root().to_file_path()

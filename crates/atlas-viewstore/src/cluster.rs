@@ -31,8 +31,18 @@ use crate::ViewStoreError;
 /// Rows per merged output batch (and per input batch read).
 const BATCH_ROWS: usize = 8192;
 
-fn other(e: impl std::fmt::Display) -> ViewStoreError {
-    ViewStoreError::Other(e.to_string())
+fn arrow_err(view: &str) -> impl Fn(arrow::error::ArrowError) -> ViewStoreError + '_ {
+    move |source| ViewStoreError::Arrow {
+        view: view.to_owned(),
+        source,
+    }
+}
+
+fn delta_err(view: &str) -> impl Fn(deltalake::DeltaTableError) -> ViewStoreError + '_ {
+    move |source| ViewStoreError::Delta {
+        table: view.to_owned(),
+        source: Box::new(source),
+    }
 }
 
 /// One sorted input file being merged.
@@ -55,6 +65,7 @@ impl Cursor {
         converter: &RowConverter,
         sort_columns: &[usize],
         sources: &mut Vec<RecordBatch>,
+        view: &str,
     ) -> Result<(), ViewStoreError> {
         self.rows = None;
         while let Some(batch) = self.stream.next().await {
@@ -69,7 +80,7 @@ impl Cursor {
                 .iter()
                 .map(|&i| batch.column(i).clone())
                 .collect();
-            self.rows = Some(converter.convert_columns(&cols).map_err(other)?);
+            self.rows = Some(converter.convert_columns(&cols).map_err(arrow_err(view))?);
             self.len = batch.num_rows();
             self.pos = 0;
             self.source = sources.len();
@@ -83,6 +94,7 @@ impl Cursor {
 /// Merges `files` (each sorted ascending, nulls first, by `sort_columns`)
 /// into `writer`, starting a new file every `file_rows` rows, and deletes
 /// the inputs. Returns the new files' Add actions and the rows written.
+/// `view` names the view in errors.
 pub(crate) async fn merge_sorted_files(
     store: Arc<dyn ObjectStore>,
     files: &[Add],
@@ -90,6 +102,7 @@ pub(crate) async fn merge_sorted_files(
     sort_columns: &[usize],
     writer: &mut RecordBatchWriter,
     file_rows: usize,
+    view: &str,
 ) -> Result<(Vec<Add>, u64), ViewStoreError> {
     #[allow(deprecated)]
     use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
@@ -99,12 +112,15 @@ pub(crate) async fn merge_sorted_files(
             .map(|&i| SortField::new(schema.field(i).data_type().clone()))
             .collect(),
     )
-    .map_err(other)?;
+    .map_err(arrow_err(view))?;
     let mut sources: Vec<RecordBatch> = Vec::new();
     let mut cursors = Vec::with_capacity(files.len());
     let mut paths = Vec::with_capacity(files.len());
     for add in files {
-        let path = Path::from_url_path(&add.path).map_err(other)?;
+        let path = Path::from_url_path(&add.path).map_err(|source| ViewStoreError::Path {
+            path: add.path.clone(),
+            source,
+        })?;
         #[allow(deprecated)]
         let reader =
             ParquetObjectReader::new(store.clone(), path.clone()).with_file_size(add.size as u64);
@@ -123,7 +139,8 @@ pub(crate) async fn merge_sorted_files(
             pos: 0,
             source: 0,
         };
-        c.advance(&converter, sort_columns, &mut sources).await?;
+        c.advance(&converter, sort_columns, &mut sources, view)
+            .await?;
         cursors.push(c);
         paths.push(path);
     }
@@ -158,12 +175,13 @@ pub(crate) async fn merge_sorted_files(
             picks.push((c.source, c.pos));
             c.pos += 1;
             if c.pos == c.len {
-                c.advance(&converter, sort_columns, &mut sources).await?;
+                c.advance(&converter, sort_columns, &mut sources, view)
+                    .await?;
             }
         }
         if picks.len() == out_rows || (done && !picks.is_empty()) {
             let refs: Vec<&RecordBatch> = sources.iter().collect();
-            let batch = interleave_record_batch(&refs, &picks).map_err(other)?;
+            let batch = interleave_record_batch(&refs, &picks).map_err(arrow_err(view))?;
             picks.clear();
             // Keep only the batches the cursors still read from.
             let mut kept = Vec::new();
@@ -173,19 +191,11 @@ pub(crate) async fn merge_sorted_files(
             }
             sources = kept;
             let n = batch.num_rows();
-            writer
-                .write(batch)
-                .await
-                .map_err(|e| other(format!("writing clustered view rows: {e}")))?;
+            writer.write(batch).await.map_err(delta_err(view))?;
             written += n as u64;
             in_file += n;
             if in_file >= file_rows {
-                adds.extend(
-                    writer
-                        .flush()
-                        .await
-                        .map_err(|e| other(format!("writing clustered view rows: {e}")))?,
-                );
+                adds.extend(writer.flush().await.map_err(delta_err(view))?);
                 in_file = 0;
             }
         }
@@ -193,12 +203,7 @@ pub(crate) async fn merge_sorted_files(
             break;
         }
     }
-    adds.extend(
-        writer
-            .flush()
-            .await
-            .map_err(|e| other(format!("writing clustered view rows: {e}")))?,
-    );
+    adds.extend(writer.flush().await.map_err(delta_err(view))?);
     // The inputs were never committed; removing them is tidiness, not
     // correctness, so a failure here is logged and the build goes on.
     for p in paths {
@@ -265,10 +270,17 @@ mod tests {
         }
         expected.sort();
         assert_eq!(inputs.len(), 3);
-        let (adds, written) =
-            merge_sorted_files(store.clone(), &inputs, &schema, &[0, 1], &mut writer, 600)
-                .await
-                .expect("merge");
+        let (adds, written) = merge_sorted_files(
+            store.clone(),
+            &inputs,
+            &schema,
+            &[0, 1],
+            &mut writer,
+            600,
+            "t",
+        )
+        .await
+        .expect("merge");
         assert_eq!(written, 1500);
         assert_eq!(adds.len(), 3, "600-row files from 1,500 rows");
         let mut got = Vec::new();

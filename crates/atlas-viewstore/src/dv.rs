@@ -68,7 +68,11 @@ pub(crate) async fn write(
 ) -> Result<Vec<DeletionVectorDescriptor>, ViewStoreError> {
     let uuid = uuid::Uuid::new_v4();
     let name = format!("deletion_vector_{uuid}.bin");
-    let err = |message: String| ViewStoreError::Other(format!("writing {name}: {message}"));
+    let err = |source: delta_kernel::Error| ViewStoreError::DeletionVector {
+        table: table.table_url().to_string(),
+        file: name.clone(),
+        source: Box::new(source),
+    };
     let mut bytes = Vec::new();
     let mut written = Vec::with_capacity(vectors.len());
     {
@@ -76,13 +80,9 @@ pub(crate) async fn write(
         for v in vectors {
             let mut dv = KernelDeletionVector::new();
             dv.add_deleted_row_indexes(v.iter());
-            written.push(
-                writer
-                    .write_deletion_vector(dv)
-                    .map_err(|e| err(e.to_string()))?,
-            );
+            written.push(writer.write_deletion_vector(dv).map_err(err)?);
         }
-        writer.finalize().map_err(|e| err(e.to_string()))?;
+        writer.finalize().map_err(err)?;
     }
     table
         .object_store()
@@ -91,7 +91,13 @@ pub(crate) async fn write(
             bytes::Bytes::from(bytes).into(),
         )
         .await
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|source| ViewStoreError::Store {
+            path: format!(
+                "{}/{name}",
+                table.table_url().as_str().trim_end_matches('/')
+            ),
+            source,
+        })?;
     let encoded = z85::encode(uuid.as_bytes());
     Ok(written
         .into_iter()
