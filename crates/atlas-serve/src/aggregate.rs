@@ -399,8 +399,8 @@ pub(crate) async fn aggregate(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     crate::ontology::check_ontology(&ontology)?;
-    let p = crate::objects::params(raw, &["patientId", "dateFrom", "dateTo"])?;
-    let narrow: Narrow = crate::objects::narrow(&p)?;
+    let p = crate::params::params(raw, &["patientId", "dateFrom", "dateTo"])?;
+    let narrow: Narrow = crate::params::narrow(&p)?;
     let body: AggregateBody = serde_json::from_slice(&body).map_err(|e| {
         bad(
             "InvalidRequestBody",
@@ -421,7 +421,7 @@ pub(crate) async fn aggregate(
             ));
         }
     };
-    let (set, t) = crate::objects::decode_set(&state, &body.object_set, body.where_.as_ref())?;
+    let (set, t) = crate::params::decode_set(&state, &body.object_set, body.where_.as_ref())?;
     if body.aggregation.is_empty() || body.aggregation.len() > 100 {
         return Err(bad(
             "InvalidAggregation",
@@ -602,4 +602,8 @@ pub(crate) async fn aggregate(
     // the patients are not counted (null), not that there were none.
     atlas_access::Egress::for_request().aggregates(total as u64);
     Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
+}
+
+pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    utoipa_axum::router::OpenApiRouter::new().routes(utoipa_axum::routes!(aggregate))
 }

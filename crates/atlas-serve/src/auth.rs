@@ -334,13 +334,13 @@ const REALM: &str = "atlas";
 /// or shape, `invalid_token` for a token that does not verify). The
 /// reason is noted for the audit record and logged.
 fn refused(kind: Refusal, reason: &str) -> ApiError {
-    let reason = crate::audit::redact(reason);
+    let reason = atlas_access::facts::redact(reason);
     match kind {
         // No credentials at all: health probes and first tries, not news.
         Refusal::Missing => tracing::debug!(reason = %reason, "request refused: 401"),
         _ => tracing::info!(reason = %reason, "request refused: 401"),
     }
-    crate::audit::note(|f| f.reason = Some(reason.clone()));
+    atlas_access::facts::note(|f| f.reason = Some(reason.clone()));
     let (message, challenge) = match kind {
         Refusal::Missing => (
             "this endpoint needs 'Authorization: Bearer <token>'",
@@ -784,7 +784,7 @@ impl FromRequestParts<AppState> for Principal {
                     .to_owned(),
             ),
         };
-        crate::audit::note(|f| {
+        atlas_access::facts::note(|f| {
             f.subject = Some(who.subject.clone());
             f.issuer = Some(who.issuer.clone());
             f.client = who.client_id.clone();
@@ -798,7 +798,7 @@ impl FromRequestParts<AppState> for Principal {
         if let Some(h) = header {
             purpose_from_header(&h, info.purposes.as_deref(), &state.config.auth)?;
             who.purpose = Some(h);
-            crate::audit::note(|f| f.purpose = who.purpose.clone());
+            atlas_access::facts::note(|f| f.purpose = who.purpose.clone());
         }
         // The principal's turn (`[limits] max_concurrent_per_principal`).
         crate::limits::admit(parts, state, &who).await;
@@ -832,7 +832,7 @@ fn purpose_from_header(
         ),
     };
     tracing::info!(reason = %reason, "request refused: 403");
-    crate::audit::note(|f| f.reason = Some(reason));
+    atlas_access::facts::note(|f| f.reason = Some(reason));
     Err(ApiError::new(
         StatusCode::FORBIDDEN,
         "PurposeNotPermitted",
@@ -940,7 +940,7 @@ pub struct TokenRequest {
 
 /// The key files a lake holds (the dev issuer's signing key, the
 /// page-token key).
-pub const KEY_FILES: &[&str] = &[DEV_KEY_PATH, crate::token::KEY_PATH];
+pub const KEY_FILES: &[&str] = &[DEV_KEY_PATH, atlas_access::token::KEY_PATH];
 
 /// The path of `path` on disk, for a lake on the local file system.
 fn local_file(lake: &Lake, path: &str) -> Option<PathBuf> {

@@ -35,10 +35,10 @@ use atlas_policy::{Action, Decision, Grant, Principal, RowScope};
 
 use crate::error::internal;
 use crate::query::{Planner, Providers, after_expr, allowed_rows, column, key_json, write_str};
-use crate::token::digest;
 use crate::{ApiError, AppState};
 use atlas_access::Egress;
 use atlas_access::egress::ResourceRelease;
+use atlas_access::token::digest;
 
 use atlas_access::tables::STORE_DIR;
 const STORE: &str = "resources";

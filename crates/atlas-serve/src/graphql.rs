@@ -43,53 +43,7 @@ use crate::graphql_limits::{DocumentLimits, scan_text};
 use crate::query::{Narrow, PageRequest, Planner, Query, column, snapshot};
 use crate::{ApiError, AppState};
 
-/// `[graphql]` in `atlas.toml`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GraphqlConfig {
-    pub max_depth: usize,
-    pub max_complexity: usize,
-    /// Objects one request may return in total (all levels).
-    pub max_rows: usize,
-    /// Objects one link field returns per parent when `first` is not given.
-    pub default_link_size: usize,
-    /// Schema introspection; unset means on exactly when dev auth is on.
-    pub introspection: Option<bool>,
-    /// The largest query text accepted (bytes).
-    pub max_query_bytes: usize,
-    /// How deep `{`, `[` and `(` may nest in the query text.
-    pub max_nesting: usize,
-    /// Fragment spreads per document, as written.
-    pub max_fragment_spreads: usize,
-    /// Aliases per document, as written.
-    pub max_aliases: usize,
-    /// Root fields of the operation, fragments expanded.
-    pub max_root_fields: usize,
-    /// Fields of the operation with every fragment expanded (computed once
-    /// per fragment, so a chain of doubling fragments costs its length).
-    pub max_fields: usize,
-    /// Batched link queries one request may run.
-    pub max_link_queries: usize,
-}
-
-impl Default for GraphqlConfig {
-    fn default() -> Self {
-        GraphqlConfig {
-            max_depth: 12,
-            max_complexity: 5_000,
-            max_rows: 100_000,
-            default_link_size: 1_000,
-            introspection: None,
-            max_query_bytes: 64 << 10,
-            max_nesting: 64,
-            max_fragment_spreads: 256,
-            max_aliases: 128,
-            max_root_fields: 16,
-            max_fields: 5_000,
-            max_link_queries: 256,
-        }
-    }
-}
+pub use crate::graphql_limits::GraphqlConfig;
 
 /// One object being resolved: its type and properties (by api name).
 struct Obj {
@@ -104,7 +58,7 @@ struct RequestCtx {
     link_queries: AtomicUsize,
     /// The request's audit facts, for link loads that run in tasks of
     /// their own.
-    audit: Option<Arc<std::sync::Mutex<crate::audit::Facts>>>,
+    audit: Option<Arc<std::sync::Mutex<atlas_access::facts::Facts>>>,
 }
 
 impl RequestCtx {
@@ -460,7 +414,7 @@ fn narrow_args(ctx: &ResolverContext<'_>) -> Result<Narrow, async_graphql::Error
             p.insert(param.to_owned(), v);
         }
     }
-    crate::objects::narrow(&p).map_err(gql_error)
+    crate::params::narrow(&p).map_err(gql_error)
 }
 
 async fn root_connection<'a>(
@@ -485,7 +439,7 @@ async fn root_connection<'a>(
         };
     }
     let order =
-        crate::objects::order_param(opt_string(ctx, "orderBy")?.as_ref(), t).map_err(gql_error)?;
+        crate::params::order_param(opt_string(ctx, "orderBy")?.as_ref(), t).map_err(gql_error)?;
     let q = Query {
         set,
         order,
@@ -649,7 +603,7 @@ impl Loader<LinkKey> for LinkLoader {
             let side = ks[0].side.clone();
             let args = ks[0].args.clone();
             let parents: Vec<String> = ks.iter().map(|k| k.parent.clone()).collect();
-            let mut by_parent = crate::audit::scoped(
+            let mut by_parent = atlas_access::facts::scoped(
                 self.ctx.audit.clone(),
                 self.load_group(&side, &args, &parents),
             )
@@ -705,7 +659,7 @@ impl LinkLoader {
             if let Some(v) = &args.narrow_to {
                 p.insert("dateTo".to_owned(), v.clone());
             }
-            crate::objects::narrow(&p)?
+            crate::params::narrow(&p)?
         };
         let (_, providers) = snapshot(state, &set, None).await?;
         let mut planner = Planner::new(state, &self.ctx.who, Action::Search, &providers);
@@ -798,7 +752,7 @@ pub(crate) async fn handler(
         who,
         rows: AtomicUsize::new(0),
         link_queries: AtomicUsize::new(0),
-        audit: crate::audit::current(),
+        audit: atlas_access::facts::current(),
     });
     // Link loads run in tasks of their own: they end with the request (its
     // deadline drops this future, and `LinkTasks` with it).
@@ -917,4 +871,8 @@ impl Drop for LinkTasks {
             t.iter().for_each(tokio::task::AbortHandle::abort);
         }
     }
+}
+
+pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    utoipa_axum::router::OpenApiRouter::new().routes(utoipa_axum::routes!(handler))
 }

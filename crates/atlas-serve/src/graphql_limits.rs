@@ -18,6 +18,7 @@
 //! Only a document that passes reaches async-graphql's validation, whose
 //! cost is then bounded by `max_fields`.
 
+use serde::Deserialize;
 use std::collections::HashMap;
 
 use async_graphql::Variables;
@@ -30,7 +31,7 @@ use async_graphql::{Name, Positioned, Value};
 /// and the page size a root connection gets without `first`.
 #[derive(Debug, Clone)]
 pub struct DocumentLimits<'a> {
-    pub graphql: &'a crate::graphql::GraphqlConfig,
+    pub graphql: &'a GraphqlConfig,
     pub default_page_size: usize,
 }
 
@@ -362,13 +363,61 @@ impl<'a> Expander<'a> {
     }
 }
 
+/// `[graphql]` in `atlas.toml`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GraphqlConfig {
+    pub max_depth: usize,
+    pub max_complexity: usize,
+    /// Objects one request may return in total (all levels).
+    pub max_rows: usize,
+    /// Objects one link field returns per parent when `first` is not given.
+    pub default_link_size: usize,
+    /// Schema introspection; unset means on exactly when dev auth is on.
+    pub introspection: Option<bool>,
+    /// The largest query text accepted (bytes).
+    pub max_query_bytes: usize,
+    /// How deep `{`, `[` and `(` may nest in the query text.
+    pub max_nesting: usize,
+    /// Fragment spreads per document, as written.
+    pub max_fragment_spreads: usize,
+    /// Aliases per document, as written.
+    pub max_aliases: usize,
+    /// Root fields of the operation, fragments expanded.
+    pub max_root_fields: usize,
+    /// Fields of the operation with every fragment expanded (computed once
+    /// per fragment, so a chain of doubling fragments costs its length).
+    pub max_fields: usize,
+    /// Batched link queries one request may run.
+    pub max_link_queries: usize,
+}
+
+impl Default for GraphqlConfig {
+    fn default() -> Self {
+        GraphqlConfig {
+            max_depth: 12,
+            max_complexity: 5_000,
+            max_rows: 100_000,
+            default_link_size: 1_000,
+            introspection: None,
+            max_query_bytes: 64 << 10,
+            max_nesting: 64,
+            max_fragment_spreads: 256,
+            max_aliases: 128,
+            max_root_fields: 16,
+            max_fields: 5_000,
+            max_link_queries: 256,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// Tighter than the defaults where a test needs a small document.
-    fn config() -> crate::graphql::GraphqlConfig {
-        crate::graphql::GraphqlConfig {
+    fn config() -> GraphqlConfig {
+        GraphqlConfig {
             max_nesting: 32,
             max_fragment_spreads: 100,
             max_aliases: 64,
@@ -376,7 +425,7 @@ mod tests {
         }
     }
 
-    fn limits(g: &crate::graphql::GraphqlConfig) -> DocumentLimits<'_> {
+    fn limits(g: &GraphqlConfig) -> DocumentLimits<'_> {
         DocumentLimits {
             graphql: g,
             default_page_size: 250,

@@ -29,6 +29,7 @@ mod metrics;
 mod objects;
 mod ontology;
 mod openapi;
+mod params;
 mod sql;
 mod stream;
 mod tls;
@@ -57,7 +58,7 @@ pub use tls::TlsConfig;
 
 use atlas_lake::Lake;
 // The seam's modules, so handlers name them as before (`crate::query::…`).
-use atlas_access::{query, token};
+use atlas_access::query;
 use atlas_ontology::Ontology;
 
 /// What every handler shares: the access seam ([`Access`], reached
@@ -191,6 +192,9 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(metrics::render))
         .merge(ontology::routes())
         .merge(objects::routes())
+        .merge(aggregate::routes())
+        .merge(graphql::routes())
+        .merge(stream::routes())
         .merge(fhir::routes())
         .merge(sql::routes())
 }

@@ -346,7 +346,7 @@ impl Stream for CutBody {
         if let Some(why) = s.why {
             drop(s);
             self.ended = true;
-            crate::audit::note(|f| f.cut = Some(why.0));
+            atlas_access::facts::note(|f| f.cut = Some(why.0));
             tracing::warn!(reason = why.0, "stream cut");
             return Poll::Ready(Some(Err(axum::Error::new(why.0))));
         }

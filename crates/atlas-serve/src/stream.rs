@@ -386,7 +386,7 @@ pub(crate) async fn view_rows(
     who: Principal,
 ) -> Result<Response, ApiError> {
     use datafusion::logical_expr::{LogicalPlanBuilder, lit};
-    let p = crate::objects::params(raw, &["format", "patientId"])?;
+    let p = crate::params::params(raw, &["format", "patientId"])?;
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format =
         Format::choose(p.get("format").map(String::as_str), accept)?.unwrap_or(Format::Ndjson);
@@ -481,4 +481,8 @@ pub(crate) async fn view_rows(
         Body::from_stream(body),
     )
         .into_response())
+}
+
+pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    utoipa_axum::router::OpenApiRouter::new().routes(utoipa_axum::routes!(view_rows))
 }
