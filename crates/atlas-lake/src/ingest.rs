@@ -854,6 +854,172 @@ fn parse_hash(s: &str) -> u128 {
     u128::from_str_radix(s, 16).unwrap_or(0)
 }
 
+/// A chunk's events before the store is consulted: the counts so far, the
+/// rejected lines, and one candidate per key (duplicates within the chunk
+/// resolved, last wins).
+struct Classified {
+    rec: ChunkRecord,
+    rejects: Vec<Rejection>,
+    candidates: Vec<Candidate>,
+    /// `key_hash` of each candidate, in the same order.
+    keys: Vec<u128>,
+}
+
+/// What a chunk writes to `resources`, borrowed from its candidates.
+#[derive(Default)]
+struct Writes<'c> {
+    /// New keys, appended.
+    appends: Vec<&'c Candidate>,
+    /// Keys the store has, replaced by MERGE.
+    replaces: Vec<&'c Candidate>,
+    /// Earlier copies stored by an earlier chunk of this batch, quarantined.
+    late_duplicates: Vec<Rejection>,
+}
+
+/// Counts the chunk's events and turns them into candidates, one per key.
+fn classify_events(events: Vec<Event>) -> Classified {
+    let mut out = Classified {
+        rec: ChunkRecord::default(),
+        rejects: Vec::new(),
+        candidates: Vec::with_capacity(events.len()),
+        keys: Vec::with_capacity(events.len()),
+    };
+    let mut latest: HashMap<u128, usize> = HashMap::with_capacity(events.len());
+    let mut runs = LineRuns::default();
+    for ev in events {
+        out.rec.outcomes.lines_read += 1;
+        runs.count(event_file(&ev), &mut out.rec.lines_by_file);
+        let Some(cand) = out.candidate(ev) else {
+            continue;
+        };
+        let Some((ty, id)) = cand.key() else { continue };
+        let key = key_hash(ty, id);
+        if let Some(&prev) = latest.get(&key)
+            && !out.supersede(prev, &cand)
+        {
+            continue;
+        }
+        latest.insert(key, out.candidates.len());
+        out.keys.push(key);
+        out.candidates.push(cand);
+    }
+    runs.finish(&mut out.rec.lines_by_file);
+    out
+}
+
+impl Classified {
+    /// The candidate an event stands for; skips and rejections are counted
+    /// and kept here instead.
+    fn candidate(&mut self, ev: Event) -> Option<Candidate> {
+        match ev {
+            Event::Skip(_) => {
+                self.rec.outcomes.skipped += 1;
+                None
+            }
+            Event::Reject(r) => {
+                self.rejects.push(*r);
+                None
+            }
+            Event::Resource(r) => {
+                self.rec.outcomes.unresolved_references += i64::from(r.unresolved_refs);
+                Some(Candidate::Resource(r))
+            }
+            Event::Delete(d) => Some(Candidate::Tombstone {
+                resource_type: d.resource_type,
+                id: d.id,
+                file: d.origin.file,
+                line: d.origin.line,
+            }),
+        }
+    }
+
+    /// `cand` repeats the key of candidate `prev`: false when it is the same
+    /// content (counted unchanged, dropped), else the earlier copy is
+    /// quarantined and `cand` takes its place (last wins within a batch).
+    fn supersede(&mut self, prev: usize, cand: &Candidate) -> bool {
+        let same = match (&self.candidates[prev], cand) {
+            (Candidate::Resource(a), Candidate::Resource(b)) => {
+                a.version.content_hash == b.version.content_hash
+            }
+            (Candidate::Tombstone { .. }, Candidate::Tombstone { .. }) => true,
+            _ => false,
+        };
+        if same {
+            self.rec.outcomes.unchanged += 1;
+            return false;
+        }
+        let earlier = std::mem::replace(&mut self.candidates[prev], Candidate::Dropped);
+        self.rejects.push(duplicate_rejection(earlier, cand));
+        self.rec.outcomes.duplicates += 1;
+        true
+    }
+}
+
+fn event_file(ev: &Event) -> &Arc<str> {
+    match ev {
+        Event::Resource(r) => &r.origin.file,
+        Event::Delete(d) => &d.origin.file,
+        Event::Reject(r) => &r.origin.file,
+        Event::Skip(o) => &o.file,
+    }
+}
+
+/// Lines per file. Events arrive file by file, so runs of lines are counted
+/// and the map is touched once per run, not once per line.
+#[derive(Default)]
+struct LineRuns(Option<(Arc<str>, i64)>);
+
+impl LineRuns {
+    fn count(&mut self, file: &Arc<str>, lines_by_file: &mut BTreeMap<String, i64>) {
+        match &mut self.0 {
+            Some((f, n)) if Arc::ptr_eq(f, file) || **f == **file => *n += 1,
+            _ => {
+                if let Some((f, n)) = self.0.replace((file.clone(), 1)) {
+                    *lines_by_file.entry(f.to_string()).or_default() += n;
+                }
+            }
+        }
+    }
+
+    fn finish(self, lines_by_file: &mut BTreeMap<String, i64>) {
+        if let Some((f, n)) = self.0 {
+            *lines_by_file.entry(f.to_string()).or_default() += n;
+        }
+    }
+}
+
+/// Counts the chunk's quarantined lines, in total and by reason.
+fn count_quarantined(rec: &mut ChunkRecord, rejects: &[Rejection]) {
+    rec.outcomes.quarantined += rejects.len() as i64;
+    for r in rejects {
+        *rec.quarantine_by_reason
+            .entry(r.reason.code().to_owned())
+            .or_default() += 1;
+    }
+}
+
+/// The quarantine row for a copy an earlier chunk of this batch stored,
+/// superseded by `r` (the later line wins).
+fn late_duplicate_rejection(r: &ParsedResource, ex: &Existing) -> Rejection {
+    let (ty, id) = (&r.resource_type, &r.id);
+    let mut rej = Rejection::new(
+        Reason::DuplicateId,
+        format!(
+            "{ty}/{id} appears again at {}:{} in the same batch with different content; the later line wins",
+            r.origin.file, r.origin.line
+        ),
+        b"",
+        atlas_ingest::Origin {
+            file: Arc::from(ex.file.as_str()),
+            line: ex.line as u64,
+        },
+    );
+    rej.resource_type = Some(ty.to_owned());
+    rej.resource_id = Some(id.to_owned());
+    rej.field = Some("id".into());
+    rej
+}
+
 impl Batch<'_> {
     fn chunk_path(&self, chunk_no: i64) -> String {
         format!("{}/chunks/{chunk_no:06}.json", self.raw_dir)
@@ -868,206 +1034,22 @@ impl Batch<'_> {
         events: Vec<Event>,
         in_flight: &mut Option<tokio::task::JoinHandle<Result<(), LakeError>>>,
     ) -> Result<Option<ChunkWrite>, LakeError> {
-        if self.resources_txn.is_some_and(|v| v >= chunk_no)
-            && let Some(bytes) = get(self.lake, &self.chunk_path(chunk_no)).await?
-        {
-            let rec: ChunkRecord =
-                serde_json::from_slice(&bytes).map_err(|source| LakeError::Json {
-                    path: self.chunk_path(chunk_no),
-                    source,
-                })?;
+        if let Some(rec) = self.committed_chunk(chunk_no).await? {
             self.add_totals(&rec);
             return Ok(None);
         }
-
-        let mut rec = ChunkRecord::default();
-        let mut rejects: Vec<Rejection> = Vec::new();
-        let mut candidates: Vec<Candidate> = Vec::with_capacity(events.len());
-        let mut keys: Vec<u128> = Vec::with_capacity(events.len());
-        let mut latest: HashMap<u128, usize> = HashMap::with_capacity(events.len());
-        // Events arrive file by file: count runs, not lines, in the map.
-        let mut run: Option<(Arc<str>, i64)> = None;
-        for ev in events {
-            rec.outcomes.lines_read += 1;
-            let file = match &ev {
-                Event::Resource(r) => &r.origin.file,
-                Event::Delete(d) => &d.origin.file,
-                Event::Reject(r) => &r.origin.file,
-                Event::Skip(o) => &o.file,
-            };
-            match &mut run {
-                Some((f, n)) if Arc::ptr_eq(f, file) || **f == **file => *n += 1,
-                _ => {
-                    if let Some((f, n)) = run.replace((file.clone(), 1)) {
-                        *rec.lines_by_file.entry(f.to_string()).or_default() += n;
-                    }
-                }
-            }
-            let cand = match ev {
-                Event::Skip(_) => {
-                    rec.outcomes.skipped += 1;
-                    continue;
-                }
-                Event::Reject(r) => {
-                    rejects.push(*r);
-                    continue;
-                }
-                Event::Resource(r) => {
-                    rec.outcomes.unresolved_references += i64::from(r.unresolved_refs);
-                    Candidate::Resource(r)
-                }
-                Event::Delete(d) => Candidate::Tombstone {
-                    resource_type: d.resource_type,
-                    id: d.id,
-                    file: d.origin.file,
-                    line: d.origin.line,
-                },
-            };
-            let Some((ty, id)) = cand.key() else { continue };
-            let key = key_hash(ty, id);
-            if let Some(&prev) = latest.get(&key) {
-                let same = match (&candidates[prev], &cand) {
-                    (Candidate::Resource(a), Candidate::Resource(b)) => {
-                        a.version.content_hash == b.version.content_hash
-                    }
-                    (Candidate::Tombstone { .. }, Candidate::Tombstone { .. }) => true,
-                    _ => false,
-                };
-                if same {
-                    rec.outcomes.unchanged += 1;
-                    continue;
-                }
-                // Last wins within a batch; the earlier copy is quarantined.
-                let earlier = std::mem::replace(&mut candidates[prev], Candidate::Dropped);
-                rejects.push(duplicate_rejection(earlier, &cand));
-                rec.outcomes.duplicates += 1;
-            }
-            latest.insert(key, candidates.len());
-            keys.push(key);
-            candidates.push(cand);
-        }
-        if let Some((f, n)) = run {
-            *rec.lines_by_file.entry(f.to_string()).or_default() += n;
-        }
-        drop(latest);
-
-        // Only keys the store may hold are looked up: all of them when it had
-        // rows before this run, else those this run may have written already.
+        let Classified {
+            mut rec,
+            mut rejects,
+            candidates,
+            keys,
+        } = classify_events(events);
         let lookup_started = std::time::Instant::now();
-        let maybe_stored: Vec<&Candidate> = candidates
-            .iter()
-            .zip(&keys)
-            .filter(|(c, k)| {
-                !matches!(c, Candidate::Dropped)
-                    && (self.store_had_rows || self.written.may_contain(**k))
-            })
-            .map(|(c, _)| c)
-            .collect();
-        let existing = if maybe_stored.is_empty() {
-            HashMap::new()
-        } else {
-            // The lookup must see every earlier chunk's commit.
-            finish(in_flight).await?;
-            self.existing_rows(&maybe_stored).await?
-        };
-        drop(maybe_stored);
+        let existing = self.lookup_existing(&candidates, &keys, in_flight).await?;
         let lookup_ms = lookup_started.elapsed().as_millis();
-        // New keys are appended; keys the store has are replaced by MERGE.
-        let mut appends: Vec<&Candidate> = Vec::new();
-        let mut replaces: Vec<&Candidate> = Vec::new();
-        let mut late_duplicates: Vec<Rejection> = Vec::new();
-        for (cand, key) in candidates.iter().zip(&keys) {
-            let Some((ty, id)) = cand.key() else { continue };
-            self.written.insert(*key);
-            let ex = existing.get(&(ty.to_owned(), id.to_owned()));
-            // This very line was stored by an interrupted run of this batch.
-            let ours = ex.is_some_and(|ex| {
-                let (file, line) = match cand {
-                    Candidate::Resource(r) => (&*r.origin.file, r.origin.line),
-                    Candidate::Tombstone { file, line, .. } => (&**file, *line),
-                    Candidate::Dropped => ("", 0),
-                };
-                ex.batch_id == self.id && ex.file == file && ex.line == line as i64
-            });
-            let write = match (cand, ex) {
-                (_, None) => true,
-                (_, Some(_)) if ours => {
-                    rec.outcomes.stored += 1;
-                    if matches!(cand, Candidate::Tombstone { .. }) {
-                        rec.outcomes.deleted += 1;
-                    }
-                    false
-                }
-                (Candidate::Tombstone { .. }, Some(ex)) => {
-                    if ex.deleted {
-                        rec.outcomes.unchanged += 1;
-                    }
-                    !ex.deleted
-                }
-                (Candidate::Resource(r), Some(ex)) => {
-                    if ex.batch_id == self.id
-                        && ex.version.content_hash != r.version.content_hash
-                        && !ex.deleted
-                    {
-                        // An earlier chunk of this batch stored another copy: last wins.
-                        rec.outcomes.stored -= 1;
-                        rec.outcomes.duplicates += 1;
-                        let mut rej = Rejection::new(
-                            Reason::DuplicateId,
-                            format!(
-                                "{ty}/{id} appears again at {}:{} in the same batch with different content; the later line wins",
-                                r.origin.file, r.origin.line
-                            ),
-                            b"",
-                            atlas_ingest::Origin {
-                                file: Arc::from(ex.file.as_str()),
-                                line: ex.line as u64,
-                            },
-                        );
-                        rej.resource_type = Some(ty.to_owned());
-                        rej.resource_id = Some(id.to_owned());
-                        rej.field = Some("id".into());
-                        late_duplicates.push(rej);
-                        true
-                    } else {
-                        // When versionId and lastUpdated tie, the later batch
-                        // wins; a re-run keeps its batch's first start instant.
-                        let later = self.started_at >= ex.ingested_at;
-                        match r.version.decide(&ex.version, later) {
-                            Decision::Replace => true,
-                            Decision::Unchanged if ex.deleted => true,
-                            Decision::Unchanged => {
-                                rec.outcomes.unchanged += 1;
-                                false
-                            }
-                            Decision::OlderThanStored => {
-                                rec.outcomes.older_than_stored += 1;
-                                false
-                            }
-                        }
-                    }
-                }
-                (Candidate::Dropped, _) => false,
-            };
-            if write {
-                rec.outcomes.stored += 1;
-                if matches!(cand, Candidate::Tombstone { .. }) {
-                    rec.outcomes.deleted += 1;
-                }
-                if ex.is_some() {
-                    replaces.push(cand)
-                } else {
-                    appends.push(cand)
-                }
-            }
-        }
-        rejects.extend(late_duplicates);
-        rec.outcomes.quarantined += rejects.len() as i64;
-        for r in &rejects {
-            *rec.quarantine_by_reason
-                .entry(r.reason.code().to_owned())
-                .or_default() += 1;
-        }
+        let writes = self.decide_writes(&candidates, &keys, &existing, &mut rec);
+        rejects.extend(writes.late_duplicates);
+        count_quarantined(&mut rec, &rejects);
 
         // Counts first: once a commit below lands, a re-run reads them from here.
         let bytes = serde_json::to_vec(&rec).map_err(|source| LakeError::Json {
@@ -1084,7 +1066,174 @@ impl Batch<'_> {
         };
         drop(rejects);
         let build_started = std::time::Instant::now();
-        // Sorted by type, patient and id, so one patient's rows sit together.
+        let (replaces, appends) = self.row_batches(writes.replaces, writes.appends)?;
+        // The JSON now lives in the Arrow batches: free the events before encoding.
+        drop(candidates);
+        tracing::info!(
+            batch = %self.id,
+            chunk = chunk_no,
+            lookup_ms,
+            build_ms = build_started.elapsed().as_millis() as u64,
+            "chunk prepared"
+        );
+        self.add_totals(&rec);
+        Ok(Some(
+            self.chunk_write(chunk_no, quarantine, replaces, appends),
+        ))
+    }
+
+    /// The counts of a chunk a previous run of this batch committed (its
+    /// `txn` reached the chunk and its record is in the landing folder).
+    async fn committed_chunk(&self, chunk_no: i64) -> Result<Option<ChunkRecord>, LakeError> {
+        if self.resources_txn.is_none_or(|v| v < chunk_no) {
+            return Ok(None);
+        }
+        let Some(bytes) = get(self.lake, &self.chunk_path(chunk_no)).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| LakeError::Json {
+                path: self.chunk_path(chunk_no),
+                source,
+            })
+    }
+
+    /// The store's current rows for the candidates it may hold: all of them
+    /// when it had rows before this run, else those this run may have
+    /// written already (the Bloom filter). Nothing is read, and the commit in
+    /// flight is not waited for, when no candidate qualifies.
+    async fn lookup_existing(
+        &self,
+        candidates: &[Candidate],
+        keys: &[u128],
+        in_flight: &mut Option<tokio::task::JoinHandle<Result<(), LakeError>>>,
+    ) -> Result<HashMap<(String, String), Existing>, LakeError> {
+        let maybe_stored: Vec<&Candidate> = candidates
+            .iter()
+            .zip(keys)
+            .filter(|(c, k)| {
+                !matches!(c, Candidate::Dropped)
+                    && (self.store_had_rows || self.written.may_contain(**k))
+            })
+            .map(|(c, _)| c)
+            .collect();
+        if maybe_stored.is_empty() {
+            return Ok(HashMap::new());
+        }
+        // The lookup must see every earlier chunk's commit.
+        finish(in_flight).await?;
+        self.existing_rows(&maybe_stored).await
+    }
+
+    /// Decides, per candidate, whether it is written and how: appended when
+    /// the store lacks its key, merged (replacing the stored row) when it has
+    /// it. Counts the outcomes in `rec` and remembers every key in the Bloom
+    /// filter of written keys.
+    fn decide_writes<'c>(
+        &mut self,
+        candidates: &'c [Candidate],
+        keys: &[u128],
+        existing: &HashMap<(String, String), Existing>,
+        rec: &mut ChunkRecord,
+    ) -> Writes<'c> {
+        let mut out = Writes::default();
+        for (cand, key) in candidates.iter().zip(keys) {
+            let Some((ty, id)) = cand.key() else { continue };
+            self.written.insert(*key);
+            let ex = existing.get(&(ty.to_owned(), id.to_owned()));
+            let write = match ex {
+                None => true,
+                Some(ex) => self.replaces_stored(cand, ex, rec, &mut out.late_duplicates),
+            };
+            if write {
+                rec.outcomes.stored += 1;
+                if matches!(cand, Candidate::Tombstone { .. }) {
+                    rec.outcomes.deleted += 1;
+                }
+                if ex.is_some() {
+                    out.replaces.push(cand)
+                } else {
+                    out.appends.push(cand)
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether `cand` replaces the stored row `ex` of its key, counting
+    /// the outcome when it does not.
+    fn replaces_stored(
+        &self,
+        cand: &Candidate,
+        ex: &Existing,
+        rec: &mut ChunkRecord,
+        late_duplicates: &mut Vec<Rejection>,
+    ) -> bool {
+        if self.stored_by_this_batch(cand, ex) {
+            rec.outcomes.stored += 1;
+            if matches!(cand, Candidate::Tombstone { .. }) {
+                rec.outcomes.deleted += 1;
+            }
+            return false;
+        }
+        match cand {
+            Candidate::Tombstone { .. } => {
+                if ex.deleted {
+                    rec.outcomes.unchanged += 1;
+                }
+                !ex.deleted
+            }
+            Candidate::Resource(r)
+                if ex.batch_id == self.id
+                    && ex.version.content_hash != r.version.content_hash
+                    && !ex.deleted =>
+            {
+                // An earlier chunk of this batch stored another copy: last wins.
+                rec.outcomes.stored -= 1;
+                rec.outcomes.duplicates += 1;
+                late_duplicates.push(late_duplicate_rejection(r, ex));
+                true
+            }
+            Candidate::Resource(r) => {
+                // When versionId and lastUpdated tie, the later batch
+                // wins; a re-run keeps its batch's first start instant.
+                let later = self.started_at >= ex.ingested_at;
+                match r.version.decide(&ex.version, later) {
+                    Decision::Replace => true,
+                    Decision::Unchanged if ex.deleted => true,
+                    Decision::Unchanged => {
+                        rec.outcomes.unchanged += 1;
+                        false
+                    }
+                    Decision::OlderThanStored => {
+                        rec.outcomes.older_than_stored += 1;
+                        false
+                    }
+                }
+            }
+            Candidate::Dropped => false,
+        }
+    }
+
+    /// This very line was stored by an interrupted run of this batch.
+    fn stored_by_this_batch(&self, cand: &Candidate, ex: &Existing) -> bool {
+        let (file, line) = match cand {
+            Candidate::Resource(r) => (&*r.origin.file, r.origin.line),
+            Candidate::Tombstone { file, line, .. } => (&**file, *line),
+            Candidate::Dropped => ("", 0),
+        };
+        ex.batch_id == self.id && ex.file == file && ex.line == line as i64
+    }
+
+    /// The `resources` rows of the chunk: those replacing stored rows (one
+    /// batch, for the MERGE) and new ones (batches to append), each sorted by
+    /// type, patient and id so one patient's rows sit together.
+    fn row_batches(
+        &self,
+        mut replaces: Vec<&Candidate>,
+        mut appends: Vec<&Candidate>,
+    ) -> Result<(Option<RecordBatch>, Option<Vec<RecordBatch>>), LakeError> {
         sort_rows(&mut replaces);
         sort_rows(&mut appends);
         let replaces = if replaces.is_empty() {
@@ -1097,17 +1246,18 @@ impl Batch<'_> {
         } else {
             Some(self.resource_batches(&appends)?)
         };
-        // The JSON now lives in the Arrow batches: free the events before encoding.
-        drop(candidates);
-        tracing::info!(
-            batch = %self.id,
-            chunk = chunk_no,
-            lookup_ms,
-            build_ms = build_started.elapsed().as_millis() as u64,
-            "chunk prepared"
-        );
-        self.add_totals(&rec);
-        Ok(Some(ChunkWrite {
+        Ok((replaces, appends))
+    }
+
+    /// The commits of a prepared chunk, with their Delta properties.
+    fn chunk_write(
+        &self,
+        chunk_no: i64,
+        quarantine: Option<RecordBatch>,
+        replaces: Option<RecordBatch>,
+        appends: Option<Vec<RecordBatch>>,
+    ) -> ChunkWrite {
+        ChunkWrite {
             batch_id: self.id.clone(),
             chunk_no,
             quarantine,
@@ -1121,7 +1271,7 @@ impl Batch<'_> {
                 .with_metadata(self.commit_metadata(chunk_no))
                 .with_application_transaction(self.fence()),
             lease: self.lease.clone(),
-        }))
+        }
     }
 
     fn add_totals(&mut self, rec: &ChunkRecord) {
