@@ -9,12 +9,19 @@
 //!   of Foundry's ontology API v2 (`/api/v2/ontologies/...`).
 //! * Errors as JSON bodies that name the parameter and the reason
 //!   ([`ApiError`]); no input yields a 500 or a panic.
+//! * The HTTP adapters of every data path: object sets, aggregates,
+//!   GraphQL, FHIR REST, NDJSON/Arrow/Parquet streams, view rows and
+//!   `POST /api/v2/sql`. Each parses its request, calls the access seam and
+//!   writes the answer; none decides access or emits rows itself.
+//! * Authentication (`auth`), the audit middleware (`audit`), deadlines and
+//!   turns (`limits`), the OpenAPI document.
 //!
 //! # What it may call
-//! `atlas-lake` (opening the lake, reading table versions) and
-//! `atlas-ontology` (object types, links, saved sets). Object-set queries,
-//! GraphQL, FHIR REST and the access seam (`PolicyEngine`) come next, on
-//! the same router and state.
+//! `atlas-access` (decisions, scoped scans, `Egress`: every row or
+//! resource an answer holds is released there), `atlas-audit` (the trail),
+//! `atlas-lake`, `atlas-ontology`, `atlas-objectset`, `atlas-viewstore`
+//! and `atlas-policy` (types and decoding), axum, async-graphql,
+//! jsonwebtoken.
 
 mod aggregate;
 pub mod audit;
