@@ -143,11 +143,6 @@ pub enum ViewStoreError {
         written: u64,
         expected: u64,
     },
-    /// Not to be used: left only for `sql.rs`, whose owner moves it to
-    /// [`ViewStoreError::Session`] and [`ViewStoreError::Delta`] (issue 19);
-    /// every other error is one of the typed variants above.
-    #[error("{0}")]
-    Other(String),
 }
 
 impl From<LakeError> for ViewStoreError {

@@ -34,7 +34,10 @@ impl ViewStore {
         let ctx = self.lake.session().await?;
         // FHIRPath and JSON functions, so SQL can read the `resources` table as FHIR.
         crate::sql_functions::register(&ctx)
-            .map_err(|e| ViewStoreError::Other(format!("registering SQL functions: {e}")))?;
+            .map_err(|e| ViewStoreError::Session {
+                what: "registering the FHIRPath and JSON SQL functions".into(),
+                source: Box::new(e),
+            })?;
         for v in self.list().await? {
             let Some(table) = self.lake.table_at(&v.table_dir()).await? else {
                 continue;
@@ -48,9 +51,15 @@ impl ViewStore {
             let provider = table
                 .table_provider()
                 .await
-                .map_err(|e| ViewStoreError::Other(format!("view {}: {e}", v.name)))?;
+                .map_err(|e| ViewStoreError::Delta {
+                    table: v.name.clone(),
+                    source: Box::new(e),
+                })?;
             ctx.register_table(v.name.as_str(), provider)
-                .map_err(|e| ViewStoreError::Other(format!("view {}: {e}", v.name)))?;
+                .map_err(|e| ViewStoreError::Session {
+                    what: format!("registering view {}", v.name),
+                    source: Box::new(e),
+                })?;
         }
         Ok(ctx)
     }
