@@ -51,8 +51,8 @@ impl ViewStore {
             let provider = table
                 .table_provider()
                 .await
-                .map_err(|e| ViewStoreError::Delta {
-                    table: v.name.clone(),
+                .map_err(|e| ViewStoreError::Session {
+                    what: format!("opening view {}", v.name),
                     source: Box::new(e),
                 })?;
             ctx.register_table(v.name.as_str(), provider)
