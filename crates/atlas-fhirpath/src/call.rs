@@ -1,4 +1,5 @@
-//! Function implementations.
+//! Function implementations: [`Evaluator::call`] routes each function to
+//! the method for its family, grouped as in the FHIRPath specification.
 
 use crate::ast::{Node, NodeKind};
 use crate::error::EvalError;
@@ -280,6 +281,169 @@ fn decimal_boundary(d: Decimal, digits: Option<i64>, high: bool) -> Option<Decim
     Some(r)
 }
 
+/// `lowBoundary()` / `highBoundary()` of one value to `digits` of precision.
+fn boundary<'a>(v: &Value<'a>, digits: Option<i64>, high: bool) -> R<Option<Value<'a>>> {
+    Ok(match v.to_system() {
+        Some(Value::Integer(i)) => {
+            decimal_boundary(Decimal::from(i), digits, high).map(Value::Decimal)
+        }
+        Some(Value::Decimal(d)) => decimal_boundary(d, digits, high).map(Value::Decimal),
+        Some(Value::Quantity(q)) => decimal_boundary(q.value, digits, high)
+            .map(|d| Value::Quantity(Quantity::new(d, q.unit))),
+        Some(Value::Temporal(t)) => {
+            let d = match digits {
+                Some(d) => Some(
+                    u32::try_from(d)
+                        .ok()
+                        .ok_or_else(|| EvalError::ty("bad precision"))?,
+                ),
+                None => None,
+            };
+            t.boundary(d, high).map(Value::Temporal)
+        }
+        _ => None,
+    })
+}
+
+/// The FHIR type a `conformsTo()` profile names: only the base definitions
+/// of the R4 model are known.
+fn conformance_type(url: &str) -> R<crate::ast::TypeSpec> {
+    let Some(ty) = url.strip_prefix("http://hl7.org/fhir/StructureDefinition/") else {
+        return Err(EvalError::Other(format!(
+            "cannot check conformance to '{url}'"
+        )));
+    };
+    if Model::r4().type_def(ty).is_none() {
+        return Err(EvalError::Other(format!("unknown profile '{url}'")));
+    }
+    Ok(crate::ast::TypeSpec {
+        namespace: Some("FHIR".into()),
+        name: ty.to_string(),
+    })
+}
+
+/// The id a `Reference` element points at (`Type/id`, any `_history` cut
+/// off), when the type is `want` or no type is asked for.
+fn reference_key<'a>(j: JsonRef<'a>, want: Option<&str>) -> Option<&'a str> {
+    let r = j.get("reference").and_then(JsonRef::as_str)?;
+    let r = r.split("/_history/").next().unwrap_or(r);
+    let mut parts = r.rsplit('/');
+    let (Some(id), Some(ty)) = (parts.next(), parts.next()) else {
+        return None;
+    };
+    want.is_none_or(|w| w == ty).then_some(id)
+}
+
+/// `encode(format)` and `decode(format)` of one string; `None` when the input
+/// does not decode.
+fn encode_decode(func: Func, fmt: &str, s: &str) -> R<Option<String>> {
+    Ok(match (func, fmt) {
+        (Func::Encode, "base64") => Some(base64_encode(s.as_bytes(), false)),
+        (Func::Encode, "urlbase64") => Some(base64_encode(s.as_bytes(), true)),
+        (Func::Encode, "hex") => Some(s.bytes().map(|x| format!("{x:02x}")).collect()),
+        (Func::Decode, "base64" | "urlbase64") => {
+            base64_decode(s).and_then(|v| String::from_utf8(v).ok())
+        }
+        (Func::Decode, "hex") => {
+            if !s.len().is_multiple_of(2) || !s.is_ascii() {
+                None
+            } else {
+                (0..s.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+                    .collect::<Option<Vec<u8>>>()
+                    .and_then(|v| String::from_utf8(v).ok())
+            }
+        }
+        _ => return Err(EvalError::ty(format!("unknown encoding '{fmt}'"))),
+    })
+}
+
+/// `escape(format)` and `unescape(format)` of one string.
+fn escape_unescape(func: Func, fmt: &str, s: &str) -> R<String> {
+    Ok(match (func, fmt) {
+        (Func::Escape, "html") => s
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+            .replace('\'', "&#39;"),
+        (Func::Unescape, "html") => s
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&#39;", "'")
+            .replace("&amp;", "&"),
+        (Func::Escape, "json") => {
+            let q = serde_json::to_string(s).map_err(|e| EvalError::Other(e.to_string()))?;
+            q[1..q.len() - 1].to_string()
+        }
+        (Func::Unescape, "json") => json_unescape(s),
+        _ => return Err(EvalError::ty(format!("unknown escape format '{fmt}'"))),
+    })
+}
+
+/// `children()` and `descendants()`.
+fn tree_navigation<'a>(func: Func, input: &[Value<'a>]) -> Items<'a> {
+    let mut out = Vec::new();
+    if func == Func::Children {
+        for v in input {
+            children(v, &mut out);
+        }
+        return out;
+    }
+    let mut level = Vec::new();
+    for v in input {
+        children(v, &mut level);
+    }
+    let mut depth = 0;
+    while !level.is_empty() && depth < 512 {
+        let mut next = Vec::new();
+        for v in &level {
+            children(v, &mut next);
+        }
+        out.append(&mut level);
+        level = next;
+        depth += 1;
+    }
+    out
+}
+
+/// The single input item, owned; an error for more than one.
+fn single<'a>(items: &[Value<'a>], fname: &str) -> R<Option<Value<'a>>> {
+    Ok(singleton(items, fname)?.cloned())
+}
+
+/// The single input item of a string function: `None` for no input, an error
+/// for more than one item or one that is not a string.
+fn string_input<'v>(input: &'v [Value<'_>], fname: &str) -> R<Option<&'v str>> {
+    let Some(v) = singleton(input, fname)? else {
+        return Ok(None);
+    };
+    v.as_str()
+        .map(Some)
+        .ok_or_else(|| EvalError::ty(format!("{fname} can only be used on strings")))
+}
+
+fn boolean<'a>(v: bool) -> R<Items<'a>> {
+    Ok(vec![Value::Boolean(v)])
+}
+
+#[cold]
+fn arity_error(site: CallSite<'_>) -> EvalError {
+    let (min, max) = site.func.arity();
+    let expected = if min == max {
+        min.to_string()
+    } else {
+        format!("{min}..{max}")
+    };
+    EvalError::Arity {
+        name: site.name.to_string(),
+        expected,
+        got: site.args.len(),
+    }
+}
+
 /// A function call as written: the resolved function, its name, whether it has
 /// an explicit input (`x.f()` rather than `f()`), and its argument expressions.
 #[derive(Clone, Copy)]
@@ -290,8 +454,14 @@ pub(crate) struct CallSite<'a> {
     pub args: &'a [Node],
 }
 
+/// The dispatcher and one method per family of functions, in the order of the
+/// FHIRPath specification's sections (existence, filtering and projection,
+/// subsetting, combining, conversion, strings, math, tree navigation,
+/// utilities, aggregates, types), then the FHIR additions.
 impl<'e, 'a> Evaluator<'e, 'a> {
-    #[allow(clippy::too_many_lines)]
+    /// Evaluates a call: checks the number of arguments, then hands the call
+    /// to the method of the function's family. A new function goes into the
+    /// arm of its family here and into that method.
     pub(crate) fn call(
         &self,
         site: CallSite<'a>,
@@ -299,56 +469,89 @@ impl<'e, 'a> Evaluator<'e, 'a> {
         focus: &[Value<'a>],
         frame: Frame<'_, 'a>,
     ) -> R<Items<'a>> {
-        let CallSite {
-            func,
-            name,
-            has_base,
-            args,
-        } = site;
-        if func == Func::Unknown {
-            return Err(EvalError::UnknownFunction {
-                name: name.to_string(),
-            });
+        let (min, max) = site.func.arity();
+        if site.args.len() < min || site.args.len() > max {
+            return Err(arity_error(site));
         }
-        let (min, max) = func.arity();
-        if args.len() < min || args.len() > max {
-            let expected = if min == max {
-                min.to_string()
-            } else {
-                format!("{min}..{max}")
-            };
-            return Err(EvalError::Arity {
-                name: name.to_string(),
-                expected,
-                got: args.len(),
-            });
+        use Func::*;
+        match site.func {
+            Empty | Exists | All | AllTrue | AnyTrue | AllFalse | AnyFalse | SubsetOf
+            | SupersetOf | Count | Distinct | IsDistinct => {
+                self.existence(site, input, focus, frame)
+            }
+            Where | Select | Repeat | OfType => self.filtering(site, input),
+            Single | First | Last | Tail | Skip | Take | Intersect | Exclude => {
+                self.subsetting(site, input, focus, frame)
+            }
+            Union | Combine => self.combining(site, input, focus, frame),
+            Iif => self.iif(site, input, focus, frame),
+            ToBoolean | ConvertsToBoolean | ToInteger | ConvertsToInteger | ToDecimal
+            | ConvertsToDecimal | ToStringFn | ConvertsToString | ToDate | ConvertsToDate
+            | ToDateTime | ConvertsToDateTime | ToTime | ConvertsToTime | ToQuantity
+            | ConvertsToQuantity => self.conversion(site, input, focus, frame),
+            IndexOf | Substring | StartsWith | EndsWith | Contains | Upper | Lower | Replace
+            | Length | ToChars => self.string_fn(site, input, focus, frame),
+            Matches | MatchesFull | ReplaceMatches => self.regex_fn(site, input, focus, frame),
+            Split | Trim | Encode | Decode | Escape | Unescape => {
+                self.string_extra_fn(site, input, focus, frame)
+            }
+            Join => self.join(site, input, focus, frame),
+            Abs | Ceiling | Floor | Truncate | Exp | Ln | Sqrt | Round | Log | Power => {
+                self.math_fn(site, input, focus, frame)
+            }
+            Children | Descendants => Ok(tree_navigation(site.func, &input)),
+            Trace | Now | Today | TimeOfDay | DefineVariable => {
+                self.utility(site, input, focus, frame)
+            }
+            LowBoundary | HighBoundary | Precision | Comparable => {
+                self.precision_fn(site, input, focus, frame)
+            }
+            Aggregate => self.aggregate(site, input, focus, frame),
+            Sort => self.sort(input, site.args),
+            Not | Is | As | Type => self.type_and_logic(site, input),
+            Extension | HasValue | GetValue | MemberOf | ConformsTo | HtmlChecks => {
+                self.fhir_additions(site, input, focus, frame)
+            }
+            Resolve | GetResourceKey | GetReferenceKey => {
+                self.references(site, input, focus, frame)
+            }
+            Unknown => Err(EvalError::UnknownFunction {
+                name: site.name.to_string(),
+            }),
         }
-        let fname = func.name();
-        let arg = |i: usize| self.arg(args, i, focus, frame);
-        let single =
-            |items: &Items<'a>| -> R<Option<Value<'a>>> { Ok(singleton(items, fname)?.cloned()) };
-        let b = |v: bool| Ok(vec![Value::Boolean(v)]);
+    }
 
+    /// Existence: `empty`, `exists`, `all`, `allTrue` and the other boolean
+    /// tests, `subsetOf`, `supersetOf`, `count`, `distinct`, `isDistinct`.
+    fn existence(
+        &self,
+        site: CallSite<'a>,
+        input: Items<'a>,
+        focus: &[Value<'a>],
+        frame: Frame<'_, 'a>,
+    ) -> R<Items<'a>> {
+        let CallSite { func, args, .. } = site;
+        let fname = func.name();
         match func {
-            Func::Empty => b(input.is_empty()),
+            Func::Empty => boolean(input.is_empty()),
             Func::Exists => {
                 if args.is_empty() {
-                    return b(!input.is_empty());
+                    return boolean(!input.is_empty());
                 }
                 for (i, v) in input.iter().enumerate() {
                     if to_bool(&self.eval_item(&args[0], v, i, None)?, fname)? == Some(true) {
-                        return b(true);
+                        return boolean(true);
                     }
                 }
-                b(false)
+                boolean(false)
             }
             Func::All => {
                 for (i, v) in input.iter().enumerate() {
                     if to_bool(&self.eval_item(&args[0], v, i, None)?, fname)? != Some(true) {
-                        return b(false);
+                        return boolean(false);
                     }
                 }
-                b(true)
+                boolean(true)
             }
             Func::AllTrue | Func::AnyTrue | Func::AllFalse | Func::AnyFalse => {
                 let mut bools = Vec::with_capacity(input.len());
@@ -358,7 +561,7 @@ impl<'e, 'a> Evaluator<'e, 'a> {
                         _ => return Err(EvalError::ty(format!("{fname} expects booleans"))),
                     }
                 }
-                b(match func {
+                boolean(match func {
                     Func::AllTrue => bools.iter().all(|x| *x),
                     Func::AnyTrue => bools.iter().any(|x| *x),
                     Func::AllFalse => bools.iter().all(|x| !*x),
@@ -366,22 +569,33 @@ impl<'e, 'a> Evaluator<'e, 'a> {
                 })
             }
             Func::SubsetOf | Func::SupersetOf => {
-                let other = arg(0)?;
+                let other = self.arg(args, 0, focus, frame)?;
                 let (small, big) = if func == Func::SubsetOf {
                     (&input, &other)
                 } else {
                     (&other, &input)
                 };
-                b(small
-                    .iter()
-                    .all(|v| big.iter().any(|w| equals(v, w) == Some(true))))
+                boolean(
+                    small
+                        .iter()
+                        .all(|v| big.iter().any(|w| equals(v, w) == Some(true))),
+                )
             }
             Func::Count => Ok(vec![Value::Integer(input.len() as i64)]),
             Func::Distinct => Ok(dedup(input)),
-            Func::IsDistinct => {
+            // isDistinct (the only one left)
+            _ => {
                 let n = input.len();
-                b(dedup(input).len() == n)
+                boolean(dedup(input).len() == n)
             }
+        }
+    }
+
+    /// Filtering and projection: `where`, `select`, `repeat`, `ofType`.
+    fn filtering(&self, site: CallSite<'a>, input: Items<'a>) -> R<Items<'a>> {
+        let CallSite { func, args, .. } = site;
+        let fname = func.name();
+        match func {
             Func::Where => {
                 let mut out = Vec::new();
                 for (i, v) in input.iter().enumerate() {
@@ -398,59 +612,65 @@ impl<'e, 'a> Evaluator<'e, 'a> {
                 }
                 Ok(out)
             }
-            Func::Repeat => {
-                let mut out: Items<'a> = Vec::new();
-                let mut queue = input;
-                let mut rounds = 0;
-                while !queue.is_empty() {
-                    rounds += 1;
-                    if rounds > 10_000 {
-                        return Err(EvalError::Other("repeat() did not terminate".into()));
-                    }
-                    let mut next = Vec::new();
-                    for (i, v) in queue.iter().enumerate() {
-                        for r in self.eval_item(&args[0], v, i, None)? {
-                            let seen = match Self::ptr_key(&r) {
-                                Some(k) => out.iter().any(|o| Self::ptr_key(o) == Some(k)),
-                                None => out.iter().any(|o| equals(o, &r) == Some(true)),
-                            };
-                            if !seen {
-                                out.push(r.clone());
-                                next.push(r);
-                            }
-                        }
-                    }
-                    queue = next;
-                }
-                Ok(out)
-            }
-            Func::OfType => {
+            Func::Repeat => self.repeat(&args[0], input),
+            // ofType (the only one left)
+            _ => {
                 let spec = self.type_arg(args)?;
                 Ok(input
                     .into_iter()
                     .filter(|v| type_matches(v, &spec, true))
                     .collect())
             }
-            Func::Is => {
-                let spec = self.type_arg(args)?;
-                Ok(single(&input)?
-                    .map(|v| Value::Boolean(type_matches(&v, &spec, false)))
-                    .into_iter()
-                    .collect())
+        }
+    }
+
+    /// `repeat(projection)`: the projection applied again to what it answers
+    /// until nothing new turns up.
+    fn repeat(&self, projection: &'a Node, input: Items<'a>) -> R<Items<'a>> {
+        let mut out: Items<'a> = Vec::new();
+        let mut queue = input;
+        let mut rounds = 0;
+        while !queue.is_empty() {
+            rounds += 1;
+            if rounds > 10_000 {
+                return Err(EvalError::Other("repeat() did not terminate".into()));
             }
-            Func::As => {
-                let spec = self.type_arg(args)?;
-                Ok(single(&input)?
-                    .filter(|v| type_matches(v, &spec, true))
-                    .into_iter()
-                    .collect())
+            let mut next = Vec::new();
+            for (i, v) in queue.iter().enumerate() {
+                for r in self.eval_item(projection, v, i, None)? {
+                    let seen = match Self::ptr_key(&r) {
+                        Some(k) => out.iter().any(|o| Self::ptr_key(o) == Some(k)),
+                        None => out.iter().any(|o| equals(o, &r) == Some(true)),
+                    };
+                    if !seen {
+                        out.push(r.clone());
+                        next.push(r);
+                    }
+                }
             }
-            Func::Single => Ok(single(&input)?.into_iter().collect()),
+            queue = next;
+        }
+        Ok(out)
+    }
+
+    /// Subsetting: `single`, `first`, `last`, `tail`, `skip`, `take`,
+    /// `intersect`, `exclude`.
+    fn subsetting(
+        &self,
+        site: CallSite<'a>,
+        input: Items<'a>,
+        focus: &[Value<'a>],
+        frame: Frame<'_, 'a>,
+    ) -> R<Items<'a>> {
+        let CallSite { func, args, .. } = site;
+        let fname = func.name();
+        match func {
+            Func::Single => Ok(single(&input, fname)?.into_iter().collect()),
             Func::First => Ok(input.into_iter().take(1).collect()),
             Func::Last => Ok(input.into_iter().last().into_iter().collect()),
             Func::Tail => Ok(input.into_iter().skip(1).collect()),
             Func::Skip | Func::Take => {
-                let Some(n) = int_arg(&arg(0)?, fname)? else {
+                let Some(n) = int_arg(&self.arg(args, 0, focus, frame)?, fname)? else {
                     return Ok(vec![]);
                 };
                 let n = usize::try_from(n.max(0)).unwrap_or(0);
@@ -461,7 +681,7 @@ impl<'e, 'a> Evaluator<'e, 'a> {
                 })
             }
             Func::Intersect => {
-                let other = arg(0)?;
+                let other = self.arg(args, 0, focus, frame)?;
                 Ok(dedup(
                     input
                         .into_iter()
@@ -469,228 +689,429 @@ impl<'e, 'a> Evaluator<'e, 'a> {
                         .collect(),
                 ))
             }
-            Func::Exclude => {
-                let other = arg(0)?;
+            // exclude (the only one left)
+            _ => {
+                let other = self.arg(args, 0, focus, frame)?;
                 Ok(input
                     .into_iter()
                     .filter(|v| !other.iter().any(|w| equals(v, w) == Some(true)))
                     .collect())
             }
-            Func::Union => {
-                let mut all = input;
-                all.extend(arg(0)?);
-                Ok(dedup(all))
+        }
+    }
+
+    /// Combining: `union` (without duplicates) and `combine` (with them).
+    fn combining(
+        &self,
+        site: CallSite<'a>,
+        input: Items<'a>,
+        focus: &[Value<'a>],
+        frame: Frame<'_, 'a>,
+    ) -> R<Items<'a>> {
+        let mut all = input;
+        all.extend(self.arg(site.args, 0, focus, frame)?);
+        Ok(if site.func == Func::Union {
+            dedup(all)
+        } else {
+            all
+        })
+    }
+
+    /// `iif(criterion, true-result [, otherwise-result])`: only the branch
+    /// taken is evaluated.
+    fn iif(
+        &self,
+        site: CallSite<'a>,
+        input: Items<'a>,
+        focus: &[Value<'a>],
+        frame: Frame<'_, 'a>,
+    ) -> R<Items<'a>> {
+        let CallSite { args, has_base, .. } = site;
+        let fname = site.func.name();
+        // With an explicit input, the arguments see it as `$this`.
+        let this = if has_base {
+            singleton(&input, fname)?.cloned()
+        } else {
+            None
+        };
+        let eval_arg = |i: usize| -> R<Items<'a>> {
+            match &this {
+                Some(t) => self.scoped(|| {
+                    self.eval(&args[i], std::slice::from_ref(t), Self::with_this(t, frame))
+                }),
+                None if has_base => self.scoped(|| self.eval(&args[i], &[], frame)),
+                None => self.arg(args, i, focus, frame),
             }
-            Func::Combine => {
-                let mut all = input;
-                all.extend(arg(0)?);
-                Ok(all)
+        };
+        let crit = eval_arg(0)?;
+        let c = match singleton(&crit, fname)? {
+            None => false,
+            Some(v) => match v.to_system() {
+                Some(Value::Boolean(x)) => x,
+                _ => return Err(EvalError::ty("iif criterion must be a boolean")),
+            },
+        };
+        if c {
+            eval_arg(1)
+        } else if args.len() > 2 {
+            eval_arg(2)
+        } else {
+            Ok(vec![])
+        }
+    }
+
+    /// Conversion: `toBoolean`, `toInteger`, `toDecimal`, `toString`,
+    /// `toDate`, `toDateTime`, `toTime`, `toQuantity` and their `convertsTo`
+    /// tests.
+    fn conversion(
+        &self,
+        site: CallSite<'a>,
+        input: Items<'a>,
+        focus: &[Value<'a>],
+        frame: Frame<'_, 'a>,
+    ) -> R<Items<'a>> {
+        let func = site.func;
+        let fname = func.name();
+        let Some(v) = single(&input, fname)? else {
+            return Ok(vec![]);
+        };
+        let temporal = |kind| to_temporal(&v, kind);
+        let out = match func {
+            Func::ToBoolean => to_boolean(&v).map(Value::Boolean),
+            Func::ConvertsToBoolean => Some(Value::Boolean(to_boolean(&v).is_some())),
+            Func::ToInteger => to_integer(&v).map(Value::Integer),
+            Func::ConvertsToInteger => Some(Value::Boolean(to_integer(&v).is_some())),
+            Func::ToDecimal => to_decimal(&v).map(Value::Decimal),
+            Func::ConvertsToDecimal => Some(Value::Boolean(to_decimal(&v).is_some())),
+            Func::ToStringFn => v.to_fhirpath_string().map(|s| Value::String(Cow::Owned(s))),
+            Func::ConvertsToString => Some(Value::Boolean(v.to_fhirpath_string().is_some())),
+            Func::ToDate => temporal(TemporalKind::Date).map(Value::Temporal),
+            Func::ConvertsToDate => Some(Value::Boolean(temporal(TemporalKind::Date).is_some())),
+            Func::ToDateTime => temporal(TemporalKind::DateTime).map(Value::Temporal),
+            Func::ConvertsToDateTime => {
+                Some(Value::Boolean(temporal(TemporalKind::DateTime).is_some()))
             }
-            Func::Iif => {
-                // With an explicit input, the arguments see it as `$this`.
-                let this = if has_base {
-                    singleton(&input, fname)?.cloned()
-                } else {
-                    None
-                };
-                let eval_arg = |i: usize| -> R<Items<'a>> {
-                    match &this {
-                        Some(t) => self.scoped(|| {
-                            self.eval(&args[i], std::slice::from_ref(t), Self::with_this(t, frame))
-                        }),
-                        None if has_base => self.scoped(|| self.eval(&args[i], &[], frame)),
-                        None => self.arg(args, i, focus, frame),
+            Func::ToTime => temporal(TemporalKind::Time).map(Value::Temporal),
+            Func::ConvertsToTime => Some(Value::Boolean(temporal(TemporalKind::Time).is_some())),
+            // toQuantity, convertsToQuantity (the only ones left)
+            _ => {
+                let unit = match site.args.first() {
+                    Some(_) => {
+                        str_arg(&self.arg(site.args, 0, focus, frame)?, fname)?.map(str::to_string)
                     }
-                };
-                let crit = eval_arg(0)?;
-                let c = match singleton(&crit, fname)? {
-                    None => false,
-                    Some(v) => match v.to_system() {
-                        Some(Value::Boolean(x)) => x,
-                        _ => return Err(EvalError::ty("iif criterion must be a boolean")),
-                    },
-                };
-                if c {
-                    eval_arg(1)
-                } else if args.len() > 2 {
-                    eval_arg(2)
-                } else {
-                    Ok(vec![])
-                }
-            }
-            Func::ToBoolean => Ok(single(&input)?
-                .and_then(|v| to_boolean(&v))
-                .map(Value::Boolean)
-                .into_iter()
-                .collect()),
-            Func::ConvertsToBoolean => Ok(single(&input)?
-                .map(|v| Value::Boolean(to_boolean(&v).is_some()))
-                .into_iter()
-                .collect()),
-            Func::ToInteger => Ok(single(&input)?
-                .and_then(|v| to_integer(&v))
-                .map(Value::Integer)
-                .into_iter()
-                .collect()),
-            Func::ConvertsToInteger => Ok(single(&input)?
-                .map(|v| Value::Boolean(to_integer(&v).is_some()))
-                .into_iter()
-                .collect()),
-            Func::ToDecimal => Ok(single(&input)?
-                .and_then(|v| to_decimal(&v))
-                .map(Value::Decimal)
-                .into_iter()
-                .collect()),
-            Func::ConvertsToDecimal => Ok(single(&input)?
-                .map(|v| Value::Boolean(to_decimal(&v).is_some()))
-                .into_iter()
-                .collect()),
-            Func::ToStringFn => Ok(single(&input)?
-                .and_then(|v| v.to_fhirpath_string())
-                .map(|s| Value::String(Cow::Owned(s)))
-                .into_iter()
-                .collect()),
-            Func::ConvertsToString => Ok(single(&input)?
-                .map(|v| Value::Boolean(v.to_fhirpath_string().is_some()))
-                .into_iter()
-                .collect()),
-            Func::ToDate
-            | Func::ToDateTime
-            | Func::ToTime
-            | Func::ConvertsToDate
-            | Func::ConvertsToDateTime
-            | Func::ConvertsToTime => {
-                let kind = match func {
-                    Func::ToDate | Func::ConvertsToDate => TemporalKind::Date,
-                    Func::ToDateTime | Func::ConvertsToDateTime => TemporalKind::DateTime,
-                    _ => TemporalKind::Time,
-                };
-                let converts = matches!(
-                    func,
-                    Func::ConvertsToDate | Func::ConvertsToDateTime | Func::ConvertsToTime
-                );
-                Ok(single(&input)?
-                    .map(|v| {
-                        let t = to_temporal(&v, kind);
-                        if converts {
-                            Some(Value::Boolean(t.is_some()))
-                        } else {
-                            t.map(Value::Temporal)
-                        }
-                    })
-                    .into_iter()
-                    .flatten()
-                    .collect())
-            }
-            Func::ToQuantity | Func::ConvertsToQuantity => {
-                let Some(v) = single(&input)? else {
-                    return Ok(vec![]);
-                };
-                let unit = match args.first() {
-                    Some(_) => str_arg(&arg(0)?, fname)?.map(str::to_string),
                     None => None,
                 };
                 let q = to_quantity(&v).and_then(|q| match &unit {
                     Some(u) => q.convert_to(u),
                     None => Some(q),
                 });
-                Ok(vec![if func == Func::ToQuantity {
-                    match q {
-                        Some(q) => Value::Quantity(q),
-                        None => return Ok(vec![]),
-                    }
+                if func == Func::ToQuantity {
+                    q.map(Value::Quantity)
                 } else {
-                    Value::Boolean(q.is_some())
-                }])
+                    Some(Value::Boolean(q.is_some()))
+                }
             }
-            Func::IndexOf
-            | Func::Substring
-            | Func::StartsWith
-            | Func::EndsWith
-            | Func::Contains
-            | Func::Upper
-            | Func::Lower
-            | Func::Replace
-            | Func::Matches
-            | Func::MatchesFull
-            | Func::ReplaceMatches
-            | Func::Length
-            | Func::ToChars
-            | Func::Split
-            | Func::Trim
-            | Func::Encode
-            | Func::Decode
-            | Func::Escape
-            | Func::Unescape => {
-                let Some(v) = singleton(&input, fname)? else {
+        };
+        Ok(out.into_iter().collect())
+    }
+
+    /// String manipulation: `indexOf`, `substring`, `startsWith`, `endsWith`,
+    /// `contains`, `upper`, `lower`, `replace`, `length`, `toChars`.
+    fn string_fn(
+        &self,
+        site: CallSite<'a>,
+        input: Items<'a>,
+        focus: &[Value<'a>],
+        frame: Frame<'_, 'a>,
+    ) -> R<Items<'a>> {
+        let CallSite { func, args, .. } = site;
+        let fname = func.name();
+        let Some(s) = string_input(&input, fname)? else {
+            return Ok(vec![]);
+        };
+        let arg_s = |i: usize| -> R<Option<String>> {
+            Ok(str_arg(&self.arg(args, i, focus, frame)?, fname)?.map(str::to_string))
+        };
+        let owned = |x: String| Ok(vec![Value::String(Cow::Owned(x))]);
+        match func {
+            Func::IndexOf => {
+                let Some(sub) = arg_s(0)? else {
                     return Ok(vec![]);
                 };
-                let s = v
-                    .as_str()
-                    .ok_or_else(|| EvalError::ty(format!("{fname} can only be used on strings")))?;
-                self.string_fn(func, s, args, focus, frame)
+                Ok(vec![Value::Integer(match s.find(&sub) {
+                    Some(byte) => s[..byte].chars().count() as i64,
+                    None => -1,
+                })])
             }
-            Func::Join => {
-                if input.is_empty() {
-                    return Ok(vec![]);
-                }
-                let sep = match args.first() {
-                    Some(_) => str_arg(&arg(0)?, fname)?.unwrap_or("").to_string(),
-                    None => String::new(),
-                };
-                let mut parts = Vec::with_capacity(input.len());
-                for v in &input {
-                    parts.push(
-                        v.as_str()
-                            .ok_or_else(|| EvalError::ty("join expects strings"))?
-                            .to_string(),
-                    );
-                }
-                Ok(vec![Value::String(Cow::Owned(parts.join(&sep)))])
-            }
-            Func::Abs
-            | Func::Ceiling
-            | Func::Floor
-            | Func::Truncate
-            | Func::Exp
-            | Func::Ln
-            | Func::Sqrt
-            | Func::Round
-            | Func::Log
-            | Func::Power => {
-                let Some(v) = single(&input)? else {
+            Func::Substring => {
+                let Some(start) = int_arg(&self.arg(args, 0, focus, frame)?, fname)? else {
                     return Ok(vec![]);
                 };
-                self.math_fn(func, v.to_system().unwrap_or(v), args, focus, frame)
-            }
-            Func::Children => {
-                let mut out = Vec::new();
-                for v in &input {
-                    children(v, &mut out);
+                let len = if args.len() > 1 {
+                    int_arg(&self.arg(args, 1, focus, frame)?, fname)?
+                } else {
+                    None
+                };
+                let n = s.chars().count() as i64;
+                if start < 0 || start >= n {
+                    return Ok(vec![]);
                 }
-                Ok(out)
+                let take = len.unwrap_or(n).max(0);
+                owned(s.chars().skip(start as usize).take(take as usize).collect())
             }
-            Func::Descendants => {
-                let mut out = Vec::new();
-                let mut level = Vec::new();
-                for v in &input {
-                    children(v, &mut level);
-                }
-                let mut depth = 0;
-                while !level.is_empty() && depth < 512 {
-                    let mut next = Vec::new();
-                    for v in &level {
-                        children(v, &mut next);
-                    }
-                    out.append(&mut level);
-                    level = next;
-                    depth += 1;
-                }
-                Ok(out)
+            Func::StartsWith | Func::EndsWith | Func::Contains => match arg_s(0)? {
+                Some(p) if func == Func::StartsWith => boolean(s.starts_with(&p)),
+                Some(p) if func == Func::EndsWith => boolean(s.ends_with(&p)),
+                Some(p) => boolean(s.contains(&p)),
+                None => Ok(vec![]),
+            },
+            Func::Upper => owned(s.to_uppercase()),
+            Func::Lower => owned(s.to_lowercase()),
+            Func::Replace => match (arg_s(0)?, arg_s(1)?) {
+                (Some(p), Some(r)) => owned(s.replace(&p, &r)),
+                _ => Ok(vec![]),
+            },
+            Func::Length => Ok(vec![Value::Integer(s.chars().count() as i64)]),
+            // toChars (the only one left)
+            _ => Ok(s
+                .chars()
+                .map(|c| Value::String(Cow::Owned(c.to_string())))
+                .collect()),
+        }
+    }
+
+    /// Regular expressions: `matches`, `matchesFull`, `replaceMatches`.
+    fn regex_fn(
+        &self,
+        site: CallSite<'a>,
+        input: Items<'a>,
+        focus: &[Value<'a>],
+        frame: Frame<'_, 'a>,
+    ) -> R<Items<'a>> {
+        let CallSite { func, args, .. } = site;
+        let fname = func.name();
+        let Some(s) = string_input(&input, fname)? else {
+            return Ok(vec![]);
+        };
+        let arg_s = |i: usize| -> R<Option<String>> {
+            Ok(str_arg(&self.arg(args, i, focus, frame)?, fname)?.map(str::to_string))
+        };
+        if func != Func::ReplaceMatches {
+            let Some(p) = arg_s(0)? else {
+                return Ok(vec![]);
+            };
+            let pattern = if func == Func::MatchesFull {
+                format!("(?s)^(?:{p})$")
+            } else {
+                format!("(?s){p}")
+            };
+            return boolean(regex(&pattern)?.is_match(s));
+        }
+        let (Some(p), Some(r)) = (arg_s(0)?, arg_s(1)?) else {
+            return Ok(vec![]);
+        };
+        let replaced = if p.is_empty() {
+            s.to_string()
+        } else {
+            regex(&format!("(?s){p}"))?
+                .replace_all(s, r.as_str())
+                .into_owned()
+        };
+        Ok(vec![Value::String(Cow::Owned(replaced))])
+    }
+
+    /// The further string functions: `split`, `trim`, `encode`, `decode`,
+    /// `escape`, `unescape`.
+    fn string_extra_fn(
+        &self,
+        site: CallSite<'a>,
+        input: Items<'a>,
+        focus: &[Value<'a>],
+        frame: Frame<'_, 'a>,
+    ) -> R<Items<'a>> {
+        let CallSite { func, args, .. } = site;
+        let fname = func.name();
+        let Some(s) = string_input(&input, fname)? else {
+            return Ok(vec![]);
+        };
+        let owned = |x: String| Ok(vec![Value::String(Cow::Owned(x))]);
+        if func == Func::Trim {
+            return owned(s.trim().to_string());
+        }
+        // The separator for `split`, the format for the others.
+        let Some(arg) = str_arg(&self.arg(args, 0, focus, frame)?, fname)?.map(str::to_string)
+        else {
+            return Ok(vec![]);
+        };
+        match func {
+            Func::Split if arg.is_empty() => Ok(s
+                .chars()
+                .map(|c| Value::String(Cow::Owned(c.to_string())))
+                .collect()),
+            Func::Split => Ok(s
+                .split(arg.as_str())
+                .map(|p| Value::String(Cow::Owned(p.to_string())))
+                .collect()),
+            Func::Encode | Func::Decode => Ok(encode_decode(func, &arg, s)?
+                .map(|o| Value::String(Cow::Owned(o)))
+                .into_iter()
+                .collect()),
+            // escape, unescape (the only ones left)
+            _ => owned(escape_unescape(func, &arg, s)?),
+        }
+    }
+
+    /// `join([separator])`: the input strings joined into one.
+    fn join(
+        &self,
+        site: CallSite<'a>,
+        input: Items<'a>,
+        focus: &[Value<'a>],
+        frame: Frame<'_, 'a>,
+    ) -> R<Items<'a>> {
+        if input.is_empty() {
+            return Ok(vec![]);
+        }
+        let sep = match site.args.first() {
+            Some(_) => str_arg(&self.arg(site.args, 0, focus, frame)?, site.func.name())?
+                .unwrap_or("")
+                .to_string(),
+            None => String::new(),
+        };
+        let mut parts = Vec::with_capacity(input.len());
+        for v in &input {
+            parts.push(
+                v.as_str()
+                    .ok_or_else(|| EvalError::ty("join expects strings"))?
+                    .to_string(),
+            );
+        }
+        Ok(vec![Value::String(Cow::Owned(parts.join(&sep)))])
+    }
+
+    /// Math: `abs`, `ceiling`, `floor`, `truncate`, `exp`, `ln`, `sqrt`,
+    /// `round`, `log`, `power`.
+    fn math_fn(
+        &self,
+        site: CallSite<'a>,
+        input: Items<'a>,
+        focus: &[Value<'a>],
+        frame: Frame<'_, 'a>,
+    ) -> R<Items<'a>> {
+        let CallSite { func, args, .. } = site;
+        let fname = func.name();
+        let Some(v) = single(&input, fname)? else {
+            return Ok(vec![]);
+        };
+        let v = v.to_system().unwrap_or(v);
+        let num = match &v {
+            Value::Integer(i) => Decimal::from(*i),
+            Value::Decimal(d) => *d,
+            Value::Quantity(q) if func == Func::Abs => {
+                return Ok(vec![Value::Quantity(Quantity::new(
+                    q.value.abs(),
+                    q.unit.clone(),
+                ))]);
             }
+            _ => return Err(EvalError::ty(format!("{fname} expects a number"))),
+        };
+        let f = num.to_f64().unwrap_or(f64::NAN);
+        let dec = |d: Option<Decimal>| Ok(d.map(Value::Decimal).into_iter().collect());
+        let int = |d: Decimal| -> R<Items<'a>> {
+            Ok(vec![Value::Integer(
+                d.to_i64().ok_or(EvalError::Overflow("rounding"))?,
+            )])
+        };
+        match func {
+            Func::Abs => Ok(vec![match v {
+                Value::Integer(i) => {
+                    Value::Integer(i.checked_abs().ok_or(EvalError::Overflow("abs"))?)
+                }
+                _ => Value::Decimal(num.abs()),
+            }]),
+            Func::Ceiling => int(num.ceil()),
+            Func::Floor => int(num.floor()),
+            Func::Truncate => int(num.trunc()),
+            Func::Exp => dec(dec_from_f64(f.exp())),
+            Func::Ln => dec(dec_from_f64(f.ln())),
+            Func::Sqrt => dec(dec_from_f64(f.sqrt())),
+            Func::Round => {
+                let p = if args.is_empty() {
+                    Some(0)
+                } else {
+                    int_arg(&self.arg(args, 0, focus, frame)?, fname)?
+                };
+                let Some(p) = p else { return Ok(vec![]) };
+                if p < 0 {
+                    return Err(EvalError::ty("round() precision must be >= 0"));
+                }
+                dec(Some(num.round_dp_with_strategy(
+                    p.min(28) as u32,
+                    RoundingStrategy::MidpointAwayFromZero,
+                )))
+            }
+            Func::Log => {
+                let base = self.arg(args, 0, focus, frame)?;
+                let Some(bv) = singleton(&base, fname)?.and_then(Self::decimal_of) else {
+                    return Ok(vec![]);
+                };
+                let b = bv.to_f64().unwrap_or(f64::NAN);
+                dec(dec_from_f64(f.ln() / b.ln()))
+            }
+            // power (the only one left)
+            _ => {
+                let e = self.arg(args, 0, focus, frame)?;
+                let Some(ev) = singleton(&e, fname)?.and_then(|x| x.to_system()) else {
+                    return Ok(vec![]);
+                };
+                Self::power(&v, num, f, &ev)
+            }
+        }
+    }
+
+    /// `power(exponent)` of `v` (`num` as a decimal, `f` as a float): integer
+    /// powers of integers stay integers, a whole exponent up to 64 is exact.
+    fn power(v: &Value<'a>, num: Decimal, f: f64, ev: &Value<'a>) -> R<Items<'a>> {
+        let dec = |d: Option<Decimal>| Ok(d.map(Value::Decimal).into_iter().collect());
+        match (v, ev) {
+            (Value::Integer(base), Value::Integer(exp)) if *exp >= 0 => {
+                let r = u32::try_from(*exp).ok().and_then(|e| base.checked_pow(e));
+                Ok(vec![Value::Integer(r.ok_or(EvalError::Overflow("power"))?)])
+            }
+            (_, Value::Integer(exp)) if (0..=64).contains(exp) => {
+                let mut r = Decimal::ONE;
+                for _ in 0..*exp {
+                    r = r.checked_mul(num).ok_or(EvalError::Overflow("power"))?;
+                }
+                dec(Some(r))
+            }
+            (_, Value::Integer(_) | Value::Decimal(_)) => {
+                let x = Self::decimal_of(ev)
+                    .and_then(|d| d.to_f64())
+                    .unwrap_or(f64::NAN);
+                dec(dec_from_f64(f.powf(x)))
+            }
+            _ => Err(EvalError::ty("power() expects a number")),
+        }
+    }
+
+    /// Utility functions: `trace`, `now`, `today`, `timeOfDay`,
+    /// `defineVariable`.
+    fn utility(
+        &self,
+        site: CallSite<'a>,
+        input: Items<'a>,
+        focus: &[Value<'a>],
+        frame: Frame<'_, 'a>,
+    ) -> R<Items<'a>> {
+        let CallSite { func, args, .. } = site;
+        let fname = func.name();
+        match func {
             Func::Trace => {
                 if let Some(sink) = self.ctx.trace {
-                    let label = str_arg(&arg(0)?, fname)?.unwrap_or("").to_string();
+                    let label = str_arg(&self.arg(args, 0, focus, frame)?, fname)?
+                        .unwrap_or("")
+                        .to_string();
                     if args.len() > 1 {
                         let mut projected = Vec::new();
                         for (i, v) in input.iter().enumerate() {
@@ -703,213 +1124,6 @@ impl<'e, 'a> Evaluator<'e, 'a> {
                 }
                 Ok(input)
             }
-            Func::Now | Func::Today | Func::TimeOfDay => {
-                let now = self.ctx.now.unwrap_or_else(crate::clock_now);
-                Ok(vec![Value::Temporal(match func {
-                    Func::Now => now,
-                    Func::Today => {
-                        to_temporal(&Value::Temporal(now), TemporalKind::Date).unwrap_or(now)
-                    }
-                    _ => {
-                        let mut t = now;
-                        t.kind = TemporalKind::Time;
-                        t.tz = None;
-                        t
-                    }
-                })])
-            }
-            Func::Aggregate => {
-                let mut total = match args.get(1) {
-                    Some(_) => arg(1)?,
-                    None => vec![],
-                };
-                for (i, v) in input.iter().enumerate() {
-                    total = self.eval_item(&args[0], v, i, Some(&total))?;
-                }
-                Ok(total)
-            }
-            Func::Sort => self.sort(input, args),
-            Func::Not => Ok(bool_items(to_bool(&input, fname)?.map(|x| !x))),
-            Func::Type => Ok(input
-                .iter()
-                .map(|v| {
-                    let (namespace, name) = v.type_name();
-                    Value::TypeInfo { namespace, name }
-                })
-                .collect()),
-            Func::Extension => {
-                let Some(url) = str_arg(&arg(0)?, fname)?.map(str::to_string) else {
-                    return Ok(vec![]);
-                };
-                let mut exts = Vec::new();
-                for v in &input {
-                    child(v, "extension", &mut exts);
-                }
-                Ok(exts
-                    .into_iter()
-                    .filter(|e| {
-                        matches!(e, Value::Node(FhirNode { json: Some(j), .. })
-                            if j.get("url").and_then(JsonRef::as_str) == Some(url.as_str()))
-                    })
-                    .collect())
-            }
-            Func::Resolve => {
-                let mut out = Vec::new();
-                for v in &input {
-                    let reference = match v {
-                        Value::Node(FhirNode { json: Some(j), .. }) if j.is_object() => j
-                            .get("reference")
-                            .and_then(JsonRef::as_str)
-                            .map(str::to_string),
-                        other => other.as_str().map(str::to_string),
-                    };
-                    if let Some(r) = reference
-                        && let Some(j) = self.resolve_reference(&r)
-                    {
-                        push_json(Some(j), None, None, &mut out);
-                    }
-                }
-                Ok(out)
-            }
-            Func::GetResourceKey => {
-                let mut out = Vec::new();
-                for v in &input {
-                    if let Value::Node(FhirNode { json: Some(j), .. }) = v
-                        && let Some(o) = j.as_object()
-                        && o.contains_key("resourceType")
-                        && let Some(id) = o.get_str("id")
-                    {
-                        out.push(Value::String(Cow::Borrowed(id)));
-                    }
-                }
-                Ok(out)
-            }
-            Func::GetReferenceKey => {
-                let want = match args.first() {
-                    Some(n) => Some(match &n.kind {
-                        NodeKind::Member { base: None, name } => name.clone(),
-                        _ => str_arg(&arg(0)?, fname)?.unwrap_or("").to_string(),
-                    }),
-                    None => None,
-                };
-                let mut out = Vec::new();
-                for v in &input {
-                    let Value::Node(FhirNode { json: Some(j), .. }) = v else {
-                        continue;
-                    };
-                    let Some(r) = j.get("reference").and_then(JsonRef::as_str) else {
-                        continue;
-                    };
-                    let r = r.split("/_history/").next().unwrap_or(r);
-                    let mut parts = r.rsplit('/');
-                    let (Some(id), Some(ty)) = (parts.next(), parts.next()) else {
-                        continue;
-                    };
-                    if want.as_deref().is_none_or(|w| w == ty) {
-                        out.push(Value::String(Cow::Borrowed(id)));
-                    }
-                }
-                Ok(out)
-            }
-            Func::HasValue => b(matches!(
-                input.as_slice(),
-                [Value::Node(FhirNode { json: Some(j), .. })] if !j.is_object() && !j.is_array()
-            ) || matches!(input.as_slice(), [v] if !matches!(v, Value::Node(_)))),
-            Func::GetValue => Ok(match input.as_slice() {
-                [v @ Value::Node(FhirNode { json: Some(j), .. })] if !j.is_object() => {
-                    v.to_system().into_iter().collect()
-                }
-                _ => vec![],
-            }),
-            Func::MemberOf => {
-                let vs = str_arg(&arg(0)?, fname)?.unwrap_or("").to_string();
-                let Some(ts) = self.ctx.terminology else {
-                    return Err(EvalError::NoTerminologyService(format!("memberOf('{vs}')")));
-                };
-                let Some(v) = single(&input)? else {
-                    return Ok(vec![]);
-                };
-                ts.member_of(&v.to_json(), &vs)
-                    .map(bool_items)
-                    .map_err(EvalError::Other)
-            }
-            Func::LowBoundary | Func::HighBoundary => {
-                let high = func == Func::HighBoundary;
-                let Some(v) = single(&input)? else {
-                    return Ok(vec![]);
-                };
-                let digits = if args.is_empty() {
-                    None
-                } else {
-                    int_arg(&arg(0)?, fname)?
-                };
-                if !args.is_empty() && digits.is_none() {
-                    return Ok(vec![]);
-                }
-                Ok(match v.to_system() {
-                    Some(Value::Integer(i)) => {
-                        decimal_boundary(Decimal::from(i), digits, high).map(Value::Decimal)
-                    }
-                    Some(Value::Decimal(d)) => {
-                        decimal_boundary(d, digits, high).map(Value::Decimal)
-                    }
-                    Some(Value::Quantity(q)) => decimal_boundary(q.value, digits, high)
-                        .map(|d| Value::Quantity(Quantity::new(d, q.unit))),
-                    Some(Value::Temporal(t)) => {
-                        let d = match digits {
-                            Some(d) => Some(
-                                u32::try_from(d)
-                                    .ok()
-                                    .ok_or_else(|| EvalError::ty("bad precision"))?,
-                            ),
-                            None => None,
-                        };
-                        t.boundary(d, high).map(Value::Temporal)
-                    }
-                    _ => None,
-                }
-                .into_iter()
-                .collect())
-            }
-            Func::Precision => Ok(match single(&input)?.and_then(|v| v.to_system()) {
-                Some(Value::Decimal(d)) => vec![Value::Integer(i64::from(d.scale()))],
-                Some(Value::Integer(_)) => vec![Value::Integer(0)],
-                Some(Value::Temporal(t)) => vec![Value::Integer(i64::from(t.digits()))],
-                _ => vec![],
-            }),
-            Func::Comparable => {
-                let other = arg(0)?;
-                match (
-                    single(&input)?.and_then(|v| v.to_system()),
-                    singleton(&other, fname)?.and_then(Value::to_system),
-                ) {
-                    (Some(Value::Quantity(a)), Some(Value::Quantity(b))) => {
-                        Ok(vec![Value::Boolean(a.comparable(&b))])
-                    }
-                    (None, _) | (_, None) => Ok(vec![]),
-                    _ => Err(EvalError::ty("comparable() expects quantities")),
-                }
-            }
-            Func::ConformsTo => {
-                let url = str_arg(&arg(0)?, fname)?.unwrap_or("").to_string();
-                let Some(ty) = url.strip_prefix("http://hl7.org/fhir/StructureDefinition/") else {
-                    return Err(EvalError::Other(format!(
-                        "cannot check conformance to '{url}'"
-                    )));
-                };
-                if Model::r4().type_def(ty).is_none() {
-                    return Err(EvalError::Other(format!("unknown profile '{url}'")));
-                }
-                let spec = crate::ast::TypeSpec {
-                    namespace: Some("FHIR".into()),
-                    name: ty.to_string(),
-                };
-                Ok(single(&input)?
-                    .map(|v| Value::Boolean(type_matches(&v, &spec, false)))
-                    .into_iter()
-                    .collect())
-            }
-            Func::HtmlChecks => b(true),
             Func::DefineVariable => {
                 // Name and value are evaluated on the input, each in its own scope.
                 let on_input = |i: usize| self.scoped(|| self.eval(&args[i], &input, frame));
@@ -930,10 +1144,256 @@ impl<'e, 'a> Evaluator<'e, 'a> {
                 self.scope.borrow_mut().push((var, value));
                 Ok(input)
             }
-            Func::Unknown => Err(EvalError::UnknownFunction {
-                name: name.to_string(),
-            }),
+            // now, today, timeOfDay (the only ones left)
+            _ => {
+                let now = self.ctx.now.unwrap_or_else(crate::clock_now);
+                Ok(vec![Value::Temporal(match func {
+                    Func::Now => now,
+                    Func::Today => {
+                        to_temporal(&Value::Temporal(now), TemporalKind::Date).unwrap_or(now)
+                    }
+                    _ => {
+                        let mut t = now;
+                        t.kind = TemporalKind::Time;
+                        t.tz = None;
+                        t
+                    }
+                })])
+            }
         }
+    }
+
+    /// Precision: `lowBoundary`, `highBoundary`, `precision`, `comparable`.
+    fn precision_fn(
+        &self,
+        site: CallSite<'a>,
+        input: Items<'a>,
+        focus: &[Value<'a>],
+        frame: Frame<'_, 'a>,
+    ) -> R<Items<'a>> {
+        let CallSite { func, args, .. } = site;
+        let fname = func.name();
+        match func {
+            Func::Precision => Ok(match single(&input, fname)?.and_then(|v| v.to_system()) {
+                Some(Value::Decimal(d)) => vec![Value::Integer(i64::from(d.scale()))],
+                Some(Value::Integer(_)) => vec![Value::Integer(0)],
+                Some(Value::Temporal(t)) => vec![Value::Integer(i64::from(t.digits()))],
+                _ => vec![],
+            }),
+            Func::Comparable => {
+                let other = self.arg(args, 0, focus, frame)?;
+                match (
+                    single(&input, fname)?.and_then(|v| v.to_system()),
+                    singleton(&other, fname)?.and_then(Value::to_system),
+                ) {
+                    (Some(Value::Quantity(a)), Some(Value::Quantity(b))) => {
+                        Ok(vec![Value::Boolean(a.comparable(&b))])
+                    }
+                    (None, _) | (_, None) => Ok(vec![]),
+                    _ => Err(EvalError::ty("comparable() expects quantities")),
+                }
+            }
+            // lowBoundary, highBoundary (the only ones left)
+            _ => {
+                let Some(v) = single(&input, fname)? else {
+                    return Ok(vec![]);
+                };
+                let digits = if args.is_empty() {
+                    None
+                } else {
+                    int_arg(&self.arg(args, 0, focus, frame)?, fname)?
+                };
+                if !args.is_empty() && digits.is_none() {
+                    return Ok(vec![]);
+                }
+                Ok(boundary(&v, digits, func == Func::HighBoundary)?
+                    .into_iter()
+                    .collect())
+            }
+        }
+    }
+
+    /// `aggregate(aggregator [, init])`: the aggregator runs once per item,
+    /// its answer is `$total` for the next.
+    fn aggregate(
+        &self,
+        site: CallSite<'a>,
+        input: Items<'a>,
+        focus: &[Value<'a>],
+        frame: Frame<'_, 'a>,
+    ) -> R<Items<'a>> {
+        let args = site.args;
+        let mut total = match args.get(1) {
+            Some(_) => self.arg(args, 1, focus, frame)?,
+            None => vec![],
+        };
+        for (i, v) in input.iter().enumerate() {
+            total = self.eval_item(&args[0], v, i, Some(&total))?;
+        }
+        Ok(total)
+    }
+
+    /// The operators that can also be called as functions (`not`, `is`, `as`)
+    /// and reflection's `type`.
+    fn type_and_logic(&self, site: CallSite<'a>, input: Items<'a>) -> R<Items<'a>> {
+        let fname = site.func.name();
+        match site.func {
+            Func::Not => Ok(bool_items(to_bool(&input, fname)?.map(|x| !x))),
+            Func::Is => {
+                let spec = self.type_arg(site.args)?;
+                Ok(single(&input, fname)?
+                    .map(|v| Value::Boolean(type_matches(&v, &spec, false)))
+                    .into_iter()
+                    .collect())
+            }
+            Func::As => {
+                let spec = self.type_arg(site.args)?;
+                Ok(single(&input, fname)?
+                    .filter(|v| type_matches(v, &spec, true))
+                    .into_iter()
+                    .collect())
+            }
+            // type (the only one left)
+            _ => Ok(input
+                .iter()
+                .map(|v| {
+                    let (namespace, name) = v.type_name();
+                    Value::TypeInfo { namespace, name }
+                })
+                .collect()),
+        }
+    }
+
+    /// The FHIR additions: `extension`, `hasValue`, `getValue`, `memberOf`,
+    /// `conformsTo`, `htmlChecks`.
+    fn fhir_additions(
+        &self,
+        site: CallSite<'a>,
+        input: Items<'a>,
+        focus: &[Value<'a>],
+        frame: Frame<'_, 'a>,
+    ) -> R<Items<'a>> {
+        let CallSite { func, args, .. } = site;
+        let fname = func.name();
+        let arg_s = |i: usize| -> R<String> {
+            Ok(str_arg(&self.arg(args, i, focus, frame)?, fname)?
+                .unwrap_or("")
+                .to_string())
+        };
+        match func {
+            Func::Extension => {
+                let Some(url) =
+                    str_arg(&self.arg(args, 0, focus, frame)?, fname)?.map(str::to_string)
+                else {
+                    return Ok(vec![]);
+                };
+                let mut exts = Vec::new();
+                for v in &input {
+                    child(v, "extension", &mut exts);
+                }
+                Ok(exts
+                    .into_iter()
+                    .filter(|e| {
+                        matches!(e, Value::Node(FhirNode { json: Some(j), .. })
+                            if j.get("url").and_then(JsonRef::as_str) == Some(url.as_str()))
+                    })
+                    .collect())
+            }
+            Func::HasValue => boolean(
+                matches!(
+                    input.as_slice(),
+                    [Value::Node(FhirNode { json: Some(j), .. })] if !j.is_object() && !j.is_array()
+                ) || matches!(input.as_slice(), [v] if !matches!(v, Value::Node(_))),
+            ),
+            Func::GetValue => Ok(match input.as_slice() {
+                [v @ Value::Node(FhirNode { json: Some(j), .. })] if !j.is_object() => {
+                    v.to_system().into_iter().collect()
+                }
+                _ => vec![],
+            }),
+            Func::MemberOf => {
+                let vs = arg_s(0)?;
+                let Some(ts) = self.ctx.terminology else {
+                    return Err(EvalError::NoTerminologyService(format!("memberOf('{vs}')")));
+                };
+                let Some(v) = single(&input, fname)? else {
+                    return Ok(vec![]);
+                };
+                ts.member_of(&v.to_json(), &vs)
+                    .map(bool_items)
+                    .map_err(EvalError::Other)
+            }
+            Func::ConformsTo => {
+                let spec = conformance_type(&arg_s(0)?)?;
+                Ok(single(&input, fname)?
+                    .map(|v| Value::Boolean(type_matches(&v, &spec, false)))
+                    .into_iter()
+                    .collect())
+            }
+            // htmlChecks (the only one left)
+            _ => boolean(true),
+        }
+    }
+
+    /// References: `resolve`, and SQL on FHIR's `getResourceKey` and
+    /// `getReferenceKey([type])`.
+    fn references(
+        &self,
+        site: CallSite<'a>,
+        input: Items<'a>,
+        focus: &[Value<'a>],
+        frame: Frame<'_, 'a>,
+    ) -> R<Items<'a>> {
+        let mut out = Vec::new();
+        match site.func {
+            Func::Resolve => {
+                for v in &input {
+                    let reference = match v {
+                        Value::Node(FhirNode { json: Some(j), .. }) if j.is_object() => j
+                            .get("reference")
+                            .and_then(JsonRef::as_str)
+                            .map(str::to_string),
+                        other => other.as_str().map(str::to_string),
+                    };
+                    if let Some(r) = reference
+                        && let Some(j) = self.resolve_reference(&r)
+                    {
+                        push_json(Some(j), None, None, &mut out);
+                    }
+                }
+            }
+            Func::GetResourceKey => {
+                for v in &input {
+                    if let Value::Node(FhirNode { json: Some(j), .. }) = v
+                        && let Some(o) = j.as_object()
+                        && o.contains_key("resourceType")
+                        && let Some(id) = o.get_str("id")
+                    {
+                        out.push(Value::String(Cow::Borrowed(id)));
+                    }
+                }
+            }
+            // getReferenceKey (the only one left)
+            _ => {
+                let want = match site.args.first() {
+                    Some(n) => Some(match &n.kind {
+                        NodeKind::Member { base: None, name } => name.clone(),
+                        _ => str_arg(&self.arg(site.args, 0, focus, frame)?, site.func.name())?
+                            .unwrap_or("")
+                            .to_string(),
+                    }),
+                    None => None,
+                };
+                for v in &input {
+                    if let Value::Node(FhirNode { json: Some(j), .. }) = v
+                        && let Some(id) = reference_key(*j, want.as_deref())
+                    {
+                        out.push(Value::String(Cow::Borrowed(id)));
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn resolve_reference(&self, r: &str) -> Option<JsonRef<'a>> {
@@ -1019,264 +1479,5 @@ impl<'e, 'a> Evaluator<'e, 'a> {
             return Err(e);
         }
         Ok(keyed.into_iter().map(|(_, v)| v).collect())
-    }
-
-    fn string_fn(
-        &self,
-        func: Func,
-        s: &str,
-        args: &'a [Node],
-        focus: &[Value<'a>],
-        frame: Frame<'_, 'a>,
-    ) -> R<Items<'a>> {
-        let fname = func.name();
-        let arg_s = |i: usize| -> R<Option<String>> {
-            Ok(str_arg(&self.arg(args, i, focus, frame)?, fname)?.map(str::to_string))
-        };
-        let owned = |x: String| Ok(vec![Value::String(Cow::Owned(x))]);
-        let b = |x: bool| Ok(vec![Value::Boolean(x)]);
-        match func {
-            Func::IndexOf => {
-                let Some(sub) = arg_s(0)? else {
-                    return Ok(vec![]);
-                };
-                Ok(vec![Value::Integer(match s.find(&sub) {
-                    Some(byte) => s[..byte].chars().count() as i64,
-                    None => -1,
-                })])
-            }
-            Func::Substring => {
-                let Some(start) = int_arg(&self.arg(args, 0, focus, frame)?, fname)? else {
-                    return Ok(vec![]);
-                };
-                let len = if args.len() > 1 {
-                    int_arg(&self.arg(args, 1, focus, frame)?, fname)?
-                } else {
-                    None
-                };
-                let n = s.chars().count() as i64;
-                if start < 0 || start >= n {
-                    return Ok(vec![]);
-                }
-                let take = len.unwrap_or(n).max(0);
-                owned(s.chars().skip(start as usize).take(take as usize).collect())
-            }
-            Func::StartsWith => match arg_s(0)? {
-                Some(p) => b(s.starts_with(&p)),
-                None => Ok(vec![]),
-            },
-            Func::EndsWith => match arg_s(0)? {
-                Some(p) => b(s.ends_with(&p)),
-                None => Ok(vec![]),
-            },
-            Func::Contains => match arg_s(0)? {
-                Some(p) => b(s.contains(&p)),
-                None => Ok(vec![]),
-            },
-            Func::Upper => owned(s.to_uppercase()),
-            Func::Lower => owned(s.to_lowercase()),
-            Func::Replace => match (arg_s(0)?, arg_s(1)?) {
-                (Some(p), Some(r)) => owned(s.replace(&p, &r)),
-                _ => Ok(vec![]),
-            },
-            Func::Matches | Func::MatchesFull => {
-                let Some(p) = arg_s(0)? else {
-                    return Ok(vec![]);
-                };
-                let pattern = if func == Func::MatchesFull {
-                    format!("(?s)^(?:{p})$")
-                } else {
-                    format!("(?s){p}")
-                };
-                b(regex(&pattern)?.is_match(s))
-            }
-            Func::ReplaceMatches => match (arg_s(0)?, arg_s(1)?) {
-                (Some(p), Some(r)) => {
-                    if p.is_empty() {
-                        return owned(s.to_string());
-                    }
-                    owned(
-                        regex(&format!("(?s){p}"))?
-                            .replace_all(s, r.as_str())
-                            .into_owned(),
-                    )
-                }
-                _ => Ok(vec![]),
-            },
-            Func::Length => Ok(vec![Value::Integer(s.chars().count() as i64)]),
-            Func::ToChars => Ok(s
-                .chars()
-                .map(|c| Value::String(Cow::Owned(c.to_string())))
-                .collect()),
-            Func::Split => {
-                let Some(sep) = arg_s(0)? else {
-                    return Ok(vec![]);
-                };
-                if sep.is_empty() {
-                    return Ok(s
-                        .chars()
-                        .map(|c| Value::String(Cow::Owned(c.to_string())))
-                        .collect());
-                }
-                Ok(s.split(sep.as_str())
-                    .map(|p| Value::String(Cow::Owned(p.to_string())))
-                    .collect())
-            }
-            Func::Trim => owned(s.trim().to_string()),
-            Func::Encode | Func::Decode => {
-                let Some(fmt) = arg_s(0)? else {
-                    return Ok(vec![]);
-                };
-                let out = match (func, fmt.as_str()) {
-                    (Func::Encode, "base64") => Some(base64_encode(s.as_bytes(), false)),
-                    (Func::Encode, "urlbase64") => Some(base64_encode(s.as_bytes(), true)),
-                    (Func::Encode, "hex") => Some(s.bytes().map(|x| format!("{x:02x}")).collect()),
-                    (Func::Decode, "base64" | "urlbase64") => {
-                        base64_decode(s).and_then(|v| String::from_utf8(v).ok())
-                    }
-                    (Func::Decode, "hex") => {
-                        if !s.len().is_multiple_of(2) || !s.is_ascii() {
-                            None
-                        } else {
-                            (0..s.len())
-                                .step_by(2)
-                                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-                                .collect::<Option<Vec<u8>>>()
-                                .and_then(|v| String::from_utf8(v).ok())
-                        }
-                    }
-                    _ => return Err(EvalError::ty(format!("unknown encoding '{fmt}'"))),
-                };
-                Ok(out
-                    .map(|o| Value::String(Cow::Owned(o)))
-                    .into_iter()
-                    .collect())
-            }
-            Func::Escape | Func::Unescape => {
-                let Some(fmt) = arg_s(0)? else {
-                    return Ok(vec![]);
-                };
-                let out = match (func, fmt.as_str()) {
-                    (Func::Escape, "html") => s
-                        .replace('&', "&amp;")
-                        .replace('<', "&lt;")
-                        .replace('>', "&gt;")
-                        .replace('"', "&quot;")
-                        .replace('\'', "&#39;"),
-                    (Func::Unescape, "html") => s
-                        .replace("&lt;", "<")
-                        .replace("&gt;", ">")
-                        .replace("&quot;", "\"")
-                        .replace("&#39;", "'")
-                        .replace("&amp;", "&"),
-                    (Func::Escape, "json") => {
-                        let q = serde_json::to_string(s)
-                            .map_err(|e| EvalError::Other(e.to_string()))?;
-                        q[1..q.len() - 1].to_string()
-                    }
-                    (Func::Unescape, "json") => json_unescape(s),
-                    _ => return Err(EvalError::ty(format!("unknown escape format '{fmt}'"))),
-                };
-                owned(out)
-            }
-            _ => Err(EvalError::UnknownFunction {
-                name: fname.to_string(),
-            }),
-        }
-    }
-
-    fn math_fn(
-        &self,
-        func: Func,
-        v: Value<'a>,
-        args: &'a [Node],
-        focus: &[Value<'a>],
-        frame: Frame<'_, 'a>,
-    ) -> R<Items<'a>> {
-        let fname = func.name();
-        let num = match &v {
-            Value::Integer(i) => Decimal::from(*i),
-            Value::Decimal(d) => *d,
-            Value::Quantity(q) if func == Func::Abs => {
-                return Ok(vec![Value::Quantity(Quantity::new(
-                    q.value.abs(),
-                    q.unit.clone(),
-                ))]);
-            }
-            _ => return Err(EvalError::ty(format!("{fname} expects a number"))),
-        };
-        let f = num.to_f64().unwrap_or(f64::NAN);
-        let dec = |d: Option<Decimal>| Ok(d.map(Value::Decimal).into_iter().collect());
-        let int = |d: Decimal| -> R<Items<'a>> {
-            Ok(vec![Value::Integer(
-                d.to_i64().ok_or(EvalError::Overflow("rounding"))?,
-            )])
-        };
-        match func {
-            Func::Abs => Ok(vec![match v {
-                Value::Integer(i) => {
-                    Value::Integer(i.checked_abs().ok_or(EvalError::Overflow("abs"))?)
-                }
-                _ => Value::Decimal(num.abs()),
-            }]),
-            Func::Ceiling => int(num.ceil()),
-            Func::Floor => int(num.floor()),
-            Func::Truncate => int(num.trunc()),
-            Func::Exp => dec(dec_from_f64(f.exp())),
-            Func::Ln => dec(dec_from_f64(f.ln())),
-            Func::Sqrt => dec(dec_from_f64(f.sqrt())),
-            Func::Round => {
-                let p = if args.is_empty() {
-                    Some(0)
-                } else {
-                    int_arg(&self.arg(args, 0, focus, frame)?, fname)?
-                };
-                let Some(p) = p else { return Ok(vec![]) };
-                if p < 0 {
-                    return Err(EvalError::ty("round() precision must be >= 0"));
-                }
-                dec(Some(num.round_dp_with_strategy(
-                    p.min(28) as u32,
-                    RoundingStrategy::MidpointAwayFromZero,
-                )))
-            }
-            Func::Log => {
-                let base = self.arg(args, 0, focus, frame)?;
-                let Some(bv) = singleton(&base, fname)?.and_then(Self::decimal_of) else {
-                    return Ok(vec![]);
-                };
-                let b = bv.to_f64().unwrap_or(f64::NAN);
-                dec(dec_from_f64(f.ln() / b.ln()))
-            }
-            Func::Power => {
-                let e = self.arg(args, 0, focus, frame)?;
-                let Some(ev) = singleton(&e, fname)?.and_then(|x| x.to_system()) else {
-                    return Ok(vec![]);
-                };
-                match (&v, &ev) {
-                    (Value::Integer(base), Value::Integer(exp)) if *exp >= 0 => {
-                        let r = u32::try_from(*exp).ok().and_then(|e| base.checked_pow(e));
-                        Ok(vec![Value::Integer(r.ok_or(EvalError::Overflow("power"))?)])
-                    }
-                    (_, Value::Integer(exp)) if (0..=64).contains(exp) => {
-                        let mut r = Decimal::ONE;
-                        for _ in 0..*exp {
-                            r = r.checked_mul(num).ok_or(EvalError::Overflow("power"))?;
-                        }
-                        dec(Some(r))
-                    }
-                    (_, Value::Integer(_) | Value::Decimal(_)) => {
-                        let x = Self::decimal_of(&ev)
-                            .and_then(|d| d.to_f64())
-                            .unwrap_or(f64::NAN);
-                        dec(dec_from_f64(f.powf(x)))
-                    }
-                    _ => Err(EvalError::ty("power() expects a number")),
-                }
-            }
-            _ => Err(EvalError::UnknownFunction {
-                name: fname.to_string(),
-            }),
-        }
     }
 }
