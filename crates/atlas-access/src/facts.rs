@@ -58,7 +58,7 @@ pub fn note_patient(p: &str) {
     note(|f| add_patient(f, p));
 }
 
-/// Adds `p` to the answered patients (up to [`MAX_PATIENTS`], then marks
+/// Adds `p` to the answered patients (up to `MAX_PATIENTS`, then marks
 /// the overflow).
 pub fn add_patient(f: &mut Facts, p: &str) {
     if f.patients.len() < MAX_PATIENTS {

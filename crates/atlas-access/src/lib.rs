@@ -11,7 +11,7 @@
 //!   scan itself, under every filter, sort, count, aggregate and link;
 //!   keyset pages over pinned Delta versions with signed page tokens
 //!   ([`token`]); one patient's rows read straight from the clustered view
-//!   files ([`slice`]).
+//!   files ([`mod@slice`]).
 //! * [`Egress`]: the only place a row or a resource leaves. It notes each
 //!   answered patient for the audit trail, counts rows, removes what the
 //!   grant hides and applies the grant's de-identification, for Arrow

@@ -803,7 +803,7 @@ async fn bounded_request(
 }
 
 /// A GraphQL request parsed and checked against the `[graphql]` limits
-/// ([`DocumentLimits`]), ready for the executor; or the error response
+/// (`DocumentLimits`), ready for the executor; or the error response
 /// (parse error, or the limit broken). Linear in the text: what the server
 /// runs before anything else looks at a document (and what the fuzz
 /// target drives).

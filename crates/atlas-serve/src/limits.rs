@@ -9,7 +9,7 @@
 //!   `max_concurrent_per_principal` authenticated requests running; more
 //!   wait for a turn within their deadline, so one caller cannot occupy
 //!   every worker. The `Principal` extractor takes the turn
-//!   ([`admit`]) and the middleware holds it until the handler returns.
+//!   (`admit`) and the middleware holds it until the handler returns.
 //! * Shutdown: [`serve`](crate::serve) stops accepting, lets requests in
 //!   flight finish for `shutdown_timeout_ms`, then cuts the rest: each cut
 //!   request answers 503 `ShuttingDown` (a cut stream ends with an error),
@@ -112,7 +112,7 @@ impl Limiter {
     }
 
     /// Takes one of a principal's turns now, if one is free (what
-    /// [`admit`] waits for; for operators' tools and tests).
+    /// `admit` waits for; for operators' tools and tests).
     pub fn try_turn(
         &self,
         issuer: &str,
