@@ -33,11 +33,10 @@ impl ViewStore {
     pub async fn session(&self) -> Result<SessionContext, ViewStoreError> {
         let ctx = self.lake.session().await?;
         // FHIRPath and JSON functions, so SQL can read the `resources` table as FHIR.
-        crate::sql_functions::register(&ctx)
-            .map_err(|e| ViewStoreError::Session {
-                what: "registering the FHIRPath and JSON SQL functions".into(),
-                source: Box::new(e),
-            })?;
+        crate::sql_functions::register(&ctx).map_err(|e| ViewStoreError::Session {
+            what: "registering the FHIRPath and JSON SQL functions".into(),
+            source: Box::new(e),
+        })?;
         for v in self.list().await? {
             let Some(table) = self.lake.table_at(&v.table_dir()).await? else {
                 continue;
