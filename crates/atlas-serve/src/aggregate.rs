@@ -12,13 +12,14 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use datafusion::functions_aggregate::expr_fn as agg;
-use datafusion::logical_expr::{Expr, case, lit};
+use datafusion::logical_expr::{Expr, LogicalPlan, case, lit};
 use datafusion::prelude::cast;
 use serde::Deserialize;
 use serde_json::Value as Json;
 
 use arrow::datatypes::DataType;
-use atlas_objectset::{PropertyKind, Value};
+use arrow::record_batch::RecordBatch;
+use atlas_objectset::{ObjectSet, PropertyKind, Value};
 use atlas_ontology::ObjectType;
 use atlas_policy::{Action, Principal};
 
@@ -401,7 +402,39 @@ pub(crate) async fn aggregate(
     crate::ontology::check_ontology(&ontology)?;
     let p = crate::params::params(raw, &["patientId", "dateFrom", "dateTo"])?;
     let narrow: Narrow = crate::params::narrow(&p)?;
-    let body: AggregateBody = serde_json::from_slice(&body).map_err(|e| {
+    let (body, approximate_ok) = parse_body(&body)?;
+    let (set, t) = crate::params::decode_set(&state, &body.object_set, body.where_.as_ref())?;
+    check_sizes(&body)?;
+    let metrics = parse_metrics(t, &body, approximate_ok)?;
+
+    let (_, providers) = snapshot(&state, &set, None).await?;
+    let mut planner = Planner::new(&state, &who, Action::Search, &providers);
+    refuse_hidden_fields(&planner, t, &body)?;
+    let groups = parse_groups(&planner, t, &body)?;
+    let plan = aggregate_plan(&mut planner, t, &set, &narrow, &groups, &metrics)?;
+    let batches = state.tables.collect(plan).await?;
+    let total: usize = batches.iter().map(|b| b.num_rows()).sum();
+    if total > MAX_GROUPS {
+        return Err(bad(
+            "AggregationGroupCountExceeded",
+            "groupBy",
+            "",
+            format!("more than {MAX_GROUPS} groups; group more coarsely or filter the set"),
+        ));
+    }
+
+    let out = write_answer(&body, &groups, &metrics, &batches, total);
+    state.metrics.rows("aggregate", total as u64);
+    // Groups and metrics hold no patient's rows as such: the record says
+    // the patients are not counted (null), not that there were none.
+    atlas_access::Egress::for_request().aggregates(total as u64);
+    Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
+}
+
+/// The request body, and whether it allows approximate metrics
+/// (`accuracy`).
+fn parse_body(body: &[u8]) -> Result<(AggregateBody, bool), ApiError> {
+    let body: AggregateBody = serde_json::from_slice(body).map_err(|e| {
         bad(
             "InvalidRequestBody",
             "body",
@@ -421,7 +454,11 @@ pub(crate) async fn aggregate(
             ));
         }
     };
-    let (set, t) = crate::params::decode_set(&state, &body.object_set, body.where_.as_ref())?;
+    Ok((body, approximate_ok))
+}
+
+/// From 1 to 100 metrics, at most 8 groupings.
+fn check_sizes(body: &AggregateBody) -> Result<(), ApiError> {
     if body.aggregation.is_empty() || body.aggregation.len() > 100 {
         return Err(bad(
             "InvalidAggregation",
@@ -438,6 +475,15 @@ pub(crate) async fn aggregate(
             "at most 8 groupings".to_owned(),
         ));
     }
+    Ok(())
+}
+
+/// The metrics asked for, each under its own name.
+fn parse_metrics(
+    t: &ObjectType,
+    body: &AggregateBody,
+    approximate_ok: bool,
+) -> Result<Vec<Metric>, ApiError> {
     let metrics = body
         .aggregation
         .iter()
@@ -455,10 +501,16 @@ pub(crate) async fn aggregate(
             ));
         }
     }
+    Ok(metrics)
+}
 
-    let (_, providers) = snapshot(&state, &set, None).await?;
-    let mut planner = Planner::new(&state, &who, Action::Search, &providers);
-    // Hidden properties may not be aggregated or grouped on.
+/// Hidden properties may not be aggregated or grouped on: the planner
+/// refuses them, and the error names the field.
+fn refuse_hidden_fields<'a>(
+    planner: &Planner<'a>,
+    t: &'a ObjectType,
+    body: &AggregateBody,
+) -> Result<(), ApiError> {
     for (list, items) in [
         ("aggregation", &body.aggregation),
         ("groupBy", &body.group_by),
@@ -474,11 +526,20 @@ pub(crate) async fn aggregate(
             }
         }
     }
+    Ok(())
+}
+
+/// The groupings asked for, each property grouped once.
+fn parse_groups(
+    planner: &Planner<'_>,
+    t: &ObjectType,
+    body: &AggregateBody,
+) -> Result<Vec<Group>, ApiError> {
     let groups = body
         .group_by
         .iter()
         .enumerate()
-        .map(|(i, v)| group(&planner, t, v, i))
+        .map(|(i, v)| group(planner, t, v, i))
         .collect::<Result<Vec<_>, _>>()?;
     let mut seen = std::collections::HashSet::new();
     for (i, g) in groups.iter().enumerate() {
@@ -491,13 +552,27 @@ pub(crate) async fn aggregate(
             ));
         }
     }
+    Ok(groups)
+}
+
+/// The plan: the set as the caller may read it, narrowed, without the rows
+/// in no range of a `ranges` grouping; grouped (columns `g0`, `g1`, …) with
+/// the metrics (`m0`, …), sorted by group and cut one past `MAX_GROUPS`.
+fn aggregate_plan(
+    planner: &mut Planner<'_>,
+    t: &ObjectType,
+    set: &ObjectSet,
+    narrow: &Narrow,
+    groups: &[Group],
+    metrics: &[Metric],
+) -> Result<LogicalPlan, ApiError> {
     let narrowed = planner
-        .set_plan(&set)?
-        .filter(planner.narrow_expr(t, &narrow)?)
+        .set_plan(set)?
+        .filter(planner.narrow_expr(t, narrow)?)
         .map_err(internal)?;
     // Rows in no range of a `ranges` grouping are not in any group.
     let mut input = narrowed;
-    for g in &groups {
+    for g in groups {
         if g.ranges.is_some() {
             input = input
                 .filter(g.expr.clone().is_not_null())
@@ -526,18 +601,17 @@ pub(crate) async fn aggregate(
             .and_then(|b| b.limit(0, Some(MAX_GROUPS + 1)))
             .map_err(internal)?;
     }
-    let plan = grouped.build().map_err(internal)?;
-    let batches = state.tables.collect(plan).await?;
-    let total: usize = batches.iter().map(|b| b.num_rows()).sum();
-    if total > MAX_GROUPS {
-        return Err(bad(
-            "AggregationGroupCountExceeded",
-            "groupBy",
-            "",
-            format!("more than {MAX_GROUPS} groups; group more coarsely or filter the set"),
-        ));
-    }
+    grouped.build().map_err(internal)
+}
 
+/// The answer: its accuracy, then one `{group, metrics}` per result row.
+fn write_answer(
+    body: &AggregateBody,
+    groups: &[Group],
+    metrics: &[Metric],
+    batches: &[RecordBatch],
+    total: usize,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + total * 64);
     out.extend_from_slice(b"{\"accuracy\":");
     write_str(
@@ -554,54 +628,54 @@ pub(crate) async fn aggregate(
     );
     out.extend_from_slice(b",\"excludedItems\":0,\"data\":[");
     let mut first = true;
-    for b in &batches {
+    for b in batches {
         for row in 0..b.num_rows() {
             if !first {
                 out.push(b',');
             }
             first = false;
-            out.extend_from_slice(b"{\"group\":{");
-            for (i, g) in groups.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_str(&mut out, &g.name);
-                out.push(b':');
-                let a = b.column(i);
-                match &g.ranges {
-                    Some(bounds) => {
-                        let idx =
-                            arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(
-                                a.as_ref(),
-                            )
-                            .value(row);
-                        let (s, e) = bounds.get(idx as usize).cloned().unwrap_or_default();
-                        let pair = serde_json::json!({"startValue": s, "endValue": e});
-                        out.extend_from_slice(pair.to_string().as_bytes());
-                    }
-                    None => write_value(&mut out, a.as_ref(), row),
-                }
-            }
-            out.extend_from_slice(b"},\"metrics\":[");
-            for (i, m) in metrics.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                out.extend_from_slice(b"{\"name\":");
-                write_str(&mut out, &m.name);
-                out.extend_from_slice(b",\"value\":");
-                write_value(&mut out, b.column(groups.len() + i).as_ref(), row);
-                out.push(b'}');
-            }
-            out.extend_from_slice(b"]}");
+            write_row(&mut out, groups, metrics, b, row);
         }
     }
     out.extend_from_slice(b"]}");
-    state.metrics.rows("aggregate", total as u64);
-    // Groups and metrics hold no patient's rows as such: the record says
-    // the patients are not counted (null), not that there were none.
-    atlas_access::Egress::for_request().aggregates(total as u64);
-    Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
+    out
+}
+
+/// One result row: `{"group":{…},"metrics":[…]}` (a `ranges` group as its
+/// range's bounds).
+fn write_row(out: &mut Vec<u8>, groups: &[Group], metrics: &[Metric], b: &RecordBatch, row: usize) {
+    out.extend_from_slice(b"{\"group\":{");
+    for (i, g) in groups.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, &g.name);
+        out.push(b':');
+        let a = b.column(i);
+        match &g.ranges {
+            Some(bounds) => {
+                let idx =
+                    arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(a.as_ref())
+                        .value(row);
+                let (s, e) = bounds.get(idx as usize).cloned().unwrap_or_default();
+                let pair = serde_json::json!({"startValue": s, "endValue": e});
+                out.extend_from_slice(pair.to_string().as_bytes());
+            }
+            None => write_value(out, a.as_ref(), row),
+        }
+    }
+    out.extend_from_slice(b"},\"metrics\":[");
+    for (i, m) in metrics.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"name\":");
+        write_str(out, &m.name);
+        out.extend_from_slice(b",\"value\":");
+        write_value(out, b.column(groups.len() + i).as_ref(), row);
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"]}");
 }
 
 pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {

@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, TimeUnit};
+use arrow::record_batch::RecordBatch;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -38,7 +39,7 @@ use crate::query::{Planner, Providers, after_expr, allowed_rows, column, key_jso
 use crate::{ApiError, AppState};
 use atlas_access::Egress;
 use atlas_access::egress::ResourceRelease;
-use atlas_access::token::digest;
+use atlas_access::token::{PageState, digest};
 
 use atlas_access::tables::STORE_DIR;
 const STORE: &str = "resources";
@@ -694,6 +695,27 @@ fn with_sort_date(
     Ok((joined, ty))
 }
 
+/// What a search reads: the plan of every match (scoped, filtered, not yet
+/// sorted or paged), its sort keys (name, ascending, type; `id` last), the
+/// table versions it was planned on and the release its resources leave
+/// through.
+struct SearchPlan {
+    filtered: LogicalPlanBuilder,
+    keys: Vec<(String, bool, DataType)>,
+    versions: BTreeMap<String, u64>,
+    redactor: ResourceRelease,
+}
+
+/// One Bundle page's entries as they leave, how many, and the sort key of
+/// the last one when there are more matches after it.
+struct Page {
+    entries: Vec<u8>,
+    n: usize,
+    after: Option<Vec<serde_json::Value>>,
+}
+
+/// A search (or `$everything`): checks the page token, plans every match,
+/// then streams them all as NDJSON or answers one Bundle page.
 async fn run_search(
     state: &AppState,
     who: &Principal,
@@ -703,64 +725,136 @@ async fn run_search(
     base: &str,
 ) -> Result<Response, ApiError> {
     let request = digest(&s.normalised());
-    let token = match &s.page_token {
-        Some(t) => Some(
-            state
-                .page_tokens
-                .read(t, &who.key(), &request)
-                .map_err(|mut e| {
-                    e.parameter = "_page_token".into();
-                    e
-                })?,
-        ),
-        None => None,
+    let token = page_token(state, who, s, &request)?;
+    let SearchPlan {
+        filtered,
+        keys,
+        versions,
+        redactor,
+    } = search_plan(state, who, s, token.as_ref()).await?;
+    if s.ndjson {
+        return stream_search(state, s, filtered, &keys, redactor).await;
+    }
+    let total = if s.total {
+        Some(count_matches(state, &filtered).await?)
+    } else {
+        None
     };
+    let batches = page_batches(state, s, filtered, &keys, token.as_ref()).await?;
+    let page = page_entries(&batches, s, &keys, &redactor, base)?;
+    let next = page.after.map(|after| {
+        state
+            .page_tokens
+            .issue(&who.key(), &request, versions, after)
+    });
+    let out = bundle(total, self_url, next_base, next, &page.entries);
+    state.metrics.rows("fhirSearch", page.n as u64);
+    Ok(fhir_json(out))
+}
+
+/// The `_page_token` of a search, checked against the caller and the
+/// search it was issued for.
+fn page_token(
+    state: &AppState,
+    who: &Principal,
+    s: &Search,
+    request: &str,
+) -> Result<Option<PageState>, ApiError> {
+    let Some(t) = &s.page_token else {
+        return Ok(None);
+    };
+    Ok(Some(
+        state
+            .page_tokens
+            .read(t, &who.key(), request)
+            .map_err(|mut e| {
+                e.parameter = "_page_token".into();
+                e
+            })?,
+    ))
+}
+
+/// Plans every match of a search on the tables the page token pins (else
+/// the latest).
+async fn search_plan(
+    state: &AppState,
+    who: &Principal,
+    s: &Search,
+    token: Option<&PageState>,
+) -> Result<SearchPlan, ApiError> {
     let views: Vec<&ObjectType> = if s.everything.is_none() {
         view_type(state, &s.resource_type).into_iter().collect()
     } else {
         Vec::new()
     };
-    let (versions, providers) = open(state, token.as_ref().map(|t| &t.t), &views).await?;
+    let (versions, providers) = open(state, token.map(|t| &t.t), &views).await?;
 
-    let mut date_type = DataType::Utf8;
     let mut redactor = Egress::for_request().resources();
-    let filtered = match &s.everything {
-        None => {
-            let (b, grant) =
-                scoped_store(state, who, &s.resource_type, Action::Search, &providers)?;
-            redactor.admit(state, &s.resource_type, &grant)?;
-            if grant.deid.is_some() {
-                if let Some((k, v)) = s
-                    .filters
-                    .iter()
-                    .find(|(k, _)| !crate::deid::ALLOWED_PARAMS.contains(&k.as_str()))
-                {
-                    return Err(crate::error::refused(
-                        k,
-                        v,
-                        "this parameter compares identified values (ids, dates); use code or status",
-                    ));
-                }
-                if let Some((c, _)) = s.sort.first() {
-                    return Err(crate::error::refused(
-                        "_sort",
-                        c,
-                        "sorting by identified values reveals their order",
-                    ));
-                }
-            }
-            let b = type_filters(state, who, s, &providers, b)?;
-            if s.sort.iter().any(|(c, _)| c == SORT_DATE) {
-                let (b, ty) = with_sort_date(state, who, s, &providers, b)?;
-                date_type = ty;
-                b
-            } else {
-                b
-            }
-        }
-        Some(patient) => everything_plan(state, who, s, patient, &providers, &mut redactor).await?,
+    let (filtered, date_type) = match &s.everything {
+        None => type_search_plan(state, who, s, &providers, &mut redactor)?,
+        Some(patient) => (
+            everything_plan(state, who, s, patient, &providers, &mut redactor).await?,
+            DataType::Utf8,
+        ),
     };
+    Ok(SearchPlan {
+        filtered,
+        keys: sort_keys(s, date_type),
+        versions,
+        redactor,
+    })
+}
 
+/// The matches of a search on one type: the store scoped for the caller,
+/// the search's filters, and for `_sort=date` the date joined from the
+/// type's view (with the date's type; Utf8 without it).
+fn type_search_plan(
+    state: &AppState,
+    who: &Principal,
+    s: &Search,
+    providers: &Providers,
+    redactor: &mut ResourceRelease,
+) -> Result<(LogicalPlanBuilder, DataType), ApiError> {
+    let (b, grant) = scoped_store(state, who, &s.resource_type, Action::Search, providers)?;
+    redactor.admit(state, &s.resource_type, &grant)?;
+    if grant.deid.is_some() {
+        refuse_identified_terms(s)?;
+    }
+    let b = type_filters(state, who, s, providers, b)?;
+    if s.sort.iter().any(|(c, _)| c == SORT_DATE) {
+        with_sort_date(state, who, s, providers, b)
+    } else {
+        Ok((b, DataType::Utf8))
+    }
+}
+
+/// Under a de-identifying grant: refuses the parameters that compare
+/// identified values and any `_sort`.
+fn refuse_identified_terms(s: &Search) -> Result<(), ApiError> {
+    if let Some((k, v)) = s
+        .filters
+        .iter()
+        .find(|(k, _)| !crate::deid::ALLOWED_PARAMS.contains(&k.as_str()))
+    {
+        return Err(crate::error::refused(
+            k,
+            v,
+            "this parameter compares identified values (ids, dates); use code or status",
+        ));
+    }
+    if let Some((c, _)) = s.sort.first() {
+        return Err(crate::error::refused(
+            "_sort",
+            c,
+            "sorting by identified values reveals their order",
+        ));
+    }
+    Ok(())
+}
+
+/// The keys a page is sorted and resumed by: `resource_type` first for
+/// `$everything`, then `_sort`'s, then `id` unless sorted by it already.
+fn sort_keys(s: &Search, date_type: DataType) -> Vec<(String, bool, DataType)> {
     let mut keys: Vec<(String, bool, DataType)> = Vec::new();
     if s.everything.is_some() {
         keys.push(("resource_type".into(), true, DataType::Utf8));
@@ -776,24 +870,30 @@ async fn run_search(
     if !keys.iter().any(|k| k.0 == "id") {
         keys.push(("id".into(), true, DataType::Utf8));
     }
+    keys
+}
 
-    if s.ndjson {
-        return stream_search(state, s, filtered, &keys, redactor).await;
-    }
-    let total = if s.total {
-        let plan = filtered.clone().build().map_err(internal)?;
-        Some(
-            DataFrame::new(state.tables.session().state(), plan)
-                .count()
-                .await
-                .map_err(internal)?,
-        )
-    } else {
-        None
-    };
+/// `_total=accurate`: the number of matches.
+async fn count_matches(state: &AppState, filtered: &LogicalPlanBuilder) -> Result<usize, ApiError> {
+    let plan = filtered.clone().build().map_err(internal)?;
+    DataFrame::new(state.tables.session().state(), plan)
+        .count()
+        .await
+        .map_err(internal)
+}
+
+/// The rows of one page: after the page token's position, in key order,
+/// one more than `_count` (which tells whether a next page exists).
+async fn page_batches(
+    state: &AppState,
+    s: &Search,
+    filtered: LogicalPlanBuilder,
+    keys: &[(String, bool, DataType)],
+    token: Option<&PageState>,
+) -> Result<Vec<RecordBatch>, ApiError> {
     let mut paged = filtered;
-    if let Some(tok) = &token {
-        let after = after_expr(&keys, &tok.a).ok_or_else(|| {
+    if let Some(tok) = token {
+        let after = after_expr(keys, &tok.a).ok_or_else(|| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "InvalidPageToken",
@@ -810,24 +910,34 @@ async fn run_search(
         column("resource"),
         column("patient_id"),
     ];
-    for k in &keys {
+    for k in keys {
         if !["resource_type", "id"].contains(&k.0.as_str()) {
             cols.push(column(&k.0));
         }
     }
     let plan = paged
-        .sort(crate::query::sort_exprs(&keys))
+        .sort(crate::query::sort_exprs(keys))
         .and_then(|b| b.limit(0, Some(s.count + 1)))
         .and_then(|b| b.project(cols))
         .and_then(|b| b.build())
         .map_err(internal)?;
-    let batches = state.tables.collect(plan).await?;
+    Ok(state.tables.collect(plan).await?)
+}
 
+/// The Bundle entries of a page's rows (at most `_count`), each resource
+/// leaving through the release.
+fn page_entries(
+    batches: &[RecordBatch],
+    s: &Search,
+    keys: &[(String, bool, DataType)],
+    redactor: &ResourceRelease,
+    base: &str,
+) -> Result<Page, ApiError> {
     let mut entries = Vec::with_capacity(s.count * 1024);
     let mut n = 0usize;
     let mut more = false;
     let mut last = None;
-    'outer: for b in &batches {
+    'outer: for b in batches {
         let ty = &utf8(b.column(0))?;
         let id = &utf8(b.column(1))?;
         let res = &utf8(b.column(2))?;
@@ -865,14 +975,22 @@ async fn run_search(
             );
         }
     }
-    let next = match (more, last) {
-        (true, Some(after)) => Some(
-            state
-                .page_tokens
-                .issue(&who.key(), &request, versions, after),
-        ),
-        _ => None,
-    };
+    Ok(Page {
+        entries,
+        n,
+        after: if more { last } else { None },
+    })
+}
+
+/// The searchset Bundle around a page's entries: the total when asked,
+/// the `self` link, the `next` link when a next page exists.
+fn bundle(
+    total: Option<usize>,
+    self_url: &str,
+    next_base: &str,
+    next: Option<String>,
+    entries: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(entries.len() + 512);
     out.extend_from_slice(b"{\"resourceType\":\"Bundle\",\"type\":\"searchset\"");
     if let Some(t) = total {
@@ -889,10 +1007,9 @@ async fn run_search(
         out.push(b'}');
     }
     out.extend_from_slice(b"],\"entry\":[");
-    out.extend_from_slice(&entries);
+    out.extend_from_slice(entries);
     out.extend_from_slice(b"]}");
-    state.metrics.rows("fhirSearch", n as u64);
-    Ok(fhir_json(out))
+    out
 }
 
 /// A text column as plain Utf8 (partition columns come dictionary-encoded).
