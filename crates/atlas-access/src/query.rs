@@ -93,18 +93,14 @@ impl Query {
     }
 }
 
+/// [`AccessError::internal`], as a function to hand to `map_err`.
 pub fn internal(e: impl std::fmt::Display) -> AccessError {
-    AccessError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "InternalError",
-        "query",
-        "",
-        format!("the query failed: {e}"),
-    )
+    AccessError::internal(e)
 }
 
+/// [`AccessError::bad`].
 pub fn bad(name: &'static str, parameter: &str, value: &str, message: String) -> AccessError {
-    AccessError::new(StatusCode::BAD_REQUEST, name, parameter, value, message)
+    AccessError::bad(name, parameter, value, message)
 }
 
 pub fn column(name: &str) -> Expr {

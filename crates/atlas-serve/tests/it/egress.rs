@@ -15,6 +15,11 @@ use crate::access::{LOAD, World, audit_records, call, call_json, first_org, jwt,
 
 const SQL: &str = "/api/v2/sql";
 
+/// `POST /api/v2/sql` with `body`.
+async fn sql(state: &atlas_serve::AppState, token: &str, body: Json) -> (StatusCode, Json) {
+    call_json(state, "POST", SQL, token, None, Some(&body)).await
+}
+
 /// The patients and rows the records of `sub`'s requests name (the final
 /// record of a whole answer, the completion record of a stream).
 async fn recorded(w: &World, sub: &str) -> (BTreeSet<String>, Option<u64>, u64) {
@@ -235,13 +240,10 @@ async fn hidden_fields_never_leave_on_any_path() {
     }
     // SQL: the column is not there, so naming it is an error like any
     // unknown column; `*` leaves it out.
-    let (s, rows) = call_json(
+    let (s, rows) = sql(
         &state,
-        "POST",
-        SQL,
         &token,
-        None,
-        Some(&json!({"query": "SELECT * FROM observation"})),
+        json!({"query": "SELECT * FROM observation"}),
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{rows}");
@@ -251,24 +253,18 @@ async fn hidden_fields_never_leave_on_any_path() {
             .iter()
             .all(|r| r.get("value_quantity").is_none() && r.get("code").is_some())
     );
-    let (s, e) = call_json(
+    let (s, e) = sql(
         &state,
-        "POST",
-        SQL,
         &token,
-        None,
-        Some(&json!({"query": "SELECT max(value_quantity) FROM observation"})),
+        json!({"query": "SELECT max(value_quantity) FROM observation"}),
     )
     .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
     // A type with hidden elements is not offered whole in `resources`.
-    let (s, rows) = call_json(
+    let (s, rows) = sql(
         &state,
-        "POST",
-        SQL,
         &token,
-        None,
-        Some(&json!({"query": "SELECT DISTINCT resource_type FROM resources ORDER BY 1"})),
+        json!({"query": "SELECT DISTINCT resource_type FROM resources ORDER BY 1"}),
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{rows}");
@@ -299,15 +295,7 @@ async fn sql_is_read_only_and_bounded() {
         ("SET datafusion.execution.batch_size = 1", "SET"),
         ("EXPLAIN SELECT * FROM patient", "EXPLAIN"),
     ] {
-        let (s, e) = call_json(
-            &state,
-            "POST",
-            SQL,
-            &token,
-            None,
-            Some(&json!({"query": query})),
-        )
-        .await;
+        let (s, e) = sql(&state, &token, json!({"query": query})).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{query}: {e}");
         assert_eq!(e["errorName"], "SqlNotAllowed", "{query}: {e}");
         assert_eq!(e["parameters"]["query"], construct, "{query}: {e}");
@@ -318,24 +306,13 @@ async fn sql_is_read_only_and_bounded() {
         "SELECT * FROM read_parquet('/x')",
         "SELECT * FROM information_schema.tables",
     ] {
-        let (s, e) = call_json(
-            &state,
-            "POST",
-            SQL,
-            &token,
-            None,
-            Some(&json!({"query": query})),
-        )
-        .await;
+        let (s, e) = sql(&state, &token, json!({"query": query})).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{query}: {e}");
     }
-    let (s, e) = call_json(
+    let (s, e) = sql(
         &state,
-        "POST",
-        SQL,
         &token,
-        None,
-        Some(&json!({"query": "SELECT * FROM observation"})),
+        json!({"query": "SELECT * FROM observation"}),
     )
     .await;
     assert_eq!(
@@ -343,13 +320,10 @@ async fn sql_is_read_only_and_bounded() {
         (StatusCode::BAD_REQUEST, Some("SqlTooManyRows")),
         "{e}"
     );
-    let (s, rows) = call_json(
+    let (s, rows) = sql(
         &state,
-        "POST",
-        SQL,
         &token,
-        None,
-        Some(&json!({"query": "SELECT id FROM observation ORDER BY id LIMIT 5"})),
+        json!({"query": "SELECT id FROM observation ORDER BY id LIMIT 5"}),
     )
     .await;
     assert_eq!(
@@ -358,8 +332,8 @@ async fn sql_is_read_only_and_bounded() {
         "{rows}"
     );
     // FHIRPath over the store, checked against the generated JSON.
-    let (s, rows) = call_json(&state, "POST", SQL, &token, None, Some(&json!({"query":
-        "SELECT count(*) AS n FROM resources WHERE resource_type = 'Patient' AND fhirpath(resource, 'gender') = '\"female\"'"}))).await;
+    let (s, rows) = sql(&state, &token, json!({"query":
+        "SELECT count(*) AS n FROM resources WHERE resource_type = 'Patient' AND fhirpath(resource, 'gender') = '\"female\"'"})).await;
     assert_eq!(s, StatusCode::OK, "{rows}");
     let female = w.where_patients(|p| p["gender"] == "female").len();
     assert_eq!(rows, json!([{"n": female}]));
@@ -371,13 +345,10 @@ async fn sql_is_read_only_and_bounded() {
     // OpenAPI document lists the endpoint.
     let one = w.patients.keys().next().unwrap().clone();
     let bound = jwt(json!({"patient": one, "scope": "patient/*.rs"}));
-    let (s, rows) = call_json(
+    let (s, rows) = sql(
         &state,
-        "POST",
-        SQL,
         &bound,
-        None,
-        Some(&json!({"query": "SELECT DISTINCT patient_id FROM observation"})),
+        json!({"query": "SELECT DISTINCT patient_id FROM observation"}),
     )
     .await;
     assert_eq!((s, rows), (StatusCode::OK, json!([{"patient_id": one}])));
