@@ -56,20 +56,7 @@ pub(crate) fn object_type<'o>(
     ontology: &'o Ontology,
     name: &str,
 ) -> Result<&'o ObjectType, ApiError> {
-    ontology.object_type(name).ok_or_else(|| {
-        let known: Vec<&str> = ontology
-            .object_types
-            .iter()
-            .map(|t| t.api_name.as_str())
-            .collect();
-        ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "ObjectTypeNotFound",
-            "objectType",
-            name,
-            format!("no object type '{name}'; known: {}", known.join(", ")),
-        )
-    })
+    atlas_access::object_type(ontology, name).map_err(ApiError::from)
 }
 
 /// The client-facing data type of a FHIR-typed property.
