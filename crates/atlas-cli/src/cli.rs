@@ -8,8 +8,8 @@
 use clap::{Parser, Subcommand};
 
 use crate::{
-    audit, deid, demo, fhirpath, ingest, ontology, policy, serve, sql, stats, synth, token, view,
-    views,
+    audit, deid, demo, fhirpath, ingest, ontology, policy, pull, serve, sql, stats, synth, token,
+    view, views,
 };
 
 const AFTER_HELP: &str = "Examples:
@@ -104,4 +104,8 @@ pub enum Command {
     Token(token::TokenArgs),
     /// Generate a small population, ingest it and show what to try next.
     Demo(demo::DemoArgs),
+    /// Pull from a FHIR server into the lake: Bulk Data `$export` with SMART
+    /// Backend Services auth, or REST `_lastUpdated`/`_history` deltas.
+    #[command(subcommand)]
+    Pull(pull::PullCommand),
 }

@@ -157,7 +157,7 @@ fn options(args: &IngestArgs, lease: &WriterLease) -> IngestOptions {
 }
 
 /// The batch's counts on stderr (stdout is for `--json`).
-fn print_report(report: &BatchReport, secs: f64) {
+pub(crate) fn print_report(report: &BatchReport, secs: f64) {
     let o = &report.outcomes;
     if report.already_ingested {
         eprintln!(

@@ -24,6 +24,7 @@
 //! | `audit verify/export` | [`audit`] |
 //! | `token` | [`token`] |
 //! | `demo` | [`demo`] |
+//! | `pull bulk/rest/cancel/status/keygen` | [`pull`] |
 //!
 //! Shared by the commands: [`lake`] (opening the lake, releasing the writer
 //! lease) and [`progress`] (bars fed by the libraries' counters, taking the
@@ -32,7 +33,7 @@
 //! May call: every Atlas crate it depends on (`atlas-fhir`, `atlas-synth`,
 //! `atlas-ingest`, `atlas-lake`, `atlas-fhirpath`, `atlas-views`,
 //! `atlas-ontology`, `atlas-viewstore`, `atlas-serve`, `atlas-policy`,
-//! `atlas-audit`, `atlas-deid`) through their public APIs. No Atlas crate
+//! `atlas-audit`, `atlas-deid`, `atlas-connect`) through their public APIs. No Atlas crate
 //! calls this one: logic another entry point could need belongs in a
 //! library, not here.
 
@@ -47,6 +48,7 @@ mod lake;
 mod ontology;
 mod policy;
 mod progress;
+mod pull;
 mod serve;
 mod sql;
 mod stats;
@@ -154,5 +156,6 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Audit(cmd) => audit::run(cmd, &g.lake).await,
         Command::Token(args) => token::run(args, &g.lake).await,
         Command::Demo(args) => demo::run(args, &g).await,
+        Command::Pull(cmd) => pull::run(cmd, &g).await,
     }
 }
