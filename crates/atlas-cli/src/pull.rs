@@ -239,6 +239,9 @@ async fn client(base: &str, auth: &AuthArgs, opts: HttpOptions) -> Result<HttpCl
         .clone()
         .or_else(|| config.as_ref().map(|c| c.token_endpoint.clone()))
         .context("no token endpoint")?;
+    atlas_connect::bulk::check_transport(
+        &url::Url::parse(&token_url).with_context(|| format!("token endpoint {token_url:?}"))?,
+    )?;
     let scope = auth.scope.clone().unwrap_or_else(|| {
         config
             .as_ref()
@@ -373,7 +376,9 @@ async fn bulk_leased(lake: &Lake, args: &BulkArgs, g: &Globals, lease: &WriterLe
             String::new()
         }
     );
+    atlas_connect::bulk::crash_point("pull_before_ingest");
     let report = ingest_staged(lake, &c.source, &pulled, g.show, lease).await?;
+    atlas_connect::bulk::crash_point("pull_after_ingest");
     land_errors(lake, &c.source, &pulled).await?;
     state.bulk_watermark = Some(pulled.manifest.transaction_time.clone());
     state.bulk_job = None;

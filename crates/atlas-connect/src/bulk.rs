@@ -14,8 +14,8 @@
 //! What survives a kill ([`crate::state`]): the status URL as soon as the
 //! job is kicked off, the manifest as soon as it is read, and the files
 //! done (saved at most once a second, so 20,000 tiny files do not rewrite
-//! the state 20,000 times; a staged file missing from the state is checked
-//! again on resume). Files that answer 404/410 after the job completed
+//! the state 20,000 times; a staged file missing from the state is
+//! downloaded again on resume). Files that answer 404/410 after the job completed
 //! have expired: the job is started again, with a message.
 
 use std::path::{Path, PathBuf};
@@ -83,6 +83,56 @@ impl ExportRequest {
             ExportLevel::Patient => "Patient/$export".into(),
             ExportLevel::Group(id) => format!("Group/{id}/$export"),
         }
+    }
+
+    /// Checks what the spec forbids a client to send: `_typeFilter` queries
+    /// with search result parameters (`_include`, `_sort`, ...; Bulk Data
+    /// STU2 "SHALL NOT"), queries without a `Type?`, malformed types and `_since`.
+    pub fn check(&self) -> Result<(), ConnectError> {
+        const RESULT_PARAMS: &[&str] = &[
+            "_include",
+            "_revinclude",
+            "_sort",
+            "_count",
+            "_summary",
+            "_elements",
+            "_contained",
+            "_containedType",
+            "_total",
+        ];
+        for f in &self.type_filters {
+            let Some((ty, query)) = f.split_once('?') else {
+                return Err(ConnectError::Usage(format!(
+                    "_typeFilter {f:?}: write it as Type?query"
+                )));
+            };
+            if !is_type_name(ty) {
+                return Err(ConnectError::Usage(format!(
+                    "_typeFilter {f:?}: {ty:?} is not a resource type"
+                )));
+            }
+            for (name, _) in url::form_urlencoded::parse(query.as_bytes()) {
+                let base = name.split(':').next().unwrap_or(&name);
+                if RESULT_PARAMS.contains(&base) {
+                    return Err(ConnectError::Usage(format!(
+                        "_typeFilter {f:?}: search result parameter {name} is not allowed in a _typeFilter (Bulk Data SHALL NOT)"
+                    )));
+                }
+            }
+        }
+        if let Some(t) = self.types.iter().find(|t| !is_type_name(t)) {
+            return Err(ConnectError::Usage(format!(
+                "_type {t:?} is not a resource type"
+            )));
+        }
+        if let Some(s) = &self.since
+            && chrono::DateTime::parse_from_rfc3339(s).is_err()
+        {
+            return Err(ConnectError::Usage(format!(
+                "_since {s:?} is not a FHIR instant (e.g. 2026-01-01T00:00:00Z)"
+            )));
+        }
+        Ok(())
     }
 
     /// The query parameters of a GET kick-off.
@@ -245,6 +295,7 @@ impl BulkClient {
 
     /// Kicks off an export; returns the absolute status URL.
     pub async fn kickoff(&self, req: &ExportRequest) -> Result<String, ConnectError> {
+        req.check()?;
         let url = self.base.join(&req.path()).map_err(|e| {
             ConnectError::Usage(format!(
                 "export URL from {} and {}: {e}",
@@ -680,6 +731,12 @@ async fn tail_is_json(path: &Path) -> bool {
     .unwrap_or(false)
 }
 
+fn is_type_name(t: &str) -> bool {
+    t.len() <= 64
+        && t.starts_with(|c: char| c.is_ascii_uppercase())
+        && t.chars().all(|c| c.is_ascii_alphabetic())
+}
+
 pub(crate) fn parse_url(s: &str) -> Result<Url, ConnectError> {
     Url::parse(s).map_err(|e| ConnectError::protocol(s, format!("not an absolute URL: {e}")))
 }
@@ -693,12 +750,33 @@ pub fn fhir_base(base: &str) -> Result<Url, ConnectError> {
     };
     let url = Url::parse(&with_slash)
         .map_err(|e| ConnectError::Usage(format!("FHIR base {base:?}: {e}")))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(ConnectError::Usage(format!(
-            "FHIR base {base:?}: use http or https"
-        )));
-    }
+    check_transport(&url)?;
     Ok(url)
+}
+
+/// Bulk Data and SMART require TLS (1.2 or later; rustls speaks nothing
+/// older): plain `http` is accepted only on the loopback interface, for
+/// test servers such as `atlas mock-ehr`.
+pub fn check_transport(url: &Url) -> Result<(), ConnectError> {
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback(url) => Ok(()),
+        "http" => Err(ConnectError::Usage(format!(
+            "{url}: plain http is refused outside the loopback interface (Bulk Data and SMART require TLS); use https"
+        ))),
+        other => Err(ConnectError::Usage(format!(
+            "{url}: scheme {other:?}: use https"
+        ))),
+    }
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 /// A downloaded file, staged for ingest.
@@ -761,6 +839,7 @@ impl BulkPull<'_> {
                     ..BulkJob::default()
                 });
                 self.store.save(state).await?;
+                crash_point("bulk_after_kickoff");
             }
             match self.complete_job(state).await {
                 Err(ConnectError::Expired { url, status })
@@ -899,7 +978,9 @@ impl BulkPull<'_> {
         while let Some((url, r)) = results.next().await {
             match r {
                 Ok(done) => {
-                    self.progress.files_done.fetch_add(1, Ordering::Relaxed);
+                    if self.progress.files_done.fetch_add(1, Ordering::Relaxed) == 2 {
+                        crash_point("bulk_after_file");
+                    }
                     if let Some(job) = state.bulk_job.as_mut() {
                         job.files.insert(url, done);
                     }
@@ -926,6 +1007,14 @@ impl BulkPull<'_> {
     fn job_dir(&self, status_url: &str) -> PathBuf {
         let h = hex::encode(Sha256::digest(status_url.as_bytes()));
         self.staging.join(format!("job-{}", &h[..16]))
+    }
+}
+
+/// Test hook: `ATLAS_TEST_CRASH=<point>` aborts the process there, as a
+/// `kill -9` would, so the crash tests can stop a pull exactly there.
+pub fn crash_point(point: &str) {
+    if std::env::var("ATLAS_TEST_CRASH").is_ok_and(|p| p == point) {
+        std::process::abort();
     }
 }
 
@@ -963,5 +1052,25 @@ mod tests {
             staged_name(3, FileKind::Deleted, None),
             "00003-deleted-mixed.ndjson"
         );
+        assert!(r.check().is_ok());
+        r.type_filters = vec!["Observation?code=1&_sort=date".into()];
+        assert!(r.check().unwrap_err().to_string().contains("_sort"));
+        r.type_filters = vec!["Observation?_include=Observation:subject".into()];
+        assert!(r.check().is_err());
+        r.type_filters = vec!["code=1".into()];
+        assert!(r.check().is_err());
+    }
+
+    #[test]
+    fn tls_outside_loopback() {
+        assert!(fhir_base("http://127.0.0.1:8090/fhir").is_ok());
+        assert!(fhir_base("http://localhost/fhir").is_ok());
+        assert!(fhir_base("http://[::1]:80/fhir").is_ok());
+        assert!(fhir_base("https://ehr.example/fhir").is_ok());
+        let e = fhir_base("http://ehr.example/fhir")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("TLS"), "{e}");
+        assert!(fhir_base("ftp://x/").is_err());
     }
 }

@@ -199,6 +199,8 @@ impl HttpClient {
                 b = b.header(*name, value);
             }
             if let Some(t) = token.filter(|_| same_origin(&url, &req.url)) {
+                // A token never travels in clear text (loopback aside).
+                crate::bulk::check_transport(&url)?;
                 b = b.bearer_auth(t);
             }
             if !req.streaming {

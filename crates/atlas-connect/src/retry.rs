@@ -110,4 +110,25 @@ mod tests {
         assert!(b <= Duration::from_secs(4), "{b:?}");
         assert!(p.backoff(30) <= Duration::from_secs(10));
     }
+
+    #[test]
+    fn backoff_grows_exponentially_with_jitter() {
+        let p = RetryPolicy {
+            base: Duration::from_millis(100),
+            max_wait: Duration::from_secs(60),
+            ..RetryPolicy::default()
+        };
+        for attempt in 0..6 {
+            let cap = 100u64 << attempt;
+            let waits: Vec<u64> = (0..50)
+                .map(|_| p.backoff(attempt).as_millis() as u64)
+                .collect();
+            assert!(
+                waits.iter().all(|&w| w >= cap / 2 && w <= cap),
+                "attempt {attempt}: {waits:?}"
+            );
+            let distinct: std::collections::BTreeSet<_> = waits.iter().collect();
+            assert!(distinct.len() > 5, "jittered: {distinct:?}");
+        }
+    }
 }

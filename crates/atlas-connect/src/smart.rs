@@ -594,4 +594,22 @@ mod tests {
             assert_eq!(got.header.kid.as_deref(), Some(key.kid()));
         }
     }
+
+    #[test]
+    fn default_scope_follows_the_server() {
+        let mut c = SmartConfiguration::default();
+        assert_eq!(c.default_scope(), "system/*.read");
+        c.scopes_supported = vec!["system/*.read".into(), "system/Patient.rs".into()];
+        assert_eq!(c.default_scope(), "system/*.rs");
+        c.token_endpoint_auth_signing_alg_values_supported = vec!["RS384".into()];
+        assert!(c.check(Algorithm::RS384, "u").is_ok());
+        assert!(
+            c.check(Algorithm::ES384, "u")
+                .unwrap_err()
+                .to_string()
+                .contains("ES384")
+        );
+        c.grant_types_supported = vec!["authorization_code".into()];
+        assert!(c.check(Algorithm::RS384, "u").is_err());
+    }
 }

@@ -6,6 +6,7 @@ mod concurrent;
 mod crash;
 mod deid;
 mod e2e;
+mod pull;
 mod serve;
 mod shared_data;
 mod tidy;

@@ -12,6 +12,7 @@
 mod ledger;
 mod mock;
 mod spec;
+mod wire;
 
 use std::path::{Path, PathBuf};
 
