@@ -135,6 +135,9 @@ pub struct BulkArgs {
     /// Files downloaded at once.
     #[arg(long, default_value_t = 5)]
     pub parallel: usize,
+    /// Do not ask for gzip-encoded files (saves CPU on fast local links).
+    #[arg(long)]
+    pub no_gzip: bool,
     #[command(flatten)]
     pub common: PullCommon,
 }
@@ -340,6 +343,7 @@ async fn bulk_leased(lake: &Lake, args: &BulkArgs, g: &Globals, lease: &WriterLe
     let http = client(&args.base, &c.auth, opts.clone()).await?;
     let mut bulk_opts = BulkOptions {
         parallel: args.parallel.max(1),
+        gzip: !args.no_gzip,
         ..BulkOptions::default()
     };
     bulk_opts.poll.max_wait = opts.retry.max_wait;
