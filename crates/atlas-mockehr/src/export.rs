@@ -1,0 +1,515 @@
+//! The Bulk Data kick-off: `[base]/$export`, `Patient/$export` and
+//! `Group/{id}/$export` by GET (query) or POST (`Parameters`), their
+//! parameters checked as the IG asks (unknown ones refused unless
+//! `Prefer: handling=lenient`), and the job they start: the state as of
+//! the kick-off instant (`transactionTime`), filtered, split into files.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::Response;
+use serde_json::Value;
+
+use crate::auth::Grant;
+use crate::clock::parse_instant;
+use crate::config::{FaultKind, KickoffMode, ManifestShape};
+use crate::filter::{Elements, TypeFilters};
+use crate::jobs::{FileKind, Job, JobFile, JobShape};
+use crate::json::outcome;
+use crate::respond::{error, fhir, set_header};
+use crate::store::{Key, Store};
+use crate::{MockEhr, auth};
+
+/// Which kick-off was called.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Level {
+    System,
+    Patient,
+    Group(String),
+}
+
+const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
+
+/// A kick-off's parameters, checked.
+#[derive(Default)]
+pub(crate) struct ExportRequest {
+    types: Option<Vec<String>>,
+    since: Option<i64>,
+    filters: TypeFilters,
+    elements: Elements,
+    patients: Option<HashSet<String>>,
+    organize_by_patient: bool,
+    /// What lenient handling ignored: reported in the job's error file.
+    warnings: Vec<String>,
+}
+
+/// A resource chosen for the output.
+pub(crate) struct Item {
+    pub ty: String,
+    pub last_updated: i64,
+    pub body: Arc<str>,
+    pub patients: Arc<[String]>,
+}
+
+/// What the scan of the store found.
+struct Selection {
+    items: Vec<Item>,
+    deleted: Vec<(Key, u64, i64)>,
+    /// For the `DuplicateIds` fault: a selected item's index and an older
+    /// version of it.
+    older: Option<(usize, Arc<str>)>,
+}
+
+/// `GET|POST .../$export`.
+pub(crate) async fn kickoff(
+    ehr: Arc<MockEhr>,
+    level: Level,
+    method: &Method,
+    url: String,
+    headers: &HeaderMap,
+    body: &Bytes,
+    faults: &[FaultKind],
+) -> Response {
+    let allowed = match ehr.config.kickoff {
+        KickoffMode::Both => true,
+        KickoffMode::GetOnly => method == Method::GET,
+        KickoffMode::PostOnly => method == Method::POST,
+    };
+    if !allowed {
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "not-supported",
+            &format!(
+                "this server takes $export by {}",
+                if method == Method::GET { "POST" } else { "GET" }
+            ),
+        );
+        let allow = if method == Method::GET { "POST" } else { "GET" };
+        set_header(&mut r, header::ALLOW, allow);
+        return r;
+    }
+    let grant = match auth::check(&ehr, headers) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    if let Err(r) = check_headers(headers) {
+        return r;
+    }
+    let lenient = prefer(headers).any(|p| p.eq_ignore_ascii_case("handling=lenient"));
+    let pairs = match params(method, &url, body) {
+        Ok(p) => p,
+        Err(why) => return error(StatusCode::BAD_REQUEST, "invalid", &why),
+    };
+    let request = match parse(&ehr, &level, &pairs, lenient) {
+        Ok(r) => r,
+        Err(why) => return error(StatusCode::BAD_REQUEST, "invalid", &why),
+    };
+    if let Level::Group(id) = &level
+        && !ehr.config.groups.iter().any(|g| &g.id == id)
+    {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            &format!("no Group/{id}"),
+        );
+    }
+    if ehr.lock_jobs().active(&grant.client_id).is_some() {
+        return busy(&ehr);
+    }
+    let faults = faults.to_vec();
+    let builder = ehr.clone();
+    let job =
+        tokio::task::spawn_blocking(move || build(&builder, &level, request, &grant, url, &faults))
+            .await;
+    let Ok(job) = job else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "exception",
+            "the export could not be built",
+        );
+    };
+    let mut jobs = ehr.lock_jobs();
+    if jobs.active(&job.owner).is_some() {
+        return busy(&ehr);
+    }
+    let id = jobs.insert(job);
+    drop(jobs);
+    let status_url = format!("{}/jobs/{id}", ehr.origin());
+    let mut r = fhir(
+        StatusCode::ACCEPTED,
+        &outcome(
+            "information",
+            "informational",
+            &format!("export started: poll {status_url}"),
+        ),
+    );
+    set_header(&mut r, header::CONTENT_LOCATION, &status_url);
+    r
+}
+
+/// 429: one export per client at a time.
+fn busy(ehr: &MockEhr) -> Response {
+    let mut r = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "throttled",
+        "this client already has an export in progress: finish or cancel it first",
+    );
+    set_header(
+        &mut r,
+        header::RETRY_AFTER,
+        &ehr.config.retry_after_secs.to_string(),
+    );
+    r
+}
+
+/// The `Prefer` header's tokens.
+fn prefer(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
+/// `Prefer: respond-async` and an `Accept` that takes FHIR JSON.
+fn check_headers(headers: &HeaderMap) -> Result<(), Response> {
+    if !prefer(headers).any(|p| p.eq_ignore_ascii_case("respond-async")) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "the $export kick-off requires the header Prefer: respond-async",
+        ));
+    }
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let ok = accept
+        .split(',')
+        .map(|a| a.split(';').next().unwrap_or("").trim())
+        .any(|a| matches!(a, "application/fhir+json" | "application/json" | "*/*"));
+    if !ok {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "the $export kick-off requires the header Accept: application/fhir+json",
+        ));
+    }
+    Ok(())
+}
+
+/// The parameters as name/value pairs: the query, plus a POST body's
+/// `Parameters` (references as their `reference`).
+fn params(method: &Method, url: &str, body: &Bytes) -> Result<Vec<(String, String)>, String> {
+    let query = url.split_once('?').map(|(_, q)| q);
+    let mut pairs = crate::respond::query_pairs(query);
+    if method != Method::POST || body.is_empty() {
+        return Ok(pairs);
+    }
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("the POST body is not JSON: {e}"))?;
+    if value.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
+        return Err("the POST body must be a FHIR Parameters resource".into());
+    }
+    for p in value
+        .get("parameter")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let name = p
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or("a parameter has no name")?;
+        let value = p
+            .as_object()
+            .into_iter()
+            .flatten()
+            .find(|(k, _)| k.starts_with("value"))
+            .map(|(_, v)| match v {
+                Value::String(s) => s.clone(),
+                Value::Object(o) => o
+                    .get("reference")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                other => other.to_string(),
+            })
+            .ok_or_else(|| format!("parameter {name} has no value[x]"))?;
+        pairs.push((name.to_string(), value));
+    }
+    Ok(pairs)
+}
+
+/// Checks each parameter; an error names it.
+fn parse(
+    ehr: &MockEhr,
+    level: &Level,
+    pairs: &[(String, String)],
+    lenient: bool,
+) -> Result<ExportRequest, String> {
+    let mut req = ExportRequest::default();
+    let stu3 = ehr.config.manifest != ManifestShape::Stu2;
+    let refuse = |req: &mut ExportRequest, why: String| -> Result<(), String> {
+        if lenient {
+            req.warnings.push(format!("ignored: {why}"));
+            Ok(())
+        } else {
+            Err(why)
+        }
+    };
+    for (name, value) in pairs {
+        match name.as_str() {
+            "_outputFormat" if !OUTPUT_FORMATS.contains(&value.as_str()) => {
+                return Err(format!(
+                    "_outputFormat {value:?} is not supported (use application/fhir+ndjson)"
+                ));
+            }
+            "_outputFormat" => {}
+            "_since" => {
+                req.since = Some(
+                    parse_instant(value)
+                        .ok_or_else(|| format!("_since {value:?} is not an instant"))?,
+                )
+            }
+            "_type" => {
+                for ty in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                    if atlas_fhir::is_resource_type(ty) {
+                        req.types.get_or_insert_with(Vec::new).push(ty.to_string());
+                    } else {
+                        refuse(&mut req, format!("_type {ty:?} is not an R4 resource type"))?;
+                    }
+                }
+            }
+            "_typeFilter" => {
+                if let Err(why) = req.filters.add(value) {
+                    refuse(&mut req, why)?;
+                }
+            }
+            "_elements" => req.elements.add(value)?,
+            "patient" if *level == Level::System => {
+                return Err(
+                    "patient is only allowed on Patient/$export and Group/[id]/$export".into(),
+                );
+            }
+            "patient" => {
+                let id = crate::json::patient_id_of(value)
+                    .ok_or_else(|| format!("patient {value:?} is not a Patient reference"))?;
+                req.patients
+                    .get_or_insert_with(HashSet::new)
+                    .insert(id.to_string());
+            }
+            "organizeOutputBy" if stu3 && value == "Patient" => req.organize_by_patient = true,
+            "organizeOutputBy" if stu3 => refuse(
+                &mut req,
+                format!("organizeOutputBy {value:?}: only Patient is supported"),
+            )?,
+            "allowPartialManifests" if stu3 => {}
+            "includeAssociatedData" => refuse(
+                &mut req,
+                format!("includeAssociatedData {value:?} is not supported"),
+            )?,
+            other => refuse(&mut req, format!("parameter {other:?} is not supported"))?,
+        }
+    }
+    Ok(req)
+}
+
+/// Which patients' compartments an export covers.
+enum Compartment {
+    All,
+    AnyPatient,
+    Patients(HashSet<String>),
+}
+
+impl Compartment {
+    fn holds(&self, patients: &[String]) -> bool {
+        match self {
+            Compartment::All => true,
+            Compartment::AnyPatient => !patients.is_empty(),
+            Compartment::Patients(set) => patients.iter().any(|p| set.contains(p)),
+        }
+    }
+}
+
+fn compartment(ehr: &MockEhr, store: &Store, level: &Level, req: &ExportRequest) -> Compartment {
+    let members = match level {
+        Level::System => return Compartment::All,
+        Level::Patient => match &req.patients {
+            None => return Compartment::AnyPatient,
+            Some(p) => return Compartment::Patients(p.clone()),
+        },
+        Level::Group(id) => ehr.group_members(store, id),
+    };
+    match &req.patients {
+        Some(p) => Compartment::Patients(members.intersection(p).cloned().collect()),
+        None => Compartment::Patients(members),
+    }
+}
+
+/// The store as of `at`, filtered by type, scope, compartment and `_since`.
+fn select(
+    ehr: &MockEhr,
+    store: &Store,
+    level: &Level,
+    req: &ExportRequest,
+    grant: &Grant,
+    at: i64,
+) -> Selection {
+    let within = compartment(ehr, store, level, req);
+    let mut sel = Selection {
+        items: Vec::new(),
+        deleted: Vec::new(),
+        older: None,
+    };
+    for (key, versions) in &store.records {
+        let wanted = req.types.as_ref().is_none_or(|t| t.contains(&key.0));
+        if !wanted || !grant.can_read(&key.0) {
+            continue;
+        }
+        let Some(v) = Store::as_of(versions, at) else {
+            continue;
+        };
+        let changed = req.since.is_none_or(|s| v.last_updated > s);
+        if !changed || !within.holds(&v.patients) {
+            continue;
+        }
+        let Some(body) = &v.body else {
+            if req.since.is_some() {
+                sel.deleted
+                    .push((key.clone(), v.version_id, v.last_updated));
+            }
+            continue;
+        };
+        if sel.older.is_none() && v.version_id > 1 {
+            let prev = &versions[v.version_id as usize - 2];
+            if let Some(old) = &prev.body {
+                sel.older = Some((sel.items.len(), old.clone()));
+            }
+        }
+        sel.items.push(Item {
+            ty: key.0.clone(),
+            last_updated: v.last_updated,
+            body: body.clone(),
+            patients: v.patients.clone(),
+        });
+    }
+    sel
+}
+
+/// Builds the job: the selection at the kick-off instant, filtered, shaped
+/// by the export faults, split into files.
+fn build(
+    ehr: &MockEhr,
+    level: &Level,
+    req: ExportRequest,
+    grant: &Grant,
+    request_url: String,
+    faults: &[FaultKind],
+) -> Job {
+    let (at, sel) = {
+        let store = ehr.lock_store();
+        let at = store.clock;
+        (at, select(ehr, &store, level, &req, grant, at))
+    };
+    let shape = JobShape::from_faults(faults, ehr.config.max_lines_per_file);
+    let mut items = Vec::with_capacity(sel.items.len());
+    let older_of = sel.older.as_ref().map(|(i, _)| *i);
+    for (i, item) in sel.items.into_iter().enumerate() {
+        if !req.filters.keep(&item) {
+            continue;
+        }
+        let body = req.elements.apply(&item.ty, &item.body);
+        let copy = (shape.duplicate_ids && older_of == Some(i))
+            .then(|| {
+                sel.older
+                    .as_ref()
+                    .map(|(_, old)| req.elements.apply(&item.ty, old))
+            })
+            .flatten();
+        let (ty, patients, last_updated) =
+            (item.ty.clone(), item.patients.clone(), item.last_updated);
+        items.push(Item { body, ..item });
+        if let Some(body) = copy {
+            items.push(Item {
+                ty,
+                last_updated,
+                body,
+                patients,
+            });
+        }
+    }
+    if shape.duplicate_ids && older_of.is_none() {
+        // No key has an older version yet: the same version twice.
+        if let Some(first) = items.first() {
+            items.insert(
+                1,
+                Item {
+                    body: first.body.clone(),
+                    ty: first.ty.clone(),
+                    patients: first.patients.clone(),
+                    last_updated: first.last_updated,
+                },
+            );
+        }
+    }
+    if shape.wrong_type {
+        crate::jobs::add_wrong_type(&mut items);
+    }
+    let mut files = if req.organize_by_patient {
+        crate::jobs::files_by_patient(items, shape.max_lines)
+    } else {
+        crate::jobs::files_by_type(items, shape.max_lines)
+    };
+    if let Some(bytes) = shape.huge_line {
+        files.push(JobFile::new(
+            FileKind::Output,
+            Some("Binary"),
+            vec![crate::jobs::huge_binary(bytes)],
+        ));
+    }
+    if req.since.is_some() {
+        files.extend(crate::jobs::deleted_files(
+            ehr,
+            &sel.deleted,
+            at,
+            shape.max_lines,
+        ));
+    }
+    if !req.warnings.is_empty() {
+        let lines = req
+            .warnings
+            .iter()
+            .map(|w| Arc::from(outcome("warning", "not-supported", w).to_string()))
+            .collect();
+        files.push(JobFile::new(
+            FileKind::Error,
+            Some("OperationOutcome"),
+            lines,
+        ));
+    }
+    Job {
+        owner: grant.client_id.clone(),
+        request_url,
+        transaction_time: at,
+        since_given: req.since.is_some(),
+        organized_by_patient: req.organize_by_patient,
+        files,
+        polls_total: ehr.config.export_delay_polls,
+        polls_left: ehr.config.export_delay_polls,
+        shape,
+        ..Job::default()
+    }
+}
+
+/// Groups items by type (types in name order, each in id order).
+pub(crate) fn by_type(items: Vec<Item>) -> BTreeMap<String, Vec<Item>> {
+    let mut out: BTreeMap<String, Vec<Item>> = BTreeMap::new();
+    for item in items {
+        out.entry(item.ty.clone()).or_default().push(item);
+    }
+    out
+}
