@@ -61,6 +61,32 @@ impl VersionStamp {
         by_version.then(self.last_updated.cmp(&other.last_updated))
     }
 
+    /// Orders two copies by the version facts both carry: `meta.versionId`
+    /// when both have one, then `meta.lastUpdated` when both have one;
+    /// `Equal` when nothing shared decides.
+    ///
+    /// For deletions: a deletion's stamp comes from the server's response
+    /// (`etag`, `lastModified`), which often carries only one of the two. By
+    /// [`VersionStamp::newer_than`], where a missing value sorts below a
+    /// present one, a deletion stamped only with `lastModified` would be
+    /// older than every resource with a `versionId`, and would never apply.
+    pub fn newer_on_shared_fields(&self, other: &Self) -> Ordering {
+        let by_version = match (&self.version_id, &other.version_id) {
+            (Some(a), Some(b)) => cmp_version_ids(a, b),
+            _ => Ordering::Equal,
+        };
+        let by_time = match (self.last_updated, other.last_updated) {
+            (Some(a), Some(b)) => a.cmp(&b),
+            _ => Ordering::Equal,
+        };
+        by_version.then(by_time)
+    }
+
+    /// True when the copy carries a `versionId` or a `lastUpdated`.
+    pub fn has_version_facts(&self) -> bool {
+        self.version_id.is_some() || self.last_updated.is_some()
+    }
+
     /// Decides between `self`, an incoming copy, and `stored`.
     /// `arrived_later` says whether `self` comes from a later batch than
     /// `stored` (or a later line of the same batch); it decides only when
@@ -76,6 +102,18 @@ impl VersionStamp {
             Ordering::Equal => Decision::OlderThanStored,
         }
     }
+}
+
+/// The version id an HTTP `ETag` carries: FHIR servers answer `W/"3"` for
+/// version 3 (a weak validator); a strong `"3"` is read the same way.
+/// Anything else, or a value that is not a FHIR id, is `None`: the etag is a
+/// header echoed into Bundles and some servers and proxies mangle it, so a
+/// garbled one is ignored rather than trusted.
+pub fn parse_etag(etag: &str) -> Option<&str> {
+    let etag = etag.trim();
+    let quoted = etag.strip_prefix("W/").unwrap_or(etag);
+    let version = quoted.strip_prefix('"')?.strip_suffix('"')?;
+    crate::is_valid_id(version).then_some(version)
 }
 
 #[cfg(test)]
@@ -151,6 +189,57 @@ mod tests {
             stamp(Some("2"), None, 1).decide(&stamp(Some("1"), None, 2), false),
             Decision::Replace
         );
+    }
+
+    #[test]
+    fn etags() {
+        assert_eq!(parse_etag(r#"W/"3""#), Some("3"));
+        assert_eq!(parse_etag(r#" W/"12" "#), Some("12"));
+        assert_eq!(parse_etag(r#""7""#), Some("7"));
+        assert_eq!(parse_etag(r#"W/"a.b-1""#), Some("a.b-1"));
+        for garbage in [
+            "",
+            "3",
+            "W/3",
+            r#"W/"""#,
+            r#"W/"3"#,
+            r#"w/"3""#,
+            r#"W/"3 4""#,
+            r#"W/"3"x"#,
+            r#"W/"\"3\"""#,
+            "\"",
+        ] {
+            assert_eq!(parse_etag(garbage), None, "{garbage}");
+        }
+        assert_eq!(parse_etag(&format!("W/\"{}\"", "9".repeat(65))), None);
+    }
+
+    #[test]
+    fn shared_fields_only() {
+        // A deletion stamped only with lastModified against a resource with
+        // both: the times decide (by `newer_than` the versionId would).
+        let del = stamp(None, Some(9), 0);
+        let res = stamp(Some("4"), Some(5), 1);
+        assert_eq!(del.newer_on_shared_fields(&res), Ordering::Greater);
+        assert_eq!(del.newer_than(&res), Ordering::Less);
+        assert_eq!(
+            stamp(Some("3"), None, 0).newer_on_shared_fields(&stamp(Some("4"), Some(1), 1)),
+            Ordering::Less
+        );
+        assert_eq!(
+            stamp(Some("3"), Some(1), 0).newer_on_shared_fields(&stamp(Some("3"), Some(2), 1)),
+            Ordering::Less
+        );
+        assert_eq!(
+            stamp(Some("3"), None, 0).newer_on_shared_fields(&stamp(None, Some(2), 1)),
+            Ordering::Equal
+        );
+        assert_eq!(
+            stamp(None, None, 0).newer_on_shared_fields(&stamp(Some("1"), Some(2), 1)),
+            Ordering::Equal
+        );
+        assert!(stamp(None, Some(1), 0).has_version_facts());
+        assert!(!stamp(None, None, 5).has_version_facts());
     }
 
     fn arb_stamp() -> impl Strategy<Value = VersionStamp> {

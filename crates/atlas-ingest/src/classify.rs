@@ -32,10 +32,16 @@ pub enum Reason {
     DuplicateId,
     UnreadableInput,
     UnsupportedEntry,
+    /// A conditional DELETE (`Type?identifier=...`) that matches no live
+    /// resource of the batch or the store.
+    UnresolvedConditionalDelete,
+    /// A conditional DELETE that matches several resources: FHIR's
+    /// single-match conditional delete refuses those, so Atlas does too.
+    AmbiguousConditionalDelete,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 16] = [
         Reason::InvalidJson,
         Reason::NotObject,
         Reason::MissingResourceType,
@@ -50,6 +56,8 @@ impl Reason {
         Reason::DuplicateId,
         Reason::UnreadableInput,
         Reason::UnsupportedEntry,
+        Reason::UnresolvedConditionalDelete,
+        Reason::AmbiguousConditionalDelete,
     ];
 
     pub fn code(self) -> &'static str {
@@ -68,6 +76,8 @@ impl Reason {
             Reason::DuplicateId => "duplicate_id",
             Reason::UnreadableInput => "unreadable_input",
             Reason::UnsupportedEntry => "unsupported_entry",
+            Reason::UnresolvedConditionalDelete => "unresolved_conditional_delete",
+            Reason::AmbiguousConditionalDelete => "ambiguous_conditional_delete",
         }
     }
 }
@@ -107,8 +117,42 @@ pub struct ParsedResource {
 #[derive(Debug, Clone)]
 pub struct Deletion {
     pub resource_type: String,
-    pub id: String,
+    pub target: DeleteTarget,
+    /// The entry's `response.etag` (`W/"3"`: versionId `3`) and
+    /// `response.lastModified`, as far as they are there and readable;
+    /// `content_hash` is 0. Without either, the deletion has no version and
+    /// only its position (within a batch) or arrival decides.
+    pub version: VersionStamp,
     pub origin: Origin,
+}
+
+/// What a [`Deletion`] deletes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeleteTarget {
+    /// The resource `resource_type/id`.
+    Id(String),
+    /// A conditional delete (`Type?identifier=...`) that no resource the
+    /// reader knew of (the run's, and the store's identifiers it was given)
+    /// matched: the store resolves it when the deletion is applied, since
+    /// only the store sees what the batch's earlier commits wrote.
+    Identifier {
+        /// `system|value`, or a bare `value` (any system), URL-decoded.
+        identifier: String,
+        /// The entry's `request.url` as written, for messages.
+        url: String,
+        /// The entry's index in its Bundle, for messages.
+        entry: usize,
+    },
+}
+
+impl Deletion {
+    /// The id it deletes, once known.
+    pub fn id(&self) -> Option<&str> {
+        match &self.target {
+            DeleteTarget::Id(id) => Some(id),
+            DeleteTarget::Identifier { .. } => None,
+        }
+    }
 }
 
 /// A line that goes to quarantine.
@@ -816,6 +860,16 @@ mod tests {
             Some(Reason::InvalidJson)
         );
         assert_eq!(reason("   "), Some(Reason::UnsupportedEntry));
+    }
+
+    #[test]
+    fn reason_codes_are_listed_once() {
+        let mut codes: Vec<&str> = Reason::ALL.iter().map(|r| r.code()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), Reason::ALL.len());
+        assert!(codes.contains(&"unresolved_conditional_delete"));
+        assert!(codes.contains(&"ambiguous_conditional_delete"));
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub mod lines;
 pub mod reader;
 
 pub use bundle::{IdentifierIndex, is_conditional_reference};
-pub use classify::{ClassifyOptions, Deletion, Event, Origin, ParsedResource, Reason, Rejection};
+pub use classify::{
+    ClassifyOptions, DeleteTarget, Deletion, Event, Origin, ParsedResource, Reason, Rejection,
+};
 pub use input::{Input, InputError, InputKind, InputSet, collect_inputs, hash_file, hash_inputs};
 pub use reader::{Block, ReadOptions, prescan_identifiers, read_events};

@@ -22,11 +22,34 @@
 //! it, so a commit racing another Atlas writer fails in Delta's conflict
 //! check instead of adding a second live row for a key.
 //!
-//! Which copy wins ([`atlas_fhir::VersionStamp::decide`]): the higher
+//! Which copy wins ([`atlas_fhir::VersionStamp`]): the higher
 //! `meta.versionId`, then `meta.lastUpdated`; when those tie or are missing,
 //! the later batch (by start instant, kept across re-runs) and within a
-//! batch the later line.
+//! batch the later line. Within a batch too the newest version wins, not the
+//! last line: a REST `_history` Bundle lists the newest version first. A copy
+//! that loses within its batch is quarantined as `duplicate_id` (whichever
+//! chunk it is in); one that loses to the store is counted
+//! `older_than_stored`.
+//!
+//! Deletions take part with the version their server reported
+//! (`response.etag`, `response.lastModified`), which the tombstone row keeps
+//! in `version_id` and `last_updated`. A deletion is compared on the facts
+//! both sides carry ([`atlas_fhir::VersionStamp::newer_on_shared_fields`]:
+//! servers often report only one of the two): a deletion older than the
+//! stored version is counted `older_than_stored` and not written, and a
+//! stored deletion keeps out a later-arriving copy older than it. A deletion
+//! without a version is ordered by position alone (it beats the earlier lines
+//! of its batch and loses to the later ones), always applies to the store,
+//! and its row's `last_updated` is its batch's start, as before versions
+//! were read.
+//!
+//! Conditional deletes (`Type?identifier=...`) the reader could not resolve
+//! from the run's identifiers are resolved against the store's live rows
+//! when their chunk is prepared (after the commit in flight): exactly one
+//! match is deleted, none or several are quarantined
+//! (`unresolved_conditional_delete`, `ambiguous_conditional_delete`).
 
+use std::cmp::Ordering as Cmp;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,8 +61,8 @@ use arrow::array::{
 use arrow::record_batch::RecordBatch;
 use atlas_fhir::{Decision, FHIR_VERSION_R4, VersionStamp};
 use atlas_ingest::{
-    Event, IdentifierIndex, Input, ParsedResource, ReadOptions, Reason, Rejection,
-    prescan_identifiers, read_events,
+    DeleteTarget, Deletion, Event, IdentifierIndex, Input, ParsedResource, ReadOptions, Reason,
+    Rejection, prescan_identifiers, read_events,
 };
 use datafusion::prelude::{SessionContext, col, lit};
 use deltalake::DeltaTable;
@@ -80,7 +103,9 @@ pub struct Outcomes {
     pub deleted: i64,
     /// References kept as written because they could not be resolved.
     pub unresolved_references: i64,
-    /// Of `quarantined`: earlier copies replaced by a later line of the same batch.
+    /// Of `quarantined`: copies that lost to another copy of the same key in
+    /// the same batch (an older version, or an earlier line when versions
+    /// do not decide).
     pub duplicates: i64,
 }
 
@@ -802,6 +827,8 @@ enum Candidate {
     Tombstone {
         resource_type: String,
         id: String,
+        /// As the server reported it (content hash 0); maybe empty.
+        version: VersionStamp,
         file: Arc<str>,
         line: u64,
     },
@@ -818,6 +845,94 @@ impl Candidate {
             Candidate::Dropped => None,
         }
     }
+
+    fn order(&self) -> Order<'_> {
+        match self {
+            Candidate::Resource(r) => Order::Resource(&r.version),
+            Candidate::Tombstone { version, .. } => Order::deletion(version),
+            Candidate::Dropped => Order::Unstamped,
+        }
+    }
+
+    /// Where the candidate was read: file and line.
+    fn place(&self) -> (&str, u64) {
+        match self {
+            Candidate::Resource(r) => (&r.origin.file, r.origin.line),
+            Candidate::Tombstone { file, line, .. } => (file, *line),
+            Candidate::Dropped => ("", 0),
+        }
+    }
+}
+
+/// What a copy of a key is ordered by (the module doc's "Which copy wins").
+#[derive(Clone, Copy)]
+enum Order<'a> {
+    Resource(&'a VersionStamp),
+    /// A deletion with the version its server reported.
+    Deletion(&'a VersionStamp),
+    /// A deletion without a version: position or arrival decides.
+    Unstamped,
+}
+
+impl<'a> Order<'a> {
+    fn deletion(version: &'a VersionStamp) -> Self {
+        if version.has_version_facts() {
+            Order::Deletion(version)
+        } else {
+            Order::Unstamped
+        }
+    }
+
+    /// `self` against `other`: `Greater` when `self` is the newer copy,
+    /// `Equal` when the versions do not decide (position or arrival does).
+    fn newer_than(self, other: Order) -> Cmp {
+        match (self, other) {
+            (Order::Resource(a), Order::Resource(b)) => a.newer_than(b),
+            (Order::Unstamped, _) | (_, Order::Unstamped) => Cmp::Equal,
+            (Order::Resource(a) | Order::Deletion(a), Order::Resource(b) | Order::Deletion(b)) => {
+                a.newer_on_shared_fields(b)
+            }
+        }
+    }
+
+    /// For messages: `versionId 3, lastUpdated 2024-05-01T10:00:00+00:00`.
+    fn describe(self) -> String {
+        let (what, v) = match self {
+            Order::Resource(v) => ("", v),
+            Order::Deletion(v) => ("deletion, ", v),
+            Order::Unstamped => return "deletion without a version".into(),
+        };
+        let mut facts = Vec::new();
+        if let Some(id) = &v.version_id {
+            facts.push(format!("versionId {id}"));
+        }
+        if let Some(t) = v.last_updated {
+            facts.push(format!("lastUpdated {}", micros_to_rfc3339(t)));
+        }
+        if facts.is_empty() {
+            facts.push("no version".into());
+        }
+        format!("{what}{}", facts.join(", "))
+    }
+}
+
+/// Whether the later of two copies of a key in one batch (by line order)
+/// replaces the earlier: unless it is older; ties go to the later line.
+fn later_wins(earlier: Order, later: Order) -> bool {
+    later.newer_than(earlier) != Cmp::Less
+}
+
+/// Why `winner` beat `loser` in their batch, for the duplicate's message.
+fn why_wins(winner: Order, loser: Order) -> String {
+    if winner.newer_than(loser) == Cmp::Greater {
+        format!(
+            "it is newer ({} over {})",
+            winner.describe(),
+            loser.describe()
+        )
+    } else {
+        "it is the later line (the versions do not decide)".into()
+    }
 }
 
 struct Existing {
@@ -828,6 +943,21 @@ struct Existing {
     line: i64,
     /// The start instant of the batch that stored it: the batch order.
     ingested_at: i64,
+}
+
+impl Existing {
+    fn order(&self) -> Order<'_> {
+        if !self.deleted {
+            return Order::Resource(&self.version);
+        }
+        // A deletion without a version is stored with no versionId and its
+        // batch's start as `last_updated`: not a version a server reported.
+        if self.version.version_id.is_none() && self.version.last_updated == Some(self.ingested_at)
+        {
+            return Order::Unstamped;
+        }
+        Order::deletion(&self.version)
+    }
 }
 
 /// A 128-bit content hash as 32 lowercase hex digits, without a `String`
@@ -856,7 +986,8 @@ fn parse_hash(s: &str) -> u128 {
 
 /// A chunk's events before the store is consulted: the counts so far, the
 /// rejected lines, and one candidate per key (duplicates within the chunk
-/// resolved, last wins).
+/// resolved: the newest version, or the later line when versions do not
+/// decide).
 struct Classified {
     rec: ChunkRecord,
     rejects: Vec<Rejection>,
@@ -889,15 +1020,16 @@ fn classify_events(events: Vec<Event>) -> Classified {
     for ev in events {
         out.rec.outcomes.lines_read += 1;
         runs.count(event_file(&ev), &mut out.rec.lines_by_file);
-        let Some(cand) = out.candidate(ev) else {
+        let Some(mut cand) = out.candidate(ev) else {
             continue;
         };
         let Some((ty, id)) = cand.key() else { continue };
         let key = key_hash(ty, id);
-        if let Some(&prev) = latest.get(&key)
-            && !out.supersede(prev, &cand)
-        {
-            continue;
+        if let Some(&prev) = latest.get(&key) {
+            match out.supersede(prev, cand) {
+                Some(later) => cand = later,
+                None => continue,
+            }
         }
         latest.insert(key, out.candidates.len());
         out.keys.push(key);
@@ -924,20 +1056,34 @@ impl Classified {
                 self.rec.outcomes.unresolved_references += i64::from(r.unresolved_refs);
                 Some(Candidate::Resource(r))
             }
-            Event::Delete(d) => Some(Candidate::Tombstone {
-                resource_type: d.resource_type,
-                id: d.id,
-                file: d.origin.file,
-                line: d.origin.line,
-            }),
+            Event::Delete(d) => match d.target {
+                DeleteTarget::Id(id) => Some(Candidate::Tombstone {
+                    resource_type: d.resource_type,
+                    id,
+                    version: d.version,
+                    file: d.origin.file,
+                    line: d.origin.line,
+                }),
+                // `prepare_chunk` resolves these first; one left over (a
+                // caller that skipped it) must still get an outcome.
+                DeleteTarget::Identifier { .. } => {
+                    self.rejects.push(conditional_delete_rejection(
+                        &d,
+                        Reason::UnresolvedConditionalDelete,
+                        "was not resolved against the store",
+                    ));
+                    None
+                }
+            },
         }
     }
 
-    /// `cand` repeats the key of candidate `prev`: false when it is the same
-    /// content (counted unchanged, dropped), else the earlier copy is
-    /// quarantined and `cand` takes its place (last wins within a batch).
-    fn supersede(&mut self, prev: usize, cand: &Candidate) -> bool {
-        let same = match (&self.candidates[prev], cand) {
+    /// `cand` repeats the key of candidate `prev`, an earlier line of the
+    /// chunk. The same content is counted unchanged and dropped (`None`).
+    /// Otherwise the copy that loses ([`later_wins`]) is quarantined as a
+    /// duplicate, and `Some(cand)` means `cand` takes `prev`'s place.
+    fn supersede(&mut self, prev: usize, cand: Candidate) -> Option<Candidate> {
+        let same = match (&self.candidates[prev], &cand) {
             (Candidate::Resource(a), Candidate::Resource(b)) => {
                 a.version.content_hash == b.version.content_hash
             }
@@ -946,13 +1092,46 @@ impl Classified {
         };
         if same {
             self.rec.outcomes.unchanged += 1;
-            return false;
+            // Two deletions: the row keeps the newer one's version.
+            if cand.order().newer_than(self.candidates[prev].order()) == Cmp::Greater {
+                self.candidates[prev] = cand;
+            }
+            return None;
         }
-        let earlier = std::mem::replace(&mut self.candidates[prev], Candidate::Dropped);
-        self.rejects.push(duplicate_rejection(earlier, cand));
         self.rec.outcomes.duplicates += 1;
-        true
+        if later_wins(self.candidates[prev].order(), cand.order()) {
+            let earlier = std::mem::replace(&mut self.candidates[prev], Candidate::Dropped);
+            self.rejects.push(duplicate_rejection(earlier, &cand));
+            Some(cand)
+        } else {
+            let rejection = duplicate_rejection(cand, &self.candidates[prev]);
+            self.rejects.push(rejection);
+            None
+        }
     }
+}
+
+/// The quarantine row of a conditional delete that deletes nothing.
+fn conditional_delete_rejection(d: &Deletion, reason: Reason, why: &str) -> Rejection {
+    let (url, entry, identifier) = match &d.target {
+        DeleteTarget::Identifier {
+            url,
+            entry,
+            identifier,
+        } => (url.as_str(), *entry, identifier.as_str()),
+        DeleteTarget::Id(id) => (id.as_str(), 0, ""),
+    };
+    let mut r = Rejection::new(
+        reason,
+        format!(
+            "entry {entry}: conditional DELETE `{url}` (identifier `{identifier}`) {why}; nothing was deleted"
+        ),
+        url.as_bytes(),
+        d.origin.clone(),
+    );
+    r.resource_type = Some(d.resource_type.clone());
+    r.field = Some("request.url".into());
+    r
 }
 
 fn event_file(ev: &Event) -> &Arc<str> {
@@ -999,25 +1178,102 @@ fn count_quarantined(rec: &mut ChunkRecord, rejects: &[Rejection]) {
 }
 
 /// The quarantine row for a copy an earlier chunk of this batch stored,
-/// superseded by `r` (the later line wins).
-fn late_duplicate_rejection(r: &ParsedResource, ex: &Existing) -> Rejection {
-    let (ty, id) = (&r.resource_type, &r.id);
-    let mut rej = Rejection::new(
-        Reason::DuplicateId,
-        format!(
-            "{ty}/{id} appears again at {}:{} in the same batch with different content; the later line wins",
-            r.origin.file, r.origin.line
-        ),
+/// beaten by `cand` (its bytes are in the store's row, not at hand).
+fn late_duplicate_rejection(cand: &Candidate, ex: &Existing) -> Rejection {
+    let (ty, id) = cand.key().unwrap_or_default();
+    let (file, line) = cand.place();
+    duplicate(
+        ty,
+        id,
         b"",
         atlas_ingest::Origin {
             file: Arc::from(ex.file.as_str()),
             line: ex.line as u64,
         },
+        (file, line),
+        &why_wins(cand.order(), ex.order()),
+    )
+}
+
+/// `cand` repeats a key an earlier chunk of this batch stored (`ex`, an
+/// earlier line): decided as within a chunk ([`Classified::supersede`]),
+/// and the losing copy is quarantined as a duplicate. Returns whether `cand`
+/// replaces the stored row; counts the outcome when it does not.
+fn replaces_earlier_chunk(
+    cand: &Candidate,
+    ex: &Existing,
+    rec: &mut ChunkRecord,
+    late_duplicates: &mut Vec<Rejection>,
+) -> bool {
+    let same = match cand {
+        Candidate::Resource(r) => !ex.deleted && ex.version.content_hash == r.version.content_hash,
+        Candidate::Tombstone { .. } => ex.deleted,
+        Candidate::Dropped => return false,
+    };
+    if same {
+        rec.outcomes.unchanged += 1;
+        return false;
+    }
+    rec.outcomes.duplicates += 1;
+    if later_wins(ex.order(), cand.order()) {
+        // The earlier chunk counted its copy stored; now it is quarantined.
+        rec.outcomes.stored -= 1;
+        if ex.deleted {
+            rec.outcomes.deleted -= 1;
+        }
+        late_duplicates.push(late_duplicate_rejection(cand, ex));
+        true
+    } else {
+        late_duplicates.push(losing_candidate_rejection(cand, ex));
+        false
+    }
+}
+
+/// The quarantine row for `cand`, beaten by the copy an earlier chunk of
+/// this batch stored.
+fn losing_candidate_rejection(cand: &Candidate, ex: &Existing) -> Rejection {
+    let (ty, id) = cand.key().unwrap_or_default();
+    let (file, line) = cand.place();
+    let json = match cand {
+        Candidate::Resource(r) => r.json.as_bytes(),
+        _ => b"",
+    };
+    duplicate(
+        ty,
+        id,
+        json,
+        atlas_ingest::Origin {
+            file: Arc::from(file),
+            line,
+        },
+        (&ex.file, ex.line as u64),
+        &why_wins(ex.order(), cand.order()),
+    )
+}
+
+/// A `duplicate_id` quarantine row: the copy of `ty/id` read at `origin`
+/// (whose first bytes are `bytes`) lost to the copy at `winner`.
+fn duplicate(
+    ty: &str,
+    id: &str,
+    bytes: &[u8],
+    origin: atlas_ingest::Origin,
+    winner: (&str, u64),
+    why: &str,
+) -> Rejection {
+    let mut r = Rejection::new(
+        Reason::DuplicateId,
+        format!(
+            "{ty}/{id} has another copy in the same batch, at {}:{}, which wins: {why}",
+            winner.0, winner.1
+        ),
+        bytes,
+        origin,
     );
-    rej.resource_type = Some(ty.to_owned());
-    rej.resource_id = Some(id.to_owned());
-    rej.field = Some("id".into());
-    rej
+    r.resource_type = Some(ty.to_owned());
+    r.resource_id = Some(id.to_owned());
+    r.field = Some("id".into());
+    r
 }
 
 impl Batch<'_> {
@@ -1038,6 +1294,7 @@ impl Batch<'_> {
             self.add_totals(&rec);
             return Ok(None);
         }
+        let events = self.resolve_conditional_deletes(events, in_flight).await?;
         let Classified {
             mut rec,
             mut rejects,
@@ -1177,29 +1434,41 @@ impl Batch<'_> {
             }
             return false;
         }
+        if ex.batch_id == self.id {
+            return replaces_earlier_chunk(cand, ex, rec, late_duplicates);
+        }
+        // When the versions tie, the later batch wins; a re-run keeps its
+        // batch's first start instant.
+        let later = self.started_at >= ex.ingested_at;
         match cand {
-            Candidate::Tombstone { .. } => {
+            Candidate::Tombstone { version, .. } => {
                 if ex.deleted {
                     rec.outcomes.unchanged += 1;
+                    return false;
                 }
-                !ex.deleted
-            }
-            Candidate::Resource(r)
-                if ex.batch_id == self.id
-                    && ex.version.content_hash != r.version.content_hash
-                    && !ex.deleted =>
-            {
-                // An earlier chunk of this batch stored another copy: last wins.
-                rec.outcomes.stored -= 1;
-                rec.outcomes.duplicates += 1;
-                late_duplicates.push(late_duplicate_rejection(r, ex));
+                // Only a deletion with a version can be older; one without
+                // applies, as it always did.
+                if Order::deletion(version).newer_than(ex.order()) == Cmp::Less {
+                    rec.outcomes.older_than_stored += 1;
+                    return false;
+                }
                 true
             }
             Candidate::Resource(r) => {
-                // When versionId and lastUpdated tie, the later batch
-                // wins; a re-run keeps its batch's first start instant.
-                let later = self.started_at >= ex.ingested_at;
-                match r.version.decide(&ex.version, later) {
+                let decision = match ex.order() {
+                    // A stored deletion with a reported version: compared as
+                    // deletions are (the facts both carry), so a copy older
+                    // than the deletion does not come back to life.
+                    stored @ Order::Deletion(_) => {
+                        match Order::Resource(&r.version).newer_than(stored) {
+                            Cmp::Greater => Decision::Replace,
+                            Cmp::Equal if later => Decision::Replace,
+                            Cmp::Equal | Cmp::Less => Decision::OlderThanStored,
+                        }
+                    }
+                    Order::Resource(_) | Order::Unstamped => r.version.decide(&ex.version, later),
+                };
+                match decision {
                     Decision::Replace => true,
                     Decision::Unchanged if ex.deleted => true,
                     Decision::Unchanged => {
@@ -1218,12 +1487,96 @@ impl Batch<'_> {
 
     /// This very line was stored by an interrupted run of this batch.
     fn stored_by_this_batch(&self, cand: &Candidate, ex: &Existing) -> bool {
-        let (file, line) = match cand {
-            Candidate::Resource(r) => (&*r.origin.file, r.origin.line),
-            Candidate::Tombstone { file, line, .. } => (&**file, *line),
-            Candidate::Dropped => ("", 0),
-        };
+        let (file, line) = cand.place();
         ex.batch_id == self.id && ex.file == file && ex.line == line as i64
+    }
+
+    /// Resolves the chunk's conditional deletes the reader could not (its
+    /// index lacked the identifier: NDJSON inputs, such as Bulk `deleted`
+    /// files, are not pre-scanned) against the store's live rows as
+    /// committed now (earlier chunks of this batch included) and the
+    /// resources on earlier lines of this chunk, which are not committed
+    /// yet: exactly one match becomes a deletion of that id, none or several
+    /// are quarantined in place.
+    async fn resolve_conditional_deletes(
+        &self,
+        mut events: Vec<Event>,
+        in_flight: &mut Option<tokio::task::JoinHandle<Result<(), LakeError>>>,
+    ) -> Result<Vec<Event>, LakeError> {
+        let mut wanted: Vec<(String, String)> = events
+            .iter()
+            .filter_map(|ev| match ev {
+                Event::Delete(Deletion {
+                    resource_type,
+                    target: DeleteTarget::Identifier { identifier, .. },
+                    ..
+                }) => Some((resource_type.clone(), identifier.clone())),
+                _ => None,
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(events);
+        }
+        wanted.sort_unstable();
+        wanted.dedup();
+        // The lookup must see every earlier chunk's commit.
+        finish(in_flight).await?;
+        let mut found = self.identifier_matches(&wanted).await?;
+        let wanted: std::collections::HashSet<(String, String)> = wanted.into_iter().collect();
+        for ev in &mut events {
+            let d = match ev {
+                Event::Resource(r) => {
+                    // Matched by the deletes on later lines of the chunk.
+                    for ident in &r.identifiers {
+                        let value = ident.split_once('|').map(|(_, v)| v);
+                        for key in std::iter::once(ident.as_str()).chain(value) {
+                            let key = (r.resource_type.clone(), key.to_owned());
+                            if wanted.contains(&key) {
+                                let ids = found.entry(key).or_default();
+                                if !ids.contains(&r.id) {
+                                    ids.push(r.id.clone());
+                                }
+                            }
+                        }
+                    }
+                    continue;
+                }
+                Event::Delete(d) => d,
+                Event::Reject(_) | Event::Skip(_) => continue,
+            };
+            let DeleteTarget::Identifier { identifier, .. } = &d.target else {
+                continue;
+            };
+            let ids = found
+                .get(&(d.resource_type.clone(), identifier.clone()))
+                .map_or(&[][..], Vec::as_slice);
+            let rejection = match ids {
+                [one] => {
+                    d.target = DeleteTarget::Id(one.clone());
+                    continue;
+                }
+                [] => conditional_delete_rejection(
+                    d,
+                    Reason::UnresolvedConditionalDelete,
+                    &format!(
+                        "matches no live {} in this batch or the store",
+                        d.resource_type
+                    ),
+                ),
+                many => conditional_delete_rejection(
+                    d,
+                    Reason::AmbiguousConditionalDelete,
+                    &format!(
+                        "matches {} live {} resources in this batch and the store ({}), and a conditional delete must match exactly one",
+                        many.len(),
+                        d.resource_type,
+                        atlas_ingest::bundle::list_ids(&d.resource_type, many)
+                    ),
+                ),
+            };
+            *ev = Event::Reject(Box::new(rejection));
+        }
+        Ok(events)
     }
 
     /// The `resources` rows of the chunk: those replacing stored rows (one
@@ -1787,7 +2140,119 @@ fn commit_err(table: &str) -> impl FnOnce(deltalake::DeltaTableError) -> LakeErr
     }
 }
 
+/// A session over the store as `table` is now, with `resources` registered.
+async fn store_session(table: &DeltaTable) -> Result<SessionContext, LakeError> {
+    let ctx = crate::lake::new_session();
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(delta_err(RESOURCES))?;
+    let provider = table.table_provider().await.map_err(ctx_err(RESOURCES))?;
+    ctx.register_table("resources", provider)
+        .map_err(ctx_err(RESOURCES))?;
+    Ok(ctx)
+}
+
 impl Batch<'_> {
+    /// The ids of the live store rows carrying each wanted identifier, by
+    /// `(type, identifier)`: `system|value` matches a stored identifier
+    /// exactly, a bare `value` the value of one in any system (the stored
+    /// `identifiers` column holds `system|value` strings, see
+    /// [`crate::schema::RESOURCES`]), as the reader's `IdentifierIndex`
+    /// matches them.
+    async fn identifier_matches(
+        &self,
+        wanted: &[(String, String)],
+    ) -> Result<HashMap<(String, String), Vec<String>>, LakeError> {
+        let mut out: HashMap<(String, String), Vec<String>> = HashMap::new();
+        let Some(table) = self.lake.table(RESOURCES).await? else {
+            return Ok(out);
+        };
+        // The reader checked the types; they go into the SQL text (for
+        // partition pruning), so only R4 type names ever do.
+        let mut types: Vec<&str> = wanted
+            .iter()
+            .map(|(t, _)| t.as_str())
+            .filter(|t| atlas_fhir::is_resource_type(t))
+            .collect();
+        types.sort_unstable();
+        types.dedup();
+        if types.is_empty() {
+            return Ok(out);
+        }
+        let ctx = store_session(&table).await?;
+        // The identifiers themselves come from the input: they are joined
+        // from a registered batch, never spliced into the SQL.
+        let keys = RecordBatch::try_from_iter(vec![
+            (
+                "k_type",
+                Arc::new(arrow::array::StringArray::from_iter_values(
+                    wanted.iter().map(|(t, _)| t.as_str()),
+                )) as ArrayRef,
+            ),
+            (
+                "k_ident",
+                Arc::new(arrow::array::StringArray::from_iter_values(
+                    wanted.iter().map(|(_, i)| i.as_str()),
+                )) as ArrayRef,
+            ),
+            (
+                "k_by_value",
+                Arc::new(arrow::array::BooleanArray::from_iter(
+                    wanted.iter().map(|(_, i)| Some(!i.contains('|'))),
+                )) as ArrayRef,
+            ),
+        ])
+        .map_err(|source| LakeError::Arrow {
+            table: "conditional delete keys".into(),
+            source,
+        })?;
+        ctx.register_batch("cond_keys", keys)
+            .map_err(ctx_err("conditional delete keys"))?;
+        let list = types
+            .iter()
+            .map(|t| format!("'{t}'"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let sql = format!(
+            "WITH u AS ( \
+               SELECT resource_type, id, ident, substr(ident, strpos(ident, '|') + 1) AS val \
+               FROM (SELECT resource_type, id, unnest(identifiers) AS ident FROM resources \
+                     WHERE resource_type IN ({list}) AND NOT deleted AND identifiers IS NOT NULL) \
+             ) \
+             SELECT k.k_type, k.k_ident, u.id FROM u JOIN cond_keys k \
+               ON u.resource_type = k.k_type AND u.ident = k.k_ident WHERE NOT k.k_by_value \
+             UNION ALL \
+             SELECT k.k_type, k.k_ident, u.id FROM u JOIN cond_keys k \
+               ON u.resource_type = k.k_type AND u.val = k.k_ident WHERE k.k_by_value"
+        );
+        let batches = ctx
+            .sql(&sql)
+            .await
+            .map_err(ctx_err(RESOURCES))?
+            .collect()
+            .await
+            .map_err(ctx_err(RESOURCES))?;
+        for b in &batches {
+            let (ty, ident, id) = (
+                crate::lake::text_column(b, 0)?,
+                crate::lake::text_column(b, 1)?,
+                crate::lake::text_column(b, 2)?,
+            );
+            for r in 0..b.num_rows() {
+                let ids = out
+                    .entry((ty.value(r).to_owned(), ident.value(r).to_owned()))
+                    .or_default();
+                if !ids.iter().any(|x| x == id.value(r)) {
+                    ids.push(id.value(r).to_owned());
+                }
+            }
+        }
+        for ids in out.values_mut() {
+            ids.sort_unstable();
+        }
+        Ok(out)
+    }
+
     /// Current store rows for the chunk's keys.
     async fn existing_rows(
         &self,
@@ -1808,13 +2273,7 @@ impl Batch<'_> {
         }
         let wanted: std::collections::HashSet<(&str, &str)> =
             candidates.iter().filter_map(|c| c.key()).collect();
-        let ctx = crate::lake::new_session();
-        table
-            .update_datafusion_session(&ctx.state())
-            .map_err(delta_err(RESOURCES))?;
-        let provider = table.table_provider().await.map_err(ctx_err(RESOURCES))?;
-        ctx.register_table("resources", provider)
-            .map_err(ctx_err(RESOURCES))?;
+        let ctx = store_session(&table).await?;
         // A semi-join against the chunk's keys: memory follows the chunk, not the store.
         let (key_types, key_ids): (Vec<&str>, Vec<&str>) = wanted.iter().copied().unzip();
         let keys = RecordBatch::try_from_iter(vec![
@@ -1961,14 +2420,21 @@ impl Batch<'_> {
                 Candidate::Tombstone {
                     resource_type,
                     id: rid,
+                    version,
                     file: f,
                     line: l,
                 } => {
                     ty.append_value(resource_type);
                     id.append_value(rid);
-                    ver.append_null();
-                    // A deletion is as new as the batch that carried it.
-                    lu.append_value(self.started_at);
+                    // The version the server reported, so later copies are
+                    // ordered against it; a deletion without one is as new
+                    // as the batch that carried it.
+                    ver.append_option(version.version_id.as_deref());
+                    if version.has_version_facts() {
+                        lu.append_option(version.last_updated);
+                    } else {
+                        lu.append_value(self.started_at);
+                    }
                     pid.append_option((resource_type == "Patient").then_some(rid.as_str()));
                     syn.append_value(false);
                     file.append_value(&**f);
@@ -2108,50 +2574,27 @@ fn sort_key(c: &Candidate) -> (&str, &str, &str) {
     }
 }
 
-fn duplicate_rejection(earlier: Candidate, later: &Candidate) -> Rejection {
-    let (later_file, later_line) = match later {
-        Candidate::Resource(r) => (r.origin.file.to_string(), r.origin.line),
-        Candidate::Tombstone { file, line, .. } => (file.to_string(), *line),
-        Candidate::Dropped => (String::new(), 0),
+/// The quarantine row of `loser`, a copy of a key that lost to `winner`, a
+/// copy of the same chunk.
+fn duplicate_rejection(loser: Candidate, winner: &Candidate) -> Rejection {
+    let why = why_wins(winner.order(), loser.order());
+    let (ty, id) = loser.key().unwrap_or_default();
+    let (file, line) = loser.place();
+    let json = match &loser {
+        Candidate::Resource(r) => r.json.as_bytes(),
+        _ => b"",
     };
-    let (ty, id, json, origin) = match earlier {
-        Candidate::Resource(r) => {
-            let o = r.origin.clone();
-            (r.resource_type, r.id, r.json, o)
-        }
-        Candidate::Tombstone {
-            resource_type,
-            id,
-            file,
+    duplicate(
+        ty,
+        id,
+        json,
+        atlas_ingest::Origin {
+            file: Arc::from(file),
             line,
-        } => (
-            resource_type,
-            id,
-            String::new(),
-            atlas_ingest::Origin { file, line },
-        ),
-        Candidate::Dropped => (
-            String::new(),
-            String::new(),
-            String::new(),
-            atlas_ingest::Origin {
-                file: Arc::from(""),
-                line: 0,
-            },
-        ),
-    };
-    let mut r = Rejection::new(
-        Reason::DuplicateId,
-        format!(
-            "{ty}/{id} appears again at {later_file}:{later_line} in the same batch with different content; the later line wins"
-        ),
-        json.as_bytes(),
-        origin,
-    );
-    r.resource_type = Some(ty);
-    r.resource_id = Some(id);
-    r.field = Some("id".into());
-    r
+        },
+        winner.place(),
+        &why,
+    )
 }
 
 fn writer_properties() -> WriterProperties {
@@ -2338,6 +2781,11 @@ mod tests {
         rows.push(Candidate::Tombstone {
             resource_type: "Observation".into(),
             id: "0123456789abcdef-0".into(),
+            version: VersionStamp {
+                version_id: None,
+                last_updated: None,
+                content_hash: 0,
+            },
             file: Arc::from("f"),
             line: 2,
         });
