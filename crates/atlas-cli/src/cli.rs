@@ -8,8 +8,8 @@
 use clap::{Parser, Subcommand};
 
 use crate::{
-    audit, deid, demo, fhirpath, ingest, ontology, policy, pull, serve, sql, stats, synth, token,
-    view, views,
+    audit, deid, demo, fhirpath, ingest, mockehr, ontology, policy, pull, serve, sql, stats, synth,
+    token, view, views,
 };
 
 const AFTER_HELP: &str = "Examples:
@@ -108,4 +108,7 @@ pub enum Command {
     /// Backend Services auth, or REST `_lastUpdated`/`_history` deltas.
     #[command(subcommand)]
     Pull(pull::PullCommand),
+    /// Run a deterministic mock EHR on loopback (FHIR R4 REST, Bulk Data
+    /// `$export`, SMART Backend Services, scripted faults) for demos and tests.
+    MockEhr(mockehr::MockEhrArgs),
 }

@@ -25,6 +25,7 @@
 //! | `token` | [`token`] |
 //! | `demo` | [`demo`] |
 //! | `pull bulk/rest/cancel/status/keygen` | [`pull`] |
+//! | `mock-ehr` | [`mockehr`] |
 //!
 //! Shared by the commands: [`lake`] (opening the lake, releasing the writer
 //! lease) and [`progress`] (bars fed by the libraries' counters, taking the
@@ -33,7 +34,7 @@
 //! May call: every Atlas crate it depends on (`atlas-fhir`, `atlas-synth`,
 //! `atlas-ingest`, `atlas-lake`, `atlas-fhirpath`, `atlas-views`,
 //! `atlas-ontology`, `atlas-viewstore`, `atlas-serve`, `atlas-policy`,
-//! `atlas-audit`, `atlas-deid`, `atlas-connect`) through their public APIs. No Atlas crate
+//! `atlas-audit`, `atlas-deid`, `atlas-connect`, `atlas-mockehr`) through their public APIs. No Atlas crate
 //! calls this one: logic another entry point could need belongs in a
 //! library, not here.
 
@@ -45,6 +46,7 @@ mod fhirpath;
 mod flatten;
 mod ingest;
 mod lake;
+mod mockehr;
 mod ontology;
 mod policy;
 mod progress;
@@ -157,5 +159,6 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Token(args) => token::run(args, &g.lake).await,
         Command::Demo(args) => demo::run(args, &g).await,
         Command::Pull(cmd) => pull::run(cmd, &g).await,
+        Command::MockEhr(args) => mockehr::run(args).await,
     }
 }

@@ -272,7 +272,8 @@ pub(crate) fn status(
         job.polls_left -= 1;
         let done = job.polls_total - job.polls_left;
         let pct = 100 * done / (job.polls_total + 1);
-        let mut r = with_body(StatusCode::ACCEPTED, "application/json", "");
+        let mut r = Response::new(axum::body::Body::empty());
+        *r.status_mut() = StatusCode::ACCEPTED;
         set_header(
             &mut r,
             header::HeaderName::from_static("x-progress"),
