@@ -211,18 +211,7 @@ fn verify_assertion<'a>(
     };
     let header = decode_segment(h).ok_or("the JWT header is not base64url JSON")?;
     let claims = decode_segment(c).ok_or("the JWT claims are not base64url JSON")?;
-    let alg = match header.get("alg").and_then(Value::as_str) {
-        Some("RS384") => Algorithm::RS384,
-        Some("ES384") => Algorithm::ES384,
-        other => return Err(format!("alg {other:?}: only RS384 and ES384 are accepted")),
-    };
-    if header.get("typ").and_then(Value::as_str) != Some("JWT") {
-        return Err("the JWT header's typ must be JWT".into());
-    }
-    let kid = header
-        .get("kid")
-        .and_then(Value::as_str)
-        .ok_or("the JWT header has no kid")?;
+    let (alg, kid) = check_header(&header)?;
     let iss = claims
         .get("iss")
         .and_then(Value::as_str)
@@ -250,6 +239,23 @@ fn verify_assertion<'a>(
         .map_err(|e| format!("the signature does not verify: {e}"))?;
     check_claims(ehr, &claims, iss)?;
     Ok(client)
+}
+
+/// The header's algorithm (RS384 or ES384 only: no `none`, no HMAC) and `kid`.
+fn check_header(header: &Value) -> Result<(Algorithm, &str), String> {
+    let alg = match header.get("alg").and_then(Value::as_str) {
+        Some("RS384") => Algorithm::RS384,
+        Some("ES384") => Algorithm::ES384,
+        other => return Err(format!("alg {other:?}: only RS384 and ES384 are accepted")),
+    };
+    if header.get("typ").and_then(Value::as_str) != Some("JWT") {
+        return Err("the JWT header's typ must be JWT".into());
+    }
+    let kid = header
+        .get("kid")
+        .and_then(Value::as_str)
+        .ok_or("the JWT header has no kid")?;
+    Ok((alg, kid))
 }
 
 /// The client's key `kid`, if its type fits `alg`.

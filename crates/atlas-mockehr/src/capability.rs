@@ -34,40 +34,7 @@ pub(crate) fn capability_statement(ehr: &MockEhr) -> Value {
             .collect()
     };
     let history = ehr.config.history;
-    let resources: Vec<Value> = types
-        .iter()
-        .map(|ty| {
-            let mut interactions = vec![
-                json!({"code": "read"}),
-                json!({"code": "vread"}),
-                json!({"code": "search-type"}),
-            ];
-            if history {
-                interactions.push(json!({"code": "history-instance"}));
-                interactions.push(json!({"code": "history-type"}));
-            }
-            let mut r = json!({
-                "type": ty,
-                "interaction": interactions,
-                "searchParam": [{"name": "_lastUpdated", "type": "date"}]
-            });
-            let op = match ty.as_str() {
-                "Patient" => Some((
-                    "export",
-                    "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export",
-                )),
-                "Group" => Some((
-                    "export",
-                    "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export",
-                )),
-                _ => None,
-            };
-            if let Some((name, def)) = op {
-                r["operation"] = json!([{"name": name, "definition": def}]);
-            }
-            r
-        })
-        .collect();
+    let resources: Vec<Value> = types.iter().map(|ty| resource_entry(ty, history)).collect();
     let mut rest = json!({
         "mode": "server",
         "security": {
@@ -98,6 +65,33 @@ pub(crate) fn capability_statement(ehr: &MockEhr) -> Value {
         "format": ["json"],
         "rest": [rest]
     })
+}
+
+/// One type's `rest.resource` entry.
+fn resource_entry(ty: &str, history: bool) -> Value {
+    let mut interactions = vec![
+        json!({"code": "read"}),
+        json!({"code": "vread"}),
+        json!({"code": "search-type"}),
+    ];
+    if history {
+        interactions.push(json!({"code": "history-instance"}));
+        interactions.push(json!({"code": "history-type"}));
+    }
+    let mut r = json!({
+        "type": ty,
+        "interaction": interactions,
+        "searchParam": [{"name": "_lastUpdated", "type": "date"}]
+    });
+    let definition = match ty {
+        "Patient" => Some("http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"),
+        "Group" => Some("http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"),
+        _ => None,
+    };
+    if let Some(def) = definition {
+        r["operation"] = json!([{"name": "export", "definition": def}]);
+    }
+    r
 }
 
 impl MockEhr {

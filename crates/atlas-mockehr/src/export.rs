@@ -16,7 +16,7 @@ use crate::auth::Grant;
 use crate::clock::parse_instant;
 use crate::config::{FaultKind, KickoffMode, ManifestShape};
 use crate::filter::{Elements, TypeFilters};
-use crate::jobs::{FileKind, Job, JobFile, JobShape};
+use crate::jobs::{self, FileKind, Job, JobFile, JobShape};
 use crate::json::outcome;
 use crate::respond::{error, fhir, set_header};
 use crate::store::{Key, Store};
@@ -46,6 +46,7 @@ pub(crate) struct ExportRequest {
 }
 
 /// A resource chosen for the output.
+#[derive(Clone)]
 pub(crate) struct Item {
     pub ty: String,
     pub last_updated: i64,
@@ -72,49 +73,10 @@ pub(crate) async fn kickoff(
     body: &Bytes,
     faults: &[FaultKind],
 ) -> Response {
-    let allowed = match ehr.config.kickoff {
-        KickoffMode::Both => true,
-        KickoffMode::GetOnly => method == Method::GET,
-        KickoffMode::PostOnly => method == Method::POST,
-    };
-    if !allowed {
-        let mut r = error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "not-supported",
-            &format!(
-                "this server takes $export by {}",
-                if method == Method::GET { "POST" } else { "GET" }
-            ),
-        );
-        let allow = if method == Method::GET { "POST" } else { "GET" };
-        set_header(&mut r, header::ALLOW, allow);
-        return r;
-    }
-    let grant = match auth::check(&ehr, headers) {
-        Ok(g) => g,
+    let (grant, request) = match admit(&ehr, &level, method, &url, headers, body) {
+        Ok(admitted) => admitted,
         Err(r) => return r,
     };
-    if let Err(r) = check_headers(headers) {
-        return r;
-    }
-    let lenient = prefer(headers).any(|p| p.eq_ignore_ascii_case("handling=lenient"));
-    let pairs = match params(method, &url, body) {
-        Ok(p) => p,
-        Err(why) => return error(StatusCode::BAD_REQUEST, "invalid", &why),
-    };
-    let request = match parse(&ehr, &level, &pairs, lenient) {
-        Ok(r) => r,
-        Err(why) => return error(StatusCode::BAD_REQUEST, "invalid", &why),
-    };
-    if let Level::Group(id) = &level
-        && !ehr.config.groups.iter().any(|g| &g.id == id)
-    {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            &format!("no Group/{id}"),
-        );
-    }
     if ehr.lock_jobs().active(&grant.client_id).is_some() {
         return busy(&ehr);
     }
@@ -131,22 +93,57 @@ pub(crate) async fn kickoff(
         );
     };
     let mut jobs = ehr.lock_jobs();
+    // Checked again: another kick-off of the same client may have won the race.
     if jobs.active(&job.owner).is_some() {
         return busy(&ehr);
     }
     let id = jobs.insert(job);
     drop(jobs);
     let status_url = format!("{}/jobs/{id}", ehr.origin());
+    let text = format!("export started: poll {status_url}");
     let mut r = fhir(
         StatusCode::ACCEPTED,
-        &outcome(
-            "information",
-            "informational",
-            &format!("export started: poll {status_url}"),
-        ),
+        &outcome("information", "informational", &text),
     );
     set_header(&mut r, header::CONTENT_LOCATION, &status_url);
     r
+}
+
+/// Everything a kick-off must pass before a job is built: the method, the
+/// token, the headers, the parameters, the Group.
+fn admit(
+    ehr: &MockEhr,
+    level: &Level,
+    method: &Method,
+    url: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Grant, ExportRequest), Response> {
+    let allowed = match ehr.config.kickoff {
+        KickoffMode::Both => true,
+        KickoffMode::GetOnly => method == Method::GET,
+        KickoffMode::PostOnly => method == Method::POST,
+    };
+    if !allowed {
+        let other = if method == Method::GET { "POST" } else { "GET" };
+        let text = format!("this server takes $export by {other}");
+        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "not-supported", &text);
+        set_header(&mut r, header::ALLOW, other);
+        return Err(r);
+    }
+    let grant = auth::check(ehr, headers)?;
+    check_headers(headers)?;
+    let lenient = prefer(headers).any(|p| p.eq_ignore_ascii_case("handling=lenient"));
+    let bad = |why: String| error(StatusCode::BAD_REQUEST, "invalid", &why);
+    let pairs = params(method, url, body).map_err(bad)?;
+    let request = parse(ehr, level, &pairs, lenient).map_err(bad)?;
+    if let Level::Group(id) = level
+        && !ehr.config.groups.iter().any(|g| &g.id == id)
+    {
+        let text = format!("no Group/{id}");
+        return Err(error(StatusCode::NOT_FOUND, "not-found", &text));
+    }
+    Ok((grant, request))
 }
 
 /// 429: one export per client at a time.
@@ -244,7 +241,8 @@ fn params(method: &Method, url: &str, body: &Bytes) -> Result<Vec<(String, Strin
     Ok(pairs)
 }
 
-/// Checks each parameter; an error names it.
+/// Checks each parameter; an error names it. With lenient handling, what
+/// the server does not support is ignored and reported instead.
 fn parse(
     ehr: &MockEhr,
     level: &Level,
@@ -253,69 +251,85 @@ fn parse(
 ) -> Result<ExportRequest, String> {
     let mut req = ExportRequest::default();
     let stu3 = ehr.config.manifest != ManifestShape::Stu2;
-    let refuse = |req: &mut ExportRequest, why: String| -> Result<(), String> {
-        if lenient {
-            req.warnings.push(format!("ignored: {why}"));
-            Ok(())
-        } else {
-            Err(why)
-        }
-    };
     for (name, value) in pairs {
-        match name.as_str() {
-            "_outputFormat" if !OUTPUT_FORMATS.contains(&value.as_str()) => {
-                return Err(format!(
-                    "_outputFormat {value:?} is not supported (use application/fhir+ndjson)"
-                ));
+        match apply(&mut req, level, stu3, name, value) {
+            Ok(()) => {}
+            Err(Refusal::Unsupported(why)) if lenient => {
+                req.warnings.push(format!("ignored: {why}"))
             }
-            "_outputFormat" => {}
-            "_since" => {
-                req.since = Some(
-                    parse_instant(value)
-                        .ok_or_else(|| format!("_since {value:?} is not an instant"))?,
-                )
-            }
-            "_type" => {
-                for ty in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-                    if atlas_fhir::is_resource_type(ty) {
-                        req.types.get_or_insert_with(Vec::new).push(ty.to_string());
-                    } else {
-                        refuse(&mut req, format!("_type {ty:?} is not an R4 resource type"))?;
-                    }
-                }
-            }
-            "_typeFilter" => {
-                if let Err(why) = req.filters.add(value) {
-                    refuse(&mut req, why)?;
-                }
-            }
-            "_elements" => req.elements.add(value)?,
-            "patient" if *level == Level::System => {
-                return Err(
-                    "patient is only allowed on Patient/$export and Group/[id]/$export".into(),
-                );
-            }
-            "patient" => {
-                let id = crate::json::patient_id_of(value)
-                    .ok_or_else(|| format!("patient {value:?} is not a Patient reference"))?;
-                req.patients
-                    .get_or_insert_with(HashSet::new)
-                    .insert(id.to_string());
-            }
-            "organizeOutputBy" if stu3 && value == "Patient" => req.organize_by_patient = true,
-            "organizeOutputBy" if stu3 => refuse(
-                &mut req,
-                format!("organizeOutputBy {value:?}: only Patient is supported"),
-            )?,
-            "allowPartialManifests" if stu3 => {}
-            "includeAssociatedData" => refuse(
-                &mut req,
-                format!("includeAssociatedData {value:?} is not supported"),
-            )?,
-            other => refuse(&mut req, format!("parameter {other:?} is not supported"))?,
+            Err(Refusal::Unsupported(why) | Refusal::Invalid(why)) => return Err(why),
         }
     }
     Ok(req)
+}
+
+/// Why a parameter is refused: a wrong value, or something this server
+/// does not do (which lenient handling may ignore).
+enum Refusal {
+    Invalid(String),
+    Unsupported(String),
+}
+
+/// Applies one parameter to `req`.
+fn apply(
+    req: &mut ExportRequest,
+    level: &Level,
+    stu3: bool,
+    name: &str,
+    value: &str,
+) -> Result<(), Refusal> {
+    use Refusal::{Invalid, Unsupported};
+    match name {
+        "_outputFormat" if OUTPUT_FORMATS.contains(&value) => {}
+        "_outputFormat" => {
+            return Err(Invalid(format!(
+                "_outputFormat {value:?} is not supported (use application/fhir+ndjson)"
+            )));
+        }
+        "_since" => {
+            let at = parse_instant(value);
+            req.since =
+                Some(at.ok_or_else(|| Invalid(format!("_since {value:?} is not an instant")))?);
+        }
+        "_type" => {
+            for ty in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                if !atlas_fhir::is_resource_type(ty) {
+                    return Err(Unsupported(format!(
+                        "_type {ty:?} is not an R4 resource type"
+                    )));
+                }
+                req.types.get_or_insert_with(Vec::new).push(ty.to_string());
+            }
+        }
+        "_typeFilter" => req.filters.add(value).map_err(Unsupported)?,
+        "_elements" => req.elements.add(value).map_err(Invalid)?,
+        "patient" if *level == Level::System => {
+            return Err(Invalid(
+                "patient is only allowed on Patient/$export and Group/[id]/$export".into(),
+            ));
+        }
+        "patient" => {
+            let id = crate::json::patient_id_of(value)
+                .ok_or_else(|| Invalid(format!("patient {value:?} is not a Patient reference")))?;
+            req.patients
+                .get_or_insert_with(HashSet::new)
+                .insert(id.to_string());
+        }
+        "organizeOutputBy" if stu3 && value == "Patient" => req.organize_by_patient = true,
+        "organizeOutputBy" if stu3 => {
+            return Err(Unsupported(format!(
+                "organizeOutputBy {value:?}: only Patient is supported"
+            )));
+        }
+        "allowPartialManifests" if stu3 => {}
+        "includeAssociatedData" => {
+            return Err(Unsupported(format!(
+                "includeAssociatedData {value:?} is not supported"
+            )));
+        }
+        other => return Err(Unsupported(format!("parameter {other:?} is not supported"))),
+    }
+    Ok(())
 }
 
 /// Which patients' compartments an export covers.
@@ -410,74 +424,25 @@ fn build(
     request_url: String,
     faults: &[FaultKind],
 ) -> Job {
-    let (at, sel) = {
+    let (at, mut sel) = {
         let store = ehr.lock_store();
         let at = store.clock;
         (at, select(ehr, &store, level, &req, grant, at))
     };
     let shape = JobShape::from_faults(faults, ehr.config.max_lines_per_file);
-    let mut items = Vec::with_capacity(sel.items.len());
-    let older_of = sel.older.as_ref().map(|(i, _)| *i);
-    for (i, item) in sel.items.into_iter().enumerate() {
-        if !req.filters.keep(&item) {
-            continue;
-        }
-        let body = req.elements.apply(&item.ty, &item.body);
-        let copy = (shape.duplicate_ids && older_of == Some(i))
-            .then(|| {
-                sel.older
-                    .as_ref()
-                    .map(|(_, old)| req.elements.apply(&item.ty, old))
-            })
-            .flatten();
-        let (ty, patients, last_updated) =
-            (item.ty.clone(), item.patients.clone(), item.last_updated);
-        items.push(Item { body, ..item });
-        if let Some(body) = copy {
-            items.push(Item {
-                ty,
-                last_updated,
-                body,
-                patients,
-            });
-        }
-    }
-    if shape.duplicate_ids && older_of.is_none() {
-        // No key has an older version yet: the same version twice.
-        if let Some(first) = items.first() {
-            items.insert(
-                1,
-                Item {
-                    body: first.body.clone(),
-                    ty: first.ty.clone(),
-                    patients: first.patients.clone(),
-                    last_updated: first.last_updated,
-                },
-            );
-        }
-    }
-    if shape.wrong_type {
-        crate::jobs::add_wrong_type(&mut items);
-    }
+    let deleted = std::mem::take(&mut sel.deleted);
+    let items = shape_items(sel, &req, &shape);
     let mut files = if req.organize_by_patient {
-        crate::jobs::files_by_patient(items, shape.max_lines)
+        jobs::files_by_patient(items, shape.max_lines)
     } else {
-        crate::jobs::files_by_type(items, shape.max_lines)
+        jobs::files_by_type(items, shape.max_lines)
     };
     if let Some(bytes) = shape.huge_line {
-        files.push(JobFile::new(
-            FileKind::Output,
-            Some("Binary"),
-            vec![crate::jobs::huge_binary(bytes)],
-        ));
+        let line = vec![jobs::huge_binary(bytes)];
+        files.push(JobFile::new(FileKind::Output, Some("Binary"), line));
     }
     if req.since.is_some() {
-        files.extend(crate::jobs::deleted_files(
-            ehr,
-            &sel.deleted,
-            at,
-            shape.max_lines,
-        ));
+        files.extend(jobs::deleted_files(ehr, &deleted, at, shape.max_lines));
     }
     if !req.warnings.is_empty() {
         let lines = req
@@ -503,6 +468,41 @@ fn build(
         shape,
         ..Job::default()
     }
+}
+
+/// The selected resources through `_typeFilter` and `_elements`, then the
+/// `DuplicateIds` and `WrongType` faults.
+fn shape_items(sel: Selection, req: &ExportRequest, shape: &JobShape) -> Vec<Item> {
+    let mut items = Vec::with_capacity(sel.items.len());
+    let (older_of, older) = match sel.older {
+        Some((i, body)) if shape.duplicate_ids => (Some(i), Some(body)),
+        _ => (None, None),
+    };
+    for (i, item) in sel.items.into_iter().enumerate() {
+        if !req.filters.keep(&item) {
+            continue;
+        }
+        let copy = older
+            .as_ref()
+            .filter(|_| older_of == Some(i))
+            .map(|old| Item {
+                body: req.elements.apply(&item.ty, old),
+                ..item.clone()
+            });
+        let body = req.elements.apply(&item.ty, &item.body);
+        items.push(Item { body, ..item });
+        items.extend(copy);
+    }
+    if shape.duplicate_ids && older_of.is_none() {
+        // No key has an older version yet: the same version twice.
+        if let Some(first) = items.first().cloned() {
+            items.insert(1, first);
+        }
+    }
+    if shape.wrong_type {
+        jobs::add_wrong_type(&mut items);
+    }
+    items
 }
 
 /// Groups items by type (types in name order, each in id order).

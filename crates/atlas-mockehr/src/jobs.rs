@@ -254,37 +254,17 @@ pub(crate) fn status(
     };
     let mut jobs = ehr.lock_jobs();
     let Some(job) = jobs.jobs.get_mut(id).filter(|j| j.owner == grant.client_id) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            &format!("no export job {id}"),
-        );
+        let text = format!("no export job {id}");
+        return error(StatusCode::NOT_FOUND, "not-found", &text);
     };
     if job.shape.fail {
         job.finished = true;
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "exception",
-            "the export failed (FailJob fault)",
-        );
+        let text = "the export failed (FailJob fault)";
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "exception", text);
     }
     if job.polls_left > 0 {
         job.polls_left -= 1;
-        let done = job.polls_total - job.polls_left;
-        let pct = 100 * done / (job.polls_total + 1);
-        let mut r = Response::new(axum::body::Body::empty());
-        *r.status_mut() = StatusCode::ACCEPTED;
-        set_header(
-            &mut r,
-            header::HeaderName::from_static("x-progress"),
-            &format!("{pct}% complete"),
-        );
-        set_header(
-            &mut r,
-            header::RETRY_AFTER,
-            &ehr.config.retry_after_secs.to_string(),
-        );
-        return r;
+        return in_progress(ehr, job);
     }
     job.finished = true;
     let page = crate::respond::query_pairs(query)
@@ -294,59 +274,72 @@ pub(crate) fn status(
         .unwrap_or(1);
     match manifest(ehr, id, job, page) {
         Some(m) => with_body(StatusCode::OK, "application/json", m.to_string()),
-        None => error(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            &format!("manifest page {page} does not exist"),
-        ),
+        None => {
+            let text = format!("manifest page {page} does not exist");
+            error(StatusCode::NOT_FOUND, "not-found", &text)
+        }
     }
+}
+
+/// 202 with `X-Progress` and `Retry-After`.
+fn in_progress(ehr: &MockEhr, job: &Job) -> Response {
+    let done = job.polls_total - job.polls_left;
+    let pct = 100 * done / (job.polls_total + 1);
+    let mut r = Response::new(axum::body::Body::empty());
+    *r.status_mut() = StatusCode::ACCEPTED;
+    let progress = header::HeaderName::from_static("x-progress");
+    set_header(&mut r, progress, &format!("{pct}% complete"));
+    let retry = ehr.config.retry_after_secs.to_string();
+    set_header(&mut r, header::RETRY_AFTER, &retry);
+    r
 }
 
 /// How many manifest pages a partial manifest has.
 const MANIFEST_PAGES: usize = 3;
 
+/// The manifest's entry for file `n` (0-based) of job `id`.
+fn file_entry(origin: &str, id: &str, shape: ManifestShape, n: usize, f: &JobFile) -> Value {
+    let mut e = serde_json::Map::new();
+    // The STU4 examples give deleted and outcome files no type.
+    let typed = !(shape == ManifestShape::Stu4 && f.kind != FileKind::Output);
+    if let Some(ty) = f.ty.as_ref().filter(|_| typed) {
+        e.insert("type".into(), json!(ty));
+    }
+    e.insert(
+        "url".into(),
+        json!(format!("{origin}/files/{id}/{}", n + 1)),
+    );
+    e.insert("count".into(), json!(f.lines.len()));
+    if let Some(next) = f.continues_in {
+        let url = format!("{origin}/files/{id}/{}", next + 1);
+        e.insert("continuesInFile".into(), json!(url));
+    }
+    Value::Object(e)
+}
+
 /// The manifest (page `page`, 1-based) in the configured shape.
 fn manifest(ehr: &MockEhr, id: &str, job: &Job, page: usize) -> Option<Value> {
     let shape = ehr.config.manifest;
     let origin = ehr.origin();
-    let entry = |n: usize, f: &JobFile| {
-        let mut e = serde_json::Map::new();
-        let typed = !(shape == ManifestShape::Stu4 && f.kind != FileKind::Output);
-        if let Some(ty) = f.ty.as_ref().filter(|_| typed) {
-            e.insert("type".into(), json!(ty));
-        }
-        e.insert(
-            "url".into(),
-            json!(format!("{origin}/files/{id}/{}", n + 1)),
-        );
-        e.insert("count".into(), json!(f.lines.len()));
-        if let Some(next) = f.continues_in {
-            e.insert(
-                "continuesInFile".into(),
-                json!(format!("{origin}/files/{id}/{}", next + 1)),
-            );
-        }
-        Value::Object(e)
+    let entries = |kind: FileKind| -> Vec<Value> {
+        let files = job.files.iter().enumerate().filter(|(_, f)| f.kind == kind);
+        files
+            .map(|(n, f)| file_entry(&origin, id, shape, n, f))
+            .collect()
     };
-    let all: Vec<(usize, &JobFile)> = job.files.iter().enumerate().collect();
-    let outputs: Vec<_> = all
-        .iter()
-        .filter(|(_, f)| f.kind == FileKind::Output)
-        .collect();
-    let pages = if job.shape.partial_manifest {
-        MANIFEST_PAGES.min(outputs.len()).max(1)
-    } else {
-        1
+    let outputs = entries(FileKind::Output);
+    let pages = match job.shape.partial_manifest {
+        true => MANIFEST_PAGES.min(outputs.len()).max(1),
+        false => 1,
     };
     if page == 0 || page > pages {
         return None;
     }
     let per_page = outputs.len().div_ceil(pages).max(1);
     let mut output: Vec<Value> = outputs
-        .iter()
+        .into_iter()
         .skip((page - 1) * per_page)
         .take(per_page)
-        .map(|(n, f)| entry(*n, f))
         .collect();
     if job.shape.count_mismatch
         && page == 1
@@ -354,58 +347,55 @@ fn manifest(ehr: &MockEhr, id: &str, job: &Job, page: usize) -> Option<Value> {
     {
         *c = json!(c.as_u64().unwrap_or(0) + 1);
     }
+    let mut m = manifest_head(ehr, job);
+    m.insert("output".into(), Value::Array(output));
     // Deleted and error files are listed on the first page.
-    let of_kind = |kind| -> Vec<Value> {
-        all.iter()
-            .filter(|(_, f)| f.kind == kind && page == 1)
-            .map(|(n, f)| entry(*n, f))
-            .collect()
-    };
-    let mut m = serde_json::Map::new();
-    if shape == ManifestShape::Stu4 {
-        m.insert(
-            "manifestType".into(),
-            json!("http://hl7.org/fhir/uv/bulkdata/StructureDefinition/BulkDataManifest"),
-        );
-    }
-    m.insert(
-        "transactionTime".into(),
-        json!(format_instant(job.transaction_time)),
-    );
-    if shape != ManifestShape::Stu4 {
-        m.insert("request".into(), json!(job.request_url));
-    }
-    m.insert("requiresAccessToken".into(), json!(ehr.config.require_auth));
-    if job.organized_by_patient {
-        m.insert("outputOrganizedBy".into(), json!("Patient"));
-    }
-    m.insert("output".into(), Value::Array(std::mem::take(&mut output)));
+    let first = |v: Vec<Value>| Value::Array(if page == 1 { v } else { Vec::new() });
     if job.since_given {
-        m.insert("deleted".into(), Value::Array(of_kind(FileKind::Deleted)));
+        m.insert("deleted".into(), first(entries(FileKind::Deleted)));
     }
     let errors_key = if shape == ManifestShape::Stu4 {
         "outcome"
     } else {
         "error"
     };
-    m.insert(errors_key.into(), Value::Array(of_kind(FileKind::Error)));
-    let seed_url = "https://atlas.invalid/fhir/StructureDefinition/mock-ehr-seed";
-    let seed = ehr.config.seed.to_string();
-    m.insert(
-        "extension".into(),
-        if shape == ManifestShape::Stu4 {
-            json!([{"url": seed_url, "valueString": seed}])
-        } else {
-            json!({ seed_url: seed })
-        },
-    );
+    m.insert(errors_key.into(), first(entries(FileKind::Error)));
+    m.insert("extension".into(), manifest_extension(ehr));
     if page < pages {
-        m.insert(
-            "link".into(),
-            json!([{"relation": "next", "url": format!("{origin}/jobs/{id}?page={}", page + 1)}]),
-        );
+        let next = format!("{origin}/jobs/{id}?page={}", page + 1);
+        m.insert("link".into(), json!([{"relation": "next", "url": next}]));
     }
     Some(Value::Object(m))
+}
+
+/// The members before `output`: what the shape asks for.
+fn manifest_head(ehr: &MockEhr, job: &Job) -> serde_json::Map<String, Value> {
+    let stu4 = ehr.config.manifest == ManifestShape::Stu4;
+    let mut m = serde_json::Map::new();
+    if stu4 {
+        let ty = "http://hl7.org/fhir/uv/bulkdata/StructureDefinition/BulkDataManifest";
+        m.insert("manifestType".into(), json!(ty));
+    }
+    let tt = format_instant(job.transaction_time);
+    m.insert("transactionTime".into(), json!(tt));
+    if !stu4 {
+        m.insert("request".into(), json!(job.request_url));
+    }
+    m.insert("requiresAccessToken".into(), json!(ehr.config.require_auth));
+    if job.organized_by_patient {
+        m.insert("outputOrganizedBy".into(), json!("Patient"));
+    }
+    m
+}
+
+/// The seed, as an extension: an object before STU4, FHIR extensions after.
+fn manifest_extension(ehr: &MockEhr) -> Value {
+    let url = "https://atlas.invalid/fhir/StructureDefinition/mock-ehr-seed";
+    let seed = ehr.config.seed.to_string();
+    match ehr.config.manifest {
+        ManifestShape::Stu4 => json!([{"url": url, "valueString": seed}]),
+        _ => json!({ url: seed }),
+    }
 }
 
 /// `DELETE /jobs/{id}`: 202, then the job is gone (404).
@@ -446,55 +436,31 @@ pub(crate) fn file(
     if !other_host && let Err(r) = auth::check(ehr, headers) {
         return r;
     }
-    let jobs = ehr.lock_jobs();
-    let Some(j) = jobs.jobs.get(job) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            &format!("no export job {job}"),
-        );
+    let body = {
+        let jobs = ehr.lock_jobs();
+        let Some(j) = jobs.jobs.get(job) else {
+            let text = format!("no export job {job}");
+            return error(StatusCode::NOT_FOUND, "not-found", &text);
+        };
+        if j.expired {
+            return error(
+                StatusCode::GONE,
+                "not-found",
+                "this export's files have expired",
+            );
+        }
+        let index = n.parse::<usize>().ok().and_then(|n| n.checked_sub(1));
+        let Some(f) = index.and_then(|i| j.files.get(i)) else {
+            let text = format!("export {job} has no file {n}");
+            return error(StatusCode::NOT_FOUND, "not-found", &text);
+        };
+        ndjson(f)
     };
-    if j.expired {
-        return error(
-            StatusCode::GONE,
-            "not-found",
-            "this export's files have expired",
-        );
-    }
-    let Some(f) = n
-        .parse::<usize>()
-        .ok()
-        .and_then(|n| n.checked_sub(1))
-        .and_then(|i| j.files.get(i))
-    else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            &format!("export {job} has no file {n}"),
-        );
-    };
-    let mut body = Vec::with_capacity(f.lines.iter().map(|l| l.len() + 1).sum());
-    for line in &f.lines {
-        body.extend_from_slice(line.as_bytes());
-        body.push(b'\n');
-    }
-    drop(jobs);
-    let gzip = headers
-        .get_all(header::ACCEPT_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|e| {
-            e.split(';')
-                .next()
-                .is_some_and(|e| e.trim().eq_ignore_ascii_case("gzip"))
-        });
-    if !gzip {
+    if !wants_gzip(headers) {
         return with_body(StatusCode::OK, NDJSON, body);
     }
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    let compressed = enc.write_all(&body).and_then(|_| enc.finish());
-    match compressed {
+    match enc.write_all(&body).and_then(|_| enc.finish()) {
         Ok(bytes) => {
             let mut r = with_body(StatusCode::OK, NDJSON, bytes);
             set_header(&mut r, header::CONTENT_ENCODING, "gzip");
@@ -506,4 +472,25 @@ pub(crate) fn file(
             &format!("gzip: {e}"),
         ),
     }
+}
+
+/// A file's lines, each ended by a newline.
+fn ndjson(f: &JobFile) -> Vec<u8> {
+    let mut body = Vec::with_capacity(f.lines.iter().map(|l| l.len() + 1).sum());
+    for line in &f.lines {
+        body.extend_from_slice(line.as_bytes());
+        body.push(b'\n');
+    }
+    body
+}
+
+/// `Accept-Encoding` names gzip.
+fn wants_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|e| e.split(';').next())
+        .any(|e| e.trim().eq_ignore_ascii_case("gzip"))
 }

@@ -126,6 +126,45 @@ impl Window {
     }
 }
 
+/// A search's checked parameters.
+struct SearchParams {
+    pairs: Vec<(String, String)>,
+    count: usize,
+    window: Window,
+    /// The last `(lastUpdated, id)` of the previous page.
+    cursor: Option<(i64, String)>,
+}
+
+impl SearchParams {
+    fn parse(ehr: &MockEhr, query: Option<&str>) -> Result<SearchParams, Response> {
+        let pairs = query_pairs(query);
+        let count = count(ehr, &pairs)?;
+        let bad = |code: &str, why: &str| error(StatusCode::BAD_REQUEST, code, why);
+        if let Some((_, sort)) = pairs.iter().find(|(k, _)| k == "_sort")
+            && sort != "_lastUpdated"
+        {
+            let why = format!("_sort {sort:?}: only _lastUpdated is supported");
+            return Err(bad("not-supported", &why));
+        }
+        let window = Window::parse(&pairs).map_err(|why| bad("invalid", &why))?;
+        let cursor = match pairs.iter().find(|(k, _)| k == "_cursor") {
+            None => None,
+            Some((_, c)) => {
+                let parsed = c
+                    .split_once('.')
+                    .and_then(|(lu, id)| Some((lu.parse().ok()?, id.to_string())));
+                Some(parsed.ok_or_else(|| bad("invalid", "_cursor is not one this server wrote"))?)
+            }
+        };
+        Ok(SearchParams {
+            pairs,
+            count,
+            window,
+            cursor,
+        })
+    }
+}
+
 /// `GET /fhir/{ty}`.
 pub(crate) fn search(
     ehr: &MockEhr,
@@ -136,75 +175,45 @@ pub(crate) fn search(
     if let Err(r) = reader(ehr, headers, ty) {
         return r;
     }
-    let pairs = query_pairs(query);
-    let n = match count(ehr, &pairs) {
-        Ok(n) => n,
+    let p = match SearchParams::parse(ehr, query) {
+        Ok(p) => p,
         Err(r) => return r,
     };
-    if let Some((_, sort)) = pairs.iter().find(|(k, _)| k == "_sort")
-        && sort != "_lastUpdated"
-    {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "not-supported",
-            &format!("_sort {sort:?}: only _lastUpdated is supported"),
-        );
-    }
-    let window = match Window::parse(&pairs) {
-        Ok(w) => w,
-        Err(why) => return error(StatusCode::BAD_REQUEST, "invalid", &why),
-    };
-    let cursor = match pairs.iter().find(|(k, _)| k == "_cursor") {
-        None => None,
-        Some((_, c)) => match c
-            .split_once('.')
-            .and_then(|(lu, id)| Some((lu.parse::<i64>().ok()?, id.to_string())))
-        {
-            Some(c) => Some(c),
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid",
-                    "_cursor is not one this server wrote",
-                );
-            }
-        },
-    };
+    let (n, w) = (p.count, &p.window);
     let base = ehr.fhir_base();
     let store = ehr.lock_store();
     let empty = Default::default();
     let live = store.live.get(ty).unwrap_or(&empty);
-    let from = match (&cursor, window.lower) {
+    // Keyset paging: start after the cursor, else at the lower bound.
+    let from = match (&p.cursor, w.lower) {
         (Some(c), _) => Bound::Excluded(c.clone()),
         (None, Some((at, inc))) => Bound::Included((if inc { at } else { at + 1 }, String::new())),
         (None, None) => Bound::Unbounded,
     };
+    let within = |lu: i64| w.above_lower(lu) && w.below_upper(lu);
     let page: Vec<&(i64, String)> = live
         .range((from, Bound::Unbounded))
-        .filter(|(lu, _)| window.above_lower(*lu))
-        .take_while(|(lu, _)| window.below_upper(*lu))
+        .filter(|(lu, _)| w.above_lower(*lu))
+        .take_while(|(lu, _)| w.below_upper(*lu))
         .take(n + 1)
         .collect();
-    let total = live
-        .iter()
-        .filter(|(lu, _)| window.above_lower(*lu) && window.below_upper(*lu))
-        .count();
+    let total = live.iter().filter(|(lu, _)| within(*lu)).count();
     let entries: Vec<String> = page
         .iter()
         .take(n)
         .filter_map(|(_, id)| {
             let body = store.current(ty, id)?.body.clone()?;
+            let full_url = quote(&format!("{base}/{ty}/{id}"));
             Some(format!(
-                r#"{{"fullUrl":{},"resource":{body},"search":{{"mode":"match"}}}}"#,
-                quote(&format!("{base}/{ty}/{id}"))
+                r#"{{"fullUrl":{full_url},"resource":{body},"search":{{"mode":"match"}}}}"#
             ))
         })
         .collect();
-    let mut links = vec![("self", format!("{base}/{ty}?{}", query_string(&pairs)))];
+    let mut links = vec![("self", format!("{base}/{ty}?{}", query_string(&p.pairs)))];
     if page.len() > n
         && let Some((lu, id)) = page.get(n - 1)
     {
-        links.push(("next", next_link(ehr, ty, &pairs, format!("{lu}.{id}"))));
+        links.push(("next", next_link(ehr, ty, &p.pairs, format!("{lu}.{id}"))));
     }
     drop(store);
     bundle(ehr, "searchset", Some(total), &links, &entries)

@@ -246,13 +246,7 @@ fn answer_fault(
     for kind in fired {
         match kind {
             FaultKind::Status { code, retry_after } => {
-                let status =
-                    StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                let mut r = error(status, "transient", &format!("scripted fault: {code}"));
-                if let Some(text) = retry_after {
-                    set_header(&mut r, header::RETRY_AFTER, text);
-                }
-                return Some(r);
+                return Some(status_fault(*code, retry_after.as_deref()));
             }
             FaultKind::RedirectOtherHost => {
                 let path = req
@@ -262,29 +256,21 @@ fn answer_fault(
                     .unwrap_or("/");
                 let mut r = Response::new(Body::empty());
                 *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-                set_header(
-                    &mut r,
-                    header::LOCATION,
-                    &format!("{}{path}", ehr.other_origin()),
-                );
+                let location = format!("{}{path}", ehr.other_origin());
+                set_header(&mut r, header::LOCATION, &location);
                 return Some(r);
             }
             FaultKind::ExpireToken => {
                 if let Some(token) = auth::bearer(req.headers()) {
                     ehr.lock_auth().revoke(token);
                 }
-                let mut r = error(
-                    StatusCode::UNAUTHORIZED,
-                    "login",
-                    "the access token has expired",
-                );
-                set_header(
-                    &mut r,
-                    header::WWW_AUTHENTICATE,
-                    "Bearer error=\"invalid_token\"",
-                );
+                let text = "the access token has expired";
+                let mut r = error(StatusCode::UNAUTHORIZED, "login", text);
+                let challenge = "Bearer error=\"invalid_token\"";
+                set_header(&mut r, header::WWW_AUTHENTICATE, challenge);
                 return Some(r);
             }
+            // Marks the job; the file handler then answers 410.
             FaultKind::ExpireFiles if endpoint == Some(Endpoint::File) => {
                 if let Some(job) = req.uri().path().split('/').nth(2) {
                     ehr.lock_jobs().expire(job);
@@ -294,6 +280,16 @@ fn answer_fault(
         }
     }
     None
+}
+
+/// A scripted status with an OperationOutcome and the raw `Retry-After`.
+fn status_fault(code: u16, retry_after: Option<&str>) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = error(status, "transient", &format!("scripted fault: {code}"));
+    if let Some(text) = retry_after {
+        set_header(&mut r, header::RETRY_AFTER, text);
+    }
+    r
 }
 
 /// `Truncate` and `ResetAfter`: the body cut after N bytes, cleanly or by
@@ -404,64 +400,56 @@ async fn fhir_route(
 ) -> Response {
     let fired = req.extensions().get::<Fired>().cloned().unwrap_or_default();
     let Ok(body) = axum::body::to_bytes(req.into_body(), 16 << 20).await else {
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too-long",
-            "the request body is too large",
-        );
+        let text = "the request body is too large";
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "too-long", text);
     };
     let segs = fhir_segments(uri.path()).unwrap_or_default();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
-    let query = uri.query();
-    let url = format!(
-        "{}{}",
-        ehr.origin(),
-        uri.path_and_query().map(|p| p.as_str()).unwrap_or("")
-    );
     let level = match segs.as_slice() {
         ["$export"] => Some(Level::System),
         ["Patient", "$export"] => Some(Level::Patient),
         ["Group", id, "$export"] => Some(Level::Group(id.to_string())),
         _ => None,
     };
-    if let Some(level) = level {
-        if method != Method::GET && method != Method::POST {
-            return error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "not-supported",
-                "$export takes GET or POST",
-            );
+    let Some(level) = level else {
+        if method != Method::GET {
+            let text = "this mock serves reads only";
+            return error(StatusCode::METHOD_NOT_ALLOWED, "not-supported", text);
         }
-        return export::kickoff(ehr, level, &method, url, &headers, &body, &fired.0).await;
+        return read_route(&ehr, &segs, &uri, &headers);
+    };
+    if method != Method::GET && method != Method::POST {
+        let text = "$export takes GET or POST";
+        return error(StatusCode::METHOD_NOT_ALLOWED, "not-supported", text);
     }
-    if method != Method::GET {
-        return error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "not-supported",
-            "this mock serves reads only",
-        );
-    }
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
+    let url = format!("{}{path}", ehr.origin());
+    export::kickoff(ehr, level, &method, url, &headers, &body, &fired.0).await
+}
+
+/// The GETs under `/fhir`: discovery, search, read, history.
+fn read_route(ehr: &MockEhr, segs: &[&str], uri: &Uri, headers: &HeaderMap) -> Response {
     let known = |ty: &str| atlas_fhir::is_resource_type(ty);
-    match segs.as_slice() {
+    let query = uri.query();
+    match segs {
         [".well-known", "smart-configuration"] => {
-            let mut r = fhir(StatusCode::OK, &capability::smart_configuration(&ehr));
+            let mut r = fhir(StatusCode::OK, &capability::smart_configuration(ehr));
             set_header(&mut r, header::CONTENT_TYPE, "application/json");
             r
         }
-        ["metadata"] => fhir(StatusCode::OK, &capability::capability_statement(&ehr)),
-        ["_history"] => rest::history(&ehr, HistoryOf::System, query, &headers),
-        [ty] if known(ty) => rest::search(&ehr, ty, query, &headers),
-        [ty, "_history"] if known(ty) => rest::history(&ehr, HistoryOf::Type(ty), query, &headers),
-        [ty, id] if known(ty) => rest::read(&ehr, ty, id, None, &headers),
+        ["metadata"] => fhir(StatusCode::OK, &capability::capability_statement(ehr)),
+        ["_history"] => rest::history(ehr, HistoryOf::System, query, headers),
+        [ty] if known(ty) => rest::search(ehr, ty, query, headers),
+        [ty, "_history"] if known(ty) => rest::history(ehr, HistoryOf::Type(ty), query, headers),
+        [ty, id] if known(ty) => rest::read(ehr, ty, id, None, headers),
         [ty, id, "_history"] if known(ty) => {
-            rest::history(&ehr, HistoryOf::Instance(ty, id), query, &headers)
+            rest::history(ehr, HistoryOf::Instance(ty, id), query, headers)
         }
-        [ty, id, "_history", vid] if known(ty) => rest::read(&ehr, ty, id, Some(vid), &headers),
-        _ => error(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            &format!("nothing at {}", uri.path()),
-        ),
+        [ty, id, "_history", vid] if known(ty) => rest::read(ehr, ty, id, Some(vid), headers),
+        _ => {
+            let text = format!("nothing at {}", uri.path());
+            error(StatusCode::NOT_FOUND, "not-found", &text)
+        }
     }
 }
 
