@@ -138,6 +138,10 @@ pub struct BulkArgs {
     /// Do not ask for gzip-encoded files (saves CPU on fast local links).
     #[arg(long)]
     pub no_gzip: bool,
+    /// Send `Prefer: handling=lenient`: the server may ignore parameters it
+    /// does not support (e.g. includeAssociatedData) instead of refusing.
+    #[arg(long)]
+    pub lenient: bool,
     #[command(flatten)]
     pub common: PullCommon,
 }
@@ -344,6 +348,7 @@ async fn bulk_leased(lake: &Lake, args: &BulkArgs, g: &Globals, lease: &WriterLe
     let mut bulk_opts = BulkOptions {
         parallel: args.parallel.max(1),
         gzip: !args.no_gzip,
+        lenient: args.lenient,
         ..BulkOptions::default()
     };
     bulk_opts.poll.max_wait = opts.retry.max_wait;

@@ -222,6 +222,9 @@ pub struct BulkOptions {
     /// Ask for gzip (`Accept-Encoding: gzip`): less on the wire, more CPU
     /// at both ends; worth it across a WAN, not on loopback.
     pub gzip: bool,
+    /// `Prefer: handling=lenient`: the server may ignore parameters it does
+    /// not support (reporting them in the error files) instead of refusing.
+    pub lenient: bool,
 }
 
 impl Default for BulkOptions {
@@ -238,6 +241,7 @@ impl Default for BulkOptions {
             max_restarts: 2,
             max_export_wait: Duration::from_secs(24 * 3600),
             gzip: true,
+            lenient: false,
         }
     }
 }
@@ -289,6 +293,14 @@ impl BulkClient {
         })
     }
 
+    fn prefer(&self) -> &'static str {
+        if self.opts.lenient {
+            "respond-async, handling=lenient"
+        } else {
+            "respond-async"
+        }
+    }
+
     pub fn base(&self) -> &Url {
         &self.base
     }
@@ -315,7 +327,7 @@ impl BulkClient {
             ..Request::get(url.clone())
         }
         .header("content-type", "application/fhir+json")
-        .header("prefer", "respond-async");
+        .header("prefer", self.prefer());
         let r = self.http.send(&post).await?;
         let refused_post = matches!(r.status().as_u16(), 400 | 404 | 405 | 415 | 501);
         let r = if refused_post && req.patients.is_empty() {
@@ -323,7 +335,7 @@ impl BulkClient {
             let mut get_url = url.clone();
             get_url.query_pairs_mut().extend_pairs(req.query());
             self.http
-                .send(&Request::get(get_url).header("prefer", "respond-async"))
+                .send(&Request::get(get_url).header("prefer", self.prefer()))
                 .await?
         } else {
             r

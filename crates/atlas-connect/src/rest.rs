@@ -315,10 +315,10 @@ impl<'a> RestPull<'a> {
             let c = s.rest.entry(ty.to_owned()).or_default();
             c.pages = page_no + 1;
             c.next_url = next_url;
-            if let Some(n) = page.newest {
-                if c.newest_seen.as_deref().is_none_or(|old| newer(&n, old)) {
-                    c.newest_seen = Some(n);
-                }
+            if let Some(n) = page.newest
+                && c.newest_seen.as_deref().is_none_or(|old| newer(&n, old))
+            {
+                c.newest_seen = Some(n);
             }
             self.store.save(&s).await?;
         }

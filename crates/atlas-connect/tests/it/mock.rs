@@ -91,15 +91,16 @@ pub fn fast_http() -> HttpOptions {
 }
 
 pub fn fast_bulk() -> BulkOptions {
-    let mut o = BulkOptions::default();
-    o.poll = RetryPolicy {
-        max_attempts: u32::MAX,
-        base: Duration::from_millis(5),
-        max_wait: Duration::from_millis(20),
-        min_wait: Duration::ZERO,
-    };
-    o.parallel = 4;
-    o
+    BulkOptions {
+        poll: RetryPolicy {
+            max_attempts: u32::MAX,
+            base: Duration::from_millis(5),
+            max_wait: Duration::from_millis(20),
+            min_wait: Duration::ZERO,
+        },
+        parallel: 4,
+        ..BulkOptions::default()
+    }
 }
 
 impl Harness {

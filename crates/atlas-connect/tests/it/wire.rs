@@ -140,12 +140,14 @@ fn client(base: &str) -> BulkClient {
         },
         ..HttpOptions::default()
     };
-    let mut bulk = BulkOptions::default();
-    bulk.poll = RetryPolicy {
-        max_attempts: u32::MAX,
-        base: Duration::from_millis(5),
-        max_wait: Duration::from_secs(3),
-        min_wait: Duration::ZERO,
+    let bulk = BulkOptions {
+        poll: RetryPolicy {
+            max_attempts: u32::MAX,
+            base: Duration::from_millis(5),
+            max_wait: Duration::from_secs(3),
+            min_wait: Duration::ZERO,
+        },
+        ..BulkOptions::default()
     };
     BulkClient::new(
         HttpClient::new(opts, None).unwrap(),
