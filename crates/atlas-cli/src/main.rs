@@ -94,7 +94,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ATLAS_LOG").unwrap_or_else(|_| {
-                "warn,atlas_serve=info,buoyant_kernel=off,deltalake_core::writer::stats=error"
+                "warn,atlas_serve=info,buoyant_kernel=off,deltalake_core::writer::stats=error,deltalake_core::operations::merge=error"
                     .into()
             }),
         )

@@ -545,7 +545,15 @@ async fn land_errors(lake: &Lake, source: &str, pulled: &PulledExport) -> Result
             "raw/{source}/errors/{day}/{}/{name}",
             &f.done.sha256[..16]
         ));
-        for line in bytes
+        let text = if name.ends_with(".gz") {
+            let mut t = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(&bytes[..]), &mut t)
+                .with_context(|| format!("reading {}", f.path.display()))?;
+            t
+        } else {
+            bytes.clone()
+        };
+        for line in text
             .split(|&b| b == b'\n')
             .filter(|l| !l.is_empty())
             .take(5)
