@@ -138,6 +138,10 @@ pub struct BulkArgs {
     /// Do not ask for gzip-encoded files (saves CPU on fast local links).
     #[arg(long)]
     pub no_gzip: bool,
+    /// Move the watermark even when the server reported errors (error
+    /// files with issues of severity error or fatal).
+    #[arg(long)]
+    pub accept_errors: bool,
     /// Send `Prefer: handling=lenient`: the server may ignore parameters it
     /// does not support (e.g. includeAssociatedData) instead of refusing.
     #[arg(long)]
@@ -318,7 +322,7 @@ fn export_request(args: &BulkArgs, state: &ConnectorState) -> Result<ExportReque
     req.elements = args.elements.clone();
     req.include_associated_data = args.include_associated_data.clone();
     req.since = match args.since.as_deref() {
-        Some("auto") => state.bulk_watermark.clone(),
+        Some("auto") => state.bulk_watermarks.get(&req.watermark_key()).cloned(),
         Some(s) => {
             chrono::DateTime::parse_from_rfc3339(s).with_context(|| {
                 format!("--since {s:?}: not a FHIR instant (e.g. 2026-01-01T00:00:00Z) nor `auto`")
@@ -373,6 +377,14 @@ async fn bulk_leased(lake: &Lake, args: &BulkArgs, g: &Globals, lease: &WriterLe
         }
     };
     bar.finish();
+    // The Ctrl-C handler above replaced the default one: from here on
+    // (ingest, crash-safe) Ctrl-C exits at once again.
+    tokio::spawn(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\ninterrupted; run the same command again to finish");
+            std::process::exit(130);
+        }
+    });
     let pulled = pulled?;
     eprintln!(
         "export of {} complete: {} files ({:.1} MB) staged{}",
@@ -388,8 +400,18 @@ async fn bulk_leased(lake: &Lake, args: &BulkArgs, g: &Globals, lease: &WriterLe
     atlas_connect::bulk::crash_point("pull_before_ingest");
     let report = ingest_staged(lake, &c.source, &pulled, g.show, lease).await?;
     atlas_connect::bulk::crash_point("pull_after_ingest");
-    land_errors(lake, &c.source, &pulled).await?;
-    state.bulk_watermark = Some(pulled.manifest.transaction_time.clone());
+    let errors = land_errors(lake, &c.source, &pulled).await?;
+    if errors == 0 || args.accept_errors {
+        state.bulk_watermark = Some(pulled.manifest.transaction_time.clone());
+        state.bulk_watermarks.insert(
+            req.watermark_key(),
+            pulled.manifest.transaction_time.clone(),
+        );
+    } else {
+        eprintln!(
+            "warning: the watermark stays where it was: the server reported {errors} error(s), so the next `--since auto` asks for this period again (--accept-errors moves it anyway)"
+        );
+    }
     state.bulk_job = None;
     state.last_run = Some(run_record(
         "bulk",
@@ -518,21 +540,21 @@ pub(crate) async fn ingest_paths(
 
 /// Error files (OperationOutcomes) are landed beside the raw data and
 /// summarised; they are not resources of the patient record.
-async fn land_errors(lake: &Lake, source: &str, pulled: &PulledExport) -> Result<()> {
+async fn land_errors(lake: &Lake, source: &str, pulled: &PulledExport) -> Result<u64> {
     let errors: Vec<_> = pulled
         .files
         .iter()
         .filter(|f| f.done.kind == FileKind::Error)
         .collect();
     if errors.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let day = pulled
         .manifest
         .transaction_time
         .get(..10)
         .unwrap_or("unknown");
-    let mut issues = 0u64;
+    let (mut issues, mut serious) = (0u64, 0u64);
     for f in &errors {
         let bytes =
             std::fs::read(&f.path).with_context(|| format!("reading {}", f.path.display()))?;
@@ -541,39 +563,43 @@ async fn land_errors(lake: &Lake, source: &str, pulled: &PulledExport) -> Result
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("error.ndjson");
-        let dest = lake.path(&format!(
-            "raw/{source}/errors/{day}/{}/{name}",
-            &f.done.sha256[..16]
-        ));
-        let text = if name.ends_with(".gz") {
-            let mut t = Vec::new();
-            std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(&bytes[..]), &mut t)
-                .with_context(|| format!("reading {}", f.path.display()))?;
-            t
+        let folder = f.done.sha256.get(..16).unwrap_or("unknown");
+        let dest = lake.path(&format!("raw/{source}/errors/{day}/{folder}/{name}"));
+        let reader: Box<dyn std::io::Read> = if name.ends_with(".gz") {
+            Box::new(flate2::read::MultiGzDecoder::new(&bytes[..]))
         } else {
-            bytes.clone()
+            Box::new(&bytes[..])
         };
-        for line in text
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty())
-            .take(5)
-        {
-            eprintln!(
-                "  server error: {}",
-                atlas_connect::error::outcome_text(line)
-            );
+        for (n, line) in std::io::BufRead::lines(std::io::BufReader::new(reader)).enumerate() {
+            let line = line.with_context(|| format!("reading {}", f.path.display()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            let bad = v["issue"].as_array().is_none_or(|a| {
+                a.iter()
+                    .any(|i| matches!(i["severity"].as_str(), Some("error" | "fatal") | None))
+            });
+            serious += u64::from(bad);
+            issues += 1;
+            if n < 5 {
+                eprintln!(
+                    "  server {}: {}",
+                    if bad { "error" } else { "note" },
+                    atlas_connect::error::outcome_text(line.as_bytes())
+                );
+            }
         }
-        issues += f.done.lines;
         lake.object_store()
             .put(&dest, PutPayload::from(bytes))
             .await
             .with_context(|| format!("landing {dest}"))?;
     }
     eprintln!(
-        "warning: the server reported {issues} error(s) in {} file(s); landed under raw/{source}/errors/{day}/",
+        "the server reported {issues} outcome(s) ({serious} error or fatal) in {} file(s); landed under raw/{source}/errors/{day}/",
         errors.len()
     );
-    Ok(())
+    Ok(serious)
 }
 
 async fn rest(args: RestArgs, g: &Globals) -> Result<()> {
@@ -590,12 +616,6 @@ async fn rest_leased(lake: &Lake, args: &RestArgs, g: &Globals, lease: &WriterLe
     if let Some(s) = &args.since {
         chrono::DateTime::parse_from_rfc3339(s)
             .with_context(|| format!("--since {s:?}: not a FHIR instant"))?;
-        for ty in &args.types {
-            let cur = state.rest.entry(ty.clone()).or_default();
-            if !cur.in_progress {
-                cur.watermark = Some(s.clone());
-            }
-        }
     }
     let http = client(&args.base, &c.auth, http_options(c)).await?;
     let progress = Arc::new(PullProgress::default());
@@ -605,13 +625,15 @@ async fn rest_leased(lake: &Lake, args: &RestArgs, g: &Globals, lease: &WriterLe
         history: !args.no_history,
         ..RestOptions::default()
     };
-    let pull = RestPull::new(&http, &args.base, &store, staging, progress.clone(), opts)?;
+    let pull = RestPull::new(http, &args.base, &store, staging, progress.clone(), opts)?;
     let caps = pull
         .capabilities()
         .await
         .context("reading the server's CapabilityStatement")?;
     let bar = PullBar::start(progress.clone(), g.show);
-    let pulled = pull.run(&mut state, &args.types, &caps).await;
+    let pulled = pull
+        .run(&mut state, &args.types, &caps, args.since.as_deref())
+        .await;
     bar.finish();
     let pulled = pulled?;
     eprintln!(
@@ -652,7 +674,15 @@ async fn rest_leased(lake: &Lake, args: &RestArgs, g: &Globals, lease: &WriterLe
 
 async fn cancel(args: NameArgs, g: &Globals) -> Result<()> {
     let lake = lake::open_lake(&g.lake)?;
-    let (store, mut state, _) = connector(&lake, &args.source, None, None).await?;
+    // Under the writer lease: a pull running now must not see its export
+    // vanish and start a new one over the cancel.
+    let lease = progress::take_lease(&lake, g.wait, g.show).await?;
+    let result = cancel_leased(&lake, &args).await;
+    lake::release(lease, result).await
+}
+
+async fn cancel_leased(lake: &Lake, args: &NameArgs) -> Result<()> {
+    let (store, mut state, _) = connector(lake, &args.source, None, None).await?;
     let Some(job) = state.bulk_job.take() else {
         eprintln!("connector {}: no export under way", args.source);
         return Ok(());

@@ -192,6 +192,16 @@ impl ExportRequest {
         json!({"resourceType": "Parameters", "parameter": p})
     }
 
+    /// What the request asks for, without `_since`: the key of its
+    /// watermark (`ConnectorState::bulk_watermarks`).
+    pub fn watermark_key(&self) -> String {
+        ExportRequest {
+            since: None,
+            ..self.clone()
+        }
+        .describe()
+    }
+
     /// One line naming the request, stored with the job so a resumed pull
     /// can tell it is the same export.
     pub fn describe(&self) -> String {
@@ -286,9 +296,10 @@ enum Attempt {
 impl BulkClient {
     /// `base` is the FHIR base URL (a trailing `/` is added when missing).
     pub fn new(http: HttpClient, base: &str, opts: BulkOptions) -> Result<Self, ConnectError> {
+        let base = fhir_base(base)?;
         Ok(BulkClient {
-            http,
-            base: fhir_base(base)?,
+            http: http.with_token_origin(&base),
+            base,
             opts,
         })
     }
@@ -324,6 +335,7 @@ impl BulkClient {
         let post = Request {
             method: Method::POST,
             body: Some(Bytes::from(body)),
+            idempotent: false,
             ..Request::get(url.clone())
         }
         .header("content-type", "application/fhir+json")
@@ -427,25 +439,51 @@ impl BulkClient {
         }
     }
 
+    /// Follows `link[next]` pages (each resolved against the page that
+    /// named it) and merges them; a page named twice is a loop, and a
+    /// file listed twice is kept once.
     async fn whole_manifest(&self, mut m: Manifest, url: &str) -> Result<Manifest, ConnectError> {
-        let mut pages = 1;
-        while let Some(next) = m.next.clone() {
-            pages += 1;
-            if pages > 10_000 {
+        let mut page_url = parse_url(url)?;
+        let mut seen = std::collections::HashSet::from([page_url.to_string()]);
+        while let Some(next) = m.next.take() {
+            let next_url = page_url.join(&next).map_err(|e| {
+                ConnectError::protocol(page_url.as_str(), format!("link next {next:?}: {e}"))
+            })?;
+            if !seen.insert(next_url.to_string()) || seen.len() > 10_000 {
                 return Err(ConnectError::protocol(
                     url,
-                    "more than 10,000 manifest pages",
+                    format!("the manifest's pages loop or never end (at {next_url})"),
                 ));
             }
-            let next_url = parse_url(url)?
-                .join(&next)
-                .map_err(|e| ConnectError::protocol(url, format!("link next {next:?}: {e}")))?;
-            let (_, _, body) = self
-                .http
-                .fetch(&Request::get(next_url.clone()).header("accept", "application/json"))
-                .await?;
+            let req = Request::get(next_url.clone()).header("accept", "application/json");
+            let r = self.http.send(&req).await?;
+            let status = r.status().as_u16();
+            let body = r.bytes().await.map_err(|source| ConnectError::Http {
+                method: "GET".into(),
+                url: next_url.to_string(),
+                source,
+            })?;
+            match status {
+                200..=299 => {}
+                404 | 410 => {
+                    return Err(ConnectError::Expired {
+                        url: next_url.to_string(),
+                        status,
+                    });
+                }
+                _ => {
+                    return Err(ConnectError::Status {
+                        method: "GET".into(),
+                        url: next_url.to_string(),
+                        status,
+                        detail: outcome_text(&body),
+                    });
+                }
+            }
             m.merge(Manifest::parse(&body, next_url.as_str())?);
+            page_url = next_url;
         }
+        m.dedupe();
         Ok(m)
     }
 
@@ -515,12 +553,10 @@ impl BulkClient {
                 Err(Attempt::Fatal(e)) => return Err(e),
             }
         }
-        if let Some(mut p) = previous {
-            // Counts never agreed and the bytes changed: keep the last copy, say so.
-            tracing::warn!(url = %file.url, "the manifest's count never matched: kept the last download");
-            p.count_mismatch = file.count;
-            return Ok(p);
-        }
+        // Counts never agreed and the bytes changed each time: something
+        // cuts the file short (e.g. at a line boundary, without a
+        // Content-Length). Fail, keeping the job for a later resume, rather
+        // than ingest a file that may be missing resources.
         Err(ConnectError::GaveUp {
             what: format!("download of {}", file.url),
             attempts: self.opts.file_attempts,
@@ -550,7 +586,8 @@ impl BulkClient {
             other => Attempt::Retry(other.to_string()),
         })?;
         let status = r.status();
-        if matches!(status.as_u16(), 404 | 410) {
+        // 403 too: an expired pre-signed storage URL answers 403.
+        if matches!(status.as_u16(), 403 | 404 | 410) {
             return Err(Attempt::Fatal(ConnectError::Expired {
                 url: url.to_string(),
                 status: status.as_u16(),
@@ -609,8 +646,10 @@ struct FileSink {
     /// Plain NDJSON: newlines seen and the last byte.
     newlines: u64,
     last: Option<u8>,
+    /// The first gzip error, if any (the download is retried).
+    corrupt: Option<String>,
     /// Gzip: the decompressed bytes' line counter.
-    gunzip: Option<flate2::write::GzDecoder<LineCounter>>,
+    gunzip: Option<flate2::write::MultiGzDecoder<LineCounter>>,
 }
 
 #[derive(Default)]
@@ -645,7 +684,8 @@ impl FileSink {
             bytes: 0,
             newlines: 0,
             last: None,
-            gunzip: gz.then(|| flate2::write::GzDecoder::new(LineCounter::default())),
+            corrupt: None,
+            gunzip: gz.then(|| flate2::write::MultiGzDecoder::new(LineCounter::default())),
         })
     }
 
@@ -655,8 +695,10 @@ impl FileSink {
         match &mut self.gunzip {
             Some(d) => {
                 use std::io::Write;
-                // A corrupt stream is caught at `finish` (try_finish fails too).
-                let _ = d.write_all(chunk);
+                if let Err(e) = d.write_all(chunk) {
+                    // Not gzip after all, or corrupt: `finish` retries the download.
+                    self.corrupt.get_or_insert(e.to_string());
+                }
             }
             None => {
                 self.newlines += memchr::memchr_iter(b'\n', chunk).count() as u64;
@@ -676,6 +718,9 @@ impl FileSink {
                 "{} bytes of the {l} announced",
                 self.bytes
             )));
+        }
+        if let Some(e) = self.corrupt.take() {
+            return Err(Attempt::Retry(format!("the gzip stream is corrupt: {e}")));
         }
         let (newlines, last) = match self.gunzip.take() {
             Some(mut d) => {

@@ -56,6 +56,10 @@ pub struct Request {
     pub auth: bool,
     /// No whole-request deadline (file downloads: the read timeout still applies).
     pub streaming: bool,
+    /// Safe to send twice. A kick-off POST is not: a retry after a 5xx or a
+    /// broken connection could start a second export, so it is retried only
+    /// on 429 (the server refused it) and on connections never made.
+    pub idempotent: bool,
 }
 
 impl Request {
@@ -67,6 +71,7 @@ impl Request {
             body: None,
             auth: true,
             streaming: false,
+            idempotent: true,
         }
     }
 
@@ -83,11 +88,20 @@ pub struct HttpClient {
     inner: reqwest::Client,
     opts: HttpOptions,
     auth: Option<Arc<TokenSource>>,
+    /// The only origin the token is sent to (the FHIR base's): URLs a server
+    /// hands out (status, manifest pages, files, `next` links) may point
+    /// anywhere, and a token must not follow them there.
+    token_origin: Option<Url>,
 }
 
 /// Statuses worth another attempt.
 fn retryable(s: StatusCode) -> bool {
     matches!(s.as_u16(), 429 | 500 | 502 | 503 | 504)
+}
+
+/// The request never reached the server (nothing to undo by not retrying).
+fn never_connected(e: &ConnectError) -> bool {
+    matches!(e, ConnectError::Http { source, .. } if source.is_connect())
 }
 
 fn is_redirect(s: StatusCode) -> bool {
@@ -122,7 +136,20 @@ impl HttpClient {
             inner: build_reqwest(&opts)?,
             opts,
             auth,
+            token_origin: None,
         })
+    }
+
+    /// Sends the token to `base`'s origin only (see `token_origin`).
+    pub fn with_token_origin(mut self, base: &Url) -> Self {
+        self.token_origin = Some(base.clone());
+        self
+    }
+
+    fn token_allowed(&self, url: &Url) -> bool {
+        self.token_origin
+            .as_ref()
+            .is_none_or(|o| same_origin(o, url))
     }
 
     pub fn retry(&self) -> &RetryPolicy {
@@ -141,7 +168,11 @@ impl HttpClient {
         let mut attempt = 0u32;
         loop {
             let token = match (&self.auth, req.auth) {
-                (Some(src), true) => Some(src.token().await?),
+                (Some(src), true) if self.token_allowed(&req.url) => Some(src.token().await?),
+                (Some(_), true) => {
+                    tracing::warn!(url = %req.url, "not sending the access token: the URL is on another origin than the FHIR base");
+                    None
+                }
                 _ => None,
             };
             match self.send_following(req, token.as_deref()).await {
@@ -153,7 +184,11 @@ impl HttpClient {
                     src.renew(stale).await?;
                     renewed = true;
                 }
-                Ok(r) if retryable(r.status()) && attempt + 1 < self.opts.retry.max_attempts => {
+                Ok(r)
+                    if retryable(r.status())
+                        && (req.idempotent || r.status() == StatusCode::TOO_MANY_REQUESTS)
+                        && attempt + 1 < self.opts.retry.max_attempts =>
+                {
                     let ra = r
                         .headers()
                         .get("retry-after")
@@ -166,7 +201,11 @@ impl HttpClient {
                     attempt += 1;
                 }
                 Ok(r) => return Ok(r),
-                Err(e) if attempt + 1 < self.opts.retry.max_attempts => {
+                Err(e @ ConnectError::Usage(_)) => return Err(e),
+                Err(e)
+                    if (req.idempotent || never_connected(&e))
+                        && attempt + 1 < self.opts.retry.max_attempts =>
+                {
                     let wait = self.opts.retry.backoff(attempt);
                     tracing::info!(url = %req.url, error = %e, ?wait, "request failed: retrying");
                     tokio::time::sleep(wait).await;

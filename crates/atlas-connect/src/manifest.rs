@@ -141,6 +141,14 @@ impl Manifest {
         self.next = page.next;
     }
 
+    /// Drops files listed twice (same kind and URL), keeping the first.
+    pub fn dedupe(&mut self) {
+        for list in [&mut self.output, &mut self.error, &mut self.deleted] {
+            let mut seen = std::collections::HashSet::new();
+            list.retain(|f| seen.insert(f.url.clone()));
+        }
+    }
+
     /// Every file with its kind, in manifest order.
     pub fn files(&self) -> impl Iterator<Item = (FileKind, &OutputFile)> {
         self.output

@@ -104,6 +104,10 @@ pub struct RestOptions {
     pub history: bool,
     /// Pages per type per run, a bound against a server whose `next` never ends.
     pub max_pages: u64,
+    /// How far before the pull's start the next one begins: changes a
+    /// server commits late with an earlier `lastUpdated` are read again
+    /// (and found unchanged) instead of missed.
+    pub overlap: std::time::Duration,
 }
 
 impl Default for RestOptions {
@@ -112,7 +116,8 @@ impl Default for RestOptions {
             page_size: 500,
             parallel: 4,
             history: true,
-            max_pages: 1_000_000,
+            max_pages: 100_000,
+            overlap: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -128,7 +133,7 @@ pub struct RestPulled {
 
 /// One REST pull of one connector.
 pub struct RestPull<'a> {
-    pub http: &'a HttpClient,
+    pub http: HttpClient,
     pub base: Url,
     pub store: &'a StateStore,
     /// This connector's staging folder (`rest/<Type>/` inside it).
@@ -139,16 +144,17 @@ pub struct RestPull<'a> {
 
 impl<'a> RestPull<'a> {
     pub fn new(
-        http: &'a HttpClient,
+        http: HttpClient,
         base: &str,
         store: &'a StateStore,
         staging: PathBuf,
         progress: Arc<PullProgress>,
         opts: RestOptions,
     ) -> Result<Self, ConnectError> {
+        let base = fhir_base(base)?;
         Ok(RestPull {
-            http,
-            base: fhir_base(base)?,
+            http: http.with_token_origin(&base),
+            base,
             store,
             staging,
             progress,
@@ -172,13 +178,18 @@ impl<'a> RestPull<'a> {
 
     /// Stages every page changed since each type's watermark (or resumes the
     /// pages of a killed run). `types` empty = every searchable type.
+    ///
+    /// Types whose pull a killed run left under way are finished too,
+    /// whatever `types` says, so no staged page waits for a later run.
+    /// `since` replaces the watermark of the types starting afresh.
     pub async fn run(
         &self,
         state: &mut ConnectorState,
         types: &[String],
         caps: &Capabilities,
+        since: Option<&str>,
     ) -> Result<RestPulled, ConnectError> {
-        let types: Vec<String> = if types.is_empty() {
+        let mut types: Vec<String> = if types.is_empty() {
             caps.types
                 .iter()
                 .filter(|(_, c)| c.search)
@@ -187,33 +198,52 @@ impl<'a> RestPull<'a> {
         } else {
             types.to_vec()
         };
+        for (ty, c) in &state.rest {
+            if c.in_progress && !types.contains(ty) {
+                types.push(ty.clone());
+            }
+        }
         let shared = Arc::new(tokio::sync::Mutex::new(std::mem::take(state)));
         let mut modes = BTreeMap::new();
         for ty in &types {
             let history = self.opts.history && caps.types.get(ty).is_some_and(|c| c.history);
             let mut s = shared.lock().await;
             let cursor = s.rest.entry(ty.clone()).or_default();
+            if cursor.in_progress {
+                // Resumed: the mode its first page chose.
+                let was_history = cursor
+                    .first_url
+                    .as_deref()
+                    .or(cursor.next_url.as_deref())
+                    .is_some_and(|u| u.contains("/_history"));
+                modes.insert(
+                    ty.clone(),
+                    if was_history {
+                        Mode::History
+                    } else {
+                        Mode::Search
+                    },
+                );
+                continue;
+            }
+            if let Some(s) = since {
+                cursor.watermark = Some(s.to_owned());
+            }
             let mode = if history && cursor.watermark.is_some() {
                 Mode::History
             } else {
                 Mode::Search
             };
-            if !cursor.in_progress {
-                cursor.next_url = Some(
-                    self.first_page(ty, mode, cursor.watermark.as_deref())?
-                        .to_string(),
-                );
-                cursor.in_progress = true;
-                cursor.pages = 0;
-                cursor.newest_seen = None;
-            } else if cursor
-                .next_url
-                .as_deref()
-                .is_some_and(|u| u.contains("/_history"))
-            {
-                modes.insert(ty.clone(), Mode::History);
-                continue;
-            }
+            let first = self
+                .first_page(ty, mode, cursor.watermark.as_deref())?
+                .to_string();
+            *cursor = RestCursor {
+                watermark: cursor.watermark.take(),
+                next_url: Some(first.clone()),
+                first_url: Some(first),
+                in_progress: true,
+                ..RestCursor::default()
+            };
             modes.insert(ty.clone(), mode);
         }
         self.store.save(&*shared.lock().await).await?;
@@ -255,7 +285,10 @@ impl<'a> RestPull<'a> {
                     q.append_pair("_since", s);
                 }
                 (Mode::Search, Some(s)) => {
-                    q.append_pair("_lastUpdated", &format!("gt{s}"));
+                    // `ge`: the watermark is already an instant before
+                    // the last pull began (overlap); copies read twice are
+                    // found unchanged by the ingest path.
+                    q.append_pair("_lastUpdated", &format!("ge{s}"));
                     q.append_pair("_sort", "_lastUpdated");
                 }
                 (_, None) => {
@@ -278,11 +311,13 @@ impl<'a> RestPull<'a> {
             .await
             .map_err(ConnectError::io(&dir))?;
         let (mut pages, mut entries) = (0u64, 0u64);
+        let mut followed = std::collections::HashSet::new();
+        let mut restarted = false;
         loop {
-            let (next, page_no) = {
+            let (next, page_no, first) = {
                 let s = shared.lock().await;
                 let c = s.rest.get(ty).cloned().unwrap_or_default();
-                (c.next_url, c.pages)
+                (c.next_url, c.pages, c.first_url)
             };
             let Some(next) = next else { break };
             if page_no >= self.opts.max_pages {
@@ -291,10 +326,39 @@ impl<'a> RestPull<'a> {
                     format!("more than {} pages of {ty}", self.opts.max_pages),
                 ));
             }
+            if !followed.insert(next.clone()) {
+                return Err(ConnectError::protocol(
+                    next,
+                    format!("the server sent the same `next` page of {ty} twice (a paging loop)"),
+                ));
+            }
             self.progress
                 .set_status(format!("{ty}: page {}", page_no + 1));
             let url = parse_url(&next)?;
-            let bundle = self.http.get_json(url.clone()).await?;
+            let bundle = match self.http.get_json(url.clone()).await {
+                // A saved page the server has forgotten (its search expired):
+                // start this type's pull again from its first page, once.
+                Err(ConnectError::Status {
+                    status: 404 | 410, ..
+                }) if page_no > 0 && pages == 0 && !restarted && first.is_some() => {
+                    tracing::warn!(%next, "the saved page is gone: starting {ty} again from its first page");
+                    restarted = true;
+                    let _ = tokio::fs::remove_dir_all(&dir).await;
+                    tokio::fs::create_dir_all(&dir)
+                        .await
+                        .map_err(ConnectError::io(&dir))?;
+                    let mut s = shared.lock().await;
+                    let c = s.rest.entry(ty.to_owned()).or_default();
+                    c.next_url = c.first_url.clone();
+                    c.pages = 0;
+                    c.newest_seen = None;
+                    c.started_at = None;
+                    followed.clear();
+                    self.store.save(&s).await?;
+                    continue;
+                }
+                other => other?,
+            };
             if bundle["resourceType"] != "Bundle" {
                 return Err(ConnectError::protocol(next, "the answer is not a Bundle"));
             }
@@ -315,6 +379,11 @@ impl<'a> RestPull<'a> {
             let c = s.rest.entry(ty.to_owned()).or_default();
             c.pages = page_no + 1;
             c.next_url = next_url;
+            if page_no == 0 {
+                c.started_at = Some(page.server_time.clone().unwrap_or_else(|| {
+                    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                }));
+            }
             if let Some(n) = page.newest
                 && c.newest_seen.as_deref().is_none_or(|old| newer(&n, old))
             {
@@ -326,15 +395,22 @@ impl<'a> RestPull<'a> {
         Ok((pages, entries))
     }
 
-    /// After the staged pages are ingested: moves each type's watermark to
-    /// the newest `lastUpdated` seen and removes the pages.
+    /// After the staged pages are ingested: moves the watermark of each
+    /// type whose pull completed and removes the pages.
+    ///
+    /// The new watermark is the earlier of the newest `lastUpdated` seen and
+    /// the server's time when the pull began (so one resource stamped in
+    /// the future cannot push it ahead of changes not yet read), minus the
+    /// overlap; it never moves back.
     pub async fn finish(&self, state: &mut ConnectorState) -> Result<(), ConnectError> {
-        for c in state.rest.values_mut().filter(|c| c.in_progress) {
-            if let Some(n) = c.newest_seen.take() {
-                c.watermark = Some(n);
-            }
+        for c in state
+            .rest
+            .values_mut()
+            .filter(|c| c.in_progress && c.next_url.is_none())
+        {
+            let watermark = next_watermark(c, self.opts.overlap);
             *c = RestCursor {
-                watermark: c.watermark.take(),
+                watermark,
                 ..RestCursor::default()
             };
         }
@@ -347,12 +423,36 @@ impl<'a> RestPull<'a> {
     }
 }
 
+/// The watermark after a completed pull of one type: the earlier of the
+/// newest change seen and the server's time at the start, minus `overlap`;
+/// never earlier than the old watermark.
+fn next_watermark(c: &RestCursor, overlap: std::time::Duration) -> Option<String> {
+    let overlap = chrono::Duration::from_std(overlap).unwrap_or_default();
+    let bound = match (&c.newest_seen, &c.started_at) {
+        (Some(n), Some(s)) => Some(if newer(n, s) { s } else { n }),
+        (n, s) => n.as_ref().or(s.as_ref()),
+    };
+    let moved = bound
+        .and_then(|b| chrono::DateTime::parse_from_rfc3339(b).ok())
+        .map(|b| {
+            (b - overlap)
+                .to_utc()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        });
+    match (moved, c.watermark.clone()) {
+        (Some(m), Some(old)) => Some(if newer(&m, &old) { m } else { old }),
+        (m, old) => m.or(old),
+    }
+}
+
 /// One Bundle page: its entries, the newest change in it and the next link.
 struct Page {
     entries: u64,
     newest: Option<String>,
     next: Option<String>,
     history: bool,
+    /// `Bundle.meta.lastUpdated`: the server's time of the answer.
+    server_time: Option<String>,
 }
 
 impl Page {
@@ -380,19 +480,28 @@ impl Page {
                     .map(str::to_owned)
             }),
             history: bundle["type"] == "history",
+            server_time: bundle["meta"]["lastUpdated"]
+                .as_str()
+                .filter(|t| chrono::DateTime::parse_from_rfc3339(t).is_ok())
+                .map(str::to_owned),
         }
     }
 
-    /// What is staged: a history page whole (one line, DELETE entries and
-    /// all); a search page's resources (not its `outcome` entries), one per line.
+    /// What is staged, one entry per line (so no line outgrows the
+    /// ingest's line limit): each resource (not a search page's `outcome`
+    /// entries), and each history DELETE as a one-entry transaction Bundle
+    /// keeping its `request` and `response` (the version it deletes).
     fn staged_text(&self, bundle: &Value) -> Result<String, ConnectError> {
         let to_line =
             |v: &Value| serde_json::to_string(v).map_err(|e| ConnectError::Usage(e.to_string()));
-        if self.history {
-            return Ok(format!("{}\n", to_line(bundle)?));
-        }
         let mut out = String::new();
         for e in bundle["entry"].as_array().into_iter().flatten() {
+            if self.history && e["request"]["method"] == "DELETE" {
+                let one = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": [e]});
+                out.push_str(&to_line(&one)?);
+                out.push('\n');
+                continue;
+            }
             if e["search"]["mode"] == "outcome" || !e["resource"].is_object() {
                 continue;
             }
@@ -450,6 +559,48 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn watermarks_never_run_ahead_of_the_server_or_back() {
+        let minute = std::time::Duration::from_secs(60);
+        let c = |newest: Option<&str>, started: Option<&str>, old: Option<&str>| RestCursor {
+            newest_seen: newest.map(str::to_owned),
+            started_at: started.map(str::to_owned),
+            watermark: old.map(str::to_owned),
+            ..RestCursor::default()
+        };
+        // The newest change, minus the overlap.
+        let w = next_watermark(
+            &c(
+                Some("2026-01-01T10:00:00Z"),
+                Some("2026-01-01T12:00:00Z"),
+                None,
+            ),
+            minute,
+        );
+        assert_eq!(w.as_deref(), Some("2026-01-01T09:59:00.000Z"));
+        // A resource stamped in the future: the server's start time bounds it.
+        let w = next_watermark(
+            &c(
+                Some("2030-01-01T00:00:00Z"),
+                Some("2026-01-01T12:00:00+02:00"),
+                None,
+            ),
+            minute,
+        );
+        assert_eq!(w.as_deref(), Some("2026-01-01T09:59:00.000Z"));
+        // Nothing changed: the start time; never back past the old watermark.
+        let w = next_watermark(
+            &c(
+                None,
+                Some("2026-01-01T12:00:00Z"),
+                Some("2026-01-01T11:59:30Z"),
+            ),
+            minute,
+        );
+        assert_eq!(w.as_deref(), Some("2026-01-01T11:59:30Z"));
+        assert_eq!(next_watermark(&c(None, None, None), minute), None);
+    }
+
+    #[test]
     fn capabilities() {
         let cs = json!({"rest":[{"mode":"server","interaction":[{"code":"history-system"}],
             "resource":[{"type":"Patient","interaction":[{"code":"search-type"},{"code":"history-type"}]},
@@ -486,5 +637,18 @@ mod tests {
             "+01:00 is earlier"
         );
         assert_eq!(p.staged_text(&b).unwrap().lines().count(), 2);
+        let h = json!({"resourceType":"Bundle","type":"history","meta":{"lastUpdated":"2026-01-02T00:00:00Z"},
+            "entry":[{"resource":{"resourceType":"Patient","id":"a","meta":{"versionId":"2"}}},
+                     {"request":{"method":"DELETE","url":"Patient/b"},"response":{"status":"204","etag":"W/\"3\""}}]});
+        let p = Page::read(&h);
+        assert_eq!(p.server_time.as_deref(), Some("2026-01-02T00:00:00Z"));
+        let text = p.staged_text(&h).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[0]["resourceType"], "Patient");
+        assert_eq!(lines[1]["type"], "transaction");
+        assert_eq!(lines[1]["entry"][0]["response"]["etag"], "W/\"3\"");
     }
 }

@@ -479,7 +479,27 @@ impl TokenSource {
         self.fetch().await
     }
 
+    /// Asks for a token, retrying a busy or failing token endpoint (429,
+    /// 5xx, broken connections) a few times with backoff; a refusal
+    /// (`invalid_client`, ...) is final.
     async fn fetch(&self) -> Result<String, ConnectError> {
+        let policy = crate::retry::RetryPolicy::default();
+        let mut attempt = 0;
+        loop {
+            match self.fetch_once().await {
+                Err(e @ (ConnectError::Http { .. } | ConnectError::Auth { .. }))
+                    if attempt + 1 < 4 && transient(&e) =>
+                {
+                    tracing::info!(token_url = %self.token_url, error = %e, "token request failed: retrying");
+                    tokio::time::sleep(policy.backoff(attempt)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn fetch_once(&self) -> Result<String, ConnectError> {
         let claims = AssertionClaims::new(&self.client_id, &self.token_url);
         let assertion = self
             .key
@@ -506,6 +526,7 @@ impl TokenSource {
             .header("content-type", "application/x-www-form-urlencoded")
             .header("accept", "application/json")
             .body(body)
+            .timeout(Duration::from_secs(60))
             .send()
             .await
             .map_err(|source| ConnectError::Http {
@@ -545,7 +566,8 @@ impl TokenSource {
             ));
         }
         // Renew a margin before expiry: 10% of the lifetime, at least 5 s.
-        let life = Duration::from_secs(t.expires_in.unwrap_or(300));
+        // Clamped: a server's `expires_in` must not overflow the clock.
+        let life = Duration::from_secs(t.expires_in.unwrap_or(300).clamp(1, 86_400));
         let margin = (life / 10).max(Duration::from_secs(5)).min(life / 2);
         let renew_at = sent + life - margin;
         if let Ok(mut g) = self.granted.lock() {
@@ -559,6 +581,23 @@ impl TokenSource {
         }
         tracing::debug!(token_url = %self.token_url, expires_in = life.as_secs(), scope = ?t.scope, "new access token");
         Ok(t.access_token)
+    }
+}
+
+/// A failure worth another token request: no answer, or a 429/5xx.
+fn transient(e: &ConnectError) -> bool {
+    match e {
+        ConnectError::Http { .. } => true,
+        ConnectError::Auth { error, .. } => [
+            "HTTP 429",
+            "HTTP 500",
+            "HTTP 502",
+            "HTTP 503",
+            "HTTP 504",
+            "temporarily_unavailable",
+        ]
+        .contains(&error.as_str()),
+        _ => false,
     }
 }
 

@@ -30,9 +30,15 @@ pub struct ConnectorState {
     /// A Bulk export under way (cleared when its files are ingested).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bulk_job: Option<BulkJob>,
-    /// `transactionTime` of the last export ingested: `--since auto` starts there.
+    /// `transactionTime` of the last export ingested.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bulk_watermark: Option<String>,
+    /// `transactionTime` of the last export ingested per request (its
+    /// level, types and filters, without `_since`): `--since auto` starts
+    /// there, so an export of other types or another group never inherits
+    /// a watermark it did not earn.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub bulk_watermarks: BTreeMap<String, String>,
     /// REST pull: per resource type.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rest: BTreeMap<String, RestCursor>,
@@ -92,6 +98,14 @@ pub struct RestCursor {
     /// `true` while a pull of this type is under way.
     #[serde(default)]
     pub in_progress: bool,
+    /// The server's time when the pull under way began (its first page's
+    /// `Bundle.meta.lastUpdated`, else this machine's clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// The first page of the pull under way, to start it again when the
+    /// server has forgotten a saved `next` page (404/410).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_url: Option<String>,
 }
 
 /// What the last completed run did.

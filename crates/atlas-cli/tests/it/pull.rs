@@ -204,6 +204,30 @@ async fn bulk_pull_lands_ingests_and_moves_the_watermark() {
             .any(|r| r.method == "POST" && r.path.contains("$export"))
     );
 
+    // `--since auto` for another request (other types) has no watermark
+    // of its own yet: it exports everything of those types.
+    let out = ok(e.pull(
+        &lake,
+        "bulk",
+        &[
+            "--source",
+            "ehr-a",
+            "--since",
+            "auto",
+            "--type",
+            "Condition",
+        ],
+    ))
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("exporting changes since"), "{stderr}");
+    let s = state(&lake, "ehr-a");
+    assert_eq!(
+        s["bulk_watermarks"].as_object().map(|m| m.len()),
+        Some(2),
+        "{s}"
+    );
+
     // Running the same pull again with nothing changed changes nothing.
     ok(e.pull(&lake, "bulk", &["--source", "ehr-a", "--since", "auto"])).await;
     assert_eq!(live(&lake).await, e.snapshot(Some(&t1), None));

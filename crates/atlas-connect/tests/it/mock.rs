@@ -523,14 +523,14 @@ async fn odd_exports_are_staged_whole() {
 async fn a_failed_pull_resumes_from_its_checkpoint() {
     let h = harness(4, |c| {
         c.max_lines_per_file = 100;
-        // The 6th file download is refused for good (403 is not retried).
+        // The 6th file download is refused for good (400 is not retried).
         c.faults = vec![Fault {
             times: 1,
             ..Fault::nth(
                 Endpoint::File,
                 6,
                 FaultKind::Status {
-                    code: 403,
+                    code: 400,
                     retry_after: None,
                 },
             )
@@ -658,7 +658,7 @@ async fn rest_pull_searches_first_then_reads_history_with_deletes() {
         ..RestOptions::default()
     };
     let pull = RestPull::new(
-        &http,
+        http,
         &h.mock.fhir_base,
         &store,
         h.staging(),
@@ -667,7 +667,7 @@ async fn rest_pull_searches_first_then_reads_history_with_deletes() {
     )
     .unwrap();
     let caps = pull.capabilities().await.unwrap();
-    let first = pull.run(&mut state, &types, &caps).await.unwrap();
+    let first = pull.run(&mut state, &types, &caps, None).await.unwrap();
     assert!(first.modes.values().all(|m| *m == Mode::Search));
     assert!(first.pages > 3, "several pages followed: {}", first.pages);
     let mut have: BTreeMap<Key, u64> = BTreeMap::new();
@@ -690,7 +690,7 @@ async fn rest_pull_searches_first_then_reads_history_with_deletes() {
     for _ in 0..3 {
         h.mock.ehr.tick();
     }
-    let second = pull.run(&mut state, &types, &caps).await.unwrap();
+    let second = pull.run(&mut state, &types, &caps, None).await.unwrap();
     assert!(second.modes.values().all(|m| *m == Mode::History));
     read_rest(&second.files, &mut have);
     let now = h.mock.ehr.now();

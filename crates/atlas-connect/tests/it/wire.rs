@@ -458,3 +458,81 @@ async fn gzip_files_are_staged_compressed_and_checked() {
     use sha2::Digest;
     assert_eq!(done.sha256, hex::encode(sha2::Sha256::digest(&staged)));
 }
+
+/// A token source whose endpoint is `server`'s `/token`.
+fn tokens(server: &WireServer) -> Arc<atlas_connect::smart::TokenSource> {
+    let (key, _) =
+        atlas_connect::smart::ClientKey::generate(jsonwebtoken::Algorithm::ES384).unwrap();
+    Arc::new(atlas_connect::smart::TokenSource::new(
+        atlas_connect::http::build_reqwest(&HttpOptions::default()).unwrap(),
+        format!("{}/token", server.base),
+        "c".into(),
+        "system/*.rs".into(),
+        None,
+        key,
+    ))
+}
+
+/// The token goes to the FHIR base's origin only: a status URL (or file,
+/// or `next` page) that a server points at another origin gets none.
+#[tokio::test]
+async fn the_token_never_leaves_the_fhir_base_origin() {
+    let elsewhere = WireServer::start(|_, base| {
+        let m = format!(r#"{{"transactionTime":"2026-01-01T00:00:00Z","requiresAccessToken":true,"output":[{{"type":"Patient","url":"{base}/files/1"}}]}}"#);
+        (200, vec![], m.into_bytes())
+    })
+    .await;
+    let status_elsewhere = format!("{}/status/1", elsewhere.base);
+    let ehr = WireServer::start(move |req, _| {
+        if req.target == "/token" {
+            let t = br#"{"access_token":"secret-token","token_type":"bearer","expires_in":18446744073709551615}"#;
+            return (200, vec![], t.to_vec());
+        }
+        (202, vec![("content-location".into(), status_elsewhere.clone())], vec![])
+    })
+    .await;
+    let http = HttpClient::new(HttpOptions::default(), Some(tokens(&ehr))).unwrap();
+    let client =
+        BulkClient::new(http, &format!("{}/fhir", ehr.base), BulkOptions::default()).unwrap();
+    let status = client
+        .kickoff(&ExportRequest::new(ExportLevel::System))
+        .await
+        .unwrap();
+    client
+        .poll(&status, &PullProgress::default())
+        .await
+        .unwrap();
+    let kickoff = ehr
+        .seen()
+        .into_iter()
+        .find(|s| s.target.contains("$export"))
+        .unwrap();
+    assert_eq!(
+        kickoff.header("authorization"),
+        Some("Bearer secret-token"),
+        "the FHIR base gets it"
+    );
+    assert!(
+        elsewhere
+            .seen()
+            .iter()
+            .all(|s| s.header("authorization").is_none()),
+        "another origin never does"
+    );
+}
+
+/// A kick-off POST answered 500 is not sent again: a retry could start a
+/// second export the client would never cancel.
+#[tokio::test]
+async fn a_failed_kickoff_post_is_not_retried() {
+    let server = WireServer::start(|_, _| (500, vec![], br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"exception","diagnostics":"database down"}]}"#.to_vec())).await;
+    let e = client(&server.base)
+        .kickoff(&ExportRequest::new(ExportLevel::System))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("database down"),
+        "the server's words: {e}"
+    );
+    assert_eq!(server.seen().len(), 1, "one POST, no retry");
+}
