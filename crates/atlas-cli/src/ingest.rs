@@ -152,6 +152,8 @@ fn options(args: &IngestArgs, lease: &WriterLease) -> IngestOptions {
             ..ReadOptions::default()
         },
         chunk_bytes: args.chunk_mb.max(1) << 20,
+        // The user's files: copied, never linked (they may change later).
+        link_inputs: false,
         lease: Some(lease.clone()),
     }
 }

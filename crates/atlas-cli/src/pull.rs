@@ -503,13 +503,19 @@ async fn ingest_staged(
             f.done.count_mismatch.unwrap_or_default()
         );
     }
-    ingest_paths(lake, source, &paths, show, lease).await
+    let hashes = pulled
+        .files
+        .iter()
+        .map(|f| (f.path.clone(), (f.done.bytes, f.done.sha256.clone())))
+        .collect();
+    ingest_paths(lake, source, &paths, &hashes, show, lease).await
 }
 
 pub(crate) async fn ingest_paths(
     lake: &Lake,
     source: &str,
     paths: &[String],
+    hashes: &std::collections::HashMap<PathBuf, (u64, String)>,
     show: bool,
     lease: &WriterLease,
 ) -> Result<BatchReport> {
@@ -520,10 +526,23 @@ pub(crate) async fn ingest_paths(
     } else {
         Some(atlas_ingest::collect_inputs(paths, &mut std::io::empty())?)
     };
+    let mut set = set;
+    if let Some(set) = set.as_mut() {
+        for input in &mut set.inputs {
+            // Hashed while downloaded: no second pass over the bytes.
+            if let Some((size, sha)) = hashes.get(&input.path) {
+                input.size = *size;
+                input.sha256 = sha.clone();
+            }
+        }
+    }
     let inputs = set.as_ref().map_or(&[][..], |s| &s.inputs[..]);
     let opts = IngestOptions {
         source: source.to_owned(),
         lease: Some(lease.clone()),
+        // Staged downloads are this run's own files: landed by a hard
+        // link on a local lake (no second copy), never changed again.
+        link_inputs: true,
         ..IngestOptions::default()
     };
     let progress = Arc::new(Progress::default());
@@ -658,7 +677,7 @@ async fn rest_leased(lake: &Lake, args: &RestArgs, g: &Globals, lease: &WriterLe
         .filter_map(|p| std::fs::metadata(p).ok())
         .map(|m| m.len())
         .sum();
-    let report = ingest_paths(lake, &c.source, &paths, g.show, lease).await?;
+    let report = ingest_paths(lake, &c.source, &paths, &Default::default(), g.show, lease).await?;
     state.last_run = Some(run_record(
         "rest",
         pulled.files.len() as u64,

@@ -145,9 +145,15 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), InputError> {
 /// Fills in each input's SHA-256 (and exact size): every file at once, on
 /// every core. Ingest calls this while its reader already decompresses and
 /// classifies the same files.
+///
+/// An input whose `sha256` is already set is trusted as it is: a caller
+/// that just wrote the file and hashed it on the way (a connector's
+/// download) does not pay for a second pass.
 pub fn hash_inputs(inputs: &mut [Input]) -> Result<(), InputError> {
     inputs.par_iter_mut().try_for_each(|i| {
-        (i.size, i.sha256) = hash_file(&i.path)?;
+        if i.sha256.is_empty() {
+            (i.size, i.sha256) = hash_file(&i.path)?;
+        }
         Ok(())
     })
 }

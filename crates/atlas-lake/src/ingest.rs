@@ -153,6 +153,10 @@ pub struct IngestOptions {
     pub read: ReadOptions,
     /// Stored bytes per commit; bounds memory.
     pub chunk_bytes: usize,
+    /// The inputs are the caller's private files, never changed again (a
+    /// connector's staged downloads): on a local lake they are landed by a
+    /// hard link instead of a copy when they sit on the same file system.
+    pub link_inputs: bool,
     /// The lake's writer lease, when the caller holds it already (e.g. to
     /// wait for it, or to ingest and refresh views under one lease). Without
     /// it, `ingest` takes the lease itself and fails at once if another
@@ -166,6 +170,7 @@ impl Default for IngestOptions {
             source: "files".into(),
             read: ReadOptions::default(),
             chunk_bytes: 48 << 20,
+            link_inputs: false,
             lease: None,
         }
     }
@@ -442,7 +447,7 @@ async fn ingest_leased(
     let mut landed = Vec::with_capacity(inputs.len());
     for (n, input) in inputs.iter().enumerate() {
         let rel = format!("{raw_dir}/{n:04}-{}", sanitize(&input.name));
-        land_file(lake, input, &rel).await?;
+        land_file(lake, input, &rel, opts.link_inputs).await?;
         landed.push(LandedInput {
             name: input.name.clone(),
             raw_path: rel,
@@ -698,7 +703,7 @@ async fn find_or_start(lake: &Lake, source: &str, id: &str) -> Result<Started, L
     Ok(s)
 }
 
-async fn land_file(lake: &Lake, input: &Input, rel: &str) -> Result<(), LakeError> {
+async fn land_file(lake: &Lake, input: &Input, rel: &str, link: bool) -> Result<(), LakeError> {
     let path = lake.path(rel);
     if let Ok(meta) = lake.object_store().head(&path).await
         && meta.size == input.size
@@ -723,7 +728,12 @@ async fn land_file(lake: &Lake, input: &Input, rel: &str) -> Result<(), LakeErro
         if let Some(dir) = dst.parent() {
             tokio::fs::create_dir_all(dir).await.map_err(fail)?;
         }
-        tokio::fs::copy(&input.path, &tmp).await.map_err(fail)?;
+        // A stale temporary name from a killed run would make the link fail.
+        let _ = tokio::fs::remove_file(&tmp).await;
+        let linked = link && tokio::fs::hard_link(&input.path, &tmp).await.is_ok();
+        if !linked {
+            tokio::fs::copy(&input.path, &tmp).await.map_err(fail)?;
+        }
         tokio::fs::rename(&tmp, &dst).await.map_err(fail)?;
         return Ok(());
     }
