@@ -13,6 +13,10 @@
 //! ingest (idempotent: the same files make the same batch) → state saved
 //! (watermark, job cleared) → staging removed.
 
+// Doc comments here are `--help` text, where `[base]` and `<id>` are the
+// Bulk Data spec's placeholders, not links or HTML tags.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
