@@ -91,6 +91,10 @@ pub struct PullCommon {
     /// Longest wait between retries or status polls, whatever `Retry-After` says.
     #[arg(long, default_value_t = 120.0)]
     pub max_wait_secs: f64,
+    /// Longest accepted NDJSON line in bytes; longer lines are quarantined
+    /// (`line_too_long`), never dropped.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_line_bytes: usize,
     /// Attempts per request (429, 5xx, broken connections).
     #[arg(long, default_value_t = 8)]
     pub attempts: u32,
@@ -402,7 +406,7 @@ async fn bulk_leased(lake: &Lake, args: &BulkArgs, g: &Globals, lease: &WriterLe
         }
     );
     atlas_connect::bulk::crash_point("pull_before_ingest");
-    let report = ingest_staged(lake, &c.source, &pulled, g.show, lease).await?;
+    let report = ingest_staged(lake, &c.source, &pulled, c, g.show, lease).await?;
     atlas_connect::bulk::crash_point("pull_after_ingest");
     let errors = land_errors(lake, &c.source, &pulled).await?;
     if errors == 0 || args.accept_errors {
@@ -486,6 +490,7 @@ async fn ingest_staged(
     lake: &Lake,
     source: &str,
     pulled: &PulledExport,
+    common: &PullCommon,
     show: bool,
     lease: &WriterLease,
 ) -> Result<BatchReport> {
@@ -512,7 +517,7 @@ async fn ingest_staged(
         .iter()
         .map(|f| (f.path.clone(), (f.done.bytes, f.done.sha256.clone())))
         .collect();
-    ingest_paths(lake, source, &paths, &hashes, show, lease).await
+    ingest_paths(lake, source, &paths, &hashes, common, show, lease).await
 }
 
 pub(crate) async fn ingest_paths(
@@ -520,6 +525,7 @@ pub(crate) async fn ingest_paths(
     source: &str,
     paths: &[String],
     hashes: &std::collections::HashMap<PathBuf, (u64, String)>,
+    common: &PullCommon,
     show: bool,
     lease: &WriterLease,
 ) -> Result<BatchReport> {
@@ -547,6 +553,10 @@ pub(crate) async fn ingest_paths(
         // Staged downloads are this run's own files: landed by a hard
         // link on a local lake (no second copy), never changed again.
         link_inputs: true,
+        read: atlas_ingest::ReadOptions {
+            max_line_bytes: common.max_line_bytes,
+            ..atlas_ingest::ReadOptions::default()
+        },
         ..IngestOptions::default()
     };
     let progress = Arc::new(Progress::default());
@@ -681,7 +691,16 @@ async fn rest_leased(lake: &Lake, args: &RestArgs, g: &Globals, lease: &WriterLe
         .filter_map(|p| std::fs::metadata(p).ok())
         .map(|m| m.len())
         .sum();
-    let report = ingest_paths(lake, &c.source, &paths, &Default::default(), g.show, lease).await?;
+    let report = ingest_paths(
+        lake,
+        &c.source,
+        &paths,
+        &Default::default(),
+        c,
+        g.show,
+        lease,
+    )
+    .await?;
     state.last_run = Some(run_record(
         "rest",
         pulled.files.len() as u64,
