@@ -39,23 +39,41 @@ def free_port():
     return port
 
 
+SMART = os.path.join(ROOT, "..", "shared", "data", "fhir", "large", "smart-generated-sample-data-R4", "ndjson")
+
+
+def ndjson_bytes(d):
+    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".ndjson"))
+
+
 def dataset(work, gb):
-    """Synthetic NDJSON of at least `gb` GB: 1,000 patients make ~0.1 GB
-    here, so patients scale with the target (generated once)."""
+    """Plain NDJSON of at least `gb` GB (made once, reused): the SMART
+    sample in ../shared (261 MB) scaled with `atlas synth scale`, or, when
+    ../shared is missing, `atlas synth` patients. Plain, not gzip, so the
+    plain ingest reads the same kind of bytes the pull stages."""
     data = os.path.join(work, f"data-{gb}gb")
-    marker = os.path.join(data, ".complete")
-    if not os.path.exists(marker):
-        shutil.rmtree(data, ignore_errors=True)
-        patients = 1000
-        while True:
-            subprocess.run([ATLAS, "--quiet", "synth", "--patients", str(patients), "--seed", "20", "--out", data], check=True)
-            size = sum(os.path.getsize(os.path.join(data, f)) for f in os.listdir(data))
-            if size >= gb * 1e9:
-                break
-            patients = int(patients * gb * 1e9 / max(size, 1) * 1.05) + 1
-            shutil.rmtree(data)
-        open(marker, "w").write(str(size))
-    return data, sum(os.path.getsize(os.path.join(data, f)) for f in os.listdir(data) if f.endswith(".ndjson"))
+    if os.path.exists(os.path.join(data, ".complete")):
+        return data, ndjson_bytes(data)
+    shutil.rmtree(data, ignore_errors=True)
+    if os.path.isdir(SMART):
+        factor = max(1, -(-int(gb * 1e9) // 260_000_000))
+        scaled = data + ".gz"
+        shutil.rmtree(scaled, ignore_errors=True)
+        subprocess.run([ATLAS, "--quiet", "synth", "scale", "--factor", str(factor), SMART, "--out", scaled], check=True)
+        os.makedirs(data)
+        for f in sorted(os.listdir(scaled)):
+            src = os.path.join(scaled, f)
+            name = f[:-3] if f.endswith(".gz") else f
+            if not name.endswith(".ndjson"):
+                continue
+            with open(os.path.join(data, name), "wb") as out:
+                subprocess.run(["gzip", "-dc", src] if f.endswith(".gz") else ["cat", src], stdout=out, check=True)
+        shutil.rmtree(scaled)
+    else:
+        patients = int(gb * 1e9 / 6_600) + 1  # ~6.6 KB of NDJSON per synth patient
+        subprocess.run([ATLAS, "--quiet", "synth", "--patients", str(patients), "--seed", "20", "--out", data], check=True)
+    open(os.path.join(data, ".complete"), "w").write("ok")
+    return data, ndjson_bytes(data)
 
 
 def start_mock(data, work):
