@@ -29,14 +29,7 @@ import sys
 import time
 
 from ingest import ATLAS, ROOT, rss_of  # bench/ingest.py, next to this file
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from serve import free_port  # bench/serve.py
 
 
 SMART = os.path.join(ROOT, "..", "shared", "data", "fhir", "large", "smart-generated-sample-data-R4", "ndjson")

@@ -519,6 +519,11 @@ impl TokenSource {
             .map(|(k, v)| format!("{k}={}", urlencode(v)))
             .collect::<Vec<_>>()
             .join("&");
+        let http_err = |source| ConnectError::Http {
+            method: "POST".into(),
+            url: self.token_url.clone(),
+            source,
+        };
         let sent = Instant::now();
         let response = self
             .http
@@ -529,20 +534,9 @@ impl TokenSource {
             .timeout(Duration::from_secs(60))
             .send()
             .await
-            .map_err(|source| ConnectError::Http {
-                method: "POST".into(),
-                url: self.token_url.clone(),
-                source,
-            })?;
+            .map_err(http_err)?;
         let status = response.status();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|source| ConnectError::Http {
-                method: "POST".into(),
-                url: self.token_url.clone(),
-                source,
-            })?;
+        let bytes = response.bytes().await.map_err(http_err)?;
         if !status.is_success() {
             let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             return Err(ConnectError::Auth {

@@ -981,6 +981,17 @@ impl Hex128 {
     }
 }
 
+/// `'Patient','Observation'` for an `IN (...)` list: resource types are
+/// validated names (letters only) by the time they reach a chunk, so they
+/// are safe to splice; ids and identifiers are always joined from a batch.
+fn sql_type_list(types: &[&str]) -> String {
+    types
+        .iter()
+        .map(|t| format!("'{t}'"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn hex128(h: u128) -> Hex128 {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 32];
@@ -2218,11 +2229,7 @@ impl Batch<'_> {
         })?;
         ctx.register_batch("cond_keys", keys)
             .map_err(ctx_err("conditional delete keys"))?;
-        let list = types
-            .iter()
-            .map(|t| format!("'{t}'"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let list = sql_type_list(&types);
         let sql = format!(
             "WITH u AS ( \
                SELECT resource_type, id, ident, substr(ident, strpos(ident, '|') + 1) AS val \
@@ -2302,11 +2309,7 @@ impl Batch<'_> {
         })?;
         ctx.register_batch("chunk_keys", keys)
             .map_err(ctx_err("chunk keys"))?;
-        let list = types
-            .iter()
-            .map(|t| format!("'{t}'"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let list = sql_type_list(&types);
         let sql = format!(
             "SELECT r.resource_type, r.id, r.version_id, r.last_updated, r.content_hash, r.deleted, r.batch_id, r.file, r.line, r.ingested_at \
              FROM resources r JOIN chunk_keys k ON r.resource_type = k.k_type AND r.id = k.k_id \
