@@ -26,6 +26,9 @@ use crate::{MockEhr, MockError, RequestLog, Urls, auth, capability, export, jobs
 
 /// How long `shutdown` lets open connections finish.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(3);
+/// Every request is answered (or refused with 503) within this: handlers
+/// build whole bodies in memory, so this bounds the work per request.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The faults that fired on this request and that handlers act on.
 #[derive(Clone, Default)]
@@ -132,6 +135,7 @@ fn main_router(ehr: Arc<MockEhr>) -> Router {
         .route("/files/{job}/{n}", get(file_route))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(ehr.clone(), main_layer))
+        .layer(middleware::from_fn(deadline))
         .with_state(ehr)
 }
 
@@ -140,7 +144,20 @@ fn other_router(ehr: Arc<MockEhr>) -> Router {
         .route("/files/{job}/{n}", get(other_file_route))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(ehr.clone(), other_layer))
+        .layer(middleware::from_fn(deadline))
         .with_state(ehr)
+}
+
+/// Cuts a request that runs past [`REQUEST_DEADLINE`].
+async fn deadline(req: Request, next: Next) -> Response {
+    match tokio::time::timeout(REQUEST_DEADLINE, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "the request ran past the mock's deadline",
+        ),
+    }
 }
 
 async fn not_found(uri: Uri) -> Response {
