@@ -64,6 +64,19 @@ impl Egress {
         }
     }
 
+    /// An egress noting into `facts`: a long-lived connection's record
+    /// (an SSE connection, a subscription's deliveries), not a request's.
+    pub fn with_facts(facts: Arc<Mutex<Facts>>) -> Egress {
+        Egress { facts: Some(facts) }
+    }
+
+    /// One change notice without its resource (a delete): counted, its
+    /// patient noted.
+    pub fn notice(&self, patient: Option<&str>) {
+        self.patient(patient);
+        self.count(1);
+    }
+
     fn note(&self, f: impl FnOnce(&mut Facts)) {
         if let Some(x) = &self.facts {
             facts::note_into(x, f);

@@ -18,6 +18,8 @@
 //!   batches, object JSON and FHIR JSON alike.
 //! * The request's audit facts ([`facts`]) the HTTP layer writes into each
 //!   record.
+//! * Change notices ([`notice`]): what the events paths (SSE,
+//!   Subscriptions) may tell a principal about a change, through `Egress`.
 //! * SQL for people ([`sql`]): a DataFusion session whose tables are the
 //!   views (and the resource store) as one principal's grant sees them.
 //!
@@ -34,6 +36,7 @@ pub mod deid;
 pub mod egress;
 mod error;
 pub mod facts;
+pub mod notice;
 pub mod policy;
 pub mod query;
 pub mod slice;

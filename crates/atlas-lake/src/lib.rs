@@ -19,12 +19,14 @@
 //! _locks/writer/      the writer lease (one writer per lake at a time)
 //! ```
 
+pub mod changes;
 pub mod ingest;
 pub mod lake;
 pub mod lease;
 pub mod schema;
 pub mod stats;
 
+pub use changes::{ChangeEvent, ChangeFeed, ChangeOp, ChangePage};
 pub use ingest::{BatchReport, IngestOptions, Outcomes, Progress, ingest};
 pub use lake::{Lake, LakeError};
 pub use lease::{LeaseHolder, LeaseOptions, WriterLease};

@@ -45,6 +45,16 @@ pub struct ServeConfig {
     pub limits: crate::limits::LimitsConfig,
     /// Bounds of `/api/v2/sql` queries (`[sql]`: rows, seconds, memory).
     pub sql: atlas_access::sql::SqlLimits,
+
+    // --- Events (issue 21) ---
+    /// The change feed watcher, `GET /events` and its tickets (`[events]`).
+    pub events: crate::events::EventsConfig,
+    /// Live views (`[views] auto_refresh`).
+    pub views: crate::events::ViewsConfig,
+    /// The FHIRcast STU3 hub (`[fhircast]`).
+    pub fhircast: crate::fhircast::FhircastConfig,
+    /// FHIR Subscriptions, R4 backport (`[subscriptions]`).
+    pub subscriptions: crate::subscriptions::SubscriptionsConfig,
 }
 
 impl Default for ServeConfig {
@@ -64,6 +74,10 @@ impl Default for ServeConfig {
             public_base_url: None,
             limits: crate::limits::LimitsConfig::default(),
             sql: atlas_access::sql::SqlLimits::default(),
+            events: Default::default(),
+            views: Default::default(),
+            fhircast: Default::default(),
+            subscriptions: Default::default(),
         }
     }
 }

@@ -28,7 +28,9 @@ pub mod audit;
 pub mod auth;
 mod config;
 mod error;
+pub mod events;
 mod fhir;
+pub mod fhircast;
 pub mod graphql;
 mod graphql_limits;
 pub mod limits;
@@ -39,6 +41,7 @@ mod openapi;
 mod params;
 mod sql;
 mod stream;
+pub mod subscriptions;
 mod tls;
 
 use std::sync::Arc;
@@ -84,6 +87,12 @@ pub struct AppState {
     pub audit: Option<Arc<atlas_audit::AuditLog>>,
     /// Deadlines, turns per principal and the shutdown cut (`[limits]`).
     pub limiter: Arc<limits::Limiter>,
+    /// The change feed watcher, SSE tickets and live views (`events`).
+    pub events: Arc<events::Events>,
+    /// The FHIRcast hub (`fhircast`).
+    pub fhircast: Arc<fhircast::HubState>,
+    /// FHIR Subscriptions (`subscriptions`).
+    pub subscriptions: Arc<subscriptions::SubscriptionState>,
 }
 
 impl std::ops::Deref for AppState {
@@ -143,8 +152,14 @@ impl AppState {
             },
             counters: metrics.seam.clone(),
         };
+        let events = events::Events::open(&access.lake, &config).await?;
+        let fhircast = fhircast::HubState::open(&access.lake, &config).await?;
+        let subscriptions = subscriptions::SubscriptionState::open(&access.lake, &config).await?;
         Ok(AppState {
             access,
+            events,
+            fhircast,
+            subscriptions,
             graphql: Arc::new(graphql),
             config: Arc::new(config),
             metrics: Arc::new(metrics),
@@ -204,6 +219,9 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(stream::routes())
         .merge(fhir::routes())
         .merge(sql::routes())
+        .merge(events::routes())
+        .merge(fhircast::routes())
+        .merge(subscriptions::routes())
 }
 
 /// The OpenAPI document (what `/openapi.json` serves), as pretty JSON.

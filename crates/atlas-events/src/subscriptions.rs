@@ -1,0 +1,1 @@
+//! FHIR Subscriptions, R4 backport (filled in by issue 21, part 5).
