@@ -40,6 +40,10 @@ pub struct TokenArgs {
     /// unless the server sets [auth] purpose_header_without_claim.
     #[arg(long)]
     pub purpose: Option<String>,
+    /// The FHIRcast topic to bind the token to (the `hub.topic` claim):
+    /// its holder may subscribe and publish to that topic of the hub.
+    #[arg(long)]
+    pub fhircast_topic: Option<String>,
 }
 
 pub async fn run(args: TokenArgs, lake_location: &str) -> Result<()> {
@@ -57,6 +61,7 @@ pub async fn run(args: TokenArgs, lake_location: &str) -> Result<()> {
         patient: args.patient,
         roles: args.roles,
         purpose: args.purpose,
+        fhircast_topic: args.fhircast_topic,
         ttl_secs,
     };
     let lake = open_lake(lake_location)?;

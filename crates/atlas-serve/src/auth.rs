@@ -231,6 +231,13 @@ pub struct TokenInfo {
     pub scopes: Vec<String>,
     /// The purposes of use the token was issued for; `None`: no claim.
     pub purposes: Option<Vec<String>>,
+    /// The token's expiry (`exp`, seconds since the epoch): what outlives
+    /// the request (an SSE ticket, a FHIRcast lease, a Subscription) ends
+    /// with it.
+    pub exp: u64,
+    /// The FHIRcast topic the token binds its holder to (`hub.topic`, as
+    /// in the SMART launch response, or `fhircast_topic`).
+    pub fhircast_topic: Option<String>,
 }
 
 /// Checks bearer tokens.
@@ -281,6 +288,14 @@ pub struct Claims {
     /// request header may pick one of them, never another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub purpose_of_use: Option<PurposeClaim>,
+    /// The FHIRcast topic of the session (`hub.topic`).
+    #[serde(
+        default,
+        rename = "hub.topic",
+        alias = "fhircast_topic",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub hub_topic: Option<String>,
 }
 
 /// The `purpose_of_use` claim: one code, or several.
@@ -551,6 +566,8 @@ impl Authenticator {
                             .chain(data.claims.scp.iter().flatten().cloned())
                             .collect(),
                         purposes: data.claims.purpose_of_use.as_ref().map(PurposeClaim::codes),
+                        exp,
+                        fhircast_topic: data.claims.hub_topic.clone(),
                     };
                     return Ok((principal(data.claims), info, exp));
                 }
@@ -724,7 +741,26 @@ pub fn to_low_s(token: &str) -> String {
 /// PurposeOfUse codes: `TREAT`, `ETREAT`, `HPAYMT`, `HRESCH`, ...).
 pub const PURPOSE_HEADER: &str = "x-purpose-of-use";
 
+/// A verified bearer token: the principal and what else the token said
+/// (expiry, raw scopes, FHIRcast topic). The extractor of paths whose
+/// answer outlives the request.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub principal: Principal,
+    pub info: TokenInfo,
+}
+
 impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        Authenticated::from_request_parts(parts, state)
+            .await
+            .map(|a| a.principal)
+    }
+}
+
+impl FromRequestParts<AppState> for Authenticated {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
@@ -802,7 +838,10 @@ impl FromRequestParts<AppState> for Principal {
         }
         // The principal's turn (`[limits] max_concurrent_per_principal`).
         crate::limits::admit(parts, state, &who).await;
-        Ok(who)
+        Ok(Authenticated {
+            principal: who,
+            info,
+        })
     }
 }
 
@@ -915,6 +954,7 @@ impl DevIssuer {
                     Err(many) => PurposeClaim::Many(many),
                 }
             }),
+            hub_topic: request.fhircast_topic.clone(),
         };
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(DEV_KID.to_owned());
@@ -936,6 +976,8 @@ pub struct TokenRequest {
     /// The `purpose_of_use` claim: one code, or several separated by
     /// commas (`TREAT,HRESCH`: the request header then picks one).
     pub purpose: Option<String>,
+    /// The FHIRcast topic the token binds its holder to (`hub.topic`).
+    pub fhircast_topic: Option<String>,
 }
 
 /// The key files a lake holds (the dev issuer's signing key, the
