@@ -54,7 +54,7 @@ use atlas_ontology::{ObjectType, Ontology};
 pub use egress::Egress;
 pub use error::AccessError;
 pub use policy::{LakeDirectory, PolicyConfig, PolicyHandle, read_policy};
-pub use tables::Tables;
+pub use tables::{PinnedSet, Tables};
 pub use token::PageTokens;
 
 /// Settings of the seam that the server's configuration carries.

@@ -25,6 +25,19 @@ pub struct Tables {
     latest: tokio::sync::Mutex<HashMap<String, DeltaTable>>,
     providers: Mutex<HashMap<(String, u64), Arc<dyn TableProvider>>>,
     slices: crate::slice::SliceCache,
+    /// Live views: the table versions that reflect one store version,
+    /// published together after each refresh; "latest" means these.
+    pinned: std::sync::RwLock<Option<Arc<PinnedSet>>>,
+}
+
+/// Table versions that belong together: every view refreshed to one store
+/// version, and the store at that version.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PinnedSet {
+    /// The store version the set reflects.
+    pub store_version: u64,
+    /// Table directory (`views/observation`, `tables/resources`) → version.
+    pub tables: HashMap<String, u64>,
 }
 
 fn unavailable(view: &str, message: String) -> AccessError {
@@ -60,7 +73,23 @@ impl Tables {
             latest: tokio::sync::Mutex::new(HashMap::new()),
             providers: Mutex::new(HashMap::new()),
             slices: Default::default(),
+            pinned: std::sync::RwLock::new(None),
         }
+    }
+
+    /// Publishes a set of table versions: from now on requests that ask
+    /// for the latest version of one of these tables get the pinned one, so
+    /// no request reads a view refreshed to one store version next to a
+    /// view (or the store) at another.
+    pub fn pin(&self, set: PinnedSet) {
+        if let Ok(mut p) = self.pinned.write() {
+            *p = Some(Arc::new(set));
+        }
+    }
+
+    /// The published set, if live views are on and one was published.
+    pub fn pinned(&self) -> Option<Arc<PinnedSet>> {
+        self.pinned.read().ok().and_then(|p| p.clone())
     }
 
     /// The session every query runs in (object stores registered).
@@ -71,6 +100,14 @@ impl Tables {
     /// The current version of the table at `dir` (relative to the lake
     /// root: `views/observation`, `tables/resources`).
     pub async fn latest_version(&self, view: &str) -> Result<u64, AccessError> {
+        if let Some(v) = self.pinned().and_then(|p| p.tables.get(view).copied()) {
+            return Ok(v);
+        }
+        self.newest_version(view).await
+    }
+
+    /// The newest version of the table at `dir`, whatever is pinned.
+    async fn newest_version(&self, view: &str) -> Result<u64, AccessError> {
         let mut latest = self.latest.lock().await;
         if let Some(t) = latest.get_mut(view) {
             t.update_incremental(None)
@@ -140,7 +177,7 @@ impl Tables {
         let mut table = match table {
             Some(t) => t,
             None => {
-                self.latest_version(view).await?;
+                self.newest_version(view).await?;
                 let latest = self.latest.lock().await;
                 latest
                     .get(view)

@@ -8,7 +8,7 @@
 use clap::{Parser, Subcommand};
 
 use crate::{
-    audit, deid, demo, fhirpath, ingest, mockehr, ontology, policy, pull, serve, sql, stats, synth,
+    audit, changes, deid, demo, fhirpath, ingest, mockehr, ontology, policy, pull, serve, sql, stats, synth,
     token, view, views,
 };
 
@@ -67,6 +67,9 @@ pub enum Command {
     Deid(deid::DeidArgs),
     /// Show what the lake holds: resources per type, quarantine reasons, batches.
     Stats(stats::StatsArgs),
+    /// Print the resource store's change feed: what each commit created,
+    /// updated or deleted, from a store version on (or follow it).
+    Changes(changes::ChangesArgs),
     /// Generate deterministic synthetic FHIR R4 data, or scale a real dataset.
     Synth(synth::SynthArgs),
     /// Evaluate FHIRPath expressions, or run the HL7 FHIRPath conformance suite.

@@ -39,6 +39,7 @@
 //! library, not here.
 
 mod audit;
+mod changes;
 mod cli;
 mod deid;
 mod demo;
@@ -147,6 +148,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Ingest(args) => ingest::run(args, &g).await,
         Command::Deid(args) => deid::run(args, g.show),
         Command::Stats(args) => stats::run(args, &g.lake).await,
+        Command::Changes(args) => changes::run(args, &g.lake).await,
         Command::Synth(args) => synth::run(args, g.show),
         Command::Fhirpath(cmd) => fhirpath::run(cmd),
         Command::View(cmd) => view::run(cmd, &g.lake).await,

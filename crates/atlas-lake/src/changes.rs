@@ -182,6 +182,19 @@ impl ChangeFeed {
         Ok(newest)
     }
 
+    /// Whether the store has commit `v` (one `HEAD` of its log entry: what
+    /// a watcher asks between reads).
+    pub async fn has_version(&self, v: i64) -> Result<bool, LakeError> {
+        let log = self
+            .lake
+            .path(&format!("tables/{RESOURCES}/_delta_log/{v:020}.json"));
+        match self.lake.object_store().head(&log).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.store_err(e)),
+        }
+    }
+
     /// The changes of store commits after `since` (exclusive; `-1` for the
     /// first commit on). When the log no longer holds commit `since + 1`,
     /// the page holds the live rows of the newest version instead, with

@@ -326,7 +326,12 @@ async fn audited(state: AppState, req: Request, next: Next) -> Response {
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|c| c.contains("ndjson") || c.contains("arrow") || c.contains("parquet"));
+            .is_some_and(|c| {
+                c.contains("ndjson")
+                    || c.contains("arrow")
+                    || c.contains("parquet")
+                    || c.contains("event-stream")
+            });
     let f = match facts.lock() {
         Ok(mut g) => std::mem::take(&mut *g),
         Err(_) => Facts::default(),

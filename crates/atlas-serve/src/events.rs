@@ -4,17 +4,38 @@
 //! The watcher follows the resource store's Delta log
 //! ([`atlas_lake::ChangeFeed`]) and broadcasts each new commit's changes as
 //! a [`ChangeBatch`]: SSE connections, FHIR Subscriptions and live views
-//! all consume that one broadcast.
+//! all consume that one broadcast. Nothing here decides access: every
+//! notice an SSE connection sends is released by the seam's
+//! [`atlas_access::notice::NoticeGate`], through the request's `Egress`,
+//! so the audit's connection record and closing record (written by the
+//! audit middleware, as for every stream) hold the count of events and
+//! the patients they were about.
+//!
+//! Browsers' `EventSource` cannot send an `Authorization` header, so a
+//! client with a bearer token first asks `POST /events/ticket` for a
+//! short-lived, single-use ticket bound to its principal and token expiry,
+//! and opens `GET /events?ticket=…` with it. Tickets are never written to
+//! the audit (the query parameter is redacted).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, watch};
 use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use atlas_lake::{ChangeEvent, Lake};
+use atlas_access::Egress;
+use atlas_access::notice::{ChangeRef, NoticeGate, Payload};
+use atlas_lake::changes::{ReadOptions, parse_event_id};
+use atlas_lake::{ChangeEvent, ChangeFeed, Lake};
 
-use crate::{AppState, ServeConfig};
+use crate::auth::Authenticated;
+use crate::{ApiError, AppState, ServeConfig};
 
 /// `[events]` settings.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -31,6 +52,8 @@ pub struct EventsConfig {
     /// How long one SSE connection may stay open, in seconds (clients
     /// reconnect with `Last-Event-ID` and lose nothing).
     pub max_connection_secs: u64,
+    /// SSE connections open at once, server-wide.
+    pub max_connections: usize,
 }
 
 impl Default for EventsConfig {
@@ -41,6 +64,7 @@ impl Default for EventsConfig {
             heartbeat_secs: 15,
             ticket_ttl_secs: 60,
             max_connection_secs: 3600,
+            max_connections: 10_000,
         }
     }
 }
@@ -62,25 +86,634 @@ pub struct ChangeBatch {
     pub events: Vec<ChangeEvent>,
 }
 
+/// Store commits kept for slow receivers before they get `Lagged`.
+const BROADCAST_COMMITS: usize = 64;
+/// Commits read per look at the log.
+const COMMITS_PER_READ: usize = 64;
+/// Events one SSE connection may have queued before it is closed (the
+/// client reconnects with `Last-Event-ID` and reads the rest from the
+/// feed).
+const SSE_QUEUE: usize = 1024;
+
 /// What the events paths share.
 pub struct Events {
     changes: broadcast::Sender<Arc<ChangeBatch>>,
+    /// The newest store version whose changes were broadcast (-1: none).
+    version: watch::Sender<i64>,
+    feed: ChangeFeed,
+    tickets: Mutex<HashMap<String, Ticket>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct Ticket {
+    who: Authenticated,
+    expires: Instant,
 }
 
 impl Events {
-    pub(crate) async fn open(_lake: &Lake, _config: &ServeConfig) -> Result<Arc<Events>, String> {
-        let (changes, _) = broadcast::channel(1024);
-        Ok(Arc::new(Events { changes }))
+    /// Opens the change feed and, when `[events] enabled`, starts the
+    /// watcher from the store's current version.
+    pub(crate) async fn open(lake: &Lake, config: &ServeConfig) -> Result<Arc<Events>, String> {
+        let (changes, _) = broadcast::channel(BROADCAST_COMMITS);
+        let feed = ChangeFeed::new(lake.clone());
+        let start = feed
+            .latest_version()
+            .await
+            .map_err(|e| format!("the store's change feed: {e}"))?
+            .unwrap_or(-1);
+        let (version, _) = watch::channel(start);
+        let events = Arc::new(Events {
+            changes,
+            version,
+            feed,
+            tickets: Mutex::new(HashMap::new()),
+            connections: Default::default(),
+        });
+        if config.events.enabled {
+            let poll = Duration::from_millis(config.events.poll_ms.max(10));
+            tokio::spawn(watch_store(Arc::downgrade(&events), start, poll));
+        }
+        Ok(events)
     }
 
     /// Every store commit's changes from now on, in order. A receiver that
-    /// falls more than 1,024 commits behind gets `Lagged` and must re-read
+    /// falls more than 64 commits behind gets `Lagged` and must re-read
     /// the feed from its last version ([`atlas_lake::ChangeFeed::read`]).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<ChangeBatch>> {
         self.changes.subscribe()
+    }
+
+    /// The newest store version broadcast so far, and its changes.
+    pub fn versions(&self) -> watch::Receiver<i64> {
+        self.version.subscribe()
+    }
+
+    /// The change feed the watcher reads.
+    pub fn feed(&self) -> &ChangeFeed {
+        &self.feed
+    }
+
+    fn issue_ticket(&self, who: Authenticated, ttl: Duration) -> String {
+        let mut b = [0u8; 32];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+        let ticket = hex::encode(b);
+        let now = Instant::now();
+        // Never longer than the token it stands for.
+        let token_left = who
+            .info
+            .exp
+            .saturating_sub(jsonwebtoken::get_current_timestamp());
+        let ttl = ttl.min(Duration::from_secs(token_left));
+        if let Ok(mut t) = self.tickets.lock() {
+            t.retain(|_, v| v.expires > now);
+            t.insert(
+                ticket.clone(),
+                Ticket {
+                    who,
+                    expires: now + ttl,
+                },
+            );
+        }
+        ticket
+    }
+
+    /// The principal a ticket stands for; the ticket is used up.
+    fn redeem(&self, ticket: &str) -> Option<Authenticated> {
+        let mut t = self.tickets.lock().ok()?;
+        let v = t.remove(ticket)?;
+        (v.expires > Instant::now()).then_some(v.who)
+    }
+}
+
+/// Follows the store's log: one `HEAD` per poll while nothing changes, one
+/// read of the new commits when something did.
+async fn watch_store(events: std::sync::Weak<Events>, mut last: i64, poll: Duration) {
+    let mut backoff = poll;
+    loop {
+        tokio::time::sleep(backoff).await;
+        let Some(ev) = events.upgrade() else { return };
+        match ev.feed.has_version(last + 1).await {
+            Ok(false) => {
+                backoff = poll;
+                continue;
+            }
+            Ok(true) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "change feed: the store's log cannot be read");
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        }
+        let opts = ReadOptions {
+            with_resources: true,
+            max_commits: Some(COMMITS_PER_READ),
+            until: None,
+        };
+        match ev.feed.read(last, &opts).await {
+            Ok(page) => {
+                backoff = poll;
+                if let Some(why) = &page.fallback {
+                    tracing::warn!(why, "change feed: commits were skipped");
+                } else {
+                    broadcast_page(&ev, last, page.until, page.events);
+                }
+                last = page.until;
+                ev.version.send_replace(last);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, after = last, "change feed: reading new commits failed");
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// One broadcast per commit `after + 1 ..= until` that changed something.
+fn broadcast_page(ev: &Events, after: i64, until: i64, events: Vec<ChangeEvent>) {
+    let mut by_version: std::collections::BTreeMap<i64, Vec<ChangeEvent>> = Default::default();
+    for e in events {
+        by_version.entry(e.store_version).or_default().push(e);
+    }
+    tracing::debug!(after, until, commits = by_version.len(), "change feed: new commits");
+    for (store_version, events) in by_version {
+        let _ = ev.changes.send(Arc::new(ChangeBatch {
+            store_version,
+            events,
+        }));
     }
 }
 
 pub(crate) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
+        .routes(routes!(ticket))
+        .routes(routes!(stream))
+}
+
+#[utoipa::path(post, path = "/events/ticket", tag = "events", responses((status = 200, description = "A single-use ticket for `GET /events?ticket=`"), (status = 401, description = "No valid bearer token")))]
+/// A short-lived, single-use ticket bound to the caller's principal, for
+/// clients that cannot send an `Authorization` header (`EventSource`).
+async fn ticket(State(state): State<AppState>, who: Authenticated) -> Response {
+    let ttl = Duration::from_secs(state.config.events.ticket_ttl_secs);
+    let t = state.events.issue_ticket(who, ttl);
+    axum::Json(serde_json::json!({
+        "ticket": t,
+        "expiresIn": ttl.as_secs(),
+        "url": format!("{}/events?ticket={t}", state.config.public_base()),
+    }))
+    .into_response()
+}
+
+/// Query parameters of `GET /events`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    /// A ticket from `POST /events/ticket` (instead of a bearer token).
+    ticket: Option<String>,
+    /// Only changes to these resource types (comma-separated).
+    types: Option<String>,
+    /// Only changes about this patient.
+    patient: Option<String>,
+    /// Resume after this event id (for clients that cannot send the
+    /// `Last-Event-ID` header); the header wins.
+    #[serde(rename = "lastEventId")]
+    last_event_id: Option<String>,
+}
+
+/// What one SSE connection follows.
+struct Filter {
+    types: Option<Vec<String>>,
+    patient: Option<String>,
+}
+
+impl Filter {
+    fn parse(q: &EventsQuery) -> Result<Filter, ApiError> {
+        let types = match q.types.as_deref() {
+            None | Some("") => None,
+            Some(t) => {
+                let list: Vec<String> = t.split(',').map(|s| s.trim().to_owned()).collect();
+                let ok = list.len() <= 64
+                    && list.iter().all(|s| {
+                        !s.is_empty()
+                            && s.len() <= 64
+                            && s.bytes().all(|b| b.is_ascii_alphanumeric())
+                    });
+                if !ok {
+                    return Err(crate::error::bad(
+                        "InvalidParameter",
+                        "types",
+                        t,
+                        "types is a comma-separated list of at most 64 FHIR resource type names"
+                            .into(),
+                    ));
+                }
+                Some(list)
+            }
+        };
+        Ok(Filter {
+            types,
+            patient: q.patient.clone().filter(|p| !p.is_empty()),
+        })
+    }
+
+    fn wants(&self, e: &ChangeEvent) -> bool {
+        self.types
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|t| *t == e.resource_type))
+            && self
+                .patient
+                .as_ref()
+                .is_none_or(|p| e.patient.as_deref() == Some(p.as_str()))
+    }
+}
+
+/// Where a connection is in the feed: the last event it was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Position {
+    version: i64,
+    /// `None`: the whole version was sent.
+    seq: Option<u32>,
+}
+
+impl Position {
+    fn before(&self, e: &ChangeEvent) -> bool {
+        match self.seq {
+            Some(s) => (e.store_version, e.seq) > (self.version, s),
+            None => e.store_version > self.version,
+        }
+    }
+    /// The feed's `since` that covers everything after this position.
+    fn since(&self) -> i64 {
+        match self.seq {
+            Some(_) => self.version - 1,
+            None => self.version,
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/events", tag = "events", params(("ticket" = Option<String>, Query, description = "a ticket from POST /events/ticket, instead of a bearer token"), ("types" = Option<String>, Query, description = "only these resource types, comma-separated"), ("patient" = Option<String>, Query, description = "only this patient's changes"), ("lastEventId" = Option<String>, Query, description = "resume after this event id (the Last-Event-ID header wins)")), responses((status = 200, description = "text/event-stream: `change` events (id = `<storeVersion>.<seq>`), `context` events (FHIRcast), heartbeats"), (status = 401, description = "No valid bearer token or ticket")))]
+/// Server-Sent Events for one principal: data-change notices about the
+/// rows it may see, and the FHIRcast context of its topic.
+async fn stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<EventsQuery>,
+    bearer: Result<Authenticated, ApiError>,
+) -> Result<Response, ApiError> {
+    let who = match (&q.ticket, bearer) {
+        (Some(t), _) => {
+            let who = state.events.redeem(t).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "InvalidTicket",
+                    "ticket",
+                    "[redacted]",
+                    "the ticket is unknown, used or expired: ask POST /events/ticket for another",
+                )
+            })?;
+            note_principal(&who);
+            who
+        }
+        (None, Ok(who)) => who,
+        (None, Err(e)) => return Err(e),
+    };
+    let filter = Filter::parse(&q)?;
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(q.last_event_id.clone());
+    let start = match resume.as_deref() {
+        Some(id) => {
+            let (version, seq) = parse_event_id(id).ok_or_else(|| {
+                crate::error::bad(
+                    "InvalidParameter",
+                    "Last-Event-ID",
+                    id,
+                    "an event id is `<storeVersion>.<seq>` as sent in `id:`".into(),
+                )
+            })?;
+            Position { version, seq }
+        }
+        None => Position {
+            version: *state.events.versions().borrow(),
+            seq: None,
+        },
+    };
+    let open = state
+        .events
+        .connections
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let guard = ConnectionSlot(state.events.connections.clone());
+    if open >= state.config.events.max_connections {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "TooManyConnections",
+            "events",
+            "",
+            "the server has as many event connections open as it allows; retry later",
+        ));
+    }
+    let gate = state
+        .access
+        .notices(who.principal.clone(), Egress::for_request());
+    let (tx, rx) = mpsc::channel::<bytes::Bytes>(SSE_QUEUE);
+    let conn = Connection {
+        state: state.clone(),
+        gate,
+        filter,
+        tx,
+        _slot: guard,
+        token_exp: who.info.exp,
+    };
+    tokio::spawn(conn.run(start));
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache, no-transform"),
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// Notes a ticket's principal in the request's audit facts, as the bearer
+/// extractor does for a token.
+fn note_principal(who: &Authenticated) {
+    let p = &who.principal;
+    atlas_access::facts::note(|f| {
+        f.subject = Some(p.subject.clone());
+        f.issuer = Some(p.issuer.clone());
+        f.client = p.client_id.clone();
+        f.purpose = p.purpose.clone();
+        f.purpose_claim = who.info.purposes.clone();
+        f.patient_binding = p.patient.clone();
+        f.scopes = who.info.scopes.clone();
+        f.roles = p.roles.clone();
+    });
+}
+
+/// Frees a connection's place when it ends.
+struct ConnectionSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// One SSE connection's sender: catches up from the feed, then follows
+/// the broadcast.
+struct Connection {
+    state: AppState,
+    gate: NoticeGate,
+    filter: Filter,
+    tx: mpsc::Sender<bytes::Bytes>,
+    _slot: ConnectionSlot,
+    /// The token's expiry: the connection ends with it.
+    token_exp: u64,
+}
+
+/// Why a connection's sender stopped.
+enum End {
+    /// The client went away or its queue filled up.
+    Gone,
+    /// The connection reached `max_connection_secs` or the token expired.
+    Expired,
+}
+
+impl Connection {
+    async fn run(mut self, start: Position) {
+        let config = self.state.config.events.clone();
+        let token_left = self
+            .token_exp
+            .saturating_sub(jsonwebtoken::get_current_timestamp());
+        let until = tokio::time::Instant::now()
+            + Duration::from_secs(config.max_connection_secs.min(token_left));
+        let mut rx = self.state.events.subscribe();
+        let mut pos = start;
+        if self.send(b"retry: 3000\n\n".to_vec()).is_err() {
+            return;
+        }
+        if let Err(End::Gone) = self.catch_up(&mut pos).await {
+            return;
+        }
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(config.heartbeat_secs.max(1)));
+        heartbeat.tick().await;
+        let end = loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break End::Expired,
+                _ = heartbeat.tick() => {
+                    if self.send(b": heartbeat\n\n".to_vec()).is_err() { break End::Gone; }
+                }
+                b = rx.recv() => match b {
+                    Ok(batch) => {
+                        if batch.store_version <= pos.version && pos.seq.is_none() {
+                            continue;
+                        }
+                        if self.send_events(&batch.events, &mut pos).is_err() { break End::Gone; }
+                        pos = Position { version: batch.store_version.max(pos.version), seq: None };
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if let Err(e) = self.catch_up(&mut pos).await { break e; }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break End::Expired,
+                },
+            }
+        };
+        if let End::Expired = end {
+            let _ = self.send(
+                b"event: end\ndata: {\"reason\":\"the connection reached its time limit; reconnect with Last-Event-ID\"}\n\n"
+                    .to_vec(),
+            );
+        }
+    }
+
+    /// Sends what the feed holds after `pos` up to the watcher's version.
+    async fn catch_up(&mut self, pos: &mut Position) -> Result<(), End> {
+        loop {
+            let target = *self.state.events.versions().borrow();
+            if pos.version >= target && pos.seq.is_none() {
+                return Ok(());
+            }
+            let opts = ReadOptions {
+                with_resources: true,
+                max_commits: Some(COMMITS_PER_READ),
+                until: Some(target),
+            };
+            let page = match self.state.events.feed().read(pos.since(), &opts).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SSE: reading the change feed failed");
+                    return Err(End::Gone);
+                }
+            };
+            if let Some(why) = &page.fallback {
+                let data = serde_json::json!({
+                    "reason": why,
+                    "storeVersion": page.until,
+                    "lastEventId": pos_id(*pos),
+                });
+                self.send(format!("id: {}\nevent: reset\ndata: {data}\n\n", page.until).into_bytes())
+                    .map_err(|_| End::Gone)?;
+                *pos = Position { version: page.until, seq: None };
+                continue;
+            }
+            self.send_events(&page.events, pos).map_err(|_| End::Gone)?;
+            *pos = Position { version: page.until, seq: None };
+            if page.until >= target {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends the events after `pos` that pass the filter and the seam.
+    fn send_events(&mut self, events: &[ChangeEvent], pos: &mut Position) -> Result<(), ()> {
+        for e in events {
+            if !pos.before(e) || !self.filter.wants(e) {
+                continue;
+            }
+            let change = ChangeRef {
+                resource_type: &e.resource_type,
+                id: &e.id,
+                patient: e.patient.as_deref(),
+                resource: e.resource.as_deref(),
+            };
+            let Some(notice) = self.gate.release(&change, Payload::IdOnly) else {
+                continue;
+            };
+            let data = serde_json::json!({
+                "type": notice.resource_type,
+                "id": notice.id,
+                "op": e.op.as_str(),
+                "patient": notice.patient,
+                "version": e.version_id,
+                "lastUpdated": e.last_updated,
+                "storeVersion": e.store_version,
+            });
+            self.send(format!("id: {}\nevent: change\ndata: {data}\n\n", e.event_id()).into_bytes())?;
+            *pos = Position {
+                version: e.store_version,
+                seq: Some(e.seq),
+            };
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, bytes: Vec<u8>) -> Result<(), ()> {
+        self.tx.try_send(bytes::Bytes::from(bytes)).map_err(|_| ())
+    }
+}
+
+/// A position as an event id.
+fn pos_id(p: Position) -> String {
+    match p.seq {
+        Some(s) => format!("{}.{s}", p.version),
+        None => p.version.to_string(),
+    }
+}
+
+/// Live views (`[views] auto_refresh`): after each new store version, the
+/// views are refreshed incrementally under the lake's writer lease, and
+/// the table versions that reflect that one store version are published
+/// together ([`atlas_access::Tables::pin`]); until then readers keep the
+/// previous set, so none sees one view refreshed and another not.
+pub(crate) fn spawn_live_views(access: atlas_access::Access, events: &Arc<Events>) {
+    let mut versions = events.versions();
+    tokio::spawn(async move {
+        let views = atlas_viewstore::ViewStore::new(access.lake.clone());
+        let mut reflected: Option<i64> = None;
+        loop {
+            let target = *versions.borrow_and_update();
+            if reflected.is_none_or(|r| r < target) {
+                match refresh_and_pin(&views, &access).await {
+                    Ok(v) => {
+                        reflected = Some(v);
+                        continue;
+                    }
+                    Err(e) => {
+                        let busy = matches!(&e, atlas_viewstore::ViewStoreError::Lake(l) if matches!(**l, atlas_lake::LakeError::Busy { .. }));
+                        if busy {
+                            tracing::debug!("live views: the lake is being written; retrying");
+                        } else {
+                            tracing::warn!(error = %e, "live views: refresh failed; queries keep the previous views");
+                        }
+                        tokio::time::sleep(Duration::from_secs(if busy { 1 } else { 10 })).await;
+                        continue;
+                    }
+                }
+            }
+            if versions.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Refreshes every view under the writer lease and publishes the
+/// versions; returns the store version they reflect.
+async fn refresh_and_pin(
+    views: &atlas_viewstore::ViewStore,
+    access: &atlas_access::Access,
+) -> Result<i64, atlas_viewstore::ViewStoreError> {
+    let lake = &access.lake;
+    let lease = atlas_lake::WriterLease::acquire(
+        lake,
+        &atlas_lake::LeaseOptions {
+            command: "atlas serve (live views)".into(),
+            ..atlas_lake::LeaseOptions::default()
+        },
+    )
+    .await?;
+    let started = Instant::now();
+    let pinned = async {
+        let opts = atlas_viewstore::RefreshOptions {
+            lease: Some(lease.clone()),
+            ..Default::default()
+        };
+        let reports = views.refresh(&[], &opts).await?;
+        // Under the lease nothing commits between the refresh and here.
+        let store = lake.table(atlas_lake::lake::RESOURCES).await?;
+        let store_version = store.and_then(|t| t.version()).map(|v| v as i64).unwrap_or(-1);
+        let mut tables = HashMap::new();
+        for v in views.list().await? {
+            let dir = v.table_dir();
+            if let Some(t) = lake.table_at(&dir).await?
+                && let Some(version) = t.version()
+            {
+                tables.insert(dir, version);
+            }
+        }
+        if store_version >= 0 {
+            tables.insert(
+                atlas_access::tables::STORE_DIR.to_owned(),
+                store_version as u64,
+            );
+        }
+        let changed: usize = reports
+            .iter()
+            .filter(|r| !matches!(r.kind, atlas_viewstore::RefreshKind::UpToDate))
+            .count();
+        Ok::<_, atlas_viewstore::ViewStoreError>((store_version, tables, changed))
+    }
+    .await;
+    let released = lease.release().await;
+    let (store_version, tables, changed) = pinned?;
+    released?;
+    access.tables.pin(atlas_access::PinnedSet {
+        store_version: store_version.max(0) as u64,
+        tables,
+    });
+    tracing::info!(
+        store_version,
+        views_refreshed = changed,
+        seconds = started.elapsed().as_secs_f64(),
+        "live views: published"
+    );
+    Ok(store_version)
 }

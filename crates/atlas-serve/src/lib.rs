@@ -153,6 +153,9 @@ impl AppState {
             counters: metrics.seam.clone(),
         };
         let events = events::Events::open(&access.lake, &config).await?;
+        if config.views.auto_refresh {
+            events::spawn_live_views(access.clone(), &events);
+        }
         let fhircast = fhircast::HubState::open(&access.lake, &config).await?;
         let subscriptions = subscriptions::SubscriptionState::open(&access.lake, &config).await?;
         Ok(AppState {

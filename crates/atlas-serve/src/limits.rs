@@ -259,7 +259,12 @@ fn is_streamed(r: &Response) -> bool {
     r.headers()
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|c| c.contains("ndjson") || c.contains("arrow") || c.contains("parquet"))
+        .is_some_and(|c| {
+            c.contains("ndjson")
+                || c.contains("arrow")
+                || c.contains("parquet")
+                || c.contains("event-stream")
+        })
 }
 
 /// What a streamed body and its watchdog share.
