@@ -20,7 +20,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 /// What a change did to its key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ChangeOp {
     Create,
@@ -86,7 +86,7 @@ pub fn parse_event_id(s: &str) -> Option<(i64, Option<u32>)> {
     }
 }
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use arrow::array::{Array, BooleanArray, RecordBatch, TimestampMicrosecondArray};
 use datafusion::parquet::arrow::ProjectionMask;
@@ -237,12 +237,20 @@ impl ChangeFeed {
             // Not an ingest commit (table creation, compaction): no data changed.
             return Ok(Some(Vec::new()));
         };
-        // Rows a MERGE merely copied are in a file it removed, unchanged.
+        // Rows a MERGE merely copied are in a file it removed, unchanged;
+        // the rows it replaced say whose a deleted resource was (a
+        // tombstone names no patient).
         let mut copied = HashSet::new();
+        let mut owner: HashMap<(String, String), String> = HashMap::new();
         if commit.merge {
             for (ty, path) in &commit.removed {
-                for r in self.rows(path, Some(&batch), false).await? {
-                    copied.insert((ty.clone(), r.id, r.content_hash));
+                for r in self.rows(path, None, false).await? {
+                    if let Some(p) = r.patient {
+                        owner.insert((ty.clone(), r.id.clone()), p);
+                    }
+                    if r.batch == batch {
+                        copied.insert((ty.clone(), r.id, r.content_hash));
+                    }
                 }
             }
         }
@@ -251,6 +259,10 @@ impl ChangeFeed {
             for r in self.rows(path, Some(&batch), with_resources).await? {
                 if copied.contains(&(ty.clone(), r.id.clone(), r.content_hash.clone())) {
                     continue;
+                }
+                let mut r = r;
+                if r.patient.is_none() {
+                    r.patient = owner.get(&(ty.clone(), r.id.clone())).cloned();
                 }
                 let op = match (r.deleted, commit.merge) {
                     (true, _) => ChangeOp::Delete,

@@ -1,6 +1,7 @@
 //! Integration tests of the lake: ingest through the real Delta tables on a
 //! temporary folder (and on S3 through a local moto server when available).
 
+mod changes;
 mod history;
 mod ingest;
 mod lease;
