@@ -26,7 +26,7 @@ pub mod lease;
 pub mod schema;
 pub mod stats;
 
-pub use changes::{ChangeEvent, ChangeFeed, ChangeOp, ChangePage};
+pub use changes::{ChangeEvent, ChangeFeed, ChangeOp, ChangePage, ReadOptions};
 pub use ingest::{BatchReport, IngestOptions, Outcomes, Progress, ingest};
 pub use lake::{Lake, LakeError};
 pub use lease::{LeaseHolder, LeaseOptions, WriterLease};

@@ -94,6 +94,8 @@ const COMMITS_PER_READ: usize = 64;
 /// client reconnects with `Last-Event-ID` and reads the rest from the
 /// feed).
 const SSE_QUEUE: usize = 1024;
+/// How long a client may take nothing before its connection is dropped.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the events paths share.
 pub struct Events {
@@ -234,7 +236,12 @@ fn broadcast_page(ev: &Events, after: i64, until: i64, events: Vec<ChangeEvent>)
     for e in events {
         by_version.entry(e.store_version).or_default().push(e);
     }
-    tracing::debug!(after, until, commits = by_version.len(), "change feed: new commits");
+    tracing::debug!(
+        after,
+        until,
+        commits = by_version.len(),
+        "change feed: new commits"
+    );
     for (store_version, events) in by_version {
         let _ = ev.changes.send(Arc::new(ChangeBatch {
             store_version,
@@ -277,6 +284,10 @@ struct EventsQuery {
     /// `Last-Event-ID` header); the header wins.
     #[serde(rename = "lastEventId")]
     last_event_id: Option<String>,
+    /// Send what the feed holds up to now, then end (for scripts that poll
+    /// instead of following).
+    #[serde(default)]
+    once: bool,
 }
 
 /// What one SSE connection follows.
@@ -350,7 +361,7 @@ impl Position {
     }
 }
 
-#[utoipa::path(get, path = "/events", tag = "events", params(("ticket" = Option<String>, Query, description = "a ticket from POST /events/ticket, instead of a bearer token"), ("types" = Option<String>, Query, description = "only these resource types, comma-separated"), ("patient" = Option<String>, Query, description = "only this patient's changes"), ("lastEventId" = Option<String>, Query, description = "resume after this event id (the Last-Event-ID header wins)")), responses((status = 200, description = "text/event-stream: `change` events (id = `<storeVersion>.<seq>`), `context` events (FHIRcast), heartbeats"), (status = 401, description = "No valid bearer token or ticket")))]
+#[utoipa::path(get, path = "/events", tag = "events", params(("ticket" = Option<String>, Query, description = "a ticket from POST /events/ticket, instead of a bearer token"), ("types" = Option<String>, Query, description = "only these resource types, comma-separated"), ("patient" = Option<String>, Query, description = "only this patient's changes"), ("lastEventId" = Option<String>, Query, description = "resume after this event id (the Last-Event-ID header wins)"), ("once" = Option<bool>, Query, description = "send what the feed holds up to now, then end")), responses((status = 200, description = "text/event-stream: `change` events (id = `<storeVersion>.<seq>`), `context` events (FHIRcast), heartbeats"), (status = 401, description = "No valid bearer token or ticket")))]
 /// Server-Sent Events for one principal: data-change notices about the
 /// rows it may see, and the FHIRcast context of its topic.
 async fn stream(
@@ -418,6 +429,7 @@ async fn stream(
         .notices(who.principal.clone(), Egress::for_request());
     let (tx, rx) = mpsc::channel::<bytes::Bytes>(SSE_QUEUE);
     let conn = Connection {
+        once: q.once,
         state: state.clone(),
         gate,
         filter,
@@ -477,6 +489,8 @@ struct Connection {
     _slot: ConnectionSlot,
     /// The token's expiry: the connection ends with it.
     token_exp: u64,
+    /// End after catching up (`once=true`).
+    once: bool,
 }
 
 /// Why a connection's sender stopped.
@@ -497,26 +511,33 @@ impl Connection {
             + Duration::from_secs(config.max_connection_secs.min(token_left));
         let mut rx = self.state.events.subscribe();
         let mut pos = start;
-        if self.send(b"retry: 3000\n\n".to_vec()).is_err() {
+        if self.send(b"retry: 3000\n\n".to_vec()).await.is_err() {
             return;
         }
         if let Err(End::Gone) = self.catch_up(&mut pos).await {
             return;
         }
-        let mut heartbeat = tokio::time::interval(Duration::from_secs(config.heartbeat_secs.max(1)));
+        if self.once {
+            let _ = self
+                .send(b"event: end\ndata: {\"reason\":\"caught up (once=true)\"}\n\n".to_vec())
+                .await;
+            return;
+        }
+        let mut heartbeat =
+            tokio::time::interval(Duration::from_secs(config.heartbeat_secs.max(1)));
         heartbeat.tick().await;
         let end = loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => break End::Expired,
                 _ = heartbeat.tick() => {
-                    if self.send(b": heartbeat\n\n".to_vec()).is_err() { break End::Gone; }
+                    if self.send(b": heartbeat\n\n".to_vec()).await.is_err() { break End::Gone; }
                 }
                 b = rx.recv() => match b {
                     Ok(batch) => {
                         if batch.store_version <= pos.version && pos.seq.is_none() {
                             continue;
                         }
-                        if self.send_events(&batch.events, &mut pos).is_err() { break End::Gone; }
+                        if self.send_events(&batch.events, &mut pos).await.is_err() { break End::Gone; }
                         pos = Position { version: batch.store_version.max(pos.version), seq: None };
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -530,7 +551,8 @@ impl Connection {
             let _ = self.send(
                 b"event: end\ndata: {\"reason\":\"the connection reached its time limit; reconnect with Last-Event-ID\"}\n\n"
                     .to_vec(),
-            );
+            )
+            .await;
         }
     }
 
@@ -559,13 +581,24 @@ impl Connection {
                     "storeVersion": page.until,
                     "lastEventId": pos_id(*pos),
                 });
-                self.send(format!("id: {}\nevent: reset\ndata: {data}\n\n", page.until).into_bytes())
-                    .map_err(|_| End::Gone)?;
-                *pos = Position { version: page.until, seq: None };
+                self.send(
+                    format!("id: {}\nevent: reset\ndata: {data}\n\n", page.until).into_bytes(),
+                )
+                .await
+                .map_err(|_| End::Gone)?;
+                *pos = Position {
+                    version: page.until,
+                    seq: None,
+                };
                 continue;
             }
-            self.send_events(&page.events, pos).map_err(|_| End::Gone)?;
-            *pos = Position { version: page.until, seq: None };
+            self.send_events(&page.events, pos)
+                .await
+                .map_err(|_| End::Gone)?;
+            *pos = Position {
+                version: page.until,
+                seq: None,
+            };
             if page.until >= target {
                 return Ok(());
             }
@@ -573,7 +606,7 @@ impl Connection {
     }
 
     /// Sends the events after `pos` that pass the filter and the seam.
-    fn send_events(&mut self, events: &[ChangeEvent], pos: &mut Position) -> Result<(), ()> {
+    async fn send_events(&mut self, events: &[ChangeEvent], pos: &mut Position) -> Result<(), ()> {
         for e in events {
             if !pos.before(e) || !self.filter.wants(e) {
                 continue;
@@ -596,7 +629,10 @@ impl Connection {
                 "lastUpdated": e.last_updated,
                 "storeVersion": e.store_version,
             });
-            self.send(format!("id: {}\nevent: change\ndata: {data}\n\n", e.event_id()).into_bytes())?;
+            self.send(
+                format!("id: {}\nevent: change\ndata: {data}\n\n", e.event_id()).into_bytes(),
+            )
+            .await?;
             *pos = Position {
                 version: e.store_version,
                 seq: Some(e.seq),
@@ -605,8 +641,13 @@ impl Connection {
         Ok(())
     }
 
-    fn send(&mut self, bytes: Vec<u8>) -> Result<(), ()> {
-        self.tx.try_send(bytes::Bytes::from(bytes)).map_err(|_| ())
+    /// Queues bytes for the client; a client that takes nothing for
+    /// [`SEND_TIMEOUT`] is let go (it resumes with `Last-Event-ID`).
+    async fn send(&mut self, bytes: Vec<u8>) -> Result<(), ()> {
+        match tokio::time::timeout(SEND_TIMEOUT, self.tx.send(bytes::Bytes::from(bytes))).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
     }
 }
 
@@ -679,7 +720,10 @@ async fn refresh_and_pin(
         let reports = views.refresh(&[], &opts).await?;
         // Under the lease nothing commits between the refresh and here.
         let store = lake.table(atlas_lake::lake::RESOURCES).await?;
-        let store_version = store.and_then(|t| t.version()).map(|v| v as i64).unwrap_or(-1);
+        let store_version = store
+            .and_then(|t| t.version())
+            .map(|v| v as i64)
+            .unwrap_or(-1);
         let mut tables = HashMap::new();
         for v in views.list().await? {
             let dir = v.table_dir();

@@ -133,7 +133,7 @@ impl ViewEntry {
     }
 
     /// The Delta `txn` app id recording which store version this definition reflects.
-    pub(crate) fn app_id(&self) -> String {
+    pub fn app_id(&self) -> String {
         format!("atlas-view/{}/{}", self.name, self.hash)
     }
 

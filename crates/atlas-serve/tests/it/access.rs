@@ -340,6 +340,23 @@ impl Client<'_> {
         }
     }
 
+    /// The ids of the `change` events `GET /events` replays from the start
+    /// of the change feed (`lastEventId=-1&once=true`).
+    async fn sse_ids(&self, types: &str) -> Got {
+        let uri = format!("/events?lastEventId=-1&once=true&types={types}");
+        let (s, b) = call(self.state, "GET", &uri, &self.token, self.purpose, None).await;
+        if s != StatusCode::OK {
+            return Got::Status(s.as_u16());
+        }
+        Got::Ids(
+            crate::events::sse_events(&String::from_utf8(b).unwrap())
+                .into_iter()
+                .filter(|e| e.event == "change")
+                .map(|e| e.data["id"].as_str().unwrap().to_owned())
+                .collect(),
+        )
+    }
+
     async fn graphql(&self, query: &str) -> Result<Json, u16> {
         self.json("POST", "/graphql", Some(&json!({"query": query})))
             .await
@@ -501,6 +518,14 @@ async fn check_paths(w: &World, case: &str, c: &Client<'_>, expect: &Expect) {
             }
         }
     }
+    // Events: change notices replayed from the feed (a denied type sends
+    // no notice rather than a 403: the connection is about many types).
+    let got = c.sse_ids("Observation").await;
+    let want = match exp(true) {
+        Got::Status(403) => Got::Ids(BTreeSet::new()),
+        other => other,
+    };
+    assert_eq!(got, want, "{case}: GET /events change notices");
     match expect {
         Expect::Status(s) => assert_eq!(statuses, [*s].into(), "{case}: FHIR read"),
         Expect::Patients(ps) => {

@@ -10,6 +10,7 @@ use atlas_serve::{AppState, ServeConfig, router};
 
 mod access;
 mod egress;
+mod events;
 mod issuers;
 mod limits;
 mod objects;
