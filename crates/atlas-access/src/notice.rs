@@ -102,7 +102,10 @@ impl NoticeGate {
             return None;
         }
         let mut release = self.egress.resources();
-        if release.admit(&self.access, change.resource_type, &grant).is_err() {
+        if release
+            .admit(&self.access, change.resource_type, &grant)
+            .is_err()
+        {
             return None;
         }
         let deid = grant.deid.is_some();

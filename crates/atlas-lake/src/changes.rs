@@ -404,10 +404,7 @@ impl ChangeFeed {
             cols.push("resource");
         }
         let mask = ProjectionMask::columns(builder.parquet_schema(), cols.iter().copied());
-        let mut stream = builder
-            .with_projection(mask)
-            .build()
-            .map_err(read_err)?;
+        let mut stream = builder.with_projection(mask).build().map_err(read_err)?;
         let mut out = Vec::new();
         while let Some(b) = stream.next().await {
             let b = b.map_err(read_err)?;

@@ -53,7 +53,12 @@ fn summary(events: &[ChangeEvent]) -> Vec<(String, String, ChangeOp, Option<Stri
         .collect()
 }
 
-fn key(t: &str, id: &str, op: ChangeOp, p: Option<&str>) -> (String, String, ChangeOp, Option<String>) {
+fn key(
+    t: &str,
+    id: &str,
+    op: ChangeOp,
+    p: Option<&str>,
+) -> (String, String, ChangeOp, Option<String>) {
     (t.into(), id.into(), op, p.map(str::to_owned))
 }
 
@@ -90,7 +95,11 @@ async fn creates_updates_and_deletes_are_told_apart() {
     // Every event carries its stored JSON, its batch and a unique id.
     let ids: std::collections::BTreeSet<String> = created.iter().map(|e| e.event_id()).collect();
     assert_eq!(ids.len(), created.len());
-    assert!(created.iter().all(|e| e.resource.is_some() && !e.batch_id.is_empty()));
+    assert!(
+        created
+            .iter()
+            .all(|e| e.resource.is_some() && !e.batch_id.is_empty())
+    );
 
     // p1 changes, o2 is deleted (a transaction Bundle), p2 and o1 are
     // untouched although a MERGE rewrites the files that hold them.
@@ -121,7 +130,11 @@ async fn creates_updates_and_deletes_are_told_apart() {
     // The same feed from the start holds both batches, in commit order.
     let everything = all(&lake, -1).await;
     assert_eq!(everything.len(), 6);
-    assert!(everything.windows(2).all(|w| (w[0].store_version, w[0].seq) < (w[1].store_version, w[1].seq)));
+    assert!(
+        everything
+            .windows(2)
+            .all(|w| (w[0].store_version, w[0].seq) < (w[1].store_version, w[1].seq))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,7 +165,10 @@ async fn rows_a_later_chunk_of_the_same_batch_merely_copies_are_not_changes() {
         ],
         "{events:#?}"
     );
-    assert!(events[0].store_version < events[2].store_version, "two commits");
+    assert!(
+        events[0].store_version < events[2].store_version,
+        "two commits"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,12 +209,18 @@ async fn after_log_cleanup_the_feed_answers_with_a_scan_and_says_so() {
         let f = write(
             dir.path(),
             &format!("{n}.ndjson"),
-            [patient(&format!("q{n}"), 1, "male"), observation(&format!("r{n}"), &format!("q{n}"), 1)].join("\n"),
+            [
+                patient(&format!("q{n}"), 1, "male"),
+                observation(&format!("r{n}"), &format!("q{n}"), 1),
+            ]
+            .join("\n"),
         );
         ingest(&lake, &[&f]).await;
     }
     let table = lake.table_handle("resources").await.unwrap();
-    deltalake::checkpoints::create_checkpoint(&table, None).await.unwrap();
+    deltalake::checkpoints::create_checkpoint(&table, None)
+        .await
+        .unwrap();
     let log = dir.path().join("lake/tables/resources/_delta_log");
     let first = log.join(format!("{:020}.json", 0));
     std::fs::remove_file(&first).unwrap();
