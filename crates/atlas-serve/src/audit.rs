@@ -115,9 +115,18 @@ fn normal_query(q: Option<&str>) -> String {
 /// content type.
 fn protect(response: &mut Response) {
     let h = response.headers_mut();
+    // An event stream says `no-cache, no-transform` as SSE wants (so no
+    // proxy buffers or rewrites it), and `no-store` like every answer.
+    let event_stream = h
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|c| c.as_bytes().starts_with(b"text/event-stream"));
     h.insert(
         header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
+        header::HeaderValue::from_static(if event_stream {
+            "no-cache, no-store, no-transform"
+        } else {
+            "no-store"
+        }),
     );
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,

@@ -446,7 +446,7 @@ async fn stream(
     Ok((
         [
             (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache, no-transform"),
+            (header::CACHE_CONTROL, "no-cache, no-store, no-transform"),
             (header::HeaderName::from_static("x-accel-buffering"), "no"),
         ],
         axum::body::Body::from_stream(body),
