@@ -288,6 +288,10 @@ struct EventsQuery {
     /// instead of following).
     #[serde(default)]
     once: bool,
+    /// The FHIRcast topic whose context changes to follow (default: the
+    /// token's `hub.topic`); one the token is bound to, unless
+    /// `[fhircast] open_topics`.
+    topic: Option<String>,
 }
 
 /// What one SSE connection follows.
@@ -388,6 +392,7 @@ async fn stream(
         (None, Err(e)) => return Err(e),
     };
     let filter = Filter::parse(&q)?;
+    let topic = context_topic(&state, &who, q.topic.as_deref())?;
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -436,6 +441,8 @@ async fn stream(
         tx,
         _slot: guard,
         token_exp: who.info.exp,
+        topic,
+        scopes: who.info.scopes.clone(),
     };
     tokio::spawn(conn.run(start));
     let body = futures::stream::unfold(rx, |mut rx| async move {
@@ -452,6 +459,42 @@ async fn stream(
         axum::body::Body::from_stream(body),
     )
         .into_response())
+}
+
+/// The FHIRcast topic an SSE connection follows: the asked one, or the
+/// token's; one the token is bound to unless `[fhircast] open_topics`.
+fn context_topic(
+    state: &AppState,
+    who: &Authenticated,
+    asked: Option<&str>,
+) -> Result<Option<String>, ApiError> {
+    let bound = who.info.fhircast_topic.as_deref();
+    match asked {
+        None => Ok(bound.map(str::to_owned)),
+        Some(t) if bound == Some(t) || state.config.fhircast.open_topics => Ok(Some(t.to_owned())),
+        Some(t) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "TopicNotAllowed",
+            "topic",
+            t,
+            "the token is not bound to this FHIRcast topic (its hub.topic claim names another or none)",
+        )),
+    }
+}
+
+/// Whether the scopes let their holder receive FHIRcast `event`
+/// (`fhircast/<Event>.read` or `fhircast/*.read`; event names are
+/// case-insensitive).
+fn fhircast_may_read(scopes: &[String], event: &str) -> bool {
+    scopes.iter().any(|s| {
+        let Some(rest) = s.strip_prefix("fhircast/") else {
+            return false;
+        };
+        let Some((name, mode)) = rest.rsplit_once('.') else {
+            return false;
+        };
+        mode == "read" && (name == "*" || name.eq_ignore_ascii_case(event))
+    })
 }
 
 /// Notes a ticket's principal in the request's audit facts, as the bearer
@@ -491,6 +534,10 @@ struct Connection {
     token_exp: u64,
     /// End after catching up (`once=true`).
     once: bool,
+    /// The FHIRcast topic followed, if any.
+    topic: Option<String>,
+    /// The token's scopes as stated (FHIRcast `fhircast/<Event>.read`).
+    scopes: Vec<String>,
 }
 
 /// Why a connection's sender stopped.
@@ -510,6 +557,7 @@ impl Connection {
         let until = tokio::time::Instant::now()
             + Duration::from_secs(config.max_connection_secs.min(token_left));
         let mut rx = self.state.events.subscribe();
+        let mut context = self.state.fhircast.context_changes();
         let mut pos = start;
         if self.send(b"retry: 3000\n\n".to_vec()).await.is_err() {
             return;
@@ -544,6 +592,15 @@ impl Connection {
                         if let Err(e) = self.catch_up(&mut pos).await { break e; }
                     }
                     Err(broadcast::error::RecvError::Closed) => break End::Expired,
+                },
+                c = context.recv(), if self.topic.is_some() => match c {
+                    Ok(c) => {
+                        if self.send_context(&c, pos).await.is_err() { break End::Gone; }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(skipped = n, "SSE: context changes skipped for a slow client");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => self.topic = None,
                 },
             }
         };
@@ -639,6 +696,40 @@ impl Connection {
             };
         }
         Ok(())
+    }
+
+    /// Sends a FHIRcast context change of the followed topic, when the
+    /// token may read that event and the context's patient is in its rows.
+    async fn send_context(
+        &mut self,
+        c: &crate::fhircast::ContextChange,
+        pos: Position,
+    ) -> Result<(), ()> {
+        let follows = self
+            .topic
+            .as_deref()
+            .is_some_and(|t| t.eq_ignore_ascii_case(&c.topic));
+        if !follows || !fhircast_may_read(&self.scopes, &c.event) {
+            return Ok(());
+        }
+        if let Some(p) = c.patient.as_deref()
+            && !self.gate.admits("Patient", Some(p))
+        {
+            return Ok(());
+        }
+        self.gate.egress().notice(c.patient.as_deref());
+        let data = serde_json::json!({
+            "topic": c.topic,
+            "event": c.event,
+            "id": c.id,
+            "timestamp": c.timestamp,
+            "versionId": c.version_id,
+            "notification": c.notification,
+        });
+        // The id is the connection's place in the change feed, so a
+        // reconnect after a context event resumes the data where it was.
+        self.send(format!("id: {}\nevent: context\ndata: {data}\n\n", pos_id(pos)).into_bytes())
+            .await
     }
 
     /// Queues bytes for the client; a client that takes nothing for
