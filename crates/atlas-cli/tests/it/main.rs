@@ -2,10 +2,12 @@
 //! generated data always and on the real Synthea data in `../shared` when
 //! present (CI always has it; elsewhere the tests say it is missing).
 
+mod changes;
 mod concurrent;
 mod crash;
 mod deid;
 mod e2e;
+mod fhircast;
 mod pull;
 mod serve;
 mod shared_data;
