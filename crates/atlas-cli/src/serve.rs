@@ -23,6 +23,8 @@ use crate::lake::open_lake;
     localhost:8080/api/v2/ontologies/atlas/objectSets/loadObjects \\
     -d '{\"objectSet\": {\"type\": \"base\", \"objectType\": \"Patient\"}, \"pageSize\": 5}'
   atlas serve --config atlas.toml --bind 0.0.0.0:9000
+  atlas --lake /tmp/demo-lake serve --dev-auth --live-views   # views follow new data
+  curl -N -H \"Authorization: Bearer $TOKEN\" localhost:8080/events   # change notices (SSE)
   curl -s localhost:8080/health; curl -s localhost:8080/metrics
 
 Settings come from defaults, then --config (TOML: bind, default_page_size, max_page_size,
@@ -30,7 +32,9 @@ page_token_ttl_secs, slice_reads, public_base_url, [auth] dev/leeway_secs/purpos
 [[auth.issuers]] issuer/audience/jwks_file or jwks_url, [graphql] max_depth/max_complexity/max_rows/introspection/
 max_query_bytes/max_nesting/max_fragment_spreads/max_aliases/max_root_fields/max_fields/max_link_queries,
 [limits] request_timeout_ms/stream_timeout_secs/max_concurrent_per_principal/shutdown_timeout_ms,
-[tls] cert/key, [policy] file/refresh_secs, [audit] enabled/start_record_after_ms), then
+[tls] cert/key, [policy] file/refresh_secs, [audit] enabled/start_record_after_ms,
+[events] enabled/poll_ms/heartbeat_secs/ticket_ttl_secs/max_connection_secs/max_connections,
+[views] auto_refresh, [fhircast] ..., [subscriptions] ...; see docs/events.md), then
 ATLAS_SERVE_BIND / ATLAS_SERVE_DEFAULT_PAGE_SIZE / ATLAS_SERVE_MAX_PAGE_SIZE, then flags.
 Every data endpoint needs a bearer JWT from a configured issuer (or, with --dev-auth, from
 `atlas token`). Ctrl-C or SIGTERM stops accepting, lets the requests in flight finish for
@@ -60,6 +64,11 @@ pub struct ServeArgs {
     /// The PEM private key for --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Keep the materialized views current: refresh them when the store
+    /// changes and pin queries to views that reflect one store version
+    /// (`[views] auto_refresh`).
+    #[arg(long)]
+    pub live_views: bool,
     /// Threads for blocking file reads (the lake's local object store),
     /// default: the number of cores. More do not read a local disk
     /// faster, and each one that has read keeps freed memory of its own.
@@ -114,6 +123,9 @@ fn settings(args: ServeArgs) -> Result<ServeConfig> {
     }
     if args.dev_auth {
         settings.auth.dev = true;
+    }
+    if args.live_views {
+        settings.views.auto_refresh = true;
     }
     if let Some((cert, key)) = args.tls_cert.zip(args.tls_key) {
         settings.tls = Some(TlsConfig { cert, key });

@@ -326,9 +326,13 @@ pub async fn serve(
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(%addr, scheme, lake = %state.lake.root(), "atlas serve listening");
     let (soft_tx, soft_rx) = tokio::sync::watch::channel(false);
+    let hub = state.fhircast.clone();
     tokio::spawn(async move {
         shutdown.await;
         soft_tx.send_replace(true);
+        // WebSockets are not requests the shutdown deadline can cut: the
+        // hub closes them (1001, going away).
+        hub.shutdown();
     });
     let graceful = {
         let mut rx = soft_rx.clone();
