@@ -76,8 +76,8 @@ async fn ingest_lines(lake: &Lake, dir: &Path, name: &str, lines: &[String]) {
     )
     .await
     .unwrap();
-    let set = atlas_ingest::collect_inputs(&[path.display().to_string()], &mut std::io::empty())
-        .unwrap();
+    let set =
+        atlas_ingest::collect_inputs(&[path.display().to_string()], &mut std::io::empty()).unwrap();
     let opts = IngestOptions {
         lease: Some(lease.clone()),
         ..Default::default()
@@ -130,9 +130,14 @@ impl Sse {
                 return got;
             }
             match tokio::time::timeout_at(deadline, self.body.next()).await {
-                Ok(Some(chunk)) => self.text.push_str(&String::from_utf8_lossy(&chunk.unwrap())),
+                Ok(Some(chunk)) => self
+                    .text
+                    .push_str(&String::from_utf8_lossy(&chunk.unwrap())),
                 Ok(None) => return got,
-                Err(_) => panic!("{n} change events did not arrive in {secs} s: {}", self.text),
+                Err(_) => panic!(
+                    "{n} change events did not arrive in {secs} s: {}",
+                    self.text
+                ),
             }
         }
     }
@@ -142,7 +147,9 @@ impl Sse {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
         while !self.text.contains(needle) {
             match tokio::time::timeout_at(deadline, self.body.next()).await {
-                Ok(Some(chunk)) => self.text.push_str(&String::from_utf8_lossy(&chunk.unwrap())),
+                Ok(Some(chunk)) => self
+                    .text
+                    .push_str(&String::from_utf8_lossy(&chunk.unwrap())),
                 _ => panic!("{needle:?} did not arrive in {secs} s: {}", self.text),
             }
         }
@@ -171,7 +178,9 @@ async fn sse_notices_follow_ingest_and_resume_from_last_event_id_without_loss_or
     );
     // Heartbeats keep the connection alive while nothing changes.
     sse.until(": heartbeat", 5).await;
-    let first: Vec<String> = (0..3).map(|i| observation(&format!("live-a{i}"), &p)).collect();
+    let first: Vec<String> = (0..3)
+        .map(|i| observation(&format!("live-a{i}"), &p))
+        .collect();
     ingest_lines(&w.lake, &w.dir, "a.ndjson", &first).await;
     let got = sse.changes(3, 20).await;
     assert_eq!(got.len(), 3, "{got:?}");
@@ -185,11 +194,16 @@ async fn sse_notices_follow_ingest_and_resume_from_last_event_id_without_loss_or
     drop(sse);
 
     // Missed while away: the third of the first batch and two more.
-    let second: Vec<String> = (0..2).map(|i| observation(&format!("live-b{i}"), &p)).collect();
+    let second: Vec<String> = (0..2)
+        .map(|i| observation(&format!("live-b{i}"), &p))
+        .collect();
     ingest_lines(&w.lake, &w.dir, "b.ndjson", &second).await;
     let mut again = Sse::open(&state, "/events?once=true", Some(&token), Some(&last)).await;
     let resumed = again.changes(usize::MAX, 20).await;
-    let ids: Vec<&str> = resumed.iter().map(|e| e.data["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = resumed
+        .iter()
+        .map(|e| e.data["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["live-a2", "live-b0", "live-b1"], "{resumed:?}");
     let event_ids: BTreeSet<&str> = resumed.iter().map(|e| e.id.as_deref().unwrap()).collect();
     assert_eq!(event_ids.len(), 3);
@@ -270,7 +284,13 @@ async fn a_principal_hears_only_of_changes_to_rows_it_may_see() {
         observation("scope-x2", other),
     ];
     ingest_lines(&w.lake, &w.dir, "c.ndjson", &lines).await;
-    ingest_lines(&w.lake, &w.dir, "d.ndjson", &[observation("scope-m2", mine)]).await;
+    ingest_lines(
+        &w.lake,
+        &w.dir,
+        "d.ndjson",
+        &[observation("scope-m2", mine)],
+    )
+    .await;
     let got = sse.changes(2, 20).await;
     let seen: Vec<&str> = got.iter().map(|e| e.data["id"].as_str().unwrap()).collect();
     assert_eq!(seen, ["scope-m1", "scope-m2"]);
@@ -333,4 +353,90 @@ async fn live_views_show_new_data_within_seconds_pinned_to_one_store_version() {
             .unwrap();
         assert_eq!(r, Some(pinned.store_version as i64), "{dir}");
     }
+}
+
+impl Sse {
+    /// The `context` events read so far.
+    fn contexts(&self) -> Vec<SseEvent> {
+        sse_events(&self.text)
+            .into_iter()
+            .filter(|e| e.event == "context")
+            .collect()
+    }
+}
+
+fn patient_event(topic: &str, event: &str, id: &str, patient: &str) -> Json {
+    json!({"timestamp": "2026-12-07T10:00:00Z", "id": id, "event": {
+        "hub.topic": topic, "hub.event": event,
+        "context": [{"key": "patient", "resource": {"resourceType": "Patient", "id": patient}}]}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_carries_the_fhircast_context_of_the_token_s_topic_within_its_rows() {
+    let w = world(4, None).await;
+    let state = w.server(EVERYONE).await;
+    let ids: Vec<String> = w.patient_ids().into_iter().collect();
+    let (x, y) = (&ids[0], &ids[1]);
+    let topic = "sse-topic";
+    let publisher = jwt(json!({"hub.topic": topic, "scope": "user/*.rs fhircast/*.write"}));
+    let everyone = jwt(json!({"hub.topic": topic, "scope": "user/*.rs fhircast/*.read"}));
+    let only_y = jwt(
+        json!({"hub.topic": topic, "scope": "patient/*.rs fhircast/Patient-open.read", "patient": y}),
+    );
+    let no_scope = jwt(json!({"hub.topic": topic, "scope": "user/*.rs"}));
+    let mut a = Sse::open(&state, "/events", Some(&everyone), None).await;
+    let mut b = Sse::open(&state, "/events", Some(&only_y), None).await;
+    let mut c = Sse::open(&state, "/events", Some(&no_scope), None).await;
+    // Another topic is refused unless the token is bound to it.
+    let (s, _) = call(&state, "GET", "/events?topic=other", &everyone, None, None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    for (event, id, p) in [
+        ("Patient-open", "e1", x),
+        ("Patient-close", "e2", x),
+        ("Patient-open", "e3", y),
+    ] {
+        let body = patient_event(topic, event, id, p);
+        let (s, r) = call(
+            &state,
+            "POST",
+            "/fhircast/hub",
+            &publisher,
+            None,
+            Some(&body),
+        )
+        .await;
+        assert_eq!(
+            s,
+            StatusCode::ACCEPTED,
+            "{event}: {}",
+            String::from_utf8_lossy(&r)
+        );
+    }
+    a.until("\"e3\"", 10).await;
+    let got: Vec<String> = a
+        .contexts()
+        .iter()
+        .map(|e| e.data["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(got, ["e1", "e2", "e3"]);
+    assert_eq!(a.contexts()[0].data["event"], "Patient-open");
+    assert!(
+        !a.contexts()[0].data["versionId"]
+            .as_str()
+            .unwrap()
+            .is_empty()
+    );
+    // Only Y's opening reaches the patient-bound token.
+    b.until("\"e3\"", 10).await;
+    let got: Vec<String> = b
+        .contexts()
+        .iter()
+        .map(|e| e.data["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(got, ["e3"], "{}", b.text);
+    assert!(!b.text.contains(x.as_str()), "{}", b.text);
+    // No fhircast/ read scope: no context at all.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), c.body.next()).await;
+    assert!(c.contexts().is_empty(), "{}", c.text);
 }
