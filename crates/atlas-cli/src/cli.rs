@@ -114,4 +114,8 @@ pub enum Command {
     /// Run a deterministic mock EHR on loopback (FHIR R4 REST, Bulk Data
     /// `$export`, SMART Backend Services, scripted faults) for demos and tests.
     MockEhr(mockehr::MockEhrArgs),
+    /// FHIRcast: follow an external hub's session topic and republish its
+    /// context changes to this server's hub (`atlas fhircast listen`).
+    #[command(subcommand)]
+    Fhircast(crate::fhircast::FhircastCommand),
 }

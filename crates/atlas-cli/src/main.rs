@@ -43,6 +43,7 @@ mod changes;
 mod cli;
 mod deid;
 mod demo;
+mod fhircast;
 mod fhirpath;
 mod flatten;
 mod ingest;
@@ -162,5 +163,6 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo::run(args, &g).await,
         Command::Pull(cmd) => pull::run(cmd, &g).await,
         Command::MockEhr(args) => mockehr::run(args).await,
+        Command::Fhircast(cmd) => fhircast::run(cmd).await,
     }
 }

@@ -1,1 +1,2 @@
 //! Integration tests of atlas-events.
+mod fhircast;

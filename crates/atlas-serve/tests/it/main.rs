@@ -11,6 +11,7 @@ use atlas_serve::{AppState, ServeConfig, router};
 mod access;
 mod egress;
 mod events;
+mod fhircast;
 mod issuers;
 mod limits;
 mod objects;
