@@ -1,2 +1,3 @@
 //! Integration tests of atlas-events.
 mod fhircast;
+mod subscriptions;

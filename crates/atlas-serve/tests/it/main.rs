@@ -15,6 +15,7 @@ mod fhircast;
 mod issuers;
 mod limits;
 mod objects;
+mod subscriptions;
 
 async fn state(dir: &std::path::Path) -> AppState {
     let lake =
