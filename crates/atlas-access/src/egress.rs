@@ -77,6 +77,12 @@ impl Egress {
         self.count(1);
     }
 
+    /// Notes a patient an answer is about without counting a row (a
+    /// FHIRcast context's patient).
+    pub fn note_patient(&self, patient: &str) {
+        self.patient(Some(patient));
+    }
+
     fn note(&self, f: impl FnOnce(&mut Facts)) {
         if let Some(x) = &self.facts {
             facts::note_into(x, f);

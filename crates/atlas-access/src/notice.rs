@@ -133,3 +133,87 @@ impl NoticeGate {
         })
     }
 }
+
+impl NoticeGate {
+    /// A message carrying FHIR resources (a FHIRcast notification's
+    /// `event.context[].resource`, a current context's `context[]`, Bundles
+    /// in them entry by entry) as this principal may receive it: `None`
+    /// when one of them may not go out at all (its type denied, or its
+    /// patient outside the grant's rows: `patients` are the patients the
+    /// message is about, and a Patient resource is its own); otherwise the
+    /// message, rewritten only where a grant hides elements or
+    /// de-identifies (the publisher's copy is not the lake's, but it leaves
+    /// under the same rules).
+    pub fn release_message(&self, text: &str, patients: &[String]) -> Option<String> {
+        if !patients.iter().all(|p| self.admits("Patient", Some(p))) {
+            return None;
+        }
+        if !text.contains("\"resourceType\"") {
+            return Some(text.to_owned());
+        }
+        let mut v: serde_json::Value = serde_json::from_str(text).ok()?;
+        let patient = patients.first().map(String::as_str);
+        let mut changed = false;
+        let context = if v.pointer("/event/context").is_some() {
+            v.pointer_mut("/event/context")
+        } else {
+            v.get_mut("context")
+        };
+        if let Some(serde_json::Value::Array(entries)) = context {
+            for e in entries {
+                if let Some(r) = e.get_mut("resource") {
+                    changed |= self.release_value(r, patient)?;
+                }
+            }
+        }
+        Some(if changed {
+            v.to_string()
+        } else {
+            text.to_owned()
+        })
+    }
+
+    /// Releases one embedded resource in place; `Some(true)` when it was
+    /// rewritten, `None` when it may not go out.
+    fn release_value(&self, r: &mut serde_json::Value, patient: Option<&str>) -> Option<bool> {
+        let ty = r.get("resourceType")?.as_str()?.to_owned();
+        if ty == "Bundle" {
+            let mut changed = false;
+            if let Some(serde_json::Value::Array(entries)) = r.get_mut("entry") {
+                for e in entries {
+                    if let Some(inner) = e.get_mut("resource") {
+                        changed |= self.release_value(inner, patient)?;
+                    }
+                }
+            }
+            return Some(changed);
+        }
+        let id = r
+            .get("id")
+            .and_then(|i| i.as_str())
+            .unwrap_or("")
+            .to_owned();
+        let owner = if ty == "Patient" && !id.is_empty() {
+            Some(id.as_str())
+        } else {
+            patient
+        };
+        let Decision::Allow(grant) = self.access.decide_unnoted(&self.who, &ty, Action::Search)
+        else {
+            return None;
+        };
+        if !grant.rows.admits(owner) {
+            return None;
+        }
+        if grant.hidden.is_empty() && grant.deid.is_none() {
+            self.egress.notice(owner);
+            return Some(false);
+        }
+        let mut release = self.egress.resources();
+        release.admit(&self.access, &ty, &grant).ok()?;
+        let json = r.to_string();
+        let out = release.release(&ty, &id, &json, owner);
+        *r = serde_json::from_str(&out.json).ok()?;
+        Some(true)
+    }
+}

@@ -712,19 +712,23 @@ impl Connection {
         if !follows || !fhircast_may_read(&self.scopes, &c.event) {
             return Ok(());
         }
-        if let Some(p) = c.patient.as_deref()
-            && !self.gate.admits("Patient", Some(p))
-        {
+        let patients: Vec<String> = c.patient.iter().cloned().collect();
+        let text = c.notification.to_string();
+        let Some(released) = self.gate.release_message(&text, &patients) else {
             return Ok(());
+        };
+        let notification: serde_json::Value =
+            serde_json::from_str(&released).unwrap_or(serde_json::Value::Null);
+        if let Some(p) = c.patient.as_deref() {
+            self.gate.egress().note_patient(p);
         }
-        self.gate.egress().notice(c.patient.as_deref());
         let data = serde_json::json!({
             "topic": c.topic,
             "event": c.event,
             "id": c.id,
             "timestamp": c.timestamp,
             "versionId": c.version_id,
-            "notification": c.notification,
+            "notification": notification,
         });
         // The id is the connection's place in the change feed, so a
         // reconnect after a context event resumes the data where it was.

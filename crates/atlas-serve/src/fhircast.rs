@@ -593,8 +593,15 @@ fn subscription(
             .access
             .notices(who.principal.clone(), Egress::default()),
     );
-    let admit: Admit = Arc::new(move |patients: &[String]| {
-        patients.iter().all(|p| gate.admits("Patient", Some(p)))
+    // Each delivery is decided then, and the context's resources leave as
+    // this subscriber's grant lets them (hidden elements, de-identification).
+    let admit: Admit = Arc::new(move |patients: &[String], text: &Arc<str>| {
+        let out = gate.release_message(text, patients)?;
+        Some(if out.as_str() == text.as_ref() {
+            text.clone()
+        } else {
+            Arc::from(out)
+        })
     });
     let endpoint = req
         .channel_endpoint
@@ -726,18 +733,28 @@ async fn topic_get(
     let gate = state
         .access
         .notices(who.principal.clone(), Egress::for_request());
-    if !patients.iter().all(|p| gate.admits("Patient", Some(p))) {
-        // Answered like no context, and recorded as out of scope.
-        atlas_access::facts::note(|f| f.out_of_scope = true);
-        return Ok(json(
-            StatusCode::OK,
-            &atlas_events::fhircast::CurrentContext::empty(),
-        ));
+    let text = serde_json::to_string(&current).unwrap_or_default();
+    match gate.release_message(&text, &patients) {
+        Some(released) => {
+            for p in &patients {
+                gate.egress().note_patient(p);
+            }
+            Ok((
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                released,
+            )
+                .into_response())
+        }
+        None => {
+            // Answered like no context, and recorded as out of scope.
+            atlas_access::facts::note(|f| f.out_of_scope = true);
+            Ok(json(
+                StatusCode::OK,
+                &atlas_events::fhircast::CurrentContext::empty(),
+            ))
+        }
     }
-    for p in &patients {
-        gate.egress().notice(Some(p));
-    }
-    Ok(json(StatusCode::OK, &current))
 }
 
 #[utoipa::path(get, path = "/fhircast/ws/{endpoint}", tag = "fhircast", params(("endpoint" = String, Path, description = "The id from hub.channel.endpoint: the socket's credential, used once")), responses((status = 101, description = "WebSocket: the confirmation, the open contexts, then events; send {id, status} for each"), (status = 400, description = "Not a WebSocket upgrade", body = crate::openapi::ErrorBody), (status = 404, description = "No such subscription", body = crate::openapi::ErrorBody)))]

@@ -86,10 +86,13 @@ impl Default for HubSettings {
     }
 }
 
-/// Whether a subscriber may receive an event about these patients (the
-/// patient ids the event's context names; empty: none). The server's
-/// access policy, decided at delivery time.
-pub type Admit = Arc<dyn Fn(&[String]) -> bool + Send + Sync>;
+/// The message as one subscriber may receive it, given the patient ids
+/// the event's context names (empty: none) and the message text: `None`
+/// when it may not receive it at all, else the text (the same, or with the
+/// context's resources as the subscriber's grant lets them out: hidden
+/// elements removed, de-identified). The server's access policy, decided
+/// at delivery time.
+pub type Admit = Arc<dyn Fn(&[String], &Arc<str>) -> Option<Arc<str>> + Send + Sync>;
 
 /// Who made a subscription or published an event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -800,12 +803,15 @@ impl Hub {
                 let st = &mut *st;
                 if let (Some(t), Some(sub)) = (st.topics.get(&topic), st.subs.get_mut(endpoint)) {
                     for a in &t.anchors {
-                        if !sub.wants(&a.event) || !(sub.admit)(&a.patients) {
+                        if !sub.wants(&a.event) {
                             continue;
                         }
                         let mut n = a.open.clone();
                         n.event.version_id = Some(a.version.clone());
                         let text: Arc<str> = serde_json::to_string(&n).unwrap_or_default().into();
+                        let Some(text) = (sub.admit)(&a.patients, &text) else {
+                            continue;
+                        };
                         if tx.try_send(text).is_ok() {
                             sub.pending.insert(
                                 n.id.clone(),
@@ -1345,10 +1351,13 @@ impl Hub {
                 continue;
             };
             let Some(link) = &sub.link else { continue };
-            if !sub.wants(event) || !(sub.admit)(patients) {
+            if !sub.wants(event) {
                 continue;
             }
-            match link.tx.try_send(text.clone()) {
+            let Some(out) = (sub.admit)(patients, text) else {
+                continue;
+            };
+            match link.tx.try_send(out) {
                 Ok(()) => {
                     delivered += 1;
                     if track {

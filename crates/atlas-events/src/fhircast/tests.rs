@@ -277,7 +277,7 @@ fn owner(sub: &str) -> Owner {
 }
 
 fn admit_all() -> Admit {
-    Arc::new(|_: &[String]| true)
+    Arc::new(|_: &[String], t: &Arc<str>| Some(t.clone()))
 }
 
 /// Subscribes and connects; returns the connection with its
@@ -681,7 +681,8 @@ async fn a_new_subscriber_gets_the_open_contexts_replayed() {
     let mut patients_only = join(&hub, "t", "Patient-open", "po", admit_all());
     assert_eq!(drain(&mut patients_only).len(), 1);
     // Never a patient the subscriber may not see.
-    let not_p1: Admit = Arc::new(|p: &[String]| !p.iter().any(|x| x == "p1"));
+    let not_p1: Admit =
+        Arc::new(|p: &[String], t: &Arc<str>| (!p.iter().any(|x| x == "p1")).then(|| t.clone()));
     let mut outsider = join(&hub, "t", "*", "out", not_p1);
     assert!(drain(&mut outsider).is_empty());
     // Replays wait for their acknowledgement like any event.
@@ -697,7 +698,8 @@ async fn a_new_subscriber_gets_the_open_contexts_replayed() {
 #[tokio::test]
 async fn events_about_a_patient_outside_the_scope_are_never_sent() {
     let (hub, seen) = hub();
-    let only_p2: Admit = Arc::new(|p: &[String]| p.iter().all(|x| x == "p2"));
+    let only_p2: Admit =
+        Arc::new(|p: &[String], t: &Arc<str>| p.iter().all(|x| x == "p2").then(|| t.clone()));
     let mut a = join(&hub, "t", "*", "a", only_p2);
     let mut b = join(&hub, "t", "*", "b", admit_all());
     let p = hub

@@ -318,7 +318,7 @@ fn subscribe_answers_202_with_the_channel_endpoint() {
 }
 
 fn admit_all() -> Admit {
-    Arc::new(|_: &[String]| true)
+    Arc::new(|_: &[String], t: &Arc<str>| Some(t.clone()))
 }
 
 fn subscription(topic: &str, events: &str, lease: u64) -> NewSubscription {

@@ -440,3 +440,53 @@ async fn sse_carries_the_fhircast_context_of_the_token_s_topic_within_its_rows()
     let _ = tokio::time::timeout(Duration::from_millis(200), c.body.next()).await;
     assert!(c.contexts().is_empty(), "{}", c.text);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fhircast_context_resources_leave_as_the_grant_lets_them() {
+    let w = world(4, None).await;
+    let state = w
+        .server(&format!(
+            "{EVERYONE}[[rule]]\nid = \"no-names\"\neffect = \"deny\"\nhide = [\"Patient.name\"]\n"
+        ))
+        .await;
+    let p = w.patient_ids().into_iter().next().unwrap();
+    let topic = "hidden-topic";
+    let publisher = jwt(json!({"hub.topic": topic, "scope": "user/*.rs fhircast/*.write"}));
+    let reader = jwt(json!({"hub.topic": topic, "scope": "user/*.rs fhircast/*.read"}));
+    let mut sse = Sse::open(&state, "/events", Some(&reader), None).await;
+    let body = json!({"timestamp": "2026-12-07T10:00:00Z", "id": "h1", "event": {
+        "hub.topic": topic, "hub.event": "Patient-open",
+        "context": [{"key": "patient", "resource": {"resourceType": "Patient", "id": p,
+            "name": [{"family": "Secretname"}], "gender": "female"}}]}});
+    let (s, r) = call(
+        &state,
+        "POST",
+        "/fhircast/hub",
+        &publisher,
+        None,
+        Some(&body),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&r));
+    sse.until("\"h1\"", 10).await;
+    let ctx = &sse.contexts()[0].data["notification"]["event"]["context"][0]["resource"];
+    assert_eq!(ctx["gender"], "female", "{ctx}");
+    assert!(ctx.get("name").is_none(), "{ctx}");
+    assert!(!sse.text.contains("Secretname"));
+    // The current context over HTTP leaves the same way.
+    let (s, current) = call(
+        &state,
+        "GET",
+        &format!("/fhircast/hub/{topic}"),
+        &reader,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let current = String::from_utf8(current).unwrap();
+    assert!(
+        current.contains("female") && !current.contains("Secretname"),
+        "{current}"
+    );
+}
