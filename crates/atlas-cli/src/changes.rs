@@ -65,7 +65,7 @@ pub async fn run(args: ChangesArgs, lake_location: &str) -> Result<()> {
         }
         std::io::Write::flush(&mut out)?;
         let done = args.until.is_some_and(|u| page.until >= u);
-        if page.until >= page.latest && (!args.follow || done) || done {
+        if done || (page.until >= page.latest && !args.follow) {
             return Ok(());
         }
         if page.until == since {

@@ -333,7 +333,7 @@ impl Filter {
     fn wants(&self, e: &ChangeEvent) -> bool {
         self.types
             .as_ref()
-            .is_none_or(|t| t.iter().any(|t| *t == e.resource_type))
+            .is_none_or(|t| t.contains(&e.resource_type))
             && self
                 .patient
                 .as_ref()
