@@ -8,8 +8,8 @@
 use clap::{Parser, Subcommand};
 
 use crate::{
-    audit, changes, deid, demo, fhirpath, ingest, mockehr, ontology, policy, pull, serve, sql, stats, synth,
-    token, view, views,
+    audit, changes, deid, demo, fhirpath, ingest, mockehr, ontology, policy, pull, serve, sql,
+    stats, synth, token, view, views,
 };
 
 const AFTER_HELP: &str = "Examples:
