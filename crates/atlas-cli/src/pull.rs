@@ -39,12 +39,17 @@ use object_store::{ObjectStoreExt, PutPayload};
 use crate::cli::Globals;
 use crate::{lake, progress};
 
+#[path = "pull_subscription.rs"]
+mod subscription;
+
 #[derive(Subcommand)]
 pub enum PullCommand {
     /// Bulk Data `$export` (system, Patient or Group) into the lake.
     Bulk(BulkArgs),
     /// REST incremental pull: `_lastUpdated` searches, or `_history` (to see deletes).
     Rest(RestArgs),
+    /// Listen for FHIR Subscription (R4 backport) rest-hook notifications and pull what they name.
+    Subscription(subscription::SubscriptionArgs),
     /// Cancel a connector's export on the server (DELETE) and forget it.
     Cancel(NameArgs),
     /// Print a connector's state: job under way, files done, watermarks, last run.
@@ -214,6 +219,7 @@ pub async fn run(cmd: PullCommand, g: &Globals) -> Result<()> {
     match cmd {
         PullCommand::Bulk(args) => bulk(args, g).await,
         PullCommand::Rest(args) => rest(args, g).await,
+        PullCommand::Subscription(args) => subscription::run(args, g).await,
         PullCommand::Cancel(args) => cancel(args, g).await,
         PullCommand::Status(args) => status(args, g).await,
         PullCommand::Keygen(args) => keygen(&args),

@@ -37,6 +37,11 @@
 
 mod delivery;
 
+/// The protocol itself (topics, filters, notification Bundles, the
+/// rest-hook sender), for this crate's users: `atlas pull subscription`
+/// parses the notifications it receives with it.
+pub use atlas_events::subscriptions as backport;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};

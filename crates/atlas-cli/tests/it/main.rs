@@ -11,6 +11,7 @@ mod fhircast;
 mod pull;
 mod serve;
 mod shared_data;
+mod subscription;
 mod tidy;
 mod views;
 

@@ -51,8 +51,9 @@ use atlas_policy::{Action, Decision, Principal};
 
 use crate::events::Events;
 
-/// Commits read from the feed per step when catching up.
-const CATCH_UP_COMMITS: usize = 4;
+/// Commits read from the feed per step when catching up (each commit is
+/// at most one ingest chunk, so memory stays bounded).
+const CATCH_UP_COMMITS: usize = 2;
 
 /// Who made a subscription: the principal its notifications are released
 /// to, as the token stated it.
@@ -357,6 +358,13 @@ async fn run(
     };
     // Subscribed before catching up, so no commit falls between the two.
     let mut rx = rt.events.subscribe();
+    // A subscription whose creator's token expired while the server was
+    // down sends nothing, not even what it missed.
+    if let Some(why) = sub.expired(&spec) {
+        sub.set_status(Status::Off, Some(why));
+        save_logged(&rt.access, &sub).await;
+        return;
+    }
     if sub.status() == Status::Requested {
         d.handshake(&mut stop).await;
     }
@@ -576,6 +584,10 @@ impl Delivery<'_> {
         let Some(topic) = self.rt.catalog.get(&self.spec.topic) else {
             return false;
         };
+        // Decided for the creator only while its token is valid.
+        if self.sub.expired(self.spec).is_some() {
+            return false;
+        }
         let who = lock(&self.sub.rec).owner.principal();
         let mut decisions: HashMap<String, Decision> = HashMap::new();
         let mut owed: Vec<&ChangeEvent> = Vec::new();
@@ -749,6 +761,9 @@ impl Delivery<'_> {
             }
         };
         let kind = n.status.kind;
+        if self.sub.expired(self.spec).is_some() {
+            return false;
+        }
         if let Some(log) = &self.rt.audit {
             let f = lock(&facts).clone();
             let entry = self.audit_entry(kind, what, f);
