@@ -1316,3 +1316,50 @@ async fn ten_thousand_changes_reach_the_endpoint_soon_after_the_commit() {
     );
     assert_eq!(sizes.iter().sum::<usize>(), 10_000);
 }
+
+/// `[subscriptions]` keys parse (unknown ones are refused, naming them),
+/// and a topic type Atlas has no topic for stops the server at start.
+#[tokio::test]
+async fn subscriptions_configuration_is_checked() {
+    let c = ServeConfig::from_toml(
+        "[subscriptions]\ntopic_types = [\"Observation\", \"Condition\"]\nallow_http = true\n\
+         min_heartbeat_secs = 5\ndefault_max_count = 50\nmax_max_count = 100\nretry_attempts = 2\n\
+         events_kept = 10\nmax_per_principal = 3\n",
+    )
+    .unwrap();
+    assert_eq!(c.subscriptions.topic_types, ["Observation", "Condition"]);
+    assert!(c.subscriptions.allow_http);
+    let e = ServeConfig::from_toml("[subscriptions]\nbogus = 1\n").unwrap_err();
+    assert!(e.contains("bogus"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::open(
+        dir.path().join("lake").to_str().unwrap(),
+        Default::default(),
+    )
+    .unwrap();
+    for (toml, says) in [
+        (
+            "[subscriptions]\ntopic_types = [\"Organization\"]\n",
+            "Organization",
+        ),
+        (
+            "[subscriptions]\ndefault_max_count = 10\nmax_max_count = 5\n",
+            "default_max_count",
+        ),
+    ] {
+        let c = ServeConfig::from_toml(toml).unwrap();
+        let e = AppState::open(lake.clone(), atlas_ontology::Ontology::builtin(), c)
+            .await
+            .err()
+            .unwrap();
+        assert!(e.contains(says), "{e}");
+    }
+    // Off: the routes say so.
+    let mut c = ServeConfig::default();
+    c.subscriptions.enabled = false;
+    let s = AppState::open(lake, atlas_ontology::Ontology::builtin(), c)
+        .await
+        .unwrap();
+    let (st, oo) = call_json(&s, "GET", "/fhir/Subscription", "x", None, None).await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{oo}");
+}
