@@ -5,10 +5,12 @@
 //!    topic; `--events` context changes published one after another; for
 //!    each, the time from the publisher's request to each subscriber's
 //!    receipt (p50, p99, max over every subscriber × event).
-//! 2. **Change delivery**: `--sse` SSE connections follow `GET /events`
-//!    while `--resources` Observations are ingested in `--batches`
-//!    batches; for each notice, its receipt time minus its store commit's
-//!    time (`commitInfo.timestamp` in the Delta log), p50/p99/max; and the
+//! 2. **Change delivery**: `--sse` SSE connections follow `GET /events`,
+//!    and one FHIR Subscription (R4 backport, rest-hook, full-resource)
+//!    posts to a receiver on loopback, while `--resources` Observations are
+//!    ingested in `--batches` batches; for each SSE notice and each event
+//!    of each notification, its receipt time minus its store commit's time
+//!    (`commitInfo.timestamp` in the Delta log), p50/p99/max; and the
 //!    process's resident memory before and after.
 //!
 //! The server, the clients and the ingest share this one process (and the
@@ -339,6 +341,9 @@ async fn changes(
     a: &Args,
 ) {
     let receipts: Arc<Mutex<Vec<(i64, f64)>>> = Default::default();
+    let hooks: Arc<Mutex<Vec<(String, f64)>>> = Default::default();
+    let hook_url = rest_hook_receiver(hooks.clone()).await;
+    subscribe_rest_hook(http, base, token, &hook_url).await;
     for _ in 0..a.sse {
         let r = http
             .get(format!("{base}/events?types=Observation"))
@@ -390,7 +395,9 @@ async fn changes(
     let ingested = started.elapsed();
     let expected = a.resources * a.sse;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while receipts.lock().unwrap().len() < expected && Instant::now() < deadline {
+    while (receipts.lock().unwrap().len() < expected || hooks.lock().unwrap().len() < a.resources)
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let got = std::mem::take(&mut *receipts.lock().unwrap());
@@ -409,6 +416,21 @@ async fn changes(
     println!(
         "SSE notice latency (store commit → receipt): {}",
         percentiles(latencies)
+    );
+    let hooked = std::mem::take(&mut *hooks.lock().unwrap());
+    let versions = focus_versions(lake).await;
+    let hook_latencies: Vec<f64> = hooked
+        .iter()
+        .filter_map(|(focus, at)| commits.get(versions.get(focus)?).map(|c| at - c))
+        .collect();
+    println!(
+        "rest-hook: {} of {} events received",
+        hooked.len(),
+        a.resources
+    );
+    println!(
+        "rest-hook event latency (store commit → notification received): {}",
+        percentiles(hook_latencies)
     );
     println!(
         "memory: VmRSS {} MiB before the ingest, {} MiB after; VmHWM {} MiB",
@@ -469,4 +491,101 @@ async fn commit_times(lake: &Lake) -> HashMap<i64, f64> {
         }
     }
     out
+}
+
+/// A rest-hook endpoint on loopback: records each notification event's
+/// focus (`Observation/<id>`) with the time its notification arrived.
+async fn rest_hook_receiver(out: Arc<Mutex<Vec<(String, f64)>>>) -> String {
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let out = out.clone();
+            async move {
+                let now = now_ms();
+                if let Ok(j) = serde_json::from_slice::<Json>(&body) {
+                    let mut focus = Vec::new();
+                    collect_focus(&j["entry"][0]["resource"], &mut focus);
+                    out.lock()
+                        .unwrap()
+                        .extend(focus.into_iter().map(|f| (f, now)));
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.ok();
+    });
+    url
+}
+
+/// Every `focus.reference` under the status Parameters.
+fn collect_focus(v: &Json, out: &mut Vec<String>) {
+    match v {
+        Json::Object(m) => {
+            if m.get("name").and_then(Json::as_str) == Some("focus")
+                && let Some(r) = m["valueReference"]["reference"].as_str()
+            {
+                // `Type/id`, whether the reference is relative or absolute.
+                let parts: Vec<&str> = r.rsplitn(3, '/').collect();
+                if parts.len() >= 2 {
+                    out.push(format!("{}/{}", parts[1], parts[0]));
+                }
+            }
+            for x in m.values() {
+                collect_focus(x, out);
+            }
+        }
+        Json::Array(a) => a.iter().for_each(|x| collect_focus(x, out)),
+        _ => {}
+    }
+}
+
+async fn subscribe_rest_hook(http: &reqwest::Client, base: &str, token: &str, endpoint: &str) {
+    const IG: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition";
+    let body = json!({
+        "resourceType": "Subscription",
+        "meta": {"profile": [format!("{IG}/backport-subscription")]},
+        "status": "requested",
+        "reason": "events bench",
+        "criteria": "http://atlas.local/SubscriptionTopic/observation-change",
+        "channel": {
+            "type": "rest-hook",
+            "endpoint": endpoint,
+            "payload": "application/fhir+json",
+            "_payload": {"extension": [{"url": format!("{IG}/backport-payload-content"), "valueCode": "full-resource"}]}
+        }
+    });
+    let r = http
+        .post(format!("{base}/fhir/Subscription"))
+        .bearer_auth(token)
+        .header("content-type", "application/fhir+json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        201,
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
+}
+
+/// `Type/id` → the store version whose commit wrote it.
+async fn focus_versions(lake: &Lake) -> HashMap<String, i64> {
+    let opts = atlas_lake::ReadOptions {
+        max_commits: Some(100_000),
+        ..Default::default()
+    };
+    let page = atlas_lake::ChangeFeed::new(lake.clone())
+        .read(-1, &opts)
+        .await
+        .unwrap();
+    page.events
+        .into_iter()
+        .map(|e| (format!("{}/{}", e.resource_type, e.id), e.store_version))
+        .collect()
 }

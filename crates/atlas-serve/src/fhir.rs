@@ -1346,6 +1346,13 @@ async fn metadata(State(state): State<AppState>) -> Response {
         if t == "Patient" {
             r["operation"] = json!([{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]);
         }
+        if t == "Subscription" {
+            // The R4 backport: profile, CRUD, `$status`, `$events` and one
+            // topic-canonical extension per topic offered.
+            if state.config.subscriptions.enabled {
+                r = state.subscriptions.capability();
+            }
+        }
         resources.push(r);
     }
     let body = json!({

@@ -158,7 +158,7 @@ impl AppState {
         }
         let fhircast = fhircast::HubState::open(&access.lake, &config).await?;
         let subscriptions = subscriptions::SubscriptionState::open(&access.lake, &config).await?;
-        Ok(AppState {
+        let state = AppState {
             access,
             events,
             fhircast,
@@ -169,7 +169,10 @@ impl AppState {
             audit,
             auth,
             limiter: Arc::new(limits::Limiter::default()),
-        })
+        };
+        // Saved Subscriptions resume delivery from where they stopped.
+        state.subscriptions.start(&state);
+        Ok(state)
     }
 }
 

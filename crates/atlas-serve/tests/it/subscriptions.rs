@@ -1284,39 +1284,6 @@ async fn subscriptions_belong_to_their_creator() {
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
 }
 
-/// Latency of delivery for a large commit (the benchmark's shape, at test
-/// scale): 10,000 changes in one ingest reach the endpoint, full-resource,
-/// in notifications of max-count events. Run with `--ignored` (timing).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "timing; run explicitly"]
-async fn ten_thousand_changes_reach_the_endpoint_soon_after_the_commit() {
-    let w = world(4, None).await;
-    let s = server(&w, EVERYONE, |c| c.audit.enabled = true).await;
-    let r = Receiver::start().await;
-    let token = jwt(json!({"sub": "alice"}));
-    created(&s, &token, &subscription(&r.url, "full-resource", &[])).await;
-    let (p, _) = patients(&w);
-    let lines: Vec<String> = (0..10_000)
-        .map(|i| observation(&format!("bulk-{i:05}"), &p, i))
-        .collect();
-    ingest(&w.lake, &w.dir, "many.ndjson", &lines).await;
-    let committed = std::time::Instant::now();
-    r.wait("10,000 events", 120, |n| events_total(n) >= 10_000)
-        .await;
-    let took = committed.elapsed();
-    let sizes: Vec<usize> = r
-        .of(NotificationType::EventNotification)
-        .iter()
-        .map(|n| n.status.events.len())
-        .collect();
-    eprintln!(
-        "10,000 events delivered {:.2} s after the commit in {} notifications",
-        took.as_secs_f64(),
-        sizes.len()
-    );
-    assert_eq!(sizes.iter().sum::<usize>(), 10_000);
-}
-
 /// `[subscriptions]` keys parse (unknown ones are refused, naming them),
 /// and a topic type Atlas has no topic for stops the server at start.
 #[tokio::test]
