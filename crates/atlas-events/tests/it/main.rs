@@ -1,3 +1,4 @@
 //! Integration tests of atlas-events.
 mod fhircast;
+mod ledger;
 mod subscriptions;
