@@ -15,9 +15,9 @@
 //! * The subscriptions' state: one record each in the lake
 //!   (`events/subscriptions/<id>.json`: the resource, its creator, the
 //!   creator's token expiry, the event counter and the store version
-//!   processed), loaded by [`SubscriptionState::open`], so subscriptions
+//!   processed), loaded by `SubscriptionState::open`, so subscriptions
 //!   and their counters survive restarts and resume where they stopped.
-//! * Their delivery ([`delivery`]): a task per subscription following the
+//! * Their delivery (`delivery`): a task per subscription following the
 //!   store's change broadcast, releasing every event through the access
 //!   seam for the subscription's creator, batching events into
 //!   notifications, heartbeats, retries, one audit record per delivery.
