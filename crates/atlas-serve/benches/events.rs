@@ -117,6 +117,8 @@ async fn main() {
     config.auth.dev = true;
     config.public_base_url = Some(base.clone());
     config.events.poll_ms = 100;
+    // The subscription's receiver is on loopback.
+    config.subscriptions.private_endpoints = true;
     config.fhircast.max_subscribers = a.subscribers.max(1) + 16;
     config.limits.max_concurrent_per_principal = 1_000_000;
     let state = AppState::open(lake.clone(), atlas_ontology::Ontology::builtin(), config)

@@ -90,6 +90,12 @@ pub struct SubscriptionsConfig {
     /// Plain http to endpoints other than loopback (never in production:
     /// notifications carry patient data and the channel headers).
     pub allow_http: bool,
+    /// Endpoints on this machine or the private network (`localhost`,
+    /// loopback, RFC 1918, fc00::/7, link-local, unspecified addresses,
+    /// and host names resolving to any): off (the default), they are
+    /// refused at create and update (422) and at every delivery, and no
+    /// HTTP proxy is used for notifications.
+    pub private_endpoints: bool,
     /// Heartbeat periods asked for are kept within these bounds (seconds).
     pub min_heartbeat_secs: u32,
     pub max_heartbeat_secs: u32,
@@ -121,6 +127,7 @@ impl Default for SubscriptionsConfig {
             enabled: true,
             topic_types: topic::DEFAULT_TYPES.iter().map(|s| s.to_string()).collect(),
             allow_http: false,
+            private_endpoints: rules.private_endpoints,
             min_heartbeat_secs: rules.min_heartbeat_secs,
             max_heartbeat_secs: rules.max_heartbeat_secs,
             default_timeout_secs: rules.default_timeout_secs,
@@ -141,6 +148,7 @@ impl SubscriptionsConfig {
     fn rules(&self) -> Rules {
         Rules {
             allow_http: self.allow_http,
+            private_endpoints: self.private_endpoints,
             min_heartbeat_secs: self.min_heartbeat_secs,
             max_heartbeat_secs: self.max_heartbeat_secs,
             default_timeout_secs: self.default_timeout_secs,
@@ -241,7 +249,7 @@ impl SubscriptionState {
         if let Some(rt) = self.runtime.get() {
             return Some(rt.clone());
         }
-        let hook = match RestHook::new() {
+        let hook = match RestHook::new(self.config.private_endpoints) {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(error = %e, "FHIR Subscriptions cannot deliver");

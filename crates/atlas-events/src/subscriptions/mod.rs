@@ -40,7 +40,7 @@ use serde_json::{Value as Json, json};
 
 pub use filter::{Change, FilterSet};
 pub use notification::{Entry, Notification, NotificationEvent, StatusInfo};
-pub use resthook::{DeliveryError, Endpoint, RestHook, Retry};
+pub use resthook::{DeliveryError, Endpoint, RestHook, Retry, is_private_host, is_private_ip};
 pub use subscription::{Rules, Spec, validate};
 pub use topic::{Topic, TopicCatalog};
 

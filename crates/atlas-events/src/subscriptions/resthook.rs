@@ -12,7 +12,18 @@
 //! and shown nowhere: [`Endpoint`]'s `Debug`, the errors and
 //! [`audit_path`] name the endpoint's host, port and path only, never its
 //! query, credentials or headers.
+//!
+//! Unless built to allow them ([`RestHook::new`] with `private_endpoints`),
+//! the sender refuses endpoints that are this machine or the private
+//! network ([`is_private_ip`]): an IP literal is checked before the
+//! request, and a host name is resolved by the client's own resolver,
+//! which fails when any address it resolves to is private, so the
+//! connection only ever goes to a checked address (no proxy either).
+//! What the subscriber is told of a failure ([`DeliveryError::public_text`])
+//! never tells a refused connection from a timeout or a DNS failure.
 
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
@@ -111,6 +122,74 @@ pub struct Delivered {
     pub attempts: u32,
 }
 
+/// Whether `ip` is this machine or a private network: loopback, private
+/// (RFC 1918, fc00::/7), link-local, unspecified (and `0.0.0.0/8`,
+/// IPv4-mapped and -compatible IPv6 forms of those).
+pub fn is_private_ip(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.octets()[0] == 0
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_private_ip(IpAddr::V4(v4));
+            }
+            let seg = v6.segments();
+            // ::a.b.c.d (deprecated IPv4-compatible), but not :: and ::1.
+            if seg[..6].iter().all(|s| *s == 0) && !v6.is_loopback() && !v6.is_unspecified() {
+                if let Some(v4) = v6.to_ipv4() {
+                    return is_private_ip(IpAddr::V4(v4));
+                }
+            }
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (seg[0] & 0xfe00) == 0xfc00
+                || (seg[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Whether `url`'s host is `localhost` (or under `.localhost`) or a
+/// private IP literal ([`is_private_ip`]).
+pub fn is_private_host(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            d == "localhost" || d.ends_with(".localhost")
+        }
+        Some(url::Host::Ipv4(ip)) => is_private_ip(IpAddr::V4(ip)),
+        Some(url::Host::Ipv6(ip)) => is_private_ip(IpAddr::V6(ip)),
+        None => true,
+    }
+}
+
+/// Resolves host names, refusing any that resolves to a private address
+/// (so the connection goes only to the addresses checked here).
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if addrs.is_empty() {
+                return Err("no address".into());
+            }
+            if addrs.iter().any(|a| is_private_ip(a.ip())) {
+                return Err("the endpoint resolves to a private address".into());
+            }
+            let addrs: reqwest::dns::Addrs = Box::new(addrs.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
 /// A notification that did not get through.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeliveryError {
@@ -145,17 +224,40 @@ impl DeliveryError {
             | DeliveryError::Unreachable { attempts, .. } => *attempts,
         }
     }
+
+    /// What the subscriber may be told (`Subscription.error`): the status
+    /// if the endpoint answered, and never why it could not be reached (a
+    /// refused connection, a timeout and a DNS failure look the same, so
+    /// the text is no port scanner).
+    pub fn public_text(&self) -> String {
+        match self {
+            DeliveryError::Refused { status, .. } => format!(
+                "the endpoint could not be reached or refused the notification (HTTP {status})"
+            ),
+            DeliveryError::Unreachable { .. } => {
+                "the endpoint could not be reached or refused the notification".to_owned()
+            }
+        }
+    }
 }
 
 /// The sender.
 #[derive(Clone)]
 pub struct RestHook {
     client: reqwest::Client,
+    private_endpoints: bool,
 }
 
 impl RestHook {
-    pub fn new() -> Result<RestHook, String> {
-        let client = reqwest::Client::builder()
+    /// The sender; `private_endpoints`: whether endpoints on this machine
+    /// or the private network may be reached (see [`is_private_ip`]).
+    pub fn new(private_endpoints: bool) -> Result<RestHook, String> {
+        let mut builder = reqwest::Client::builder();
+        if !private_endpoints {
+            // A proxy would resolve and connect where no check reaches.
+            builder = builder.dns_resolver(Arc::new(PublicOnly)).no_proxy();
+        }
+        let client = builder
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!(
@@ -165,7 +267,10 @@ impl RestHook {
             ))
             .build()
             .map_err(|e| format!("the rest-hook client: {e}"))?;
-        Ok(RestHook { client })
+        Ok(RestHook {
+            client,
+            private_endpoints,
+        })
     }
 
     /// POSTs `body` (a notification Bundle) to `endpoint`, retrying as
@@ -178,6 +283,15 @@ impl RestHook {
         retry: &Retry,
     ) -> Result<Delivered, DeliveryError> {
         let attempts = retry.attempts.max(1);
+        if !self.private_endpoints && is_private_host(&endpoint.url) {
+            // Host names are checked by the resolver; literals and
+            // `localhost` here, before anything is sent.
+            return Err(DeliveryError::Unreachable {
+                endpoint: endpoint.audit_path(),
+                reason: "the endpoint is a private address".to_owned(),
+                attempts: 1,
+            });
+        }
         let mut n = 0;
         loop {
             n += 1;
@@ -247,6 +361,15 @@ impl RestHook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn host_names_resolving_to_private_addresses_are_refused() {
+        use reqwest::dns::Resolve;
+        let name: reqwest::dns::Name = "localhost".parse().unwrap();
+        assert!(PublicOnly.resolve(name).await.is_err());
+        let name: reqwest::dns::Name = "127.0.0.1".parse().unwrap();
+        assert!(PublicOnly.resolve(name).await.is_err());
+    }
 
     #[test]
     fn backoff_grows_to_its_cap_with_jitter() {

@@ -32,6 +32,11 @@ pub struct Rules {
     /// Plain http to hosts other than loopback (never in production: the
     /// notifications carry patient data and the channel headers).
     pub allow_http: bool,
+    /// Endpoints on this machine or the private network (`localhost`,
+    /// loopback, RFC 1918, fc00::/7, link-local, unspecified addresses):
+    /// off, they are refused, so subscribing is no way into the network
+    /// behind the server.
+    pub private_endpoints: bool,
     /// Heartbeat periods are raised to at least this (seconds).
     pub min_heartbeat_secs: u32,
     /// ... and lowered to at most this.
@@ -51,6 +56,7 @@ impl Default for Rules {
     fn default() -> Self {
         Rules {
             allow_http: false,
+            private_endpoints: false,
             min_heartbeat_secs: 10,
             max_heartbeat_secs: 86_400,
             default_timeout_secs: 10,
@@ -476,6 +482,13 @@ fn check_endpoint(e: &str, rules: &Rules) -> Result<url::Url, String> {
     if u.host().is_none() {
         return Err("the endpoint has no host".into());
     }
+    if !rules.private_endpoints && super::resthook::is_private_host(&u) {
+        return Err(format!(
+            "endpoint '{}' is on this machine or a private network; this server does not \
+             send notifications there ([subscriptions] private_endpoints)",
+            super::resthook::audit_path(&u)
+        ));
+    }
     if !u.username().is_empty() || u.password().is_some() {
         return Err(
             "the endpoint URL carries credentials; send them as a channel.header instead".into(),
@@ -668,15 +681,69 @@ mod tests {
             assert_eq!(r.status(), status, "{element}: {r}");
             assert!(!r.to_string().contains("secret-value"), "{r}");
         }
-        // Loopback http is fine; so is any http when the rules say so.
+        // Loopback http is fine where private endpoints are; so is any
+        // http when the rules say so.
         let mut s = sub("empty");
         s["channel"]["endpoint"] = json!("http://127.0.0.1:9/hook");
-        assert!(validate(&s, &catalog(), &Rules::default(), now()).is_ok());
+        let private = Rules {
+            private_endpoints: true,
+            ..Rules::default()
+        };
+        assert!(validate(&s, &catalog(), &private, now()).is_ok());
         s["channel"]["endpoint"] = json!("http://hooks.example/hook");
         let lax = Rules {
             allow_http: true,
             ..Rules::default()
         };
         assert!(validate(&s, &catalog(), &lax, now()).is_ok());
+    }
+
+    #[test]
+    fn private_endpoints_are_refused_unless_allowed() {
+        let private = Rules {
+            private_endpoints: true,
+            ..Rules::default()
+        };
+        for e in [
+            "http://localhost:8080/hook",
+            "https://LOCALHOST./hook",
+            "https://api.localhost/hook",
+            "http://127.0.0.1:6379/",
+            "https://127.8.9.10/",
+            "https://10.1.2.3/hook",
+            "https://172.16.0.1/hook",
+            "https://172.31.255.255/hook",
+            "https://192.168.1.1/hook",
+            "https://169.254.169.254/latest/meta-data",
+            "https://0.0.0.0:8443/",
+            "https://[::1]/hook",
+            "https://[::]/hook",
+            "https://[fd00::1]/hook",
+            "https://[fc12::1]/hook",
+            "https://[fe80::1]/hook",
+            "https://[::ffff:127.0.0.1]/hook",
+            "https://[::ffff:10.0.0.1]/hook",
+        ] {
+            let mut s = sub("empty");
+            s["channel"]["endpoint"] = json!(e);
+            let r = validate(&s, &catalog(), &Rules::default(), now()).unwrap_err();
+            assert!(r.names("Subscription.channel.endpoint"), "{e}: {r}");
+            assert_eq!(r.status(), 422, "{e}: {r}");
+            assert!(validate(&s, &catalog(), &private, now()).is_ok(), "{e}");
+        }
+        for e in [
+            "https://hooks.example/notify",
+            "https://8.8.8.8/hook",
+            "https://172.32.0.1/hook",
+            "https://[2001:db8::1]/hook",
+            "https://localhost.example/hook",
+        ] {
+            let mut s = sub("empty");
+            s["channel"]["endpoint"] = json!(e);
+            assert!(
+                validate(&s, &catalog(), &Rules::default(), now()).is_ok(),
+                "{e}"
+            );
+        }
     }
 }

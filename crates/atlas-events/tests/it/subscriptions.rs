@@ -652,7 +652,7 @@ async fn rest_hook_retries_server_errors_then_delivers_with_the_channel_headers(
         &[("Authorization".into(), "Bearer abc".into())],
     )
     .unwrap();
-    let d = RestHook::new()
+    let d = RestHook::new(true)
         .unwrap()
         .post(
             &ep,
@@ -686,7 +686,7 @@ async fn rest_hook_does_not_retry_refusals_or_follow_redirects() {
     ] {
         let h = hook(vec![(status, extra)], false).await;
         let ep = Endpoint::new(h.url.clone(), &[]).unwrap();
-        let e = RestHook::new()
+        let e = RestHook::new(true)
             .unwrap()
             .post(&ep, b"{}", Duration::from_secs(5), &quick())
             .await
@@ -702,7 +702,7 @@ async fn rest_hook_does_not_retry_refusals_or_follow_redirects() {
     .await;
     let ep = Endpoint::new(h.url.clone(), &[]).unwrap();
     let started = std::time::Instant::now();
-    let d = RestHook::new()
+    let d = RestHook::new(true)
         .unwrap()
         .post(&ep, b"{}", Duration::from_secs(5), &quick())
         .await
@@ -722,7 +722,7 @@ async fn rest_hook_gives_up_after_its_attempts_and_never_names_secrets() {
         attempts: 2,
         ..quick()
     };
-    let e = RestHook::new()
+    let e = RestHook::new(true)
         .unwrap()
         .post(&ep, b"{}", Duration::from_millis(300), &retry)
         .await
@@ -739,7 +739,7 @@ async fn rest_hook_gives_up_after_its_attempts_and_never_names_secrets() {
     assert!(said.contains("/notify"), "{said}");
     // Nobody listening at all.
     let dead = url::Url::parse("http://127.0.0.1:9/x").unwrap();
-    let e = RestHook::new()
+    let e = RestHook::new(true)
         .unwrap()
         .post(
             &Endpoint::new(dead, &[]).unwrap(),
@@ -750,4 +750,51 @@ async fn rest_hook_gives_up_after_its_attempts_and_never_names_secrets() {
         .await
         .unwrap_err();
     assert!(matches!(e, DeliveryError::Unreachable { .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn rest_hook_refuses_private_endpoints_unless_allowed() {
+    let h = hook(vec![(200, "")], false).await;
+    let port = h.url.port().unwrap();
+    let retry = Retry {
+        attempts: 2,
+        ..quick()
+    };
+    for u in [
+        h.url.to_string(),
+        format!("http://localhost:{port}/notify"),
+        format!("http://[::ffff:127.0.0.1]:{port}/notify"),
+    ] {
+        let ep = Endpoint::new(url::Url::parse(&u).unwrap(), &[]).unwrap();
+        let e = RestHook::new(false)
+            .unwrap()
+            .post(&ep, b"{}", Duration::from_secs(2), &retry)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, DeliveryError::Unreachable { .. }), "{u}: {e:?}");
+        // The subscriber's text says nothing of why.
+        assert_eq!(
+            e.public_text(),
+            "the endpoint could not be reached or refused the notification"
+        );
+    }
+    assert!(h.seen.lock().unwrap().is_empty(), "nothing was sent");
+    // Allowed, the same endpoint takes it.
+    let ep = Endpoint::new(h.url.clone(), &[]).unwrap();
+    let d = RestHook::new(true)
+        .unwrap()
+        .post(&ep, b"{}", Duration::from_secs(2), &retry)
+        .await
+        .unwrap();
+    assert_eq!(d.status, 200);
+    // Answers: the status only.
+    let e = DeliveryError::Refused {
+        endpoint: "x/y".into(),
+        status: 404,
+        attempts: 1,
+    };
+    assert_eq!(
+        e.public_text(),
+        "the endpoint could not be reached or refused the notification (HTTP 404)"
+    );
 }

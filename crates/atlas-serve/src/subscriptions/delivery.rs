@@ -542,6 +542,7 @@ impl Delivery<'_> {
             with_resources: true,
             max_commits: Some(CATCH_UP_COMMITS),
             until: None,
+            scan_when_gone: false,
         };
         let mut wait = Duration::from_millis(500);
         loop {
@@ -789,7 +790,9 @@ impl Delivery<'_> {
             }
             Some(Err(e)) => {
                 tracing::warn!(subscription = %self.sub.id, kind = kind.code(), what, error = %e, "notification not delivered");
-                self.sub.set_status(Status::Error, Some(e.to_string()));
+                // The subscriber learns that it failed, never why (no
+                // telling a closed port from a timeout).
+                self.sub.set_status(Status::Error, Some(e.public_text()));
                 false
             }
             None => false,

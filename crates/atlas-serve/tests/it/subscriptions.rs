@@ -148,11 +148,14 @@ fn events_total(n: &[Notification]) -> usize {
         .sum()
 }
 
-/// A server on `w` with fast polling, 1 s heartbeats allowed and quick retries.
+/// A server on `w` with fast polling, 1 s heartbeats allowed, quick
+/// retries and private (loopback) endpoints allowed.
 async fn server(w: &World, policy: &str, tune: impl FnOnce(&mut ServeConfig)) -> AppState {
     let s = w
         .server_with(policy, |c| {
             c.events.poll_ms = 50;
+            // The receivers are on loopback.
+            c.subscriptions.private_endpoints = true;
             c.subscriptions.min_heartbeat_secs = 1;
             c.subscriptions.retry_attempts = 3;
             c.subscriptions.retry_base_ms = 20;
@@ -1291,11 +1294,12 @@ async fn subscriptions_configuration_is_checked() {
     let c = ServeConfig::from_toml(
         "[subscriptions]\ntopic_types = [\"Observation\", \"Condition\"]\nallow_http = true\n\
          min_heartbeat_secs = 5\ndefault_max_count = 50\nmax_max_count = 100\nretry_attempts = 2\n\
-         events_kept = 10\nmax_per_principal = 3\n",
+         events_kept = 10\nmax_per_principal = 3\nprivate_endpoints = true\n",
     )
     .unwrap();
     assert_eq!(c.subscriptions.topic_types, ["Observation", "Condition"]);
-    assert!(c.subscriptions.allow_http);
+    assert!(c.subscriptions.allow_http && c.subscriptions.private_endpoints);
+    assert!(!ServeConfig::default().subscriptions.private_endpoints);
     let e = ServeConfig::from_toml("[subscriptions]\nbogus = 1\n").unwrap_err();
     assert!(e.contains("bogus"), "{e}");
     let dir = tempfile::tempdir().unwrap();
@@ -1329,4 +1333,36 @@ async fn subscriptions_configuration_is_checked() {
         .unwrap();
     let (st, oo) = call_json(&s, "GET", "/fhir/Subscription", "x", None, None).await;
     assert_eq!(st, StatusCode::NOT_FOUND, "{oo}");
+}
+
+/// With the default `[subscriptions] private_endpoints = false`, an
+/// endpoint on this machine or the private network is refused (422 naming
+/// `channel.endpoint`), and nothing is sent there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_endpoints_are_refused_by_default() {
+    let w = world(4, None).await;
+    let s = server(&w, EVERYONE, |c| c.subscriptions.private_endpoints = false).await;
+    let r = Receiver::start().await;
+    let token = jwt(json!({"sub": "alice"}));
+    let port = r.url.rsplit(':').next().unwrap().trim_end_matches("/hook");
+    for endpoint in [
+        r.url.clone(),
+        format!("http://localhost:{port}/hook"),
+        "https://10.0.0.7/hook".to_owned(),
+        "https://169.254.169.254/latest".to_owned(),
+        "https://[fd00::1]/hook".to_owned(),
+    ] {
+        let (st, oo) = create(&s, &token, &subscription(&endpoint, "id-only", &[])).await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{endpoint}: {oo}");
+        assert_eq!(oo["resourceType"], "OperationOutcome");
+        let named = oo["issue"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["expression"][0] == "Subscription.channel.endpoint");
+        assert!(named, "{endpoint}: {oo}");
+    }
+    assert!(r.got.lock().unwrap().is_empty(), "nothing was sent");
+    let (_, list) = call_json(&s, "GET", "/fhir/Subscription", &token, None, None).await;
+    assert_eq!(list["total"], 0);
 }
