@@ -47,6 +47,9 @@ pub struct Notice {
     pub patient: Option<String>,
     /// The resource JSON, for [`Payload::FullResource`] (absent for deletes).
     pub resource: Option<String>,
+    /// The grant de-identifies: whatever else the path would add about
+    /// the resource (versions, instants) must not go out either.
+    pub deidentified: bool,
 }
 
 /// Releases notices to one principal, through one [`Egress`] (one audit
@@ -89,6 +92,15 @@ impl NoticeGate {
         }
     }
 
+    /// Whether the principal's grant for `resource_type` de-identifies
+    /// (filters on real ids must then match nothing).
+    pub fn deidentifies(&self, resource_type: &str) -> bool {
+        matches!(
+            self.access.decide_unnoted(&self.who, resource_type, Action::Search),
+            Decision::Allow(g) if g.deid.is_some()
+        )
+    }
+
     /// The notice of `change` as it may leave, or `None` when the principal
     /// may not learn of it. A released notice is noted and counted.
     pub fn release(&self, change: &ChangeRef<'_>, payload: Payload) -> Option<Notice> {
@@ -122,6 +134,7 @@ impl NoticeGate {
             }
         };
         Some(Notice {
+            deidentified: deid,
             resource_type: change.resource_type.to_owned(),
             id: if payload == Payload::Empty { None } else { id },
             patient: if deid {
@@ -148,9 +161,6 @@ impl NoticeGate {
         if !patients.iter().all(|p| self.admits("Patient", Some(p))) {
             return None;
         }
-        if !text.contains("\"resourceType\"") {
-            return Some(text.to_owned());
-        }
         let mut v: serde_json::Value = serde_json::from_str(text).ok()?;
         let patient = patients.first().map(String::as_str);
         let mut changed = false;
@@ -163,6 +173,15 @@ impl NoticeGate {
             for e in entries {
                 if let Some(r) = e.get_mut("resource") {
                     changed |= self.release_value(r, patient)?;
+                } else if let Some(r) = e.get("reference").and_then(|r| r.as_str()) {
+                    // A bare reference names a resource and its id: it
+                    // leaves only where that id may (not hashed: refused
+                    // under a de-identifying grant).
+                    let ty = r.split('/').rev().nth(1).unwrap_or("");
+                    match self.access.decide_unnoted(&self.who, ty, Action::Search) {
+                        Decision::Allow(g) if g.deid.is_none() && g.rows.admits(patient) => {}
+                        _ => return None,
+                    }
                 }
             }
         }
@@ -193,10 +212,20 @@ impl NoticeGate {
             .and_then(|i| i.as_str())
             .unwrap_or("")
             .to_owned();
+        // Whose the resource is: a Patient is its own; another names its
+        // patient in `subject` or `patient` (a publisher's Encounter about
+        // someone else than the event's patient is that someone's).
+        let named = ["subject", "patient"].iter().find_map(|k| {
+            r.get(*k)?
+                .get("reference")?
+                .as_str()?
+                .rsplit_once("Patient/")
+                .map(|(_, p)| p.trim_end_matches('/').to_owned())
+        });
         let owner = if ty == "Patient" && !id.is_empty() {
             Some(id.as_str())
         } else {
-            patient
+            named.as_deref().or(patient)
         };
         let Decision::Allow(grant) = self.access.decide_unnoted(&self.who, &ty, Action::Search)
         else {

@@ -31,12 +31,14 @@ pub struct Tables {
 }
 
 /// Table versions that belong together: every view refreshed to one store
-/// version, and the store at that version.
+/// version. The store itself is never pinned: reads by key and the
+/// policy's patient sets (care teams, organizations) must see deletions
+/// and revocations at once, whatever the views reflect.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PinnedSet {
     /// The store version the set reflects.
     pub store_version: u64,
-    /// Table directory (`views/observation`, `tables/resources`) → version.
+    /// View table directory (`views/observation`) → version.
     pub tables: HashMap<String, u64>,
 }
 
@@ -84,6 +86,14 @@ impl Tables {
     pub fn pin(&self, set: PinnedSet) {
         if let Ok(mut p) = self.pinned.write() {
             *p = Some(Arc::new(set));
+        }
+    }
+
+    /// Withdraws the published set: requests read every table's newest
+    /// version again (live views whose refresh keeps failing).
+    pub fn unpin(&self) {
+        if let Ok(mut p) = self.pinned.write() {
+            *p = None;
         }
     }
 

@@ -46,12 +46,16 @@ pub async fn run(args: ChangesArgs, lake_location: &str) -> Result<()> {
     let feed = ChangeFeed::new(lake);
     let newest = feed.latest_version().await?.unwrap_or(-1);
     let mut since = args.since.unwrap_or(newest);
+    if since < -1 {
+        anyhow::bail!("--since {since}: a store version, or -1 for the first commit on");
+    }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     loop {
         let opts = ReadOptions {
             with_resources: false,
             max_commits: None,
             until: args.until,
+            scan_when_gone: true,
         };
         let page = feed.read(since, &opts).await?;
         if let Some(why) = &page.fallback {

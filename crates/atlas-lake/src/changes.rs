@@ -77,13 +77,15 @@ impl ChangeEvent {
 }
 
 /// Parses an event id (`"<storeVersion>.<seq>"`, or a bare store version
-/// meaning "after that whole version").
+/// meaning "after that whole version"; `-1`: before the first commit).
+/// Versions below -1 are not ids.
 pub fn parse_event_id(s: &str) -> Option<(i64, Option<u32>)> {
     let s = s.trim();
-    match s.split_once('.') {
-        Some((v, q)) => Some((v.parse().ok()?, Some(q.parse().ok()?))),
-        None => Some((s.parse().ok()?, None)),
-    }
+    let (v, seq) = match s.split_once('.') {
+        Some((v, q)) => (v.parse().ok()?, Some(q.parse().ok()?)),
+        None => (s.parse().ok()?, None),
+    };
+    (v >= -1 && (seq.is_none() || v >= 0)).then_some((v, seq))
 }
 
 use std::collections::{HashMap, HashSet};
@@ -129,6 +131,12 @@ pub struct ReadOptions {
     pub max_commits: Option<usize>,
     /// Stop at this store version (default: the newest).
     pub until: Option<i64>,
+    /// When the log no longer reaches back to the asked version, answer
+    /// with every live row of the newest version (a scan: memory in
+    /// proportion to the store). Off: the page carries no events, only
+    /// [`ChangePage::fallback`] and `until` (what a follower needs to say
+    /// so and go on).
+    pub scan_when_gone: bool,
 }
 
 /// The resource store's change feed.
@@ -200,6 +208,7 @@ impl ChangeFeed {
     /// the page holds the live rows of the newest version instead, with
     /// [`ChangePage::fallback`] saying so.
     pub async fn read(&self, since: i64, opts: &ReadOptions) -> Result<ChangePage, LakeError> {
+        let since = since.max(-1);
         let Some(latest) = self.latest_version().await? else {
             return Ok(ChangePage {
                 until: since,
@@ -218,7 +227,17 @@ impl ChangeFeed {
         for v in (since + 1).max(0)..=until {
             match self.commit_events(v, opts.with_resources).await? {
                 Some(events) => page.events.extend(events),
-                None => return self.scan(since, latest, opts.with_resources).await,
+                None if opts.scan_when_gone => {
+                    return self.scan(since, latest, opts.with_resources).await;
+                }
+                None => {
+                    return Ok(ChangePage {
+                        events: Vec::new(),
+                        until: latest,
+                        latest,
+                        fallback: Some(gone(since, latest)),
+                    });
+                }
             }
         }
         Ok(page)
@@ -318,8 +337,8 @@ impl ChangeFeed {
             until: version,
             latest,
             fallback: Some(format!(
-                "the store's log no longer holds commit {} (log cleanup): these are the {n} rows of store version {version} (a scan), not the changes since {since}",
-                since + 1
+                "{}: these are the {n} rows of store version {version} (a scan), not the changes",
+                gone(since, latest)
             )),
         })
     }
@@ -412,6 +431,13 @@ impl ChangeFeed {
         }
         Ok(out)
     }
+}
+
+fn gone(since: i64, latest: i64) -> String {
+    format!(
+        "the store's log no longer holds commit {} (log cleanup); the feed goes on after version {latest}",
+        since + 1
+    )
 }
 
 /// `(resource_type, path)` of an add or remove action.

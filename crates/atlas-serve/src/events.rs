@@ -89,7 +89,10 @@ pub struct ChangeBatch {
 /// Store commits kept for slow receivers before they get `Lagged`.
 const BROADCAST_COMMITS: usize = 64;
 /// Commits read per look at the log.
-const COMMITS_PER_READ: usize = 64;
+const COMMITS_PER_READ: usize = 4;
+/// Commits a connection catching up reads at once: each is read with its
+/// resources, so memory stays near one ingest chunk per connection.
+const CATCH_UP_COMMITS: usize = 1;
 /// Events one SSE connection may have queued before it is closed (the
 /// client reconnects with `Last-Event-ID` and reads the rest from the
 /// feed).
@@ -210,17 +213,23 @@ async fn watch_store(events: std::sync::Weak<Events>, mut last: i64, poll: Durat
             with_resources: true,
             max_commits: Some(COMMITS_PER_READ),
             until: None,
+            scan_when_gone: false,
         };
         match ev.feed.read(last, &opts).await {
             Ok(page) => {
                 backoff = poll;
+                let after = last;
+                last = page.until;
+                // The version first, then the broadcast: a connection that
+                // subscribes in between catches the commit up from the feed
+                // (and drops the broadcast copy by its version), instead of
+                // missing it.
+                ev.version.send_replace(last);
                 if let Some(why) = &page.fallback {
                     tracing::warn!(why, "change feed: commits were skipped");
                 } else {
-                    broadcast_page(&ev, last, page.until, page.events);
+                    broadcast_page(&ev, after, page.until, page.events);
                 }
-                last = page.until;
-                ev.version.send_replace(last);
             }
             Err(e) => {
                 tracing::warn!(error = %e, after = last, "change feed: reading new commits failed");
@@ -441,6 +450,7 @@ async fn stream(
         tx,
         _slot: guard,
         token_exp: who.info.exp,
+        until: tokio::time::Instant::now(),
         topic,
         scopes: who.info.scopes.clone(),
     };
@@ -532,6 +542,9 @@ struct Connection {
     _slot: ConnectionSlot,
     /// The token's expiry: the connection ends with it.
     token_exp: u64,
+    /// When the connection ends (`max_connection_secs` or the token's
+    /// expiry, whichever is first); set when it starts.
+    until: tokio::time::Instant,
     /// End after catching up (`once=true`).
     once: bool,
     /// The FHIRcast topic followed, if any.
@@ -556,19 +569,29 @@ impl Connection {
             .saturating_sub(jsonwebtoken::get_current_timestamp());
         let until = tokio::time::Instant::now()
             + Duration::from_secs(config.max_connection_secs.min(token_left));
+        self.until = until;
         let mut rx = self.state.events.subscribe();
         let mut context = self.state.fhircast.context_changes();
         let mut pos = start;
         if self.send(b"retry: 3000\n\n".to_vec()).await.is_err() {
             return;
         }
-        if let Err(End::Gone) = self.catch_up(&mut pos).await {
-            return;
+        match self.catch_up(&mut pos).await {
+            Err(End::Gone) => return,
+            Err(End::Expired) => {
+                self.say_expired().await;
+                return;
+            }
+            Ok(()) => {}
         }
         if self.once {
-            let _ = self
-                .send(b"event: end\ndata: {\"reason\":\"caught up (once=true)\"}\n\n".to_vec())
-                .await;
+            // With an id, so a poller whose events were all filtered out
+            // still moves on.
+            let end = format!(
+                "id: {}\nevent: end\ndata: {{\"reason\":\"caught up (once=true)\"}}\n\n",
+                pos_id(pos)
+            );
+            let _ = self.send(end.into_bytes()).await;
             return;
         }
         let mut heartbeat =
@@ -585,7 +608,7 @@ impl Connection {
                         if batch.store_version <= pos.version && pos.seq.is_none() {
                             continue;
                         }
-                        if self.send_events(&batch.events, &mut pos).await.is_err() { break End::Gone; }
+                        if let Err(e) = self.send_events(&batch.events, &mut pos).await { break e; }
                         pos = Position { version: batch.store_version.max(pos.version), seq: None };
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -605,25 +628,59 @@ impl Connection {
             }
         };
         if let End::Expired = end {
-            let _ = self.send(
-                b"event: end\ndata: {\"reason\":\"the connection reached its time limit; reconnect with Last-Event-ID\"}\n\n"
+            self.say_expired().await;
+        }
+    }
+
+    async fn say_expired(&mut self) {
+        let _ = self
+            .send(
+                b"event: end\ndata: {\"reason\":\"the connection reached its time limit or its token expired; reconnect with Last-Event-ID\"}\n\n"
                     .to_vec(),
             )
             .await;
-        }
+    }
+
+    /// Whether the connection's time is up (its token expired).
+    fn expired(&self) -> bool {
+        tokio::time::Instant::now() >= self.until
     }
 
     /// Sends what the feed holds after `pos` up to the watcher's version.
     async fn catch_up(&mut self, pos: &mut Position) -> Result<(), End> {
+        // `once=true` answers up to the store's newest commit, which the
+        // watcher may not have seen yet; a follower catches up to the
+        // watcher's version and takes the rest from the broadcast.
+        let once_target = if self.once {
+            match self.state.events.feed().latest_version().await {
+                Ok(v) => Some(v.unwrap_or(-1)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "SSE: reading the change feed failed");
+                    return Err(End::Gone);
+                }
+            }
+        } else {
+            None
+        };
         loop {
-            let target = *self.state.events.versions().borrow();
+            if self.tx.is_closed() {
+                return Err(End::Gone);
+            }
+            if self.expired() {
+                return Err(End::Expired);
+            }
+            let target = match once_target {
+                Some(t) => t,
+                None => *self.state.events.versions().borrow(),
+            };
             if pos.version >= target && pos.seq.is_none() {
                 return Ok(());
             }
             let opts = ReadOptions {
                 with_resources: true,
-                max_commits: Some(COMMITS_PER_READ),
+                max_commits: Some(CATCH_UP_COMMITS),
                 until: Some(target),
+                scan_when_gone: false,
             };
             let page = match self.state.events.feed().read(pos.since(), &opts).await {
                 Ok(p) => p,
@@ -649,9 +706,7 @@ impl Connection {
                 };
                 continue;
             }
-            self.send_events(&page.events, pos)
-                .await
-                .map_err(|_| End::Gone)?;
+            self.send_events(&page.events, pos).await?;
             *pos = Position {
                 version: page.until,
                 seq: None,
@@ -663,8 +718,11 @@ impl Connection {
     }
 
     /// Sends the events after `pos` that pass the filter and the seam.
-    async fn send_events(&mut self, events: &[ChangeEvent], pos: &mut Position) -> Result<(), ()> {
+    async fn send_events(&mut self, events: &[ChangeEvent], pos: &mut Position) -> Result<(), End> {
         for e in events {
+            if self.expired() {
+                return Err(End::Expired);
+            }
             if !pos.before(e) || !self.filter.wants(e) {
                 continue;
             }
@@ -674,22 +732,38 @@ impl Connection {
                 patient: e.patient.as_deref(),
                 resource: e.resource.as_deref(),
             };
+            // Under a de-identifying grant a filter on a real patient id
+            // would link it to hashed ids: it matches nothing.
+            if self.filter.patient.is_some() && self.gate.deidentifies(&e.resource_type) {
+                continue;
+            }
             let Some(notice) = self.gate.release(&change, Payload::IdOnly) else {
                 continue;
             };
-            let data = serde_json::json!({
-                "type": notice.resource_type,
-                "id": notice.id,
-                "op": e.op.as_str(),
-                "patient": notice.patient,
-                "version": e.version_id,
-                "lastUpdated": e.last_updated,
-                "storeVersion": e.store_version,
-            });
+            let data = if notice.deidentified {
+                // Versions and instants are identifying too.
+                serde_json::json!({
+                    "type": notice.resource_type,
+                    "id": notice.id,
+                    "op": e.op.as_str(),
+                    "storeVersion": e.store_version,
+                })
+            } else {
+                serde_json::json!({
+                    "type": notice.resource_type,
+                    "id": notice.id,
+                    "op": e.op.as_str(),
+                    "patient": notice.patient,
+                    "version": e.version_id,
+                    "lastUpdated": e.last_updated,
+                    "storeVersion": e.store_version,
+                })
+            };
             self.send(
                 format!("id: {}\nevent: change\ndata: {data}\n\n", e.event_id()).into_bytes(),
             )
-            .await?;
+            .await
+            .map_err(|_| End::Gone)?;
             *pos = Position {
                 version: e.store_version,
                 seq: Some(e.seq),
@@ -705,10 +779,7 @@ impl Connection {
         c: &crate::fhircast::ContextChange,
         pos: Position,
     ) -> Result<(), ()> {
-        let follows = self
-            .topic
-            .as_deref()
-            .is_some_and(|t| t.eq_ignore_ascii_case(&c.topic));
+        let follows = self.topic.as_deref().is_some_and(|t| t == c.topic);
         if !follows || !fhircast_may_read(&self.scopes, &c.event) {
             return Ok(());
         }
@@ -777,7 +848,11 @@ pub(crate) fn spawn_live_views(access: atlas_access::Access, events: &Arc<Events
                         if busy {
                             tracing::debug!("live views: the lake is being written; retrying");
                         } else {
-                            tracing::warn!(error = %e, "live views: refresh failed; queries keep the previous views");
+                            // Better fresh than pinned to a set that no
+                            // longer moves: readers see each view's newest
+                            // version until a refresh succeeds again.
+                            access.tables.unpin();
+                            tracing::error!(error = %e, "live views: refresh failed; views unpinned until it succeeds");
                         }
                         tokio::time::sleep(Duration::from_secs(if busy { 1 } else { 10 })).await;
                         continue;
@@ -827,12 +902,6 @@ async fn refresh_and_pin(
             {
                 tables.insert(dir, version);
             }
-        }
-        if store_version >= 0 {
-            tables.insert(
-                atlas_access::tables::STORE_DIR.to_owned(),
-                store_version as u64,
-            );
         }
         let changed: usize = reports
             .iter()

@@ -199,6 +199,11 @@ async fn reading_on_from_any_event_id_loses_nothing_and_repeats_nothing() {
     // A bare version means "after that whole version".
     assert_eq!(parse_event_id("7"), Some((7, None)));
     assert_eq!(parse_event_id("x.1"), None);
+    // Versions below -1 are not ids (a huge negative one must not walk the log).
+    assert_eq!(parse_event_id("-1"), Some((-1, None)));
+    assert_eq!(parse_event_id("-2"), None);
+    assert_eq!(parse_event_id("-9223372036854775808.0"), None);
+    assert_eq!(parse_event_id("-1.0"), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,7 +230,16 @@ async fn after_log_cleanup_the_feed_answers_with_a_scan_and_says_so() {
     let first = log.join(format!("{:020}.json", 0));
     std::fs::remove_file(&first).unwrap();
     let feed = ChangeFeed::new(lake.clone());
-    let page = feed.read(-1, &ReadOptions::default()).await.unwrap();
+    // A follower is told, and gets no scan it did not ask for.
+    let told = feed.read(-1, &ReadOptions::default()).await.unwrap();
+    assert!(told.events.is_empty());
+    assert!(told.fallback.as_deref().unwrap().contains("log cleanup"));
+    assert_eq!(told.until, told.latest);
+    let scan = ReadOptions {
+        scan_when_gone: true,
+        ..Default::default()
+    };
+    let page = feed.read(-1, &scan).await.unwrap();
     let why = page.fallback.expect("a fallback");
     assert!(why.contains("log cleanup") && why.contains("scan"), "{why}");
     assert_eq!(page.events.len(), 4, "the live rows");
