@@ -798,17 +798,30 @@ async fn update(
     if let Err(r) = check_access(&state, &who.principal, &spec) {
         return *r;
     }
-    let previous = sub.signal_stop();
-    let version = old.resource["meta"]["versionId"]
+    // The old task ends first (its delivery in progress is cut, and what
+    // it did not finish stays owed), so nothing it writes lands on the
+    // state set here.
+    if let Some(p) = sub.signal_stop() {
+        let _ = p.await;
+    }
+    if sub.deleted.load(Ordering::Acquire) {
+        return oo(ApiError::not_found(
+            "id",
+            &id,
+            format!("no Subscription/{id} of yours"),
+        ));
+    }
+    let now = sub.record();
+    let version = now.resource["meta"]["versionId"]
         .as_str()
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(1)
         + 1;
     // Changes made while it was off are not owed.
-    let processed = if old.status() == Status::Off {
+    let processed = if now.status() == Status::Off {
         store_version(&state).await
     } else {
-        old.version
+        now.version
     };
     {
         let mut r = lock(&sub.rec);
@@ -818,11 +831,15 @@ async fn update(
         r.version = processed;
     }
     *lock(&sub.spec) = Some(Arc::new(spec));
-    if let Some(p) = previous {
-        // The old task ends after the delivery it is in.
-        let _ = p.await;
-    }
     activate(&state, &sub).await;
+    if sub.deleted.load(Ordering::Acquire) {
+        // Deleted meanwhile: no task was started, nothing is kept.
+        return oo(ApiError::not_found(
+            "id",
+            &id,
+            format!("no Subscription/{id} of yours"),
+        ));
+    }
     if let Err(e) = delivery::save(&state.access, &sub).await {
         return internal(e);
     }

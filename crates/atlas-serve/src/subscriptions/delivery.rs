@@ -324,10 +324,20 @@ impl Stop {
 }
 
 /// Starts the subscription's task (after the previous one ends).
+/// A deleted subscription gets none: the check and the sender's
+/// installation are under the `stop` lock that `DELETE` takes after
+/// marking it deleted, so either this sees the mark or the delete stops
+/// what this starts.
 pub(crate) fn spawn(rt: &Arc<Runtime>, sub: &Arc<Sub>) {
     let previous = sub.signal_stop();
     let (tx, rx) = watch::channel(false);
-    *lock(&sub.stop) = Some(tx);
+    {
+        let mut stop = lock(&sub.stop);
+        if sub.deleted.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        *stop = Some(tx);
+    }
     let handle = tokio::spawn(run(rt.clone(), sub.clone(), Stop(Some(rx)), previous));
     *lock(&sub.task) = Some(handle);
 }
@@ -379,7 +389,7 @@ async fn run(
         .map(|s| Duration::from_secs(u64::from(s)));
     let mut next_beat = heartbeat.map(|h| tokio::time::Instant::now() + h);
     loop {
-        if stop.is_set() {
+        if stop.is_set() || sub.deleted.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
         if let Some(why) = sub.expired(&spec) {
@@ -411,8 +421,14 @@ async fn run(
             Wake::Stop => return,
             Wake::Batch(Ok(batch)) => {
                 if batch.store_version > processed {
-                    if d.deliver(&batch.events, &mut stop).await {
+                    let done = d.deliver(&batch.events, &mut stop).await;
+                    if done.sent {
                         next_beat = heartbeat.map(|h| tokio::time::Instant::now() + h);
+                    }
+                    if !done.finished {
+                        // Stopped part-way: the commit stays owed, to
+                        // whichever task comes next.
+                        return;
                     }
                     processed = batch.store_version;
                     d.processed(processed).await;
@@ -431,6 +447,15 @@ async fn run(
             Wake::Clock => {}
         }
     }
+}
+
+/// What [`Delivery::deliver`] did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Delivered {
+    /// Some notification was sent.
+    pub sent: bool,
+    /// Every change was dealt with; false when stopped part-way.
+    pub finished: bool,
 }
 
 /// What woke a subscription's task.
@@ -565,8 +590,9 @@ impl Delivery<'_> {
                 // The log no longer reaches back: the page is a scan of the
                 // store, not its changes, and sending it would be false.
                 tracing::warn!(subscription = %self.sub.id, why, after = *processed, until = page.until, "changes skipped: the store's log was cleaned up");
-            } else if !page.events.is_empty() {
-                self.deliver(&page.events, stop).await;
+            } else if !page.events.is_empty() && !self.deliver(&page.events, stop).await.finished {
+                // Stopped part-way: the page stays owed.
+                return;
             }
             let moved = page.until > *processed;
             *processed = page.until.max(*processed);
@@ -580,14 +606,23 @@ impl Delivery<'_> {
     }
 
     /// Sends the changes the subscription is owed from `events`, in
-    /// notifications of at most max-count events. Whether any was sent.
-    pub async fn deliver(&self, events: &[ChangeEvent], stop: &mut Stop) -> bool {
+    /// notifications of at most max-count events: whether any was sent,
+    /// and whether it finished (not stopped before or during a
+    /// notification, so the changes are no longer owed).
+    pub async fn deliver(&self, events: &[ChangeEvent], stop: &mut Stop) -> Delivered {
         let Some(topic) = self.rt.catalog.get(&self.spec.topic) else {
-            return false;
+            return Delivered {
+                sent: false,
+                finished: true,
+            };
         };
-        // Decided for the creator only while its token is valid.
+        // Decided for the creator only while its token is valid (the task
+        // goes off when it is not: nothing is owed).
         if self.sub.expired(self.spec).is_some() {
-            return false;
+            return Delivered {
+                sent: false,
+                finished: true,
+            };
         }
         let who = lock(&self.sub.rec).owner.principal();
         let mut decisions: HashMap<String, Decision> = HashMap::new();
@@ -634,7 +669,11 @@ impl Delivery<'_> {
             }
             sent |= self.send_events(&who, chunk, &decisions, stop).await;
         }
-        sent
+        // A stop during the last POST cut it: that one is owed too.
+        Delivered {
+            sent,
+            finished: !stop.is_set(),
+        }
     }
 
     /// One event notification: each change released through the seam

@@ -52,21 +52,49 @@ struct Receiver {
     got: Arc<Mutex<Vec<Got>>>,
     /// Requests still to fail with 503.
     fail: Arc<AtomicUsize>,
+    /// Handshakes still to answer (200) only after 1.5 s.
+    slow_handshakes: Arc<AtomicUsize>,
+    /// Event notifications still to hold 3 s, then answer 503.
+    stall_events: Arc<AtomicUsize>,
+    /// Event notifications held so far.
+    stalled: Arc<AtomicUsize>,
+}
+
+/// Takes one from `n` if it is not zero.
+fn take_one(n: &AtomicUsize) -> bool {
+    n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 impl Receiver {
     async fn start() -> Receiver {
         let got: Arc<Mutex<Vec<Got>>> = Arc::default();
         let fail = Arc::new(AtomicUsize::new(0));
+        let slow_handshakes = Arc::new(AtomicUsize::new(0));
+        let stall_events = Arc::new(AtomicUsize::new(0));
+        let stalled = Arc::new(AtomicUsize::new(0));
         let (g, f) = (got.clone(), fail.clone());
+        let (sh, se, sd) = (
+            slow_handshakes.clone(),
+            stall_events.clone(),
+            stalled.clone(),
+        );
         let app = axum::Router::new().route(
             "/hook",
             axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
                 let (g, f) = (g.clone(), f.clone());
+                let (sh, se, sd) = (sh.clone(), se.clone(), sd.clone());
                 async move {
-                    let failing = f
-                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                        .is_ok();
+                    let kind = Notification::parse(&body).ok().map(|n| n.status.kind);
+                    let mut stalled = false;
+                    if kind == Some(NotificationType::Handshake) && take_one(&sh) {
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                    } else if kind == Some(NotificationType::EventNotification) && take_one(&se) {
+                        sd.fetch_add(1, Ordering::AcqRel);
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        stalled = true;
+                    }
+                    let failing = stalled || take_one(&f);
                     let answered = if failing { 503 } else { 200 };
                     g.lock().unwrap().push(Got {
                         headers,
@@ -86,6 +114,9 @@ impl Receiver {
             url: format!("http://{addr}/hook"),
             got,
             fail,
+            slow_handshakes,
+            stall_events,
+            stalled,
         }
     }
 
@@ -1365,4 +1396,110 @@ async fn private_endpoints_are_refused_by_default() {
     assert!(r.got.lock().unwrap().is_empty(), "nothing was sent");
     let (_, list) = call_json(&s, "GET", "/fhir/Subscription", &token, None, None).await;
     assert_eq!(list["total"], 0);
+}
+
+/// An update that stops a task in the middle of a notification leaves the
+/// changes it carried owed: the new task sends them (the old one neither
+/// marks them processed nor overwrites the state the update set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_during_a_delivery_loses_no_event() {
+    let w = world(4, None).await;
+    let s = server(&w, EVERYONE, |_| {}).await;
+    let r = Receiver::start().await;
+    let token = jwt(json!({"sub": "alice"}));
+    let (p1, _) = patients(&w);
+    let body = subscription(&r.url, "id-only", &[]);
+    let id = created(&s, &token, &body).await;
+    r.stall_events.store(1, Ordering::Release);
+    ingest(
+        &w.lake,
+        &w.dir,
+        "cut.ndjson",
+        &[observation("obs-cut", &p1, 70)],
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while r.stalled.load(Ordering::Acquire) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no notification started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The POST is in flight: the update stops the task that sends it.
+    let mut again = body.clone();
+    again["id"] = json!(id);
+    let (st, j) = call_json(
+        &s,
+        "PUT",
+        &format!("/fhir/Subscription/{id}"),
+        &token,
+        None,
+        Some(&again),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{j}");
+    let got = r
+        .wait("the cut notification sent again", 15, |n| {
+            events_total(n) >= 1
+        })
+        .await;
+    let focus: Vec<String> = got
+        .iter()
+        .filter(|n| n.status.kind == NotificationType::EventNotification)
+        .flat_map(|n| n.status.events.iter().filter_map(|e| e.focus.clone()))
+        .collect();
+    assert!(
+        focus.iter().any(|f| f.ends_with("Observation/obs-cut")),
+        "{focus:?}"
+    );
+}
+
+/// A `PUT` racing a `DELETE` (the update handshaking while the delete
+/// goes through) leaves no delivery task behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_racing_a_delete_leaves_no_task() {
+    let w = world(4, None).await;
+    let s = server(&w, EVERYONE, |_| {}).await;
+    let r = Receiver::start().await;
+    let token = jwt(json!({"sub": "alice"}));
+    let mut body = subscription(&r.url, "id-only", &[]);
+    body["channel"]["extension"] = json!([{"url": HEARTBEAT, "valueUnsignedInt": 1}]);
+    let id = created(&s, &token, &body).await;
+    r.slow_handshakes.store(1, Ordering::Release);
+    let mut again = body.clone();
+    again["id"] = json!(id);
+    let put = {
+        let (s, token, id) = (s.clone(), token.clone(), id.clone());
+        tokio::spawn(async move {
+            call_json(
+                &s,
+                "PUT",
+                &format!("/fhir/Subscription/{id}"),
+                &token,
+                None,
+                Some(&again),
+            )
+            .await
+        })
+    };
+    // The update is in its (slow) handshake.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (st, _) = call(
+        &s,
+        "DELETE",
+        &format!("/fhir/Subscription/{id}"),
+        &token,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, j) = put.await.unwrap();
+    assert_eq!(st, StatusCode::NOT_FOUND, "{j}");
+    let before = r.got.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after = r.got.lock().unwrap().len();
+    assert_eq!(before, after, "a deleted subscription sent heartbeats");
+    assert_eq!(s.subscriptions.status_of(&id), None);
 }
