@@ -547,10 +547,37 @@ fn check_access(state: &AppState, who: &Principal, spec: &Spec) -> Result<(), Re
     };
     let mut any = false;
     for t in &topic.triggers {
-        any |= matches!(
-            state.decide(who, &t.resource_type, Action::Search),
-            Decision::Allow(_)
-        );
+        let Decision::Allow(grant) = state.decide(who, &t.resource_type, Action::Search) else {
+            continue;
+        };
+        any = true;
+        // A de-identifying grant sees hashed ids: a filter on ids or
+        // references would link them to the real ones. Refused here,
+        // never matched in delivery (policies reload).
+        if grant.deid.is_some() && !delivery::deid_safe(&spec.filters, &t.resource_type) {
+            let n = spec
+                .filter_criteria
+                .iter()
+                .position(|raw| {
+                    atlas_events::subscriptions::FilterSet::parse(
+                        topic,
+                        std::slice::from_ref(raw),
+                        |_| String::new(),
+                    )
+                    .is_ok_and(|f| !delivery::deid_safe(&f, &t.resource_type))
+                })
+                .unwrap_or(0);
+            return Err(Box::new(reject(&Rejection::one(
+                IssueCode::NotSupported,
+                format!("Subscription.criteria.extension:filterCriteria[{n}]"),
+                format!(
+                    "your access to {} is de-identified: a filter on ids or references \
+                     (_id, patient, subject) would reveal the real ones; filter by code or \
+                     status only",
+                    t.resource_type
+                ),
+            ))));
+        }
     }
     if any {
         return Ok(());

@@ -449,6 +449,20 @@ async fn run(
     }
 }
 
+/// Whether every filter on `resource_type` is one a de-identifying grant
+/// may search by ([`atlas_access::deid::ALLOWED_PARAMS`]: no ids, no
+/// references).
+pub(crate) fn deid_safe(
+    filters: &atlas_events::subscriptions::FilterSet,
+    resource_type: &str,
+) -> bool {
+    filters
+        .criteria
+        .iter()
+        .filter(|c| c.resource_type == resource_type)
+        .all(|c| atlas_access::deid::ALLOWED_PARAMS.contains(&c.param.as_str()))
+}
+
 /// What [`Delivery::deliver`] did.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Delivered {
@@ -649,6 +663,12 @@ impl Delivery<'_> {
                 })
             });
             if probes_hidden {
+                continue;
+            }
+            // Under a de-identifying grant focus ids are hashed: a filter
+            // FHIR search would refuse there (`_id`, `patient`, `subject`)
+            // would link real ids to them. It never matches.
+            if grant.deid.is_some() && !deid_safe(&self.spec.filters, &e.resource_type) {
                 continue;
             }
             let change = atlas_events::subscriptions::Change {

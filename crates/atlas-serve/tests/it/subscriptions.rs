@@ -1503,3 +1503,124 @@ async fn an_update_racing_a_delete_leaves_no_task() {
     assert_eq!(before, after, "a deleted subscription sent heartbeats");
     assert_eq!(s.subscriptions.status_of(&id), None);
 }
+
+const DEID: &str =
+    "[[rule]]\nid = \"registry\"\neffect = \"allow\"\ndeid = \"safe-harbor-minimal\"\n";
+
+/// Under a de-identifying grant (focus ids hashed), a filter on ids or
+/// references (`_id`, `patient`, `subject`) would link real ids to the
+/// hashed ones: refused at create, naming the filter; code and status
+/// filters are fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deidentifying_grants_cannot_filter_by_id_or_reference() {
+    let w = world(4, None).await;
+    let key_file = w.dir.join("subs-deid.key");
+    std::fs::write(&key_file, "subs-deid-key\n").unwrap();
+    let s = server(&w, DEID, |c| c.deid.key_file = Some(key_file.clone())).await;
+    let r = Receiver::start().await;
+    let token = jwt(json!({"sub": "alice"}));
+    let (p1, _) = patients(&w);
+    let by_patient = format!("Observation?patient=Patient/{p1}");
+    let by_subject = format!("Observation?subject=Patient/{p1}");
+    for (filters, n) in [
+        (vec![by_patient.as_str()], 0),
+        (vec!["Observation?code=8867-4", by_subject.as_str()], 1),
+        (vec!["Observation?_id=obs-1"], 0),
+    ] {
+        let (st, oo) = create(&s, &token, &subscription(&r.url, "id-only", &filters)).await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{filters:?}: {oo}");
+        let element = format!("Subscription.criteria.extension:filterCriteria[{n}]");
+        let named = oo["issue"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["expression"][0] == element.as_str());
+        assert!(named, "{filters:?}: {oo}");
+    }
+    created(
+        &s,
+        &token,
+        &subscription(&r.url, "id-only", &["Observation?code=8867-4&status=final"]),
+    )
+    .await;
+}
+
+/// A subscription made before the policy turned de-identifying: its
+/// `patient` filter never matches any more, while a code filter still
+/// does (decided per delivery, as policies reload).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reference_filter_never_matches_once_the_grant_deidentifies() {
+    let w = world(4, None).await;
+    let key_file = w.dir.join("subs-deid2.key");
+    std::fs::write(&key_file, "subs-deid-key\n").unwrap();
+    let mut policy = None;
+    let s = server(&w, EVERYONE, |c| {
+        c.deid.key_file = Some(key_file.clone());
+        c.policy.refresh_secs = 1;
+        policy = c.policy.file.clone();
+    })
+    .await;
+    let policy = policy.unwrap();
+    let (by_patient, by_code) = (Receiver::start().await, Receiver::start().await);
+    let token = jwt(json!({"sub": "alice"}));
+    let (p1, _) = patients(&w);
+    let filter = format!("Observation?patient=Patient/{p1}");
+    created(
+        &s,
+        &token,
+        &subscription(&by_patient.url, "id-only", &[filter.as_str()]),
+    )
+    .await;
+    created(
+        &s,
+        &token,
+        &subscription(&by_code.url, "id-only", &["Observation?code=8867-4"]),
+    )
+    .await;
+    std::fs::write(&policy, DEID).unwrap();
+    // Reloaded: FHIR search by patient is refused under the new grant.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (st, _) = call(
+            &s,
+            "GET",
+            &format!("/fhir/Observation?patient={p1}"),
+            &token,
+            None,
+            None,
+        )
+        .await;
+        if st == StatusCode::FORBIDDEN {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "policy not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ingest(
+        &w.lake,
+        &w.dir,
+        "deid.ndjson",
+        &[observation("obs-deid", &p1, 71)],
+    )
+    .await;
+    let got = by_code
+        .wait("the code filter", 15, |n| events_total(n) >= 1)
+        .await;
+    let focus: Vec<String> = got
+        .iter()
+        .flat_map(|n| n.status.events.iter().filter_map(|e| e.focus.clone()))
+        .collect();
+    assert!(
+        !focus.iter().any(|f| f.ends_with("/obs-deid")),
+        "the focus id is hashed: {focus:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        events_total(&by_patient.taken()),
+        0,
+        "a patient filter matched under a de-identifying grant"
+    );
+}
