@@ -131,8 +131,11 @@ pub struct ContextChange {
     pub event: String,
     pub id: String,
     pub timestamp: String,
-    /// The patient the context is about, if any.
+    /// The first patient the event is about, if any (see `patients`).
     pub patient: Option<String>,
+    /// Every patient the event is about (its context, and the open
+    /// contexts it closes, updates or selects in), in order.
+    pub patients: Vec<String>,
     /// The topic's current `context.versionId` after the event (empty when
     /// no context is open).
     pub version_id: String,
@@ -214,6 +217,7 @@ impl HubObserver for Observer {
             id: e.id.clone(),
             timestamp: e.timestamp.clone(),
             patient: e.patients.first().cloned(),
+            patients: e.patients.clone(),
             version_id: e.version_id.clone().unwrap_or_default(),
             notification: (*e.notification).clone(),
         });
@@ -823,8 +827,9 @@ async fn run_socket(hub: Arc<Hub>, socket: WebSocket, mut conn: Connection) {
     let (mut tx, mut rx) = socket.split();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     // The sweeper ends the lease; this is the socket's own bound should it
-    // be late.
-    let lease_end = tokio::time::Instant::from_std(conn.expires_at) + Duration::from_secs(2);
+    // be late (re-armed when a re-subscription extended the lease).
+    let grace = Duration::from_secs(2);
+    let mut lease_end = tokio::time::Instant::from_std(conn.expires_at) + grace;
     loop {
         tokio::select! {
             biased;
@@ -887,11 +892,19 @@ async fn run_socket(hub: Arc<Hub>, socket: WebSocket, mut conn: Connection) {
             }
             _ = tokio::time::sleep_until(lease_end) => {
                 hub.sweep();
-                // The sweep signals `closing`; should it not, end here.
+                // The sweep signals `closing`; should it not, the lease
+                // was renewed (wait for its new end), or end here.
                 if conn.closing.borrow().is_none() {
-                    hub.disconnected(&endpoint, Some(1000));
-                    send(&mut tx, Message::Close(Some(CloseFrame { code: 1000, reason: "lease expired".into() }))).await;
-                    return;
+                    match hub.lease_left(&endpoint) {
+                        Some(left) if !left.is_zero() => {
+                            lease_end = tokio::time::Instant::now() + left + grace;
+                        }
+                        _ => {
+                            hub.disconnected(&endpoint, Some(1000));
+                            send(&mut tx, Message::Close(Some(CloseFrame { code: 1000, reason: "lease expired".into() }))).await;
+                            return;
+                        }
+                    }
                 }
             }
         }

@@ -739,6 +739,17 @@ impl Hub {
         Ok(())
     }
 
+    /// How long the subscription's lease still runs (`None`: no such
+    /// subscription). A re-subscription extends it; the socket loop asks
+    /// when the lease it was told of ends.
+    pub fn lease_left(&self, endpoint: &str) -> Option<Duration> {
+        let now = self.now();
+        self.lock()
+            .subs
+            .get(endpoint)
+            .map(|s| s.expires_at.saturating_duration_since(now))
+    }
+
     /// Whether an endpoint id names a subscription (the server answers 404
     /// to others without upgrading).
     pub fn knows(&self, endpoint: &str) -> bool {
@@ -1291,6 +1302,10 @@ impl Hub {
                 let version = (self.version_ids)();
                 n.event.prior_version_id = Some(std::mem::replace(&mut a.version, version.clone()));
                 n.event.version_id = Some(version);
+                // The shared content is about its patients too: the
+                // current context (and its replay) is released only to
+                // those who may see them all.
+                merge(&mut a.patients, &patients);
                 merge(&mut patients, &a.patients);
                 Ok((n, patients))
             }

@@ -1065,3 +1065,61 @@ fn patients_are_found_wherever_the_context_names_them() {
     .unwrap();
     assert_eq!(patients_of(&ctx), ["p1", "p2", "p3"]);
 }
+
+#[tokio::test]
+async fn shared_content_about_another_patient_joins_the_anchors_patients() {
+    let (hub, _) = hub();
+    hub.publish(
+        notification("t", "DiagnosticReport-open", report_items("r1", "p1")),
+        owner("a"),
+    )
+    .unwrap();
+    let add = json!([{"request": {"method": "PUT"},
+                      "resource": {"resourceType": "Observation", "id": "o2", "status": "final",
+                                   "subject": {"reference": "Patient/p2"}}}]);
+    let p = hub
+        .publish(update("t", "r1", Some("v1"), add), owner("a"))
+        .unwrap();
+    assert!(
+        p.patients.contains(&"p1".to_owned()) && p.patients.contains(&"p2".to_owned()),
+        "{:?}",
+        p.patients
+    );
+    // The current context holds content about p2: a reader limited to p1
+    // must be refused it, so p2 is among its patients.
+    let (cur, patients) = hub.current_context("t");
+    assert!(cur.context.iter().any(|c| c.key == "content"));
+    assert!(patients.contains(&"p1".to_owned()), "{patients:?}");
+    assert!(patients.contains(&"p2".to_owned()), "{patients:?}");
+    // A later update without it still names it (the content stays).
+    let other = json!([{"request": {"method": "PUT"},
+                        "resource": {"resourceType": "Observation", "id": "o3", "status": "final"}}]);
+    let p = hub
+        .publish(update("t", "r1", Some("v2"), other), owner("a"))
+        .unwrap();
+    assert!(p.patients.contains(&"p2".to_owned()), "{:?}", p.patients);
+}
+
+#[tokio::test]
+async fn lease_left_follows_a_resubscription() {
+    let (hub, _) = hub();
+    let c = join(&hub, "t", "Patient-open", "a", admit_all());
+    let first = hub.lease_left(&c.endpoint).unwrap();
+    clock().advance(Duration::from_secs(10));
+    assert_eq!(
+        hub.lease_left(&c.endpoint),
+        Some(first - Duration::from_secs(10))
+    );
+    hub.subscribe(NewSubscription {
+        topic: "t".into(),
+        events: EventPattern::parse_list("Patient-open").unwrap(),
+        lease: Duration::from_secs(600),
+        name: None,
+        owner: owner("a"),
+        admit: admit_all(),
+        endpoint: Some(c.endpoint.clone()),
+    })
+    .unwrap();
+    assert_eq!(hub.lease_left(&c.endpoint), Some(Duration::from_secs(600)));
+    assert_eq!(hub.lease_left("nope"), None);
+}

@@ -857,3 +857,107 @@ async fn a_disabled_hub_answers_404() {
     let (status, _) = s.get("/.well-known/fhircast-configuration", None).await;
     assert_eq!(status, 404);
 }
+
+/// A report opened about Y, then shared content about X added to it.
+fn report_open(report: &str, patient: &str, id: &str) -> Value {
+    event(
+        "DiagnosticReport-open",
+        id,
+        json!([{"key": "report", "resource": {"resourceType": "DiagnosticReport", "id": report,
+                 "subject": {"reference": format!("Patient/{patient}")}}},
+               {"key": "patient", "resource": {"resourceType": "Patient", "id": patient}}]),
+    )
+}
+
+fn report_update(report: &str, version: &str, about: &str, id: &str) -> Value {
+    let mut e = event(
+        "DiagnosticReport-update",
+        id,
+        json!([{"key": "report", "reference": {"reference": format!("DiagnosticReport/{report}")}},
+               {"key": "updates", "resource": {"resourceType": "Bundle", "id": "b1", "type": "transaction",
+                 "entry": [{"request": {"method": "PUT"},
+                            "resource": {"resourceType": "Observation", "id": "o-shared", "status": "final",
+                                         "subject": {"reference": format!("Patient/{about}")}}}]}}]),
+    );
+    e["event"]["context.versionId"] = json!(version);
+    e
+}
+
+/// `ContextChange.patients` names every patient of the event (the first
+/// one stays in `patient`); the topic's context with shared content about
+/// another patient is not released to a reader limited to the first.
+#[tokio::test]
+async fn context_changes_name_every_patient_and_shared_content_is_guarded() {
+    let s = server(bound_topics).await;
+    let mut changes = s.state.fhircast.context_changes();
+    let t = token("alice", ALL, json!({}));
+    assert_eq!(
+        s.publish(&t, &report_open("r1", "Y", "open-r1")).await.0,
+        202
+    );
+    let open = tokio::time::timeout(Duration::from_secs(5), changes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(open.patients, ["Y"]);
+    let (status, body) = s
+        .publish(&t, &report_update("r1", &open.version_id, "X", "upd-r1"))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let upd = tokio::time::timeout(Duration::from_secs(5), changes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(upd.id, "upd-r1");
+    assert!(
+        upd.patients.contains(&"X".to_owned()) && upd.patients.contains(&"Y".to_owned()),
+        "{:?}",
+        upd.patients
+    );
+    assert_eq!(upd.patient.as_ref(), upd.patients.first());
+    // A reader bound to Y may not read the context that now holds X's
+    // observation.
+    let bound = token(
+        "bound",
+        "patient/*.rs fhircast/*.read",
+        json!({"patient": "Y"}),
+    );
+    let (_, cur) = s.get(&format!("/fhircast/hub/{TOPIC}"), Some(&bound)).await;
+    assert!(!cur.to_string().contains("o-shared"), "{cur}");
+    assert_eq!(cur, json!({"context.type": "", "context": []}));
+    // One who may see both does.
+    let (_, cur) = s.get(&format!("/fhircast/hub/{TOPIC}"), Some(&t)).await;
+    assert!(cur.to_string().contains("o-shared"), "{cur}");
+}
+
+/// A re-subscription renews the lease of a connected socket: the socket
+/// stays open past the first lease's end and still receives events.
+#[tokio::test]
+async fn a_renewed_lease_keeps_the_socket_open() {
+    let s = server(bound_topics).await;
+    let t = token("alice", ALL, json!({}));
+    let url = s
+        .subscribe(&t, "Patient-open", &[("hub.lease_seconds", "1")])
+        .await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    let confirmation = recv(&mut ws).await.unwrap();
+    assert_eq!(confirmation["hub.lease_seconds"], 1);
+    let renewed = s
+        .subscribe(
+            &t,
+            "Patient-open",
+            &[("hub.lease_seconds", "60"), ("hub.channel.endpoint", &url)],
+        )
+        .await;
+    assert_eq!(renewed, url);
+    let again = recv(&mut ws).await.unwrap();
+    assert_eq!(again["hub.lease_seconds"], 60, "{again}");
+    // Past the first lease and the socket's grace.
+    let (msgs, code) = until_close(&mut ws, Duration::from_secs(4)).await;
+    assert_eq!(code, None, "closed at the first lease's end: {msgs:?}");
+    assert_eq!(s.state.fhircast.hub().subscriptions(), 1);
+    assert_eq!(s.publish(&t, &patient_open("p1", "after")).await.0, 202);
+    assert_eq!(recv(&mut ws).await.unwrap()["id"], "after");
+}
