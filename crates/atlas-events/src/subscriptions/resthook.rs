@@ -141,10 +141,12 @@ pub fn is_private_ip(ip: IpAddr) -> bool {
             }
             let seg = v6.segments();
             // ::a.b.c.d (deprecated IPv4-compatible), but not :: and ::1.
-            if seg[..6].iter().all(|s| *s == 0) && !v6.is_loopback() && !v6.is_unspecified() {
-                if let Some(v4) = v6.to_ipv4() {
-                    return is_private_ip(IpAddr::V4(v4));
-                }
+            if seg[..6].iter().all(|s| *s == 0)
+                && !v6.is_loopback()
+                && !v6.is_unspecified()
+                && let Some(v4) = v6.to_ipv4()
+            {
+                return is_private_ip(IpAddr::V4(v4));
             }
             v6.is_loopback()
                 || v6.is_unspecified()
