@@ -783,14 +783,14 @@ impl Connection {
         if !follows || !fhircast_may_read(&self.scopes, &c.event) {
             return Ok(());
         }
-        let patients: Vec<String> = c.patient.iter().cloned().collect();
+        let patients = &c.patients;
         let text = c.notification.to_string();
-        let Some(released) = self.gate.release_message(&text, &patients) else {
+        let Some(released) = self.gate.release_message(&text, patients) else {
             return Ok(());
         };
         let notification: serde_json::Value =
             serde_json::from_str(&released).unwrap_or(serde_json::Value::Null);
-        if let Some(p) = c.patient.as_deref() {
+        for p in patients {
             self.gate.egress().note_patient(p);
         }
         let data = serde_json::json!({
