@@ -449,6 +449,19 @@ fn oo(e: ApiError) -> Response {
     Outcome::from(e).into_response()
 }
 
+/// What every Subscription route does first: the feature is on, the caller
+/// is authenticated, and delivery runs.
+fn open_route(
+    state: &AppState,
+    who: Result<Authenticated, ApiError>,
+) -> Result<(Arc<SubscriptionState>, Authenticated), Refused> {
+    let subs = state.subscriptions.clone();
+    subs.enabled()?;
+    let who = who.map_err(|e| Box::new(oo(e)))?;
+    subs.start(state);
+    Ok((subs, who))
+}
+
 /// A refused Subscription: every issue, naming its element.
 fn reject(r: &Rejection) -> Response {
     let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST);
@@ -684,15 +697,10 @@ async fn create(
     who: Result<Authenticated, ApiError>,
     body: Bytes,
 ) -> Response {
-    let subs = state.subscriptions.clone();
-    if let Err(r) = subs.enabled() {
-        return *r;
-    }
-    let who = match who {
-        Ok(w) => w,
-        Err(e) => return oo(e),
+    let (subs, who) = match open_route(&state, who) {
+        Ok(x) => x,
+        Err(r) => return *r,
     };
-    subs.start(&state);
     let resource = match parse_body(&body) {
         Ok(r) => r,
         Err(r) => return *r,
@@ -762,15 +770,10 @@ async fn read(
     Path(id): Path<String>,
     who: Result<Authenticated, ApiError>,
 ) -> Response {
-    let subs = state.subscriptions.clone();
-    if let Err(r) = subs.enabled() {
-        return *r;
-    }
-    let who = match who {
-        Ok(w) => w,
-        Err(e) => return oo(e),
+    let (subs, who) = match open_route(&state, who) {
+        Ok(x) => x,
+        Err(r) => return *r,
     };
-    subs.start(&state);
     match subs.owned(&id, &who.principal) {
         Ok(sub) => fhir(StatusCode::OK, &masked(&sub.record().resource)),
         Err(r) => *r,
@@ -785,15 +788,10 @@ async fn update(
     who: Result<Authenticated, ApiError>,
     body: Bytes,
 ) -> Response {
-    let subs = state.subscriptions.clone();
-    if let Err(r) = subs.enabled() {
-        return *r;
-    }
-    let who = match who {
-        Ok(w) => w,
-        Err(e) => return oo(e),
+    let (subs, who) = match open_route(&state, who) {
+        Ok(x) => x,
+        Err(r) => return *r,
     };
-    subs.start(&state);
     let sub = match subs.owned(&id, &who.principal) {
         Ok(s) => s,
         Err(r) => return *r,
@@ -881,15 +879,10 @@ async fn delete(
     who: Result<Authenticated, ApiError>,
 ) -> Response {
     use object_store::ObjectStoreExt;
-    let subs = state.subscriptions.clone();
-    if let Err(r) = subs.enabled() {
-        return *r;
-    }
-    let who = match who {
-        Ok(w) => w,
-        Err(e) => return oo(e),
+    let (subs, who) = match open_route(&state, who) {
+        Ok(x) => x,
+        Err(r) => return *r,
     };
-    subs.start(&state);
     let sub = match subs.owned(&id, &who.principal) {
         Ok(s) => s,
         Err(r) => return *r,
@@ -959,15 +952,10 @@ async fn search(
     RawQuery(raw): RawQuery,
     who: Result<Authenticated, ApiError>,
 ) -> Response {
-    let subs = state.subscriptions.clone();
-    if let Err(r) = subs.enabled() {
-        return *r;
-    }
-    let who = match who {
-        Ok(w) => w,
-        Err(e) => return oo(e),
+    let (subs, who) = match open_route(&state, who) {
+        Ok(x) => x,
+        Err(r) => return *r,
     };
-    subs.start(&state);
     let pairs = pairs(raw.as_deref());
     if let Err(r) = only(&pairs, &["status", "url", "topic", "_id"]) {
         return *r;
@@ -1064,15 +1052,10 @@ async fn status_of_many(
     who: Result<Authenticated, ApiError>,
     extra: Vec<(String, String)>,
 ) -> Response {
-    let subs = state.subscriptions.clone();
-    if let Err(r) = subs.enabled() {
-        return *r;
-    }
-    let who = match who {
-        Ok(w) => w,
-        Err(e) => return oo(e),
+    let (subs, who) = match open_route(&state, who) {
+        Ok(x) => x,
+        Err(r) => return *r,
     };
-    subs.start(&state);
     let mut pairs = pairs(raw.as_deref());
     pairs.extend(extra);
     if let Err(r) = only(&pairs, &["id", "status"]) {
@@ -1098,15 +1081,10 @@ async fn operation(
     RawQuery(raw): RawQuery,
     who: Result<Authenticated, ApiError>,
 ) -> Response {
-    let subs = state.subscriptions.clone();
-    if let Err(r) = subs.enabled() {
-        return *r;
-    }
-    let who = match who {
-        Ok(w) => w,
-        Err(e) => return oo(e),
+    let (subs, who) = match open_route(&state, who) {
+        Ok(x) => x,
+        Err(r) => return *r,
     };
-    subs.start(&state);
     let sub = match subs.owned(&id, &who.principal) {
         Ok(s) => s,
         Err(r) => return *r,

@@ -63,7 +63,7 @@ fn observation(id: &str, patient: &str) -> String {
 
 /// Ingests `lines` as one file, waiting for the writer lease (live views
 /// take it too).
-async fn ingest_lines(lake: &Lake, dir: &Path, name: &str, lines: &[String]) {
+pub(crate) async fn ingest_lines(lake: &Lake, dir: &Path, name: &str, lines: &[String]) {
     let path = dir.join(name);
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     let lease = WriterLease::acquire(

@@ -12,7 +12,6 @@
 //! hears of another; a grant hiding an element gets full resources
 //! without it, and a filter on it never matches), restarts, the audit.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +20,7 @@ use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value as Json, json};
 
 use atlas_events::subscriptions::{Notification, NotificationType, Status};
-use atlas_lake::{IngestOptions, Lake, LeaseOptions, Progress, WriterLease};
+use atlas_lake::Lake;
 use atlas_serve::{AppState, ServeConfig};
 
 use crate::access::{World, call, call_json, jwt, world};
@@ -207,32 +206,7 @@ fn observation(id: &str, patient: &str, value: u32) -> String {
     .to_string()
 }
 
-/// Ingests `lines` as one file (waiting for the writer lease).
-async fn ingest(lake: &Lake, dir: &Path, name: &str, lines: &[String]) {
-    let path = dir.join(name);
-    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-    let lease = WriterLease::acquire(
-        lake,
-        &LeaseOptions {
-            command: "test ingest".into(),
-            wait: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let set =
-        atlas_ingest::collect_inputs(&[path.display().to_string()], &mut std::io::empty()).unwrap();
-    let opts = IngestOptions {
-        lease: Some(lease.clone()),
-        ..Default::default()
-    };
-    let report = atlas_lake::ingest(lake, &set.inputs, &opts, &Progress::default())
-        .await
-        .unwrap();
-    assert!(report.outcomes.reconciles());
-    lease.release().await.unwrap();
-}
+use crate::events::ingest_lines as ingest;
 
 /// A backport Subscription to the Observation topic.
 fn subscription(endpoint: &str, payload: &str, filters: &[&str]) -> Json {
