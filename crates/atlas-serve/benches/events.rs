@@ -226,20 +226,15 @@ async fn fanout(http: &reqwest::Client, base: &str, token: &str, a: &Args) {
             }
         });
         let sent = Instant::now();
-        let r = http
-            .post(format!("{base}/fhircast/hub"))
-            .bearer_auth(token)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            r.status().as_u16(),
+        post_json(
+            http,
+            &format!("{base}/fhircast/hub"),
+            token,
+            "application/json",
+            &body,
             202,
-            "{}",
-            r.text().await.unwrap_or_default()
-        );
+        )
+        .await;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let n = receipts.lock().unwrap().get(&id).map_or(0, Vec::len);
@@ -560,20 +555,8 @@ async fn subscribe_rest_hook(http: &reqwest::Client, base: &str, token: &str, en
             "_payload": {"extension": [{"url": format!("{IG}/backport-payload-content"), "valueCode": "full-resource"}]}
         }
     });
-    let r = http
-        .post(format!("{base}/fhir/Subscription"))
-        .bearer_auth(token)
-        .header("content-type", "application/fhir+json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status().as_u16(),
-        201,
-        "{}",
-        r.text().await.unwrap_or_default()
-    );
+    let url = format!("{base}/fhir/Subscription");
+    post_json(http, &url, token, "application/fhir+json", &body, 201).await;
 }
 
 /// `Type/id` → the store version whose commit wrote it.
@@ -590,4 +573,29 @@ async fn focus_versions(lake: &Lake) -> HashMap<String, i64> {
         .into_iter()
         .map(|e| (format!("{}/{}", e.resource_type, e.id), e.store_version))
         .collect()
+}
+
+/// POSTs `body` and insists on `status`.
+async fn post_json(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    content_type: &str,
+    body: &Json,
+    status: u16,
+) {
+    let r = http
+        .post(url)
+        .bearer_auth(token)
+        .header("content-type", content_type)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        status,
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
 }

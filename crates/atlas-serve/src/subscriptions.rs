@@ -554,6 +554,21 @@ fn unmask(new: &mut Json, old: &Json) -> Result<(), Rejection> {
 }
 
 /// The creator must be able to learn of some change the topic fires for.
+/// A Subscription resource checked against the offered topics and rules,
+/// then against what its creator may read (create and update alike).
+fn checked_spec(
+    state: &AppState,
+    subs: &SubscriptionState,
+    who: &Principal,
+    resource: &Json,
+) -> Result<Spec, Refused> {
+    let spec =
+        atlas_events::subscriptions::validate(resource, &subs.catalog, &subs.rules, Utc::now())
+            .map_err(|r| Box::new(reject(&r)))?;
+    check_access(state, who, &spec)?;
+    Ok(spec)
+}
+
 fn check_access(state: &AppState, who: &Principal, spec: &Spec) -> Result<(), Refused> {
     let Some(topic) = state.subscriptions.catalog.get(&spec.topic) else {
         return Err(Box::new(internal("the topic vanished")));
@@ -705,18 +720,10 @@ async fn create(
         Ok(r) => r,
         Err(r) => return *r,
     };
-    let spec = match atlas_events::subscriptions::validate(
-        &resource,
-        &subs.catalog,
-        &subs.rules,
-        Utc::now(),
-    ) {
+    let spec = match checked_spec(&state, &subs, &who.principal, &resource) {
         Ok(s) => s,
-        Err(r) => return reject(&r),
+        Err(r) => return *r,
     };
-    if let Err(r) = check_access(&state, &who.principal, &spec) {
-        return *r;
-    }
     let turn = subs.admit.lock().await;
     let (mine, all) = {
         let m = lock(&subs.subs);
@@ -811,18 +818,10 @@ async fn update(
     if let Err(r) = unmask(&mut resource, &old.resource) {
         return reject(&r);
     }
-    let spec = match atlas_events::subscriptions::validate(
-        &resource,
-        &subs.catalog,
-        &subs.rules,
-        Utc::now(),
-    ) {
+    let spec = match checked_spec(&state, &subs, &who.principal, &resource) {
         Ok(s) => s,
-        Err(r) => return reject(&r),
+        Err(r) => return *r,
     };
-    if let Err(r) = check_access(&state, &who.principal, &spec) {
-        return *r;
-    }
     // The old task ends first (its delivery in progress is cut, and what
     // it did not finish stays owed), so nothing it writes lands on the
     // state set here.
